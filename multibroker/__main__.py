@@ -1,0 +1,3 @@
+from multibroker.cli import main
+
+main()
