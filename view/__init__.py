@@ -1,0 +1,1 @@
+"""The view: one picture of every account (aggregation, performance, dashboard, metrics)."""
