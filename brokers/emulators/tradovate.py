@@ -1,0 +1,825 @@
+"""A Tradovate stand-in on 127.0.0.1 that speaks the real wire format, with the faults the real one has.
+
+Why an emulator rather than mocks: the connector's hard parts are on the wire — a failed login that is still
+HTTP 200, a penalty ticket hidden in a 200 answer, an empty-bodied 429, a TCP reset after the order was accepted,
+SockJS-style WebSocket frames and heartbeats. Only a real server exercises them. It is also what
+``multibroker brokers check`` can be pointed at.
+
+What it models (see ``broker-apis.md``):
+
+- ``POST /v1/auth/accesstokenrequest`` (bad login: 200 with ``errorText``), ``GET /v1/auth/renewaccesstoken``;
+  every other endpoint needs ``Authorization: Bearer`` with a live token (401 otherwise). ``token_life_s`` is
+  configurable so renewal can be tested in seconds.
+- Accounts, contracts (``MESZ6`` with numeric ids), orders, order versions, commands (which carry ``clOrdId``),
+  fills, positions (signed ``netPos``) and cash balances. Like the real API, an order entity carries no quantity
+  or price: those live on its ``orderVersion``; fills carry no account: their order does.
+- Market orders fill at the price set per contract; limit and stop orders rest and fill when ``set_price``
+  crosses them. Commissions are charged per contract per side.
+- The user-data WebSocket ``/v1/websocket``: ``o`` on open, ``h`` heartbeats, ``a[...]`` messages, ``c[...]`` on
+  close; requests are ``endpoint\\nid\\nquery\\nbody``; ``authorize``, ``user/syncrequest`` and pushed ``props``.
+
+Fault hooks: ``set_latency``, ``reject_next`` (``failureReason``), ``partial_fill_next``, ``rate_limit_next``
+(penalty ticket for POSTs, empty 429 otherwise, or 429 for everything), ``captcha_next``, ``lose_next_place_response``
+(accept and fill, then reset the TCP connection before answering), ``drop_connection``/``restore_connection`` (stop
+listening and reset every connection including WebSockets), ``mute_heartbeats`` (a socket that goes silent without
+closing), ``expire_tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any, Awaitable, Callable, Iterable, Mapping
+from zoneinfo import ZoneInfo
+
+from aiohttp import WSMsgType, web
+
+from engine.catalog import BUILTIN
+
+log = logging.getLogger(__name__)
+
+EASTERN = ZoneInfo("America/New_York")
+NO_AUTH_PATHS = {"/v1/auth/accesstokenrequest", "/v1/websocket"}
+WORKING_STATUSES = {"Working", "PendingNew", "PendingReplace", "PendingCancel", "Suspended"}
+DEFAULT_CONTRACTS = ("MESZ6", "MESH7", "ESZ6", "NQZ6", "MNQZ6")
+DEFAULT_COMMISSIONS = {"MES": Decimal("0.35"), "MNQ": Decimal("0.35"), "default": Decimal("1.29")}
+DEFAULT_MARGINS = {"MES": Decimal(50), "MNQ": Decimal(100), "ES": Decimal(500), "default": Decimal(1000)}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def wire_time(dt: datetime) -> str:
+    """Tradovate's timestamp shape: ISO-8601 UTC with milliseconds and ``Z``."""
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def trade_date(dt: datetime) -> date:
+    """The CME trading day a moment belongs to: it starts at 18:00 New York the evening before."""
+    local = dt.astimezone(EASTERN)
+    return local.date() + timedelta(days=1) if local.hour >= 18 else local.date()
+
+
+def _wire_trade_date(dt: datetime) -> dict[str, int]:
+    day = trade_date(dt)
+    return {"year": day.year, "month": day.month, "day": day.day}
+
+
+def _num(value: Decimal | None) -> float | None:
+    """Decimal to a JSON number, as the real API sends prices (the connector reads them back with str())."""
+    return None if value is None else float(value)
+
+
+def _dec(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(str(value))
+
+
+def _root(contract_name: str) -> str:
+    return contract_name[:-2]
+
+
+@dataclass
+class _Account:
+    id: int
+    name: str
+    user_id: int
+    starting_cash: Decimal
+    realized: Decimal = Decimal(0)
+    fees: Decimal = Decimal(0)
+
+    def wire(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "userId": self.user_id, "accountType": "Customer",
+                "active": True, "clearingHouseId": 2, "riskCategoryId": 2, "autoLiqProfileId": 2,
+                "marginAccountType": "Speculator", "legalStatus": "Individual", "archived": False,
+                "timestamp": wire_time(datetime(2024, 1, 2, tzinfo=timezone.utc))}
+
+
+@dataclass
+class _Contract:
+    id: int
+    name: str
+
+    def wire(self) -> dict[str, Any]:
+        instrument = BUILTIN.get(_root(self.name))
+        tick = instrument.tick_size if instrument else Decimal("0.25")
+        return {"id": self.id, "name": self.name, "contractMaturityId": self.id + 10_000, "status": "Verified",
+                "providerTickSize": float(tick)}
+
+
+@dataclass
+class _Order:
+    id: int
+    account_id: int
+    contract_id: int
+    action: str
+    qty: int
+    order_type: str
+    price: Decimal | None
+    stop_price: Decimal | None
+    time_in_force: str
+    cl_ord_id: str | None
+    created: datetime
+    status: str = "PendingNew"
+    filled: int = 0
+    command_id: int = 0
+    version_id: int = 0
+    fills: list[int] = field(default_factory=list)
+
+    def wire(self) -> dict[str, Any]:
+        return {"id": self.id, "accountId": self.account_id, "contractId": self.contract_id,
+                "timestamp": wire_time(self.created), "action": self.action, "ordStatus": self.status,
+                "commandId": self.command_id, "isAutomated": True, "admin": False}
+
+    def wire_version(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.version_id, "orderId": self.id, "orderQty": self.qty,
+                               "orderType": self.order_type, "timeInForce": self.time_in_force}
+        if self.price is not None:
+            out["price"] = _num(self.price)
+        if self.stop_price is not None:
+            out["stopPrice"] = _num(self.stop_price)
+        return out
+
+    def wire_command(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.command_id, "orderId": self.id, "timestamp": wire_time(self.created),
+                               "commandType": "New", "commandStatus": "ExecutionReported", "senderId": 1,
+                               "isAutomated": True}
+        if self.cl_ord_id is not None:
+            out["clOrdId"] = self.cl_ord_id
+        return out
+
+
+@dataclass
+class _Fill:
+    id: int
+    order_id: int
+    contract_id: int
+    action: str
+    qty: int
+    price: Decimal
+    time: datetime
+
+    def wire(self) -> dict[str, Any]:
+        return {"id": self.id, "orderId": self.order_id, "contractId": self.contract_id,
+                "timestamp": wire_time(self.time), "tradeDate": _wire_trade_date(self.time), "action": self.action,
+                "qty": self.qty, "price": _num(self.price), "active": True, "finallyPaired": 0}
+
+
+@dataclass
+class _Position:
+    id: int
+    account_id: int
+    contract_id: int
+    net_pos: int = 0
+    net_price: Decimal | None = None
+    bought: int = 0
+    bought_value: Decimal = Decimal(0)
+    sold: int = 0
+    sold_value: Decimal = Decimal(0)
+    updated: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def wire(self) -> dict[str, Any]:
+        return {"id": self.id, "accountId": self.account_id, "contractId": self.contract_id,
+                "timestamp": wire_time(self.updated), "tradeDate": _wire_trade_date(self.updated),
+                "netPos": self.net_pos, "netPrice": _num(self.net_price), "bought": self.bought,
+                "boughtValue": _num(self.bought_value), "sold": self.sold, "soldValue": _num(self.sold_value),
+                "prevPos": 0, "prevPrice": None}
+
+
+class _Socket:
+    """One user-data WebSocket client."""
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        self.request = request
+        self.ws = ws
+        self.authorized = False
+        self.synced = False
+        self.heartbeats_received = 0
+
+    async def send(self, frame: str) -> None:
+        if not self.ws.closed:
+            try:
+                await self.ws.send_str(frame)
+            except (ConnectionError, RuntimeError):
+                pass
+
+    async def send_messages(self, *messages: Mapping[str, Any]) -> None:
+        await self.send("a" + json.dumps(list(messages)))
+
+    def abort(self) -> None:
+        if self.request.transport is not None:
+            self.request.transport.abort()
+
+
+class TradovateEmulator:
+    """A Tradovate REST + user-data WebSocket server for one user, with fault hooks.
+
+    ``accounts`` maps account names to starting cash. ``start()`` returns the REST base URL (``.../v1``);
+    ``ws_url`` is the WebSocket URL. Prices, commissions and margins are Decimal.
+    """
+
+    def __init__(self, *, username: str = "trader", password: str = "secret", sec: str | None = None,
+                 accounts: Mapping[str, Decimal] | None = None, contracts: Iterable[str] = DEFAULT_CONTRACTS,
+                 commissions: Mapping[str, Decimal] | None = None, margins: Mapping[str, Decimal] | None = None,
+                 token_life_s: float = 80 * 60, server_heartbeat_s: float = 2.5) -> None:
+        self.username = username
+        self.password = password
+        self.sec = sec
+        self.user_id = 7001
+        self.token_life_s = token_life_s
+        self.server_heartbeat_s = server_heartbeat_s
+        self.commissions = dict(commissions or DEFAULT_COMMISSIONS)
+        self.margins = dict(margins or DEFAULT_MARGINS)
+        self._ids = itertools.count(1001)
+        self.accounts: dict[int, _Account] = {}
+        for i, (name, cash) in enumerate((accounts or {"DEMO0001": Decimal(50000)}).items()):
+            self.accounts[500_001 + i] = _Account(500_001 + i, name, self.user_id, Decimal(cash))
+        self.contracts: dict[int, _Contract] = {}
+        for i, name in enumerate(contracts):
+            self.contracts[3_000_001 + i] = _Contract(3_000_001 + i, name)
+        self.prices: dict[int, Decimal] = {cid: Decimal("5000.00") for cid in self.contracts}
+        self.orders: dict[int, _Order] = {}
+        self.fills: dict[int, _Fill] = {}
+        self.positions: dict[tuple[int, int], _Position] = {}
+        self.tokens: dict[str, datetime] = {}
+        # Observability for tests.
+        self.logins = 0
+        self.renewals = 0
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.tickets_honoured = 0
+        # Faults.
+        self.latency_s = 0.0
+        self._reject: list[tuple[str, str]] = []
+        self._partial: list[list[int]] = []
+        self._rate_limit: list[tuple[str, float]] = []
+        self._tickets: dict[str, float] = {}
+        self._captcha = 0
+        self._lose_next_place = 0
+        self._muted = False
+        self._down = False
+        # Server plumbing.
+        self._sockets: set[_Socket] = set()
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._port = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._routes: dict[tuple[str, str], Handler] = {
+            ("POST", "/v1/auth/accesstokenrequest"): self._access_token_request,
+            ("GET", "/v1/auth/renewaccesstoken"): self._renew,
+            ("GET", "/v1/account/list"): self._account_list,
+            ("GET", "/v1/contract/find"): self._contract_find,
+            ("GET", "/v1/contract/item"): self._contract_item,
+            ("POST", "/v1/order/placeorder"): self._place_order,
+            ("POST", "/v1/order/cancelorder"): self._cancel_order,
+            ("POST", "/v1/order/liquidateposition"): self._liquidate,
+            ("GET", "/v1/order/list"): self._order_list,
+            ("GET", "/v1/order/item"): self._order_item,
+            ("GET", "/v1/orderVersion/deps"): self._order_version_deps,
+            ("GET", "/v1/command/deps"): self._command_deps,
+            ("GET", "/v1/position/list"): self._position_list,
+            ("GET", "/v1/fill/list"): self._fill_list,
+            ("GET", "/v1/fill/deps"): self._fill_deps,
+            ("POST", "/v1/cashBalance/getcashbalancesnapshot"): self._cash_snapshot,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}/v1"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self._port}/v1/websocket"
+
+    async def start(self) -> str:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_get("/v1/websocket", self._websocket)
+        app.router.add_route("*", "/v1/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        await self._listen()
+        return self.base_url
+
+    async def _listen(self) -> None:
+        assert self._runner is not None
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self._port)
+        await self._site.start()
+        if not self._port:
+            self._port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sock in list(self._sockets):
+            await sock.send('c[1000,"Server shutdown"]')
+            sock.abort()
+        self._sockets.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            self._site = None
+
+    # -- fault hooks and knobs ------------------------------------------------------------------------------------
+    def contract_id(self, name: str) -> int:
+        for contract in self.contracts.values():
+            if contract.name == name:
+                return contract.id
+        raise KeyError(f"emulator has no contract {name!r}")
+
+    def account_id(self, name: str) -> int:
+        for account in self.accounts.values():
+            if account.name == name:
+                return account.id
+        raise KeyError(f"emulator has no account {name!r}")
+
+    def commission(self, contract_name: str) -> Decimal:
+        return self.commissions.get(_root(contract_name), self.commissions.get("default", Decimal(0)))
+
+    def set_price(self, contract_name: str, price: Decimal) -> None:
+        """Market orders fill at ``price`` from now on; resting limit/stop orders it crosses fill now."""
+        cid = self.contract_id(contract_name)
+        self.prices[cid] = Decimal(price)
+        self._spawn(self._cross_resting(cid))
+
+    def set_latency(self, seconds: float) -> None:
+        """Every REST answer is delayed by ``seconds`` (after the request took effect)."""
+        self.latency_s = seconds
+
+    def reject_next(self, n: int = 1, reason: str = "MaxPosLimitReached",
+                    text: str = "Max position limit reached for this account") -> None:
+        self._reject.extend([(reason, text)] * n)
+
+    def partial_fill_next(self, parts: list[int]) -> None:
+        """The next market order fills in these parts; if they sum to less than its quantity the rest rests."""
+        self._partial.append(list(parts))
+
+    def rate_limit_next(self, n: int = 1, retry_after_s: float = 0.2, kind: str = "ticket") -> None:
+        """The next ``n`` requests are throttled: ``ticket`` answers POSTs with a penalty ticket (HTTP 200) and
+        GETs with an empty 429; ``429`` answers everything with an empty 429."""
+        if kind not in ("ticket", "429"):
+            raise ValueError(f"rate-limit kind must be 'ticket' or '429', got {kind!r}")
+        self._rate_limit.extend([(kind, retry_after_s)] * n)
+
+    def captcha_next(self, n: int = 1) -> None:
+        """The next ``n`` requests get a penalty ticket that demands a captcha (no automated retry possible)."""
+        self._captcha += n
+
+    def lose_next_place_response(self) -> None:
+        self._lose_next_place += 1
+
+    def expire_tokens(self) -> None:
+        past = datetime.now(timezone.utc) - timedelta(seconds=1)
+        for token in self.tokens:
+            self.tokens[token] = past
+
+    def mute_heartbeats(self, muted: bool = True) -> None:
+        """Stop sending ``h`` frames without closing: the connection looks alive to TCP but is dead."""
+        self._muted = muted
+
+    async def drop_connection(self) -> None:
+        """A real network drop: stop listening and reset every open connection, WebSockets included."""
+        self._down = True
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+        for sock in list(self._sockets):
+            sock.abort()
+        self._sockets.clear()
+
+    async def restore_connection(self) -> None:
+        self._down = False
+        if self._site is None and self._runner is not None:
+            await self._listen()
+
+    def order_count(self, account_name: str, cl_ord_id: str) -> int:
+        """Broker-side truth: how many orders carry ``cl_ord_id`` in this account."""
+        aid = self.account_id(account_name)
+        return sum(1 for o in self.orders.values() if o.account_id == aid and o.cl_ord_id == cl_ord_id)
+
+    @property
+    def heartbeats_received(self) -> int:
+        return sum(s.heartbeats_received for s in self._sockets)
+
+    @property
+    def socket_count(self) -> int:
+        return len(self._sockets)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- HTTP plumbing --------------------------------------------------------------------------------------------
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._down:
+            if request.transport is not None:
+                request.transport.abort()
+            raise web.HTTPServiceUnavailable()
+        self.requests[request.path] += 1
+        if request.path == "/v1/websocket":
+            return await handler(request)
+        body: dict[str, Any] = {}
+        if request.method == "POST":
+            try:
+                parsed = await request.json()
+            except json.JSONDecodeError:
+                return web.json_response({"errorText": "Request body is not valid JSON"}, status=400)
+            body = parsed if isinstance(parsed, dict) else {}
+        throttled = self._throttle(request, body)
+        if throttled is not None:
+            return throttled
+        if request.path not in NO_AUTH_PATHS and self._token_of(request) is None:
+            return web.Response(status=401, text="Access is denied")
+        return await handler(request)
+
+    def _throttle(self, request: web.Request, body: Mapping[str, Any]) -> web.StreamResponse | None:
+        ticket = body.get("p-ticket")
+        if ticket is not None and ticket in self._tickets:
+            ready_at = self._tickets.pop(ticket)
+            wait = ready_at - time.monotonic()
+            if wait > 0:  # resent too early: the penalty stands
+                return self._ticket_response(wait, captcha=False)
+            self.tickets_honoured += 1
+            return None
+        if self._captcha:
+            self._captcha -= 1
+            return self._ticket_response(3600, captcha=True)
+        if self._rate_limit:
+            kind, wait = self._rate_limit.pop(0)
+            if kind == "ticket" and request.method == "POST":
+                return self._ticket_response(wait, captcha=False)
+            return web.Response(status=429)
+        return None
+
+    def _ticket_response(self, wait_s: float, *, captcha: bool) -> web.Response:
+        ticket = secrets.token_urlsafe(24)
+        self._tickets[ticket] = time.monotonic() + wait_s
+        p_time: float = int(wait_s) if float(wait_s).is_integer() else round(wait_s, 3)
+        return web.json_response({"p-ticket": ticket, "p-time": p_time, "p-captcha": captcha})
+
+    def _token_of(self, request: web.Request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        token = header[7:] if header.startswith("Bearer ") else ""
+        return token if self._token_valid(token) else None
+
+    def _token_valid(self, token: str) -> bool:
+        expiry = self.tokens.get(token)
+        return expiry is not None and expiry > datetime.now(timezone.utc)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        handler = self._routes.get((request.method, request.path))
+        if handler is None:
+            return web.Response(status=404, text=f"Unknown operation {request.method} {request.path}")
+        response = await handler(request)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        return response
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        parsed = await request.json()
+        return parsed if isinstance(parsed, dict) else {}
+
+    # -- auth -----------------------------------------------------------------------------------------------------
+    def _issue_token(self) -> dict[str, Any]:
+        token = secrets.token_urlsafe(32)
+        expiry = datetime.now(timezone.utc) + timedelta(seconds=self.token_life_s)
+        self.tokens[token] = expiry
+        return {"accessToken": token, "mdAccessToken": secrets.token_urlsafe(32), "expirationTime": wire_time(expiry),
+                "userStatus": "Active", "userId": self.user_id, "name": self.username, "hasLive": False}
+
+    async def _access_token_request(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        if body.get("name") != self.username or body.get("password") != self.password or (
+                self.sec is not None and body.get("sec") != self.sec):
+            return web.json_response({"errorText": "Incorrect username or password. Please try again, noting that "
+                                                   "passwords are case-sensitive."})
+        self.logins += 1
+        return web.json_response(self._issue_token())
+
+    async def _renew(self, request: web.Request) -> web.Response:
+        self.renewals += 1
+        return web.json_response(self._issue_token())
+
+    # -- reference data -------------------------------------------------------------------------------------------
+    async def _account_list(self, request: web.Request) -> web.Response:
+        return web.json_response([a.wire() for a in self.accounts.values()])
+
+    async def _contract_find(self, request: web.Request) -> web.Response:
+        name = request.query.get("name", "")
+        for contract in self.contracts.values():
+            if contract.name == name:
+                return web.json_response(contract.wire())
+        return web.Response(status=404, text=f"Contract {name} not found")
+
+    async def _contract_item(self, request: web.Request) -> web.Response:
+        contract = self.contracts.get(_int(request.query.get("id")))
+        if contract is None:
+            return web.Response(status=404, text="Contract not found")
+        return web.json_response(contract.wire())
+
+    # -- orders ---------------------------------------------------------------------------------------------------
+    async def _place_order(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        answer = await self._place(body)
+        if "orderId" in answer and self._lose_next_place:
+            self._lose_next_place -= 1
+            # The order is in the book (and filled); the answer dies with the connection.
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=204)  # written into a reset socket: the client never sees it
+        return web.json_response(answer)
+
+    async def _place(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        account = self.accounts.get(_int(body.get("accountId")))
+        if account is None or (body.get("accountSpec") not in (None, account.name)):
+            return _failure("UnknownReason", "Account not found or does not match accountSpec")
+        contract = next((c for c in self.contracts.values() if c.name == body.get("symbol")), None)
+        if contract is None:
+            return _failure("InvalidContract", f"Unknown symbol {body.get('symbol')!r}")
+        action, qty, order_type = body.get("action"), _int(body.get("orderQty")), body.get("orderType")
+        if action not in ("Buy", "Sell") or qty <= 0 or order_type not in ("Market", "Limit", "Stop", "StopLimit"):
+            return _failure("UnknownReason", "Invalid action, orderQty or orderType")
+        price, stop = _dec(body.get("price")), _dec(body.get("stopPrice"))
+        if (order_type in ("Limit", "StopLimit") and price is None) or (
+                order_type in ("Stop", "StopLimit") and stop is None):
+            return _failure("InvalidPrice", "Missing price for this order type")
+        if self._reject:
+            reason, text = self._reject.pop(0)
+            return _failure(reason, text)
+        now = datetime.now(timezone.utc)
+        order = _Order(id=next(self._ids), account_id=account.id, contract_id=contract.id, action=action, qty=qty,
+                       order_type=order_type, price=price, stop_price=stop,
+                       time_in_force=str(body.get("timeInForce") or "Day"),
+                       cl_ord_id=None if body.get("clOrdId") is None else str(body["clOrdId"]), created=now,
+                       command_id=next(self._ids), version_id=next(self._ids))
+        self.orders[order.id] = order
+        await self._push("command", "Created", order.wire_command())
+        await self._push("orderVersion", "Created", order.wire_version())
+        await self._push("order", "Created", order.wire())
+        order.status = "Working"
+        if order_type == "Market":
+            parts = self._partial.pop(0) if self._partial else [qty]
+            for part in parts:
+                part = min(part, order.qty - order.filled)
+                if part > 0:
+                    await self._fill(order, part, self.prices[contract.id])
+            if order.filled == order.qty:
+                order.status = "Filled"
+            await self._push("order", "Updated", order.wire())
+        else:
+            await self._push("order", "Updated", order.wire())
+            await self._cross_resting(contract.id)
+        return {"orderId": order.id}
+
+    async def _cross_resting(self, contract_id: int) -> None:
+        price = self.prices[contract_id]
+        for order in list(self.orders.values()):
+            if order.contract_id != contract_id or order.status != "Working" or order.order_type == "Market":
+                continue
+            buy = order.action == "Buy"
+            if order.order_type == "Limit":
+                crossed = order.price is not None and (price <= order.price if buy else price >= order.price)
+            else:
+                crossed = order.stop_price is not None and (price >= order.stop_price if buy
+                                                            else price <= order.stop_price)
+            if crossed:
+                await self._fill(order, order.qty - order.filled, price)
+                order.status = "Filled"
+                await self._push("order", "Updated", order.wire())
+
+    async def _fill(self, order: _Order, qty: int, price: Decimal) -> None:
+        now = datetime.now(timezone.utc)
+        fill = _Fill(next(self._ids), order.id, order.contract_id, order.action, qty, price, now)
+        self.fills[fill.id] = fill
+        order.fills.append(fill.id)
+        order.filled += qty
+        account = self.accounts[order.account_id]
+        contract = self.contracts[order.contract_id]
+        account.fees += self.commission(contract.name) * qty
+        position = self.positions.get((order.account_id, order.contract_id))
+        if position is None:
+            position = _Position(next(self._ids), order.account_id, order.contract_id)
+            self.positions[(order.account_id, order.contract_id)] = position
+        signed = qty if order.action == "Buy" else -qty
+        if order.action == "Buy":
+            position.bought += qty
+            position.bought_value += price * qty
+        else:
+            position.sold += qty
+            position.sold_value += price * qty
+        account.realized += self._apply(position, signed, price, contract.name)
+        position.updated = now
+        await self._push("fill", "Created", fill.wire())
+        await self._push("position", "Updated", position.wire())
+        await self._push("cashBalance", "Updated", self._cash_balance(account))
+
+    def _apply(self, position: _Position, signed: int, price: Decimal, contract_name: str) -> Decimal:
+        """Move ``position`` by ``signed`` contracts at ``price``; return the realized P&L (average-price method)."""
+        point_value = _point_value(contract_name)
+        old, avg = position.net_pos, position.net_price or Decimal(0)
+        realized = Decimal(0)
+        if old == 0 or (old > 0) == (signed > 0):
+            new = old + signed
+            position.net_price = (avg * abs(old) + price * abs(signed)) / abs(new)
+        else:
+            closing = min(abs(old), abs(signed))
+            realized = (price - avg) * closing * point_value * (1 if old > 0 else -1)
+            new = old + signed
+            if new == 0:
+                position.net_price = None
+            elif (new > 0) != (old > 0):
+                position.net_price = price
+        position.net_pos = new
+        return realized
+
+    async def _cancel_order(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        order = self.orders.get(_int(body.get("orderId")))
+        if order is None:
+            return web.json_response(_failure("UnknownReason", "Order not found"))
+        if order.status not in WORKING_STATUSES:
+            return web.json_response(_failure("TooLate", f"Order {order.id} is {order.status}"))
+        order.status = "Canceled"
+        await self._push("order", "Updated", order.wire())
+        return web.json_response({"commandId": next(self._ids)})
+
+    async def _liquidate(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        account_id, contract_id = _int(body.get("accountId")), _int(body.get("contractId"))
+        for order in self.orders.values():
+            if order.account_id == account_id and order.contract_id == contract_id and \
+                    order.status in WORKING_STATUSES:
+                order.status = "Canceled"
+                await self._push("order", "Updated", order.wire())
+        position = self.positions.get((account_id, contract_id))
+        if position is None or position.net_pos == 0:
+            return web.json_response(_failure("UnknownReason", "No position to liquidate"))
+        account, contract = self.accounts.get(account_id), self.contracts.get(contract_id)
+        if account is None or contract is None:
+            return web.json_response(_failure("UnknownReason", "Unknown account or contract"))
+        return web.json_response(await self._place({
+            "accountId": account_id, "accountSpec": account.name, "symbol": contract.name,
+            "action": "Sell" if position.net_pos > 0 else "Buy", "orderQty": abs(position.net_pos),
+            "orderType": "Market", "timeInForce": "Day"}))
+
+    async def _order_list(self, request: web.Request) -> web.Response:
+        return web.json_response([o.wire() for o in self.orders.values()])
+
+    async def _order_item(self, request: web.Request) -> web.Response:
+        order = self.orders.get(_int(request.query.get("id")))
+        if order is None:
+            return web.Response(status=404, text="Order not found")
+        return web.json_response(order.wire())
+
+    async def _order_version_deps(self, request: web.Request) -> web.Response:
+        order = self.orders.get(_int(request.query.get("masterid")))
+        return web.json_response([] if order is None else [order.wire_version()])
+
+    async def _command_deps(self, request: web.Request) -> web.Response:
+        order = self.orders.get(_int(request.query.get("masterid")))
+        return web.json_response([] if order is None else [order.wire_command()])
+
+    # -- positions, fills, cash -----------------------------------------------------------------------------------
+    async def _position_list(self, request: web.Request) -> web.Response:
+        return web.json_response([p.wire() for p in self.positions.values()])
+
+    async def _fill_list(self, request: web.Request) -> web.Response:
+        return web.json_response([f.wire() for f in self.fills.values()])
+
+    async def _fill_deps(self, request: web.Request) -> web.Response:
+        order_id = _int(request.query.get("masterid"))
+        return web.json_response([f.wire() for f in self.fills.values() if f.order_id == order_id])
+
+    def _open_pnl(self, account_id: int) -> Decimal:
+        total = Decimal(0)
+        for (aid, cid), position in self.positions.items():
+            if aid == account_id and position.net_pos and position.net_price is not None:
+                name = self.contracts[cid].name
+                total += (self.prices[cid] - position.net_price) * position.net_pos * _point_value(name)
+        return total
+
+    def _initial_margin(self, account_id: int) -> Decimal:
+        total = Decimal(0)
+        for (aid, cid), position in self.positions.items():
+            if aid == account_id and position.net_pos:
+                root = _root(self.contracts[cid].name)
+                total += self.margins.get(root, self.margins.get("default", Decimal(0))) * abs(position.net_pos)
+        return total
+
+    def _cash_balance(self, account: _Account) -> dict[str, Any]:
+        now = datetime.now(timezone.utc)
+        return {"id": account.id, "accountId": account.id, "timestamp": wire_time(now),
+                "tradeDate": _wire_trade_date(now), "currencyId": 1,
+                "amount": _num(account.starting_cash + account.realized - account.fees),
+                "realizedPnL": _num(account.realized), "weekRealizedPnL": _num(account.realized)}
+
+    async def _cash_snapshot(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        account = self.accounts.get(_int(body.get("accountId")))
+        if account is None:
+            return web.json_response({"errorText": f"Account {body.get('accountId')} not found"})
+        cash = account.starting_cash + account.realized - account.fees
+        open_pnl = self._open_pnl(account.id)
+        margin = self._initial_margin(account.id)
+        return web.json_response({
+            "errorCode": "Success", "totalCashValue": _num(cash), "totalPnL": _num(account.realized + open_pnl),
+            "initialMargin": _num(margin), "maintenanceMargin": _num(margin * Decimal("0.9")),
+            "netLiq": _num(cash + open_pnl), "openPnL": _num(open_pnl), "realizedPnL": _num(account.realized),
+            "weekRealizedPnL": _num(account.realized)})
+
+    # -- WebSocket ------------------------------------------------------------------------------------------------
+    async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        sock = _Socket(request, ws)
+        self._sockets.add(sock)
+        beat = asyncio.ensure_future(self._heartbeat(sock))
+        try:
+            await sock.send("o")
+            async for msg in ws:
+                if msg.type is not WSMsgType.TEXT:
+                    continue
+                await self._ws_request(sock, msg.data)
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            self._sockets.discard(sock)
+        return ws
+
+    async def _heartbeat(self, sock: _Socket) -> None:
+        while not sock.ws.closed:
+            await asyncio.sleep(self.server_heartbeat_s)
+            if not self._muted:
+                await sock.send("h")
+
+    async def _ws_request(self, sock: _Socket, text: str) -> None:
+        if text.strip() == "[]":
+            sock.heartbeats_received += 1
+            return
+        parts = text.split("\n", 3)
+        if len(parts) < 2:
+            return
+        endpoint, raw_id = parts[0], parts[1]
+        body = parts[3] if len(parts) > 3 else ""
+        try:
+            request_id = int(raw_id)
+        except ValueError:
+            return
+        if endpoint == "authorize":
+            sock.authorized = self._token_valid(body.strip())
+            if sock.authorized:
+                await sock.send_messages({"s": 200, "i": request_id})
+            else:
+                await sock.send_messages({"s": 401, "i": request_id, "d": "Access is denied"})
+            return
+        if not sock.authorized:
+            await sock.send_messages({"s": 401, "i": request_id, "d": "Not authorized"})
+            return
+        if endpoint == "user/syncrequest":
+            sock.synced = True
+            await sock.send_messages({"s": 200, "i": request_id, "d": self._snapshot()})
+            return
+        await sock.send_messages({"s": 404, "i": request_id, "d": f"Unknown operation {endpoint}"})
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "users": [{"id": self.user_id, "name": self.username, "status": "Active"}],
+            "accounts": [a.wire() for a in self.accounts.values()],
+            "contracts": [c.wire() for c in self.contracts.values()],
+            "orders": [o.wire() for o in self.orders.values()],
+            "orderVersions": [o.wire_version() for o in self.orders.values()],
+            "commands": [o.wire_command() for o in self.orders.values()],
+            "fills": [f.wire() for f in self.fills.values()],
+            "positions": [p.wire() for p in self.positions.values()],
+            "cashBalances": [self._cash_balance(a) for a in self.accounts.values()],
+        }
+
+    async def _push(self, entity_type: str, event_type: str, entity: Mapping[str, Any]) -> None:
+        message = {"e": "props", "d": {"entityType": entity_type, "eventType": event_type, "entity": entity}}
+        for sock in list(self._sockets):
+            if sock.synced:
+                await sock.send_messages(message)
+
+
+def _failure(reason: str, text: str) -> dict[str, Any]:
+    return {"failureReason": reason, "failureText": text}
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
+
+
+def _point_value(contract_name: str) -> Decimal:
+    instrument = BUILTIN.get(_root(contract_name))
+    return instrument.point_value if instrument else Decimal(1)

@@ -1,0 +1,298 @@
+"""Compiling a validated ``RuleSet`` into flat, mutually exclusive conditions (see ``engine.evaluator``).
+
+Two kinds of message are posted, one at a time, each fully flat (no facts, no joins: durable-rules 2.0.28 reads out
+of bounds in join evaluation and a ``$not`` join crashes the process):
+
+- ``k = "route"``: the signal's strategy and instrument root. Routing rule *i* compiles to
+  ``match_i and not match_j for every j < i``, so exactly the first matching rule can fire: first match wins
+  without depending on durable-rules' conflict resolution.
+- ``k = "entry"``: one candidate entry (signal x account). Check *i* compiles to ``passes_1 .. passes_{i-1} and
+  fails_i`` and the rule ``ok`` to ``passes every check``, so the one rule that fires names the first check that
+  refuses the entry, which is what the trader reads.
+
+Money is compared exactly: every money constant of the rule set is an integer at the generation's scale ``S``
+(10**k, k >= 2 covering every constant's decimals), and state values are rounded towards the side that keeps the
+comparison exact (``ceil`` for "loss <= -limit", ``floor`` for "free margin >= required"; for an integer T,
+``ceil(x) <= T`` iff ``x <= T``). Thresholds that depend on an account's capital are compiled per account.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+from engine.evaluator import Condition
+from engine.model import Limit, RoutingRule, RuleSet
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny boolean algebra over message predicates, so that negation (De Morgan) and simplification are exact.
+# ---------------------------------------------------------------------------------------------------------------
+
+Operand = Union[int, str, tuple]
+
+
+@dataclass(frozen=True)
+class Const:
+    value: bool
+
+
+TRUE = Const(True)
+FALSE = Const(False)
+
+
+@dataclass(frozen=True)
+class Pred:
+    op: str
+    """``eq``, ``neq``, ``lt``, ``lte``, ``gt``, ``gte``."""
+    field: str
+    operand: Any
+    """int/str, ``("m", field)`` or ``("mul", left, right)``."""
+
+
+@dataclass(frozen=True)
+class And:
+    items: tuple["Expr", ...]
+
+
+@dataclass(frozen=True)
+class Or:
+    items: tuple["Expr", ...]
+
+
+Expr = Union[Const, Pred, And, Or]
+
+_NEGATED = {"eq": "neq", "neq": "eq", "lt": "gte", "gte": "lt", "lte": "gt", "gt": "lte"}
+
+
+def conj(*items: Expr) -> Expr:
+    out: list[Expr] = []
+    for item in items:
+        if item == FALSE:
+            return FALSE
+        if item == TRUE:
+            continue
+        out.extend(item.items if isinstance(item, And) else (item,))
+    if not out:
+        return TRUE
+    return out[0] if len(out) == 1 else And(tuple(out))
+
+
+def disj(*items: Expr) -> Expr:
+    out: list[Expr] = []
+    for item in items:
+        if item == TRUE:
+            return TRUE
+        if item == FALSE:
+            continue
+        out.extend(item.items if isinstance(item, Or) else (item,))
+    if not out:
+        return FALSE
+    return out[0] if len(out) == 1 else Or(tuple(out))
+
+
+def negate(expr: Expr) -> Expr:
+    """Exact negation: every message carries every field, so ``not (f == v)`` is ``f != v``."""
+    if isinstance(expr, Const):
+        return FALSE if expr.value else TRUE
+    if isinstance(expr, Pred):
+        return Pred(_NEGATED[expr.op], expr.field, expr.operand)
+    if isinstance(expr, And):
+        return disj(*(negate(e) for e in expr.items))
+    return conj(*(negate(e) for e in expr.items))
+
+
+def one_of(field_name: str, values: Iterable[str] | None) -> Expr:
+    """``field`` equals one of ``values``; None means "any value"."""
+    if values is None:
+        return TRUE
+    return disj(*(Pred("eq", field_name, v) for v in values))
+
+
+def _operand_json(operand: Any) -> Any:
+    if isinstance(operand, tuple):
+        if operand[0] == "m":
+            return {"$m": operand[1]}
+        return {"$mul": {"$l": _operand_json(operand[1]), "$r": _operand_json(operand[2])}}
+    return operand
+
+
+def emit(expr: Expr) -> Condition:
+    """The durable-rules JSON for ``expr`` (constants must have been simplified away by the caller)."""
+    if isinstance(expr, Const):
+        raise ValueError("constant conditions are not emitted")
+    if isinstance(expr, Pred):
+        if expr.op == "eq":
+            return {expr.field: expr.operand}
+        return {f"${expr.op}": {expr.field: _operand_json(expr.operand)}}
+    key = "$and" if isinstance(expr, And) else "$or"
+    return {key: [emit(e) for e in expr.items]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks on an entry, in the order a trader wants to hear about them.
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    """One reason an entry can be refused; ``fails`` is its compiled refusal condition."""
+
+    id: str
+    kind: str
+    """schedule | portfolio_loss | connection | paused | halted | instruments | account_loss | max_contracts |
+    portfolio_contracts | margin_unknown | margin"""
+    by: str
+    """What the decision record names as having excluded the account: a rule or limit name, or a check name."""
+    fails: Expr
+    limit: Limit | None = None
+    thresholds: Mapping[str, Decimal] = field(default_factory=dict)
+    """Loss limits: USD threshold per account ("*" for the portfolio)."""
+
+
+def _scale_digits(values: Iterable[Decimal]) -> int:
+    digits = 2
+    for value in values:
+        exponent = value.normalize().as_tuple().exponent
+        if isinstance(exponent, int) and exponent < 0:
+            digits = max(digits, -exponent)
+    return digits
+
+
+def scaled(value: Decimal, scale: int, rounding: str) -> int:
+    """``value * scale`` as an integer, rounded in the direction the caller's comparison needs."""
+    return int((value * scale).to_integral_value(rounding=rounding))
+
+
+def ceil_scaled(value: Decimal, scale: int) -> int:
+    return scaled(value, scale, ROUND_CEILING)
+
+
+def floor_scaled(value: Decimal, scale: int) -> int:
+    return scaled(value, scale, ROUND_FLOOR)
+
+
+@dataclass
+class Compiled:
+    """What one rules generation posts to an evaluator, and how to read the rule that fires."""
+
+    rules: dict[str, Condition]
+    """Rule name -> condition; ``route<i>``, ``check<i>`` and ``ok``."""
+    routes: dict[str, RoutingRule]
+    checks: dict[str, Check]
+    scale: int
+    """Money scale S: USD x S is an integer for every money constant of the rule set."""
+    margin_factor: int
+    """(100 + margin_buffer_pct) x 10**j, an integer."""
+    margin_factor_scale: int
+    """10**j."""
+    buffer_pct: Decimal
+
+
+def loss_threshold(limit: Limit, capital: Decimal) -> Decimal | None:
+    """The loss (as a positive USD amount) at which ``limit`` is breached; the smaller of its two forms."""
+    candidates = []
+    if limit.max_daily_loss is not None:
+        candidates.append(limit.max_daily_loss)
+    if limit.max_daily_loss_pct is not None:
+        candidates.append(capital * limit.max_daily_loss_pct / 100)
+    return min(candidates) if candidates else None
+
+
+def compile_ruleset(ruleset: RuleSet) -> Compiled:
+    accounts = list(ruleset.accounts.values())
+    total_capital = sum((a.capital for a in accounts), Decimal(0))
+    money: list[Decimal] = []
+    for broker in ruleset.brokers.values():
+        money.extend(broker.margins.values())
+    loss_limits = [lim for lim in ruleset.limits if lim.max_daily_loss is not None or lim.max_daily_loss_pct is not None]
+    thresholds: dict[str, dict[str, Decimal]] = {}
+    for lim in loss_limits:
+        if lim.scope == "portfolio":
+            t = loss_threshold(lim, total_capital)
+            thresholds[lim.name] = {"*": t} if t is not None else {}
+        else:
+            scoped = [a for a in accounts if lim.accounts is None or a.name in lim.accounts]
+            thresholds[lim.name] = {a.name: t for a in scoped if (t := loss_threshold(lim, a.capital)) is not None}
+        money.extend(thresholds[lim.name].values())
+    scale = 10 ** _scale_digits(money)
+
+    buffer_pct = ruleset.margin_buffer_pct
+    j = _scale_digits([buffer_pct]) - 2
+    factor_scale = 10**j
+    margin_factor = int((100 + buffer_pct) * factor_scale)
+
+    rules: dict[str, Condition] = {}
+    routes: dict[str, RoutingRule] = {}
+
+    # Routing: first match wins, compiled as exclusive conditions.
+    earlier: list[Expr] = []
+    for i, rule in enumerate(ruleset.routing_rules):
+        match = conj(one_of("strategy", rule.strategies), one_of("root", rule.instruments))
+        cond = conj(Pred("eq", "k", "route"), match, *(negate(e) for e in earlier))
+        earlier.append(match)
+        if cond != FALSE:
+            name = f"route{i}"
+            rules[name] = emit(cond)
+            routes[name] = rule
+
+    checks = _entry_checks(ruleset, loss_limits, thresholds, scale, margin_factor)
+    passed: list[Expr] = []
+    compiled_checks: dict[str, Check] = {}
+    for check in checks:
+        cond = conj(Pred("eq", "k", "entry"), *passed, check.fails)
+        passed.append(negate(check.fails))
+        if cond != FALSE:
+            rules[check.id] = emit(cond)
+            compiled_checks[check.id] = check
+    ok = conj(Pred("eq", "k", "entry"), *passed)
+    if ok != FALSE:
+        rules["ok"] = emit(ok)
+    return Compiled(rules, routes, compiled_checks, scale, margin_factor, factor_scale, buffer_pct)
+
+
+def _entry_checks(ruleset: RuleSet, loss_limits: Sequence[Limit], thresholds: Mapping[str, Mapping[str, Decimal]],
+                  scale: int, margin_factor: int) -> list[Check]:
+    checks: list[Check] = []
+
+    def add(kind: str, by: str, fails: Expr, limit: Limit | None = None,
+            limit_thresholds: Mapping[str, Decimal] | None = None) -> None:
+        checks.append(Check(f"check{len(checks)}", kind, by, fails, limit, dict(limit_thresholds or {})))
+
+    # Whole-portfolio blocks first: when the book is halted, that is the news for every account.
+    add("schedule", "schedule", Pred("eq", "sched", 1))
+    for lim in loss_limits:
+        if lim.scope != "portfolio" or "*" not in thresholds[lim.name]:
+            continue
+        limit_scaled = ceil_scaled(thresholds[lim.name]["*"], scale)  # exact: the constant is a multiple of 1/S
+        add("portfolio_loss", lim.name,
+            conj(one_of("root", lim.instruments), Pred("lte", "ppnl", -limit_scaled)), lim, thresholds[lim.name])
+    add("connection", "connection", Pred("eq", "connected", 0))
+    add("paused", "paused", Pred("eq", "paused", 1))
+    add("halted", "halted", Pred("eq", "halted", 1))
+    add("instruments", "instruments", disj(*(
+        conj(Pred("eq", "account", a.name), negate(one_of("root", a.instruments)))
+        for a in ruleset.accounts.values() if a.instruments is not None
+    )))
+    for lim in loss_limits:
+        if lim.scope != "account":
+            continue
+        per_account = thresholds[lim.name]
+        fails = disj(*(
+            conj(Pred("eq", "account", name), Pred("lte", "pnl", -ceil_scaled(t, scale)))
+            for name, t in sorted(per_account.items())
+        ))
+        add("account_loss", lim.name, conj(one_of("root", lim.instruments), fails), lim, per_account)
+    for lim in ruleset.limits:
+        if lim.max_contracts is None:
+            continue
+        if lim.scope == "portfolio":
+            add("portfolio_contracts", lim.name,
+                conj(one_of("root", lim.instruments), Pred("gt", "pabs_after", lim.max_contracts)), lim)
+        else:
+            add("max_contracts", lim.name,
+                conj(one_of("account", lim.accounts), one_of("root", lim.instruments),
+                     Pred("gt", "abs_after", lim.max_contracts)), lim)
+    add("margin_unknown", "margin", Pred("lt", "mpc", 0))
+    # free x 100 x 10**j x S >= qty x (margin x S) x (100 + buffer) x 10**j, all integers.
+    add("margin", "margin", Pred("lt", "free", ("mul", ("mul", ("m", "qty"), ("m", "mpc")), margin_factor)))
+    return checks

@@ -1,0 +1,623 @@
+"""Deciding which orders a signal becomes: one rules generation (``Engine``) and its pure ``decide``.
+
+``Engine(ruleset)`` compiles the rules (``engine.compile``) and loads them into durable-rules (a ``Host`` that
+starts no threads) or, where the C extension cannot be imported, into the pure-Python evaluator of the same
+compiled format (announced in the log). ``decide(signal, state, now)`` does no I/O: the service, ``multibroker
+decide`` and the tests call the very same code.
+
+What goes through the rules engine: which routing rule applies (one ``route`` message) and whether each candidate
+entry is allowed, and if not, which check refuses it first (one ``entry`` message per account). What stays in plain
+Python, and why:
+
+- quantities (multiplier rounding, target convergence, splitting a zero-crossing order into exit + entry, which
+  held contracts an exit closes): arithmetic over the account's holdings, not a condition;
+- picking one account in ``best`` mode: "the cheapest of several candidates" compares messages with each other,
+  which would need joins, and durable-rules' joins are unsafe (out-of-bounds reads, a ``$not`` join segfaults);
+- schedule windows (``engine.schedule``): wall-clock and calendar logic; the engine sees "blocked" as a field.
+
+Semantics chosen where the rules format is silent (a demanding trader's expectations):
+
+- Exits are never blocked: not by risk, schedule, margin, a paused or disconnected broker (the service queues the
+  order until the connection is back), nor by ``mode``/``select``. A size multiplier of 0 excludes the account
+  entirely, exits included ("size multiplier 0").
+- ``action: exit`` closes every contract of the instrument the account holds (after a roll, the old contract).
+  ``buy``/``sell`` that reduce a position close the oldest held contracts first; the opening part of a
+  zero-crossing order goes into the contract the ticker resolves to now.
+- Target signals (``position``/``position_size``): target = round_half_up(size x multiplier), signed; the order is
+  target - held. An account already at its target is listed as skipped ("already at target").
+- ``best`` mode, buy/sell: every account holding an opposite position gets its exit; if one of them is not
+  fully closed by the signal, nobody gets a new entry (the signal was a reduction). Otherwise exactly one eligible
+  account gets the entry, chosen by ``select`` then account name. ``best`` mode, target signals: if any target
+  account holds the instrument, the holders converge to the target (the position lives there; opening it elsewhere
+  would double it) and nobody else trades; if none holds it, one account chosen by ``select`` opens it.
+- ``max_contracts`` rejects (never resizes); a portfolio-scope ``max_contracts`` counts the entries already
+  accepted in the same decision. A loss limit restricted to ``instrument`` blocks entries in those roots only.
+- Checks are reported in this order: schedule, portfolio loss limits, broker connection, broker paused, account
+  halted, allowed instruments, account loss limits, contract limits, margin. ``blocked_by`` is set when every entry
+  this signal would have made was refused by one and the same schedule or risk rule.
+- Daily P&L measured before the current CME trading day began (18:00 ET) counts as 0.
+- ``action: cancel``: no orders (``accepted`` is false); ``cancel`` lists every target account with state, for the
+  service to cancel working orders in the instrument there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from engine.compile import Check, Compiled, ceil_scaled, compile_ruleset, floor_scaled
+from engine.decision import Cancel, Decision, Order, Skip, client_order_id
+from engine.evaluator import Condition, Message, PythonRules, check_message
+from engine.model import Account, RoutingRule, RuleSet
+from engine.schedule import blocking_rule
+from engine.sessions import trading_day
+from engine.signal import Signal
+from engine.state import AccountState, EngineState
+from engine.symbols import Symbol, parse_contract, resolve
+
+log = logging.getLogger("multibroker.engine")
+
+RISK_KINDS = frozenset({"schedule", "portfolio_loss", "account_loss", "max_contracts", "portfolio_contracts"})
+
+
+class EngineError(RuntimeError):
+    """The rules engine misbehaved (an action raised, or more than one rule fired): never a silent decision."""
+
+
+class Rules(Protocol):
+    def post(self, message: Message) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# durable-rules, used statelessly
+# ---------------------------------------------------------------------------------------------------------------
+
+_generation = itertools.count()
+
+
+def durable_available() -> bool:
+    try:
+        import durable.engine  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+class DurableRules:
+    """One compiled rule set in its own durable-rules ``Host``, for one rules generation.
+
+    The stock ``Host`` starts two timer threads that never stop (about 1 MB and 2 threads leaked per reload), so
+    ``_QuietHost`` starts none: we never use timers or queued actions, and every action runs inside ``post``.
+    ``close`` deletes the ruleset's state and the ruleset in the C core.
+    """
+
+    def __init__(self, rules: Mapping[str, Condition]) -> None:
+        from durable.engine import Host, MessageNotHandledException  # noqa: PLC0415
+
+        class _QuietHost(Host):  # type: ignore[misc]
+            def _run(self) -> None:  # no dispatch/timer threads
+                pass
+
+        self._not_handled = MessageNotHandledException
+        self._name = f"multibroker-{next(_generation)}"
+        self._fired: list[str] = []
+        self._lock = threading.Lock()
+        self._host = _QuietHost()
+        definition = {name: {"all": [{"m": cond}], "run": self._action(name)} for name, cond in rules.items()}
+        self._host.set_rulesets({self._name: definition})  # set_rulesets mutates (pops "run"): a throwaway dict
+        self._ruleset = self._host.get_ruleset(self._name)
+        self._closed = False
+
+    def _action(self, name: str) -> Callable[[Any], None]:
+        fired = self._fired
+
+        def action(c: Any) -> None:  # exactly one parameter: durable treats two as an async action
+            fired.append(name)
+
+        return action
+
+    def post(self, message: Message) -> str | None:
+        check_message(message)
+        with self._lock:
+            if self._closed:
+                raise EngineError(f"rules generation {self._name} is retired")
+            self._fired.clear()
+            try:
+                result = self._host.post(self._name, dict(message))
+            except self._not_handled:
+                return None
+            if isinstance(result, dict) and result.get("exception"):
+                # durable-rules swallows action exceptions into the state; surface them and reset the state.
+                self._delete_state()
+                raise EngineError(f"durable-rules action failed: {result['exception']}")
+            if len(self._fired) != 1:
+                raise EngineError(f"durable-rules fired {self._fired or 'no rule'} for one message")
+            return self._fired[0]
+
+    def _delete_state(self) -> None:
+        import durable_rules_engine  # noqa: PLC0415
+
+        try:
+            durable_rules_engine.delete_state(self._ruleset._handle, "0")
+        except Exception:  # noqa: BLE001 - no state was ever created
+            pass
+
+    def close(self) -> None:
+        import durable_rules_engine  # noqa: PLC0415
+
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._delete_state()
+            durable_rules_engine.delete_ruleset(self._ruleset._handle)
+            self._host._ruleset_directory.clear()
+            self._host._ruleset_list.clear()
+
+
+class _NoRules:
+    """A rule set with no rules at all (nothing to route): durable-rules refuses an empty ruleset."""
+
+    def post(self, message: Message) -> str | None:
+        check_message(message)
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+_fallback_announced = False
+
+
+def make_rules(rules: Mapping[str, Condition], backend: str = "auto") -> Rules:
+    """``durable`` or ``python``; ``auto`` prefers durable-rules and says so in the log when it cannot."""
+    global _fallback_announced
+    if not rules:
+        return _NoRules()
+    if backend == "python":
+        return PythonRules(rules)
+    if backend == "auto" and not durable_available():
+        if not _fallback_announced:
+            log.warning("durable-rules cannot be imported on this Python; using the pure-Python rule evaluator")
+            _fallback_announced = True
+        return PythonRules(rules)
+    return DurableRules(rules)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantities
+# ---------------------------------------------------------------------------------------------------------------
+
+def round_half_up(value: Decimal) -> int:
+    return int(value.to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def _sign(n: int) -> int:
+    return (n > 0) - (n < 0)
+
+
+@dataclass
+class Plan:
+    """What one account's order becomes: exit legs (contract, signed qty) and an opening part (signed qty)."""
+
+    account: Account
+    state: AccountState
+    net: int
+    exits: list[tuple[str, int]] = field(default_factory=list)
+    entry: int = 0
+
+
+def _oldest_first(held: Mapping[str, int], now: datetime) -> list[str]:
+    def key(code: str) -> tuple[int, int, str]:
+        try:
+            _, month, year = parse_contract(code, now)
+        except ValueError:
+            return (9999, 99, code)
+        return (year, month, code)
+
+    return sorted(held, key=key)
+
+
+def split_order(delta: int, held: Mapping[str, int], now: datetime) -> tuple[list[tuple[str, int]], int]:
+    """A signed order against the held contracts: the closing part (oldest contract first) and the opening part."""
+    net = sum(held.values())
+    if delta == 0:
+        return [], 0
+    if net == 0 or _sign(delta) == _sign(net):
+        return [], delta
+    closing = min(abs(delta), abs(net))
+    remaining = closing
+    exits: list[tuple[str, int]] = []
+    for contract in _oldest_first(held, now):
+        qty = held[contract]
+        if remaining == 0:
+            break
+        if _sign(qty) != _sign(net):
+            continue
+        take = min(abs(qty), remaining)
+        exits.append((contract, -_sign(net) * take))
+        remaining -= take
+    return exits, delta + _sign(net) * closing
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------------------------
+
+def _money(value: Decimal) -> str:
+    text = f"{value:.2f}"
+    return text if Decimal(text) == value else format(value.normalize(), "f")
+
+
+def _fmt_pct(value: Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+class Engine:
+    """One rules generation. ``decide`` is thread-safe and pure; ``close`` retires the generation."""
+
+    def __init__(self, ruleset: RuleSet, backend: str = "auto") -> None:
+        self.ruleset = ruleset
+        self.compiled: Compiled = compile_ruleset(ruleset)
+        self.rules: Rules = make_rules(self.compiled.rules, backend)
+        self.backend = type(self.rules).__name__
+        self._schedule_rules = ruleset.schedule_rules
+
+    def close(self) -> None:
+        self.rules.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _targets(self, rule: RoutingRule, strategy: str) -> list[Account]:
+        accounts = self.ruleset.accounts
+        if rule.accounts is not None:
+            return [accounts[name] for name in rule.accounts if name in accounts]
+        if rule.brokers is not None:
+            return sorted((a for a in accounts.values() if a.broker in rule.brokers), key=lambda a: a.name)
+        return sorted((a for a in accounts.values() if strategy in a.strategies), key=lambda a: a.name)
+
+    def _pnl(self, value: Decimal, at: datetime | None, now: datetime) -> Decimal:
+        if at is not None and trading_day(at) != trading_day(now):
+            return Decimal(0)  # measured during an earlier trading day, which has ended
+        return value
+
+    # -- the decision ----------------------------------------------------------------------------------------
+
+    def decide(self, signal: Signal, state: EngineState, now: datetime) -> Decision:
+        """The decision for ``signal`` given ``state`` at ``now`` (aware). Raises SymbolError for an unknown or
+        expired instrument, which is an input error rather than a decision."""
+        if now.tzinfo is None or now.utcoffset() is None:
+            raise ValueError("decide: `now` must be an aware datetime")
+        symbol = resolve(signal.ticker, now, self.ruleset.catalog)
+        base: dict[str, Any] = {"signal_id": signal.id, "strategy": signal.strategy,
+                                "order_type": signal.order_type, "price": signal.price}
+        fired = self.rules.post({"k": "route", "strategy": signal.strategy, "root": symbol.root})
+        if fired is None:
+            return Decision(rule=None, blocked_by=None, reason=(
+                f"no routing rule matches strategy '{signal.strategy}' and instrument {symbol.root}"), **base)
+        rule = self.compiled.routes[fired]
+        targets = self._targets(rule, signal.strategy)
+        if not targets:
+            return Decision(rule=rule.name, blocked_by=None, reason=(
+                f"routing rule {rule.name} selects no account for strategy '{signal.strategy}'"), **base)
+        return _Decider(self, signal, state, now, symbol, rule, targets, base).run()
+
+
+class _Decider:
+    """The working state of one decision (kept off ``Engine`` so that ``decide`` stays re-entrant)."""
+
+    def __init__(self, engine: Engine, signal: Signal, state: EngineState, now: datetime, symbol: Symbol,
+                 rule: RoutingRule, targets: Sequence[Account], base: dict[str, Any]) -> None:
+        self.engine = engine
+        self.ruleset = engine.ruleset
+        self.compiled = engine.compiled
+        self.signal = signal
+        self.state = state
+        self.now = now
+        self.symbol = symbol
+        self.root = symbol.root
+        self.rule = rule
+        self.targets = targets
+        self.base = base
+        self.orders: list[Order] = []
+        self.skipped: list[Skip] = []
+        self.entry_refusals: list[Skip] = []
+        self.entry_refusal_kinds: set[str] = set()
+        self.entries_judged = 0
+        scale = self.compiled.scale
+        if state.portfolio_daily_pnl is not None:
+            self.portfolio_pnl = engine._pnl(state.portfolio_daily_pnl, state.portfolio_daily_pnl_at, now)
+        else:
+            self.portfolio_pnl = sum((engine._pnl(a.daily_pnl, a.daily_pnl_at, now)
+                                      for a in state.accounts.values()), Decimal(0))
+        self.ppnl = ceil_scaled(self.portfolio_pnl, scale)
+        self.portfolio_abs = sum(abs(sum(a.held(self.root).values())) for a in state.accounts.values())
+
+    # -- per account -----------------------------------------------------------------------------------------
+
+    def skip(self, account: str, reason: str, by: str) -> None:
+        self.skipped.append(Skip(account, reason, by))
+
+    def plan(self, account: Account) -> Plan | None:
+        acc_state = self.state.accounts.get(account.name)
+        if acc_state is None:
+            self.skip(account.name, "no state for this account (not connected to the service yet?)", "state")
+            return None
+        if account.size_multiplier == 0:
+            self.skip(account.name, "size multiplier 0", "size_multiplier")
+            return None
+        held = acc_state.held(self.root)
+        net = sum(held.values())
+        plan = Plan(account, acc_state, net)
+        signal = self.signal
+        mult = account.size_multiplier
+        if signal.action == "exit":
+            if not held:
+                self.skip(account.name, f"no {self.root} position to exit", "exit")
+                return None
+            plan.exits = [(c, -q) for c, q in sorted(held.items())]
+            return plan
+        if signal.is_target:
+            size = round_half_up(Decimal(signal.position_size or 0) * mult)
+            target = {"long": size, "short": -size}.get(signal.position or "flat", 0)
+            delta = target - net
+            if delta == 0:
+                self.skip(account.name, f"already at target {target:+d} {self.root}", "target")
+                return None
+        else:
+            qty = round_half_up(Decimal(signal.quantity or 0) * mult)
+            if qty == 0:
+                self.skip(account.name, f"quantity {signal.quantity} x size multiplier {_fmt_pct(mult)} rounds to 0",
+                          "size_multiplier")
+                return None
+            delta = qty if signal.action == "buy" else -qty
+        plan.exits, plan.entry = split_order(delta, held, self.now)
+        return plan
+
+    def add_exits(self, plan: Plan) -> None:
+        for contract, qty in plan.exits:
+            self.orders.append(self._order(plan.account, contract, qty, "exit", Decimal(0)))
+
+    def _order(self, account: Account, contract: str, qty: int, intent: str, margin: Decimal) -> Order:
+        return Order(account.name, account.broker, contract, "buy" if qty > 0 else "sell", abs(qty), intent,
+                     client_order_id(self.signal.id, account.name, f"{intent}:{contract}"), margin)
+
+    def judge(self, plan: Plan, extra_portfolio: int = 0) -> tuple[Skip | None, Decimal, str | None]:
+        """(refusal or None, reserved margin, kind of the refusing check) for the plan's opening part."""
+        account = plan.account
+        acc_state = plan.state
+        broker = self.ruleset.brokers[account.broker]
+        qty = abs(plan.entry)
+        scale = self.compiled.scale
+        margin = broker.margin(self.root)
+        blocking = blocking_rule(self.engine._schedule_rules, self.now, strategy=self.signal.strategy,
+                                 account=account.name)
+        net_after = plan.net + sum(q for _, q in plan.exits) + plan.entry
+        pnl = self.engine._pnl(acc_state.daily_pnl, acc_state.daily_pnl_at, self.now)
+        message = {
+            "k": "entry", "account": account.name, "broker": account.broker, "strategy": self.signal.strategy,
+            "root": self.root,
+            "sched": 1 if blocking is not None else 0,
+            "ppnl": self.ppnl,
+            "connected": 1 if acc_state.connected else 0,
+            "paused": 1 if account.broker in self.state.paused else 0,
+            "halted": 1 if acc_state.halted else 0,
+            "pnl": ceil_scaled(pnl, scale),
+            "abs_after": abs(net_after),
+            "pabs_after": self.portfolio_abs + extra_portfolio + qty,
+            "qty": qty,
+            "mpc": -1 if margin is None else int(margin * scale),
+            "free": floor_scaled(acc_state.free_margin * 100 * self.compiled.margin_factor_scale, scale),
+        }
+        self.entries_judged += 1
+        fired = self.engine.rules.post(message)
+        reserved = Decimal(qty) * (margin or Decimal(0))
+        if fired == "ok":
+            return None, reserved, None
+        if fired is None:
+            raise EngineError(f"no check fired for entry message {message}")
+        check = self.compiled.checks[fired]
+        by = blocking.name if check.kind == "schedule" and blocking is not None else check.by
+        reason = self.explain(check, plan, message, pnl, margin, blocking)
+        return Skip(account.name, reason, by), reserved, check.kind
+
+    def explain(self, check: Check, plan: Plan, message: Mapping[str, Any], pnl: Decimal, margin: Decimal | None,
+                blocking: Any) -> str:
+        account = plan.account
+        kind = check.kind
+        if kind == "schedule":
+            window = (f"{blocking.between[0]}-{blocking.between[1]} ET" if blocking.between
+                      else f"{blocking.before_close_minutes} min before the close" if blocking.before_close_minutes
+                      else "")
+            return f"entries blocked by schedule rule {blocking.name}" + (f" ({window})" if window else "")
+        if kind == "portfolio_loss":
+            limit = check.thresholds["*"]
+            return (f"portfolio daily P&L {_money(self.portfolio_pnl)} reached the limit -{_money(limit)} "
+                    f"({check.by}, since 18:00 ET)")
+        if kind == "connection":
+            return f"broker {account.broker} is not connected"
+        if kind == "paused":
+            return f"broker {account.broker} is paused"
+        if kind == "halted":
+            return f"account halted: {plan.state.halted}"
+        if kind == "instruments":
+            return f"{self.root} is not among the account's instruments ({', '.join(account.instruments or ())})"
+        if kind == "account_loss":
+            limit = check.thresholds[account.name]
+            lim = check.limit
+            how = (f"{_fmt_pct(lim.max_daily_loss_pct)}% of capital {_money(account.capital)}"
+                   if lim is not None and lim.max_daily_loss_pct is not None and limit != lim.max_daily_loss
+                   else "")
+            return (f"daily P&L {_money(pnl)} reached the limit -{_money(limit)}" + (f" ({how})" if how else "")
+                    + f" ({check.by})")
+        if kind == "max_contracts":
+            assert check.limit is not None
+            return (f"position after the order would be {message['abs_after']} {self.root} > max_contracts "
+                    f"{check.limit.max_contracts} ({check.by}); orders are rejected, never resized")
+        if kind == "portfolio_contracts":
+            assert check.limit is not None
+            return (f"portfolio {self.root} position after the order would be {message['pabs_after']} > "
+                    f"max_contracts {check.limit.max_contracts} ({check.by})")
+        if kind == "margin_unknown":
+            return f"broker {account.broker} has no margin for {self.root} (add it under margins:)"
+        qty = abs(plan.entry)
+        assert margin is not None
+        required = Decimal(qty) * margin * (100 + self.compiled.buffer_pct) / 100
+        return (f"free margin {_money(plan.state.free_margin)} < required {_money(required)} "
+                f"({qty} x {self.root} @ {_money(margin)} + {_fmt_pct(self.compiled.buffer_pct)}% buffer)")
+
+    def refuse(self, skip: Skip, kind: str | None) -> None:
+        self.skipped.append(skip)
+        self.entry_refusals.append(skip)
+        if kind is not None:
+            self.entry_refusal_kinds.add(kind)
+
+    def accept_entry(self, plan: Plan, reserved: Decimal) -> None:
+        self.orders.append(self._order(plan.account, self.symbol.contract, plan.entry, "entry", reserved))
+
+    # -- modes -----------------------------------------------------------------------------------------------
+
+    def run(self) -> Decision:
+        if self.signal.action == "cancel":
+            return self.cancel()
+        plans = [p for a in self.targets if (p := self.plan(a)) is not None]
+        for plan in plans:
+            self.add_exits(plan)
+        if self.rule.mode == "mirror":
+            self.mirror(plans)
+        else:
+            self.best(plans)
+        return self.finish()
+
+    def mirror(self, plans: Sequence[Plan]) -> None:
+        added = 0
+        for plan in plans:
+            if plan.entry == 0:
+                continue
+            refusal, reserved, kind = self.judge(plan, added)
+            if refusal is None:
+                self.accept_entry(plan, reserved)
+                added += abs(plan.entry)
+            else:
+                self.refuse(refusal, kind)
+
+    def best(self, plans: Sequence[Plan]) -> None:
+        openers = [p for p in plans if p.entry != 0]
+        if not openers:
+            return
+        if self.signal.is_target:
+            holders = [p for p in plans if p.net != 0]
+            if holders:
+                for plan in openers:
+                    if plan.net == 0:
+                        where = ", ".join(p.account.name for p in holders)
+                        self.skip(plan.account.name, f"best mode: the {self.root} position is held at {where}",
+                                  self.rule.name)
+                        continue
+                    refusal, reserved, kind = self.judge(plan)
+                    if refusal is None:
+                        self.accept_entry(plan, reserved)
+                    else:
+                        self.refuse(refusal, kind)
+                return
+        else:
+            reducers = [p for p in plans if p.exits]
+            if any(p.entry == 0 for p in reducers):
+                where = ", ".join(p.account.name for p in reducers)
+                for plan in openers:
+                    self.skip(plan.account.name, f"best mode: the signal reduces the position at {where}; "
+                                                 "no new entry", self.rule.name)
+                return
+        eligible: list[tuple[Plan, Decimal]] = []
+        for plan in openers:
+            refusal, reserved, kind = self.judge(plan)
+            if refusal is None:
+                eligible.append((plan, reserved))
+            else:
+                self.refuse(refusal, kind)
+        if not eligible:
+            return
+        eligible.sort(key=lambda pr: self._rank(pr[0]))
+        winner, reserved = eligible[0]
+        self.accept_entry(winner, reserved)
+        why = self._why(winner)
+        for plan, _ in eligible[1:]:
+            self.skip(plan.account.name, f"eligible, but best mode chose {winner.account.name}{why}", self.rule.name)
+
+    def _rank(self, plan: Plan) -> tuple[Any, ...]:
+        key: list[Any] = []
+        for criterion in self.rule.select:
+            if criterion == "cheapest_commission":
+                commission = self.ruleset.brokers[plan.account.broker].commission(self.root)
+                key.append((commission is None, commission or Decimal(0)))
+            elif criterion == "most_free_margin":
+                key.append(-plan.state.free_margin)
+        key.append(plan.account.name)
+        return tuple(key)
+
+    def _why(self, plan: Plan) -> str:
+        parts = []
+        for criterion in self.rule.select:
+            if criterion == "cheapest_commission":
+                commission = self.ruleset.brokers[plan.account.broker].commission(self.root)
+                parts.append(f"commission {_money(commission)}" if commission is not None else "no commission set")
+            elif criterion == "most_free_margin":
+                parts.append(f"free margin {_money(plan.state.free_margin)}")
+        return f" ({', '.join(parts)})" if parts else " (account name order)"
+
+    def cancel(self) -> Decision:
+        cancels = []
+        for account in self.targets:
+            if account.name not in self.state.accounts:
+                self.skip(account.name, "no state for this account (not connected to the service yet?)", "state")
+                continue
+            cancels.append(Cancel(account.name, account.broker, self.root))
+        where = ", ".join(c.account for c in cancels) or "no account"
+        return Decision(rule=self.rule.name, blocked_by=None,
+                        reason=f"cancel working {self.root} orders at {where}", skipped=tuple(self.skipped),
+                        cancel=tuple(cancels), **self.base)
+
+    def finish(self) -> Decision:
+        entries = [o for o in self.orders if o.intent == "entry"]
+        blocked_by = None
+        if not entries and self.entry_refusals:
+            names = {s.by for s in self.entry_refusals}
+            if len(names) == 1 and self.entry_refusal_kinds <= RISK_KINDS:
+                blocked_by = names.pop()
+        rule = self.rule.name
+        if self.orders:
+            accounts = ", ".join(dict.fromkeys(o.account for o in self.orders))
+            noun = "order" if len(self.orders) == 1 else "orders"
+            reason = f"{rule}: {len(self.orders)} {noun} to {accounts}"
+            if blocked_by:
+                reason += f"; entries blocked by {blocked_by}"
+            if self.skipped:
+                reason += f"; {len(self.skipped)} skipped"
+        elif blocked_by:
+            reason = f"{rule}: entries blocked by {blocked_by}: {self.entry_refusals[0].reason}"
+        elif self.skipped:
+            reason = f"{rule}: no orders; " + "; ".join(f"{s.account}: {s.reason}" for s in self.skipped[:3])
+            if len(self.skipped) > 3:
+                reason += f"; and {len(self.skipped) - 3} more"
+        else:
+            reason = f"{rule}: no orders"
+        return Decision(rule=rule, blocked_by=blocked_by, reason=reason, orders=tuple(self.orders),
+                        skipped=tuple(self.skipped), **self.base)
+
+
+def build_engine(ruleset: RuleSet) -> Engine:
+    """The engine for one rules generation (what the hot-reloader builds and later retires with ``close``)."""
+    return Engine(ruleset)

@@ -1,0 +1,108 @@
+"""The decision record: one JSON object, the same in the CLI, the journal, the API and the dashboard.
+
+``Decision.to_json()`` is the contract::
+
+    {"signal_id", "strategy", "accepted", "rule", "blocked_by", "reason", "order_type", "price",
+     "orders": [{"account", "broker", "contract", "side", "quantity", "intent", "client_order_id"}],
+     "skipped": [{"account", "reason", "by"}],
+     "cancel": [{"account", "broker", "instrument"}]}
+
+``accepted`` is true exactly when at least one order results. ``cancel`` is non-empty only for ``action: cancel``:
+the engine places nothing and tells the service where to cancel working orders (``accepted`` stays false, so
+nothing is dispatched as a new order). Entries carry the margin they reserve (``Order.margin_usd``, not in the
+JSON) so that the service can count in-flight entries as exposure.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+
+def client_order_id(signal_id: str, account: str, leg: str) -> str:
+    """Deterministic per (signal, account, leg): a retried dispatch reuses it and the broker deduplicates.
+
+    ``mb-`` + 26 base32 characters of SHA-256 (130 bits): 29 characters of [A-Z2-7-], within every broker's limit.
+    """
+    digest = hashlib.sha256(f"{signal_id}\x1f{account}\x1f{leg}".encode()).digest()
+    return "mb-" + base64.b32encode(digest).decode("ascii")[:26]
+
+
+@dataclass(frozen=True)
+class Order:
+    account: str
+    broker: str
+    contract: str
+    side: str
+    """``buy`` or ``sell``."""
+    quantity: int
+    intent: str
+    """``entry`` (increases the absolute position) or ``exit`` (reduces it)."""
+    client_order_id: str
+    margin_usd: Decimal = Decimal(0)
+    """Margin an entry reserves (quantity x the broker's margin per contract, buffer excluded); 0 for exits."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"account": self.account, "broker": self.broker, "contract": self.contract, "side": self.side,
+                "quantity": self.quantity, "intent": self.intent, "client_order_id": self.client_order_id}
+
+
+@dataclass(frozen=True)
+class Skip:
+    account: str
+    reason: str
+    by: str
+    """The rule, limit or check that excluded the account (``margin``, ``connection``, ``no-late-entries``...)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"account": self.account, "reason": self.reason, "by": self.by}
+
+
+@dataclass(frozen=True)
+class Cancel:
+    account: str
+    broker: str
+    instrument: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"account": self.account, "broker": self.broker, "instrument": self.instrument}
+
+
+@dataclass(frozen=True)
+class Decision:
+    signal_id: str
+    strategy: str
+    rule: str | None
+    blocked_by: str | None
+    reason: str
+    orders: tuple[Order, ...] = ()
+    skipped: tuple[Skip, ...] = ()
+    order_type: str = "market"
+    price: Decimal | None = None
+    cancel: tuple[Cancel, ...] = field(default=())
+
+    @property
+    def accepted(self) -> bool:
+        return bool(self.orders)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "signal_id": self.signal_id,
+            "strategy": self.strategy,
+            "accepted": self.accepted,
+            "rule": self.rule,
+            "blocked_by": self.blocked_by,
+            "reason": self.reason,
+            "order_type": self.order_type,
+            "price": None if self.price is None else str(self.price),
+            "orders": [o.to_json() for o in self.orders],
+            "skipped": [s.to_json() for s in self.skipped],
+            "cancel": [c.to_json() for c in self.cancel],
+        }
+
+    def dumps(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_json(), **kwargs)

@@ -1,0 +1,166 @@
+"""What the engine knows about the accounts at the moment of a decision.
+
+The service builds an ``EngineState`` from its broker snapshots and ledger; ``multibroker decide`` and tests build
+one from a YAML/JSON document with ``parse_state``. Money is ``Decimal`` (a float is converted through ``str``);
+positions are signed contract counts keyed by contract code (``MESH6: -2``); times are aware UTC.
+
+Document shape (``parse_state``)::
+
+    now: 2026-03-09T10:30:00-04:00      # the decision time, ISO-8601 with an offset (naive is an error)
+    paused: [paper-slow]                # brokers an operator paused: no entries there
+    halted: {apex-2: "manual halt"}     # accounts halted, with the reason shown to the trader
+    daily_pnl: -1200                    # portfolio P&L; the sum of the accounts' when absent
+    accounts:
+      apex-1: {connected: true, free_margin: 5000, daily_pnl: -20.5, positions: {MESH6: 2}}
+
+An account may also carry ``daily_pnl_at`` (when its P&L was measured): P&L measured during an earlier CME trading
+day (which begins 18:00 ET) no longer counts, so a loss halt lifts at 18:00 ET, not at midnight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any, Mapping
+
+
+class StateError(ValueError):
+    """A malformed state document; the message names the offending path."""
+
+
+@dataclass(frozen=True)
+class AccountState:
+    connected: bool
+    free_margin: Decimal
+    daily_pnl: Decimal
+    """Realized + unrealized USD since the trading day began."""
+    positions: Mapping[str, int] = field(default_factory=dict)
+    """Contract code -> signed quantity (long > 0)."""
+    halted: str | None = None
+    """Why entries are halted for this account (operator or reconciliation), None when not halted."""
+    daily_pnl_at: datetime | None = None
+    """When ``daily_pnl`` was measured (UTC); None means "now"."""
+
+    def held(self, root: str) -> dict[str, int]:
+        """Non-zero positions in contracts of ``root`` (``MESH6`` belongs to ``MES``, not to ``ES``)."""
+        return {c: q for c, q in self.positions.items() if q and contract_root(c) == root}
+
+
+@dataclass(frozen=True)
+class EngineState:
+    accounts: Mapping[str, AccountState]
+    paused: frozenset[str] = frozenset()
+    """Paused broker names."""
+    portfolio_daily_pnl: Decimal | None = None
+    """Given explicitly, or None to use the sum of the accounts' daily P&L."""
+    portfolio_daily_pnl_at: datetime | None = None
+
+
+def contract_root(code: str) -> str:
+    """``MESH6`` -> ``MES``; ``ESH2026`` -> ``ES`` (root + month code + one- or four-digit year)."""
+    return code[:-5] if code[-4:].isdigit() else code[:-2]
+
+
+def _path(*parts: str) -> str:
+    return ".".join(parts)
+
+
+def _money(value: Any, where: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, Decimal)):
+        raise StateError(f"{where}: expected a number, got {type(value).__name__}")
+    try:
+        result = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise StateError(f"{where}: {value!r} is not a number") from None
+    if not result.is_finite():
+        raise StateError(f"{where}: {value!r} is not a finite number")
+    return result
+
+
+def _time(value: Any, where: str) -> datetime:
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise StateError(f"{where}: {value!r} is not an ISO-8601 time") from None
+    else:
+        raise StateError(f"{where}: expected an ISO-8601 time, got {type(value).__name__}")
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise StateError(f"{where}: {value} has no UTC offset; write e.g. 2026-03-09T10:30:00-04:00 or ...Z")
+    return parsed.astimezone(timezone.utc)
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise StateError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise StateError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def parse_account(name: str, obj: Any, halted: str | None = None) -> AccountState:
+    where = _path("accounts", name)
+    data = _mapping(obj, where)
+    unknown = set(data) - {"connected", "free_margin", "daily_pnl", "positions", "halted", "daily_pnl_at"}
+    if unknown:
+        raise StateError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    for key in ("connected", "free_margin"):
+        if key not in data:
+            raise StateError(f"{where}: '{key}' is required")
+    positions: dict[str, int] = {}
+    for contract, qty in _mapping(data.get("positions") or {}, _path(where, "positions")).items():
+        if isinstance(qty, bool) or not isinstance(qty, int):
+            raise StateError(f"{_path(where, 'positions', str(contract))}: expected a signed integer, got {qty!r}")
+        code = str(contract).strip().upper()
+        if len(code) < 3 or not code[-1].isdigit():
+            raise StateError(f"{_path(where, 'positions', str(contract))}: not a contract code (e.g. MESH6)")
+        positions[code] = positions.get(code, 0) + qty
+    own_halt = data.get("halted")
+    if own_halt is not None and not isinstance(own_halt, str):
+        raise StateError(f"{_path(where, 'halted')}: expected the reason as text")
+    at = data.get("daily_pnl_at")
+    return AccountState(
+        connected=_bool(data["connected"], _path(where, "connected")),
+        free_margin=_money(data["free_margin"], _path(where, "free_margin")),
+        daily_pnl=_money(data.get("daily_pnl", 0), _path(where, "daily_pnl")),
+        positions=positions,
+        halted=halted or own_halt or None,
+        daily_pnl_at=None if at is None else _time(at, _path(where, "daily_pnl_at")),
+    )
+
+
+def parse_state(obj: Any) -> tuple[datetime, EngineState]:
+    """The decision time and the state described by a ``decide`` STATE document."""
+    data = _mapping(obj, "state")
+    unknown = set(data) - {"now", "accounts", "paused", "halted", "daily_pnl", "daily_pnl_at"}
+    if unknown:
+        raise StateError(f"state: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    if "now" not in data:
+        raise StateError("now: required (the decision time, ISO-8601 with an offset)")
+    now = _time(data["now"], "now")
+    paused = data.get("paused") or []
+    if not isinstance(paused, list) or not all(isinstance(p, str) for p in paused):
+        raise StateError("paused: expected a list of broker names")
+    halted_raw = _mapping(data.get("halted") or {}, "halted")
+    halted: dict[str, str] = {}
+    for name, reason in halted_raw.items():
+        halted[str(name)] = str(reason) if reason not in (None, True) else "halted by operator"
+    accounts = {
+        str(name): parse_account(str(name), value, halted.get(str(name)))
+        for name, value in _mapping(data.get("accounts") or {}, "accounts").items()
+    }
+    pnl = data.get("daily_pnl")
+    pnl_at = data.get("daily_pnl_at")
+    return now, EngineState(
+        accounts=accounts,
+        paused=frozenset(paused),
+        portfolio_daily_pnl=None if pnl is None else _money(pnl, "daily_pnl"),
+        portfolio_daily_pnl_at=None if pnl_at is None else _time(pnl_at, "daily_pnl_at"),
+    )

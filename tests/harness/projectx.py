@@ -1,0 +1,106 @@
+"""ProjectX harness for the shared broker contract suite: the real connector against ``ProjectXEmulator``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from brokers.emulators.projectx import ProjectXEmulator
+from brokers.projectx import ProjectXConnector
+from engine.catalog import BUILTIN
+from engine.model import Broker, Location, RateLimit
+
+ACCOUNT = "PRAC-V2-EMU-1"
+ENV = {"PX_TEST_USER": "trader", "PX_TEST_KEY": "emulator-key"}
+FAST = {
+    "poll_interval_s": 0.05,
+    "reconnect_backoff_s": 0.05,
+    "reconnect_backoff_max_s": 0.2,
+    "reconnect_wait_s": 5.0,
+    "request_timeout_s": 5.0,
+}
+
+
+def broker_doc(emulator: ProjectXEmulator, *, name: str = "px-emulator", rate_limit: RateLimit | None = None,
+               commissions: dict[str, Decimal] | None = None, options: dict[str, Any] | None = None) -> Broker:
+    """A Broker document pointing at ``emulator`` (what a rules file would say, minus the YAML)."""
+    return Broker(
+        name=name,
+        type="projectx",
+        environment="demo",
+        credentials={"username": "PX_TEST_USER", "api_key": "PX_TEST_KEY"},
+        rate_limit=rate_limit or RateLimit(200, 60.0),
+        commissions=commissions or {"MES": emulator.fees["MES"], "default": emulator.fees["default"]},
+        margins={"MES": Decimal(50), "default": Decimal(500)},
+        reconcile_every_seconds=60,
+        endpoints={"rest": emulator.base_url, "hub": emulator.hub_url},
+        options=options or {},
+        source=Location("tests/harness/projectx.py", 1, 1),
+    )
+
+
+@dataclass
+class ProjectXHarness:
+    connector: ProjectXConnector
+    emulator: ProjectXEmulator
+    account: str
+    contract: str
+    commission_per_side: Decimal
+    point_value: Decimal
+
+    def set_price(self, price: Decimal) -> None:
+        self.emulator.set_price(self.contract, price)
+
+    def reject_next(self, n: int = 1) -> None:
+        self.emulator.reject_next(n)
+
+    def partial_fill_next(self, parts: list[int]) -> None:
+        self.emulator.partial_fill_next(parts)
+
+    def rate_limit_next(self, n: int = 1, retry_after_s: float = 0.2) -> None:
+        self.emulator.rate_limit_next(n, retry_after_s)
+
+    def lose_next_place_response(self) -> None:
+        self.emulator.lose_next_place_response()
+
+    async def drop_connection(self) -> None:
+        await self.emulator.drop_connection()
+
+    async def restore_connection(self) -> None:
+        """Bring the gateway back and wait (bounded) until the connector has reconnected by itself."""
+        await self.emulator.restore_connection()
+        deadline = time.monotonic() + 5.0
+        while not self.connector.connected:
+            if time.monotonic() > deadline:
+                raise TimeoutError("ProjectX connector did not reconnect within 5 s of the gateway coming back")
+            await asyncio.sleep(0.02)
+
+    async def broker_order_count(self, client_order_id: str) -> int:
+        return self.emulator.order_count(self.emulator.account_id(self.account), client_order_id)
+
+
+@contextlib.asynccontextmanager
+async def make_harness(tmp_path: Path, **connector_options: Any) -> AsyncIterator[ProjectXHarness]:
+    emulator = ProjectXEmulator(username=ENV["PX_TEST_USER"], api_key=ENV["PX_TEST_KEY"],
+                                accounts={ACCOUNT: Decimal(50000)})
+    await emulator.start()
+    connector = ProjectXConnector(broker_doc(emulator), env=ENV, **{**FAST, **connector_options})
+    try:
+        await connector.connect()
+        contract = next(c for c in emulator.contracts.values() if c.root == "MES" and c.active)
+        yield ProjectXHarness(
+            connector=connector,
+            emulator=emulator,
+            account=ACCOUNT,
+            contract=contract.code,
+            commission_per_side=emulator.fees["MES"],
+            point_value=BUILTIN["MES"].point_value,
+        )
+    finally:
+        await connector.close()
+        await emulator.stop()

@@ -1,0 +1,119 @@
+"""The positions ledger: average-cost accounting per account, strategy and contract, in Decimal."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from service.ledger import EXTERNAL_STRATEGY, Book, Ledger, replay
+
+MES = Decimal(5)  # USD per point
+D = Decimal
+
+
+def fill(ledger: Ledger, fid: str, qty: int, price: str, *, account: str = "apex-1", strategy: str = "es-scalper",
+         contract: str = "MESZ6", commission: str = "0.25") -> bool:
+    return ledger.apply(fill_id=fid, account=account, strategy=strategy, contract=contract, signed_qty=qty,
+                        price=D(price), commission=D(commission) * abs(qty), point_value=MES)
+
+
+@pytest.mark.parametrize(
+    "fills, quantity, avg, realized",
+    [
+        pytest.param([(2, "6000")], 2, "6000", "0", id="open long"),
+        pytest.param([(1, "6000"), (1, "6001")], 2, "6000.5", "0", id="add moves the average"),
+        pytest.param([(2, "6000"), (-1, "6002")], 1, "6000", "10", id="reduce realizes, average unchanged"),
+        pytest.param([(2, "6000"), (-2, "5999")], 0, "0", "-10", id="close at a loss"),
+        pytest.param([(-3, "6000"), (3, "5990")], 0, "0", "150", id="short covered lower is a gain"),
+        pytest.param([(2, "6000"), (-5, "6004")], -3, "6004", "40", id="crossing zero opens the rest at the fill"),
+        pytest.param([(1, "6000.25"), (2, "6000.50"), (-3, "6000.75")], 0, "0", "5.00", id="round trip is exact"),
+        pytest.param([(1, "6000.25"), (2, "6000.50"), (-1, "6000.75"), (-1, "6000.75"), (-1, "6000.75")], 0, "0",
+                     "5.00", id="partial closes of an awkward average still sum exactly"),
+    ],
+)
+def test_average_cost_accounting(fills: list[tuple[int, str]], quantity: int, avg: str, realized: str) -> None:
+    ledger = Ledger()
+    for n, (qty, price) in enumerate(fills):
+        fill(ledger, f"f{n}", qty, price)
+    book = ledger.book("apex-1", "es-scalper", "MESZ6")
+    assert book.quantity == quantity
+    assert book.avg_price == D(avg)
+    assert book.realized == D(realized)
+    assert book.commissions == D("0.25") * sum(abs(q) for q, _ in fills)
+
+
+def test_a_fill_seen_twice_counts_once() -> None:
+    ledger = Ledger()
+    assert fill(ledger, "paper:1", 2, "6000") is True
+    assert fill(ledger, "paper:1", 2, "6000") is False
+    assert ledger.account_position("apex-1", "MESZ6") == 2
+
+
+def test_positions_are_kept_per_strategy_and_summed_per_account() -> None:
+    ledger = Ledger()
+    fill(ledger, "a", 2, "6000", strategy="es-scalper")
+    fill(ledger, "b", -1, "6001", strategy="micro-trend")
+    fill(ledger, "c", 3, "21000", contract="MNQZ6", strategy="micro-trend")
+    fill(ledger, "d", 1, "6000", account="apex-2")
+    assert ledger.account_positions("apex-1") == {"MESZ6": 1, "MNQZ6": 3}
+    assert ledger.strategy_positions("apex-1", "micro-trend") == {"MESZ6": -1, "MNQZ6": 3}
+    assert ledger.account_positions("apex-2") == {"MESZ6": 1}
+
+
+def test_flat_books_do_not_show_as_positions() -> None:
+    ledger = Ledger()
+    fill(ledger, "a", 2, "6000")
+    fill(ledger, "b", -2, "6001")
+    assert ledger.account_positions("apex-1") == {}
+
+
+def test_net_pnl_marks_open_positions_and_subtracts_commissions() -> None:
+    ledger = Ledger()
+    fill(ledger, "a", 2, "6000")          # 0.50 commission
+    fill(ledger, "b", -1, "6002")         # +10 realized, 0.25 commission
+    pnl = ledger.net_pnl("apex-1", {"MESZ6": D("6004")}, {"MESZ6": MES})
+    assert pnl == D(10) + D(4) * 1 * MES - D("0.75")
+
+
+def test_rebased_ledger_measures_the_day_from_the_day_start_mark() -> None:
+    ledger = Ledger()
+    fill(ledger, "a", 2, "6000")
+    day = ledger.rebased({"MESZ6": D("6010")})
+    assert day.book("apex-1", "es-scalper", "MESZ6") == Book(2, D("12020"))
+    # A fill seen before the day began is not booked into the new day again.
+    assert fill(day, "a", 2, "6000") is False
+    fill(day, "b", -2, "6008")
+    assert day.net_pnl("apex-1", {}, {"MESZ6": MES}) == D(-2) * 2 * MES - D("0.50")
+
+
+def test_adjust_adopts_the_broker_truth_in_the_external_bucket() -> None:
+    ledger = Ledger()
+    fill(ledger, "a", 2, "6000")
+    assert ledger.adjust(account="apex-1", contract="MESZ6", to_quantity=3, price=D("6001")) == 1
+    assert ledger.account_position("apex-1", "MESZ6") == 3
+    assert ledger.book("apex-1", "es-scalper", "MESZ6").quantity == 2
+    assert ledger.book("apex-1", EXTERNAL_STRATEGY, "MESZ6").quantity == 1
+    assert ledger.book("apex-1", EXTERNAL_STRATEGY, "MESZ6").realized == 0
+    assert ledger.adjust(account="apex-1", contract="MESZ6", to_quantity=3, price=D("6001")) == 0
+
+
+def test_floats_are_refused() -> None:
+    with pytest.raises(TypeError, match="Decimal"):
+        Ledger().apply(fill_id="x", account="a", strategy="s", contract="MESZ6", signed_qty=1,
+                       price=6000.25, commission=D(0), point_value=MES)  # type: ignore[arg-type]
+
+
+def test_replay_rebuilds_the_ledger_from_journal_rows() -> None:
+    rows = [
+        {"broker": "paper-fast", "fill_id": "1", "account": "apex-1", "strategy": "es-scalper", "contract": "MESZ6",
+         "side": "buy", "quantity": 2, "price": "6000.25", "commission": "0.50"},
+        {"broker": "paper-fast", "fill_id": "1", "account": "apex-1", "strategy": "es-scalper", "contract": "MESZ6",
+         "side": "buy", "quantity": 2, "price": "6000.25", "commission": "0.50"},
+        {"broker": "paper-fast", "fill_id": "2", "account": "apex-1", "strategy": None, "contract": "MESZ6",
+         "side": "sell", "quantity": 1, "price": "6001", "commission": "0.25"},
+    ]
+    ledger = replay(rows, lambda contract: MES)
+    assert ledger.book("apex-1", "es-scalper", "MESZ6").quantity == 2
+    assert ledger.book("apex-1", EXTERNAL_STRATEGY, "MESZ6").quantity == -1
+    assert ledger.account_positions("apex-1") == {"MESZ6": 1}
