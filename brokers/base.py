@@ -277,7 +277,7 @@ class Connector(abc.ABC):
         last: BrokerError | None = None
         for attempt in range(self.place_attempts):
             if attempt:
-                existing = await self.find_order(request.account, request.client_order_id)
+                existing = await self._lookup_after(last, request)
                 if existing is not None:
                     return existing
             try:
@@ -291,11 +291,26 @@ class Connector(abc.ABC):
                 log.warning("%s: outcome of %s unknown (%s); looking it up", self.broker.name,
                             request.client_order_id, exc)
                 await self._await_reachable()
-        existing = await self.find_order(request.account, request.client_order_id)
+        existing = await self._lookup_after(last, request)
         if existing is not None:
             return existing
         assert last is not None
         raise last
+
+    async def _lookup_after(self, last: BrokerError | None, request: OrderRequest) -> Order | None:
+        """Look ``request`` up after a failed attempt.
+
+        If the earlier attempt's outcome was unknown, a lookup that fails too must not turn into
+        ``BrokerUnavailable`` ("nothing was sent"): the order may exist, so the outcome stays unknown.
+        """
+        try:
+            return await self.find_order(request.account, request.client_order_id)
+        except OutcomeUnknown:
+            raise
+        except BrokerError as exc:
+            if isinstance(last, OutcomeUnknown):
+                raise OutcomeUnknown(f"{request.client_order_id}: sent, then the lookup failed ({exc})") from exc
+            raise
 
     async def _await_reachable(self) -> None:
         """Hook: wait (briefly) until lookups can work again after a drop. Default: reconnect if needed."""

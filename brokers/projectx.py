@@ -20,7 +20,12 @@ What makes ProjectX different from the other brokers, and how this module copes:
 Options (keyword arguments of the connector): ``poll_interval_s`` (2.0), ``use_hub`` (True), ``request_timeout_s``
 (10), ``token_refresh_s`` (20 h), ``order_lookback_days`` (7), ``reconnect_backoff_s`` (0.5, doubling to
 ``reconnect_backoff_max_s`` 10), ``reconnect_wait_s`` (10: how long an unknown outcome waits for the broker to come
-back before giving up the lookup), ``catalog`` (an ``engine.catalog.Catalog``).
+back before giving up the lookup), ``safety_poll_s`` (30: a poll even while the hub is live, in case it lost an
+event), ``catalog`` (an ``engine.catalog.Catalog``), ``products`` (root -> product code
+where a firm's ``Contract/search`` answer is ambiguous).
+
+ProjectX has no time-in-force field: ``OrderRequest.time_in_force`` is not sent (the gateway's orders are good
+until cancelled or the session ends, per firm).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -64,6 +69,9 @@ from brokers.base import (
 from brokers.ratelimit import BrokerRateLimiter
 from brokers.timeconv import format_broker_time, parse_broker_time
 from engine.catalog import Catalog
+
+if TYPE_CHECKING:
+    from engine.model import Broker
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +116,13 @@ def order_status(wire_status: int, fill_volume: int) -> OrderStatus:
         2: OrderStatus.FILLED, 3: OrderStatus.CANCELLED, 4: OrderStatus.EXPIRED, 5: OrderStatus.REJECTED,
         6: OrderStatus.PENDING, 8: OrderStatus.PENDING,
     }.get(wire_status, OrderStatus.UNKNOWN)
+
+
+def filled_quantity(wire: Mapping[str, Any]) -> int:
+    """Filled contracts of a gateway order; older gateway versions send no ``fillVolume``, only the status."""
+    if wire.get("fillVolume") is not None:
+        return int(wire["fillVolume"])
+    return int(wire["size"]) if int(wire.get("status") or 0) == 2 else 0
 
 
 def signed_size(position_type: int, size: int) -> int:
@@ -164,7 +179,7 @@ def choose_contract(code: str, contracts: list[Mapping[str, Any]], catalog: Cata
             return by_spec[0]
     names = sorted(str(c.get("id")) for _, c in candidates)
     raise BrokerError(f"ProjectX: cannot tell which contract is {code} among {names or 'no candidates'}; "
-                      f"set options.products.{root} in the Broker document")
+                      f"name its product code with the connector option products={{{root!r}: ...}}")
 
 
 def code_from_contract(contract: Mapping[str, Any], catalog: Catalog,
@@ -206,7 +221,7 @@ class _Known:
 class ProjectXConnector(Connector):
     type = "projectx"
 
-    def __init__(self, broker: Any, *, env: Mapping[str, str] | None = None, **options: Any) -> None:
+    def __init__(self, broker: "Broker", *, env: Mapping[str, str] | None = None, **options: Any) -> None:
         super().__init__(broker, env=env, **options)
         endpoints = broker.endpoints or {}
         self.base_url = str(endpoints.get("rest") or DEFAULT_REST).rstrip("/")
@@ -219,8 +234,12 @@ class ProjectXConnector(Connector):
         self.backoff_s = float(options.get("reconnect_backoff_s", 0.5))
         self.backoff_max_s = float(options.get("reconnect_backoff_max_s", 10.0))
         self.reconnect_wait_s = float(options.get("reconnect_wait_s", 10.0))
+        self.safety_poll_s = float(options.get("safety_poll_s", 30.0))
         self.catalog: Catalog = options.get("catalog") or Catalog()
-        self.products: Mapping[str, str] = dict((broker.options or {}).get("products", {}))
+        # Root -> product code overrides for firms whose Contract/search answer is ambiguous. The Broker schema has
+        # no field for it yet: a connector option, or a future ``projectx: {products: ...}`` section.
+        self.products: Mapping[str, str] = dict(
+            options.get("products") or (broker.options or {}).get("projectx", {}).get("products") or {})
         limit = broker.rate_limit
         requests, per_s = (limit.requests, limit.per_seconds) if limit else DOCUMENTED_RATE_LIMIT
         self.limiter = BrokerRateLimiter(requests, per_s)
@@ -238,6 +257,7 @@ class ProjectXConnector(Connector):
         self._known: dict[int, _Known] = {}
         self._seen_trades: set[int] = set()
         self._session_start = utcnow()
+        self._last_poll = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._hub_ws: aiohttp.ClientWebSocketResponse | None = None
         self._hub_live = asyncio.Event()
@@ -442,8 +462,8 @@ class ProjectXConnector(Connector):
         """A new token from ``Auth/validate``, or None (the caller logs in again)."""
         assert self._session is not None
         try:
-            async with self._session.post(self.base_url + "/api/Auth/validate", json={},
-                                          headers={"Authorization": f"Bearer {token}"}) as resp:
+            async with self.limiter.slot("order"), self._session.post(
+                    self.base_url + "/api/Auth/validate", json={}, headers={"Authorization": f"Bearer {token}"}) as resp:
                 payload = await resp.json(content_type=None) if resp.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError):
             payload = None
@@ -607,8 +627,7 @@ class ProjectXConnector(Connector):
         order_id = int(wire["id"])
         status_code = int(wire.get("status") or 0)
         size = int(wire["size"])
-        fill_volume = wire.get("fillVolume")
-        filled = int(fill_volume) if fill_volume is not None else (size if status_code == 2 else 0)
+        filled = filled_quantity(wire)
         created = parse_broker_time(wire["creationTimestamp"], "utc_iso")
         updated = parse_broker_time(wire["updateTimestamp"], "utc_iso") if wire.get("updateTimestamp") else created
         tag = wire.get("customTag") or self._tags.get(order_id)
@@ -703,7 +722,7 @@ class ProjectXConnector(Connector):
     # -- events -----------------------------------------------------------------------------------------------
     async def _note_order(self, wire: Mapping[str, Any]) -> None:
         key = int(wire["id"])
-        filled = int(wire.get("fillVolume") or (wire["size"] if wire.get("status") == 2 else 0))
+        filled = filled_quantity(wire)
         status = order_status(int(wire.get("status") or 0), filled)
         known = self._known.get(key)
         if known is None or known.status is not status or known.filled != filled:
@@ -718,6 +737,7 @@ class ProjectXConnector(Connector):
         self._emit(FillEvent(await self._fill(wire)))
 
     async def _poll_once(self) -> None:
+        self._last_poll = time.monotonic()
         since = self._session_start - timedelta(seconds=5)
         for account_id in sorted(self._watched):
             for wire in await self._search_orders(account_id, since):
@@ -737,7 +757,8 @@ class ProjectXConnector(Connector):
                 delay = min(delay * 2, self.backoff_max_s)
                 continue
             try:
-                if not self._hub_live.is_set() or self._resubscribe.is_set():
+                hub_quiet = time.monotonic() - self._last_poll < self.safety_poll_s
+                if not self._hub_live.is_set() or self._resubscribe.is_set() or not hub_quiet:
                     await self._poll_once()
             except BrokerError as exc:
                 log.debug("ProjectX %s poll failed: %s", self.broker.name, exc)

@@ -24,6 +24,13 @@ POLL_RESERVE = 0.2
 """Share of the budget polls leave untouched for orders and cancels."""
 
 
+def _level(bucket: AsyncLimiter) -> float:
+    """How full the bucket is right now. aiolimiter has no public accessor (pinned <2, tested here); leaking
+    first via the public ``has_capacity`` brings the level up to date."""
+    bucket.has_capacity(0)
+    return float(bucket._level)
+
+
 class BrokerRateLimiter:
     """Request budget of one broker connection: ``requests`` per ``per_seconds``, with priorities and penalties.
 
@@ -102,8 +109,7 @@ class BrokerRateLimiter:
         except RuntimeError:  # no running loop: nothing can have been spent in it
             return 1.0
         assert bucket is not None
-        bucket.has_capacity(0)  # leaks the bucket up to now
-        return max(0.0, min(1.0, 1.0 - bucket._level / bucket.max_rate))
+        return max(0.0, min(1.0, 1.0 - _level(bucket) / bucket.max_rate))
 
     async def _sit_out_penalty(self) -> bool:
         waited = False
@@ -118,7 +124,7 @@ class BrokerRateLimiter:
         rate = bucket.max_rate / bucket.time_period
         while self._priority_waiting or not bucket.has_capacity(self.reserve + 1):
             waited = True
-            missing = bucket._level + self.reserve + 1 - bucket.max_rate
+            missing = _level(bucket) + self.reserve + 1 - bucket.max_rate
             await asyncio.sleep(max(missing / rate, 0.005))
         return waited
 
@@ -139,11 +145,8 @@ class BrokerRateLimiter:
                 finally:
                     self._priority_waiting -= 1
             else:
-                while True:
-                    waited = await self._poll_gate(bucket) or waited
-                    if bucket.has_capacity(self.reserve + 1) and not self._priority_waiting:
-                        await bucket.acquire(1)
-                        break
+                waited = await self._poll_gate(bucket) or waited
+                await bucket.acquire(1)  # the gate just saw room, with no await since: this does not block
         # A penalty that arrived while we queued applies to us too.
         waited = await self._sit_out_penalty() or waited
         if waited:

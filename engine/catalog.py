@@ -81,6 +81,7 @@ class Catalog:
     def __init__(self, overrides: Mapping[str, Instrument] | None = None) -> None:
         self._by_root: dict[str, Instrument] = dict(BUILTIN)
         self._by_root.update(overrides or {})
+        self._roots = tuple(sorted(self._by_root, key=lambda r: (-len(r), r)))
 
     def __contains__(self, root: object) -> bool:
         return root in self._by_root
@@ -91,9 +92,9 @@ class Catalog:
     def get(self, root: str) -> Instrument | None:
         return self._by_root.get(root)
 
-    def roots(self) -> list[str]:
+    def roots(self) -> tuple[str, ...]:
         """Known roots, longest first, so that ``MES`` is tried before ``ES`` when parsing a ticker."""
-        return sorted(self._by_root, key=lambda r: (-len(r), r))
+        return self._roots
 
     def with_override(self, instrument: Instrument) -> "Catalog":
         return Catalog({**self._by_root, instrument.root: instrument})

@@ -1,14 +1,19 @@
-"""Compiling a validated ``RuleSet`` into flat, mutually exclusive conditions (see ``engine.evaluator``).
+"""Compiling a validated ``RuleSet`` into flat, prioritized conjunctions (see ``engine.evaluator``).
 
 Two kinds of message are posted, one at a time, each fully flat (no facts, no joins: durable-rules 2.0.28 reads out
 of bounds in join evaluation and a ``$not`` join crashes the process):
 
-- ``k = "route"``: the signal's strategy and instrument root. Routing rule *i* compiles to
-  ``match_i and not match_j for every j < i``, so exactly the first matching rule can fire: first match wins
-  without depending on durable-rules' conflict resolution.
-- ``k = "entry"``: one candidate entry (signal x account). Check *i* compiles to ``passes_1 .. passes_{i-1} and
-  fails_i`` and the rule ``ok`` to ``passes every check``, so the one rule that fires names the first check that
-  refuses the entry, which is what the trader reads.
+- ``k = "route"``: the signal's strategy and instrument root. Routing rule *i* compiles with priority *i*; of the
+  rules a message matches, durable-rules fires only the one with the lowest ``pri`` (the message is consumed), so
+  the first matching routing rule wins.
+- ``k = "entry"``: one candidate entry (signal x account). Check *i* (a reason to refuse) gets priority *i* and the
+  catch-all ``ok`` the lowest priority, so the one rule that fires names the first check that refuses the entry,
+  which is what the trader reads, or ``ok``.
+
+Every condition is emitted as a plain conjunction: the compiler turns each check into disjunctive normal form and
+emits one rule per conjunct (same priority). durable-rules expands ``$or`` inside ``$and`` into DNF itself and
+fails (error 113) past 2**14 paths, which a rule set with a dozen accounts reaches; our own expansion stays linear
+in the number of accounts and limits.
 
 Money is compared exactly: every money constant of the rule set is an integer at the generation's scale ``S``
 (10**k, k >= 2 covering every constant's decimals), and state values are rounded towards the side that keeps the
@@ -109,12 +114,45 @@ def one_of(field_name: str, values: Iterable[str] | None) -> Expr:
     return disj(*(Pred("eq", field_name, v) for v in values))
 
 
+MAX_CONJUNCTS = 5000
+"""A check whose DNF grows past this is refused at load time rather than slowing every decision."""
+
+
+class CompileError(ValueError):
+    """The rule set cannot be compiled (a condition too large for the rules engine)."""
+
+
+def dnf(expr: Expr) -> list[tuple[Pred, ...]]:
+    """``expr`` as a list of conjunctions (empty list: never true; one empty tuple: always true)."""
+    if isinstance(expr, Const):
+        return [()] if expr.value else []
+    if isinstance(expr, Pred):
+        return [(expr,)]
+    if isinstance(expr, Or):
+        out: list[tuple[Pred, ...]] = []
+        for item in expr.items:
+            out.extend(dnf(item))
+        return out
+    result: list[tuple[Pred, ...]] = [()]
+    for item in expr.items:
+        result = [left + right for left in result for right in dnf(item)]
+        if len(result) > MAX_CONJUNCTS:
+            raise CompileError(f"condition too large for the rules engine (more than {MAX_CONJUNCTS} cases)")
+    return result
+
+
 def _operand_json(operand: Any) -> Any:
     if isinstance(operand, tuple):
         if operand[0] == "m":
             return {"$m": operand[1]}
         return {"$mul": {"$l": _operand_json(operand[1]), "$r": _operand_json(operand[2])}}
     return operand
+
+
+def emit_conjunction(preds: Sequence[Pred]) -> Condition:
+    """The durable-rules JSON for a conjunction of predicates (never empty: the caller adds ``k``)."""
+    items = [emit(p) for p in preds]
+    return items[0] if len(items) == 1 else {"$and": items}
 
 
 def emit(expr: Expr) -> Condition:
@@ -175,10 +213,12 @@ def floor_scaled(value: Decimal, scale: int) -> int:
 class Compiled:
     """What one rules generation posts to an evaluator, and how to read the rule that fires."""
 
-    rules: dict[str, Condition]
-    """Rule name -> condition; ``route<i>``, ``check<i>`` and ``ok``."""
+    rules: list[tuple[str, int, Condition]]
+    """(rule name, priority, conjunction): ``route<i>.<j>``, ``check<i>.<j>`` and ``ok``; lower priority fires."""
     routes: dict[str, RoutingRule]
+    """Rule name -> the routing rule it stands for."""
     checks: dict[str, Check]
+    """Rule name -> the check it stands for."""
     scale: int
     """Money scale S: USD x S is an integer for every money constant of the rule set."""
     margin_factor: int
@@ -221,32 +261,24 @@ def compile_ruleset(ruleset: RuleSet) -> Compiled:
     factor_scale = 10**j
     margin_factor = int((100 + buffer_pct) * factor_scale)
 
-    rules: dict[str, Condition] = {}
+    rules: list[tuple[str, int, Condition]] = []
     routes: dict[str, RoutingRule] = {}
-
-    # Routing: first match wins, compiled as exclusive conditions.
-    earlier: list[Expr] = []
+    compiled_checks: dict[str, Check] = {}
+    route = Pred("eq", "k", "route")
     for i, rule in enumerate(ruleset.routing_rules):
         match = conj(one_of("strategy", rule.strategies), one_of("root", rule.instruments))
-        cond = conj(Pred("eq", "k", "route"), match, *(negate(e) for e in earlier))
-        earlier.append(match)
-        if cond != FALSE:
-            name = f"route{i}"
-            rules[name] = emit(cond)
+        for j, preds in enumerate(dnf(match)):
+            name = f"route{i}.{j}"
+            rules.append((name, i, emit_conjunction((route, *preds))))
             routes[name] = rule
-
+    entry = Pred("eq", "k", "entry")
     checks = _entry_checks(ruleset, loss_limits, thresholds, scale, margin_factor)
-    passed: list[Expr] = []
-    compiled_checks: dict[str, Check] = {}
-    for check in checks:
-        cond = conj(Pred("eq", "k", "entry"), *passed, check.fails)
-        passed.append(negate(check.fails))
-        if cond != FALSE:
-            rules[check.id] = emit(cond)
-            compiled_checks[check.id] = check
-    ok = conj(Pred("eq", "k", "entry"), *passed)
-    if ok != FALSE:
-        rules["ok"] = emit(ok)
+    for i, check in enumerate(checks):
+        for j, preds in enumerate(dnf(check.fails)):
+            name = f"{check.id}.{j}"
+            rules.append((name, i, emit_conjunction((entry, *preds))))
+            compiled_checks[name] = check
+    rules.append(("ok", len(checks), emit_conjunction((entry,))))
     return Compiled(rules, routes, compiled_checks, scale, margin_factor, factor_scale, buffer_pct)
 
 

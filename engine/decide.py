@@ -98,7 +98,7 @@ class DurableRules:
     ``close`` deletes the ruleset's state and the ruleset in the C core.
     """
 
-    def __init__(self, rules: Mapping[str, Condition]) -> None:
+    def __init__(self, rules: Sequence[tuple[str, int, Condition]]) -> None:
         from durable.engine import Host, MessageNotHandledException  # noqa: PLC0415
 
         class _QuietHost(Host):  # type: ignore[misc]
@@ -110,7 +110,7 @@ class DurableRules:
         self._fired: list[str] = []
         self._lock = threading.Lock()
         self._host = _QuietHost()
-        definition = {name: {"all": [{"m": cond}], "run": self._action(name)} for name, cond in rules.items()}
+        definition = {name: {"pri": pri, "all": [{"m": cond}], "run": self._action(name)} for name, pri, cond in rules}
         self._host.set_rulesets({self._name: definition})  # set_rulesets mutates (pops "run"): a throwaway dict
         self._ruleset = self._host.get_ruleset(self._name)
         self._closed = False
@@ -176,7 +176,7 @@ class _NoRules:
 _fallback_announced = False
 
 
-def make_rules(rules: Mapping[str, Condition], backend: str = "auto") -> Rules:
+def make_rules(rules: Sequence[tuple[str, int, Condition]], backend: str = "auto") -> Rules:
     """``durable`` or ``python``; ``auto`` prefers durable-rules and says so in the log when it cannot."""
     global _fallback_announced
     if not rules:

@@ -14,8 +14,8 @@ the message makes any comparison on it false, as in durable-rules.
 
 Why a second evaluator: durable-rules is a C extension that does not build on Python 3.13+, and an evaluator we can
 read is the oracle for property tests that run both on thousands of random rule sets and require identical
-decisions. ``PythonRules`` mirrors the one behaviour of durable-rules we rely on: a posted message fires the single
-rule whose condition holds (the compiler makes conditions mutually exclusive), or none.
+decisions. ``PythonRules`` mirrors the one behaviour of durable-rules we rely on: a posted message fires exactly
+one rule, the matching rule with the lowest ``pri``, or none (durable-rules raises ``MessageNotHandledException``).
 """
 
 from __future__ import annotations
@@ -91,19 +91,25 @@ def evaluate(cond: Condition, message: Message) -> bool:
 
 
 class PythonRules:
-    """A stateless rule set over the compiled format: ``post`` returns the name of the rule that fires, or None."""
+    """A stateless rule set: ``post`` returns the name of the rule that fires, or None.
 
-    def __init__(self, rules: Mapping[str, Condition]) -> None:
-        self._rules = list(rules.items())
+    Of the rules a message satisfies, the one with the lowest priority number fires (ties: the earlier rule), the
+    behaviour of durable-rules with ``pri`` when a single event can be consumed by one rule only.
+    """
+
+    def __init__(self, rules: "list[tuple[str, int, Condition]]") -> None:
+        ordered = sorted(enumerate(rules), key=lambda item: (item[1][1], item[0]))
+        self._rules = [(name, cond) for _, (name, _pri, cond) in ordered]
 
     def post(self, message: Message) -> str | None:
+        check_message(message)
         for name, cond in self._rules:
             if evaluate(cond, message):
                 return name
         return None
 
     def matching(self, message: Message) -> list[str]:
-        """Every rule whose condition holds; the compiler guarantees at most one (tests check it)."""
+        """Every rule whose condition holds, highest priority first."""
         return [name for name, cond in self._rules if evaluate(cond, message)]
 
     def close(self) -> None:

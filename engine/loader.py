@@ -145,7 +145,8 @@ def build_ruleset(docs: Iterable[SourceDoc], content_hash: str, files: Sequence[
                 margins={k: _dec(v) for k, v in (d.get("margins") or {}).items()},
                 reconcile_every_seconds=int(d.get("reconcile_every_seconds", 60)),
                 endpoints=dict(d.get("endpoints") or {}),
-                options={"paper": dict(d.get("paper") or {}), "app": dict(d.get("app") or {})},
+                options={"paper": dict(d.get("paper") or {}), "app": dict(d.get("app") or {}),
+                         "projectx": dict(d.get("projectx") or {})},
                 source=_loc(doc),
             )
         elif kind == "Account":

@@ -14,7 +14,8 @@ Concurrency model (all swaps happen on the event loop thread):
   (no ``await`` in between): a swap cannot interleave there because it runs on the same loop thread.
 
 Editors rarely write in place: vim writes a ``4913`` probe and ``.x.swp``, others write a temp file and rename it
-over the target, ConfigMap-style tools swap directories. Change events are therefore only a hint that the set *may*
+over the target; deployment tools swap the whole directory, or (Kubernetes ConfigMaps) re-point a ``..data``
+symlink. Change events are therefore only a hint that the set *may*
 have changed; bursts are debounced, the whole directory is re-read, and a content hash equal to the live one is a
 recorded no-op rather than a rebuild.
 """
@@ -118,9 +119,12 @@ def is_rule_change(change: Change, path: str, root: Path) -> bool:
     Mirrors ``engine.yamlsource.discover``: hidden entries are never rules, so editor swap/lock files
     (``.x.yaml.swp``, ``.#x.yaml``) and hidden temp files are ignored, as are backups such as ``x.yaml~``.
     A directory appearing or vanishing (a folder of rules moved in or out) may carry rule files, and the root
-    itself being deleted must be noticed, so those count too.
+    itself being deleted must be noticed, so those count too. So does Kubernetes' ``..data`` symlink: a mounted
+    ConfigMap's visible files point through it, and an update only renames a new ``..data`` into place.
     """
     p = Path(path)
+    if p.name == "..data":
+        return True
     try:
         parts = p.relative_to(root).parts
     except ValueError:
@@ -158,7 +162,7 @@ class RulesWatcher:
         """``debounce_s`` is the quiet time awaited after the last change of a burst; ``max_delay_s`` bounds
         the wait under a never-ending stream of writes so that new rules still apply within about a second."""
         self.rules_dir = Path(rules_dir)
-        self._root = self.rules_dir.resolve()
+        self._root = self.rules_dir.absolute()  # not resolve(): a re-pointed symlink is a new directory
         self._build = build
         self.debounce_s = debounce_s
         self.max_delay_s = max(max_delay_s, debounce_s)
@@ -173,6 +177,7 @@ class RulesWatcher:
         self._last_change = 0.0
         self._stop_event: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._running = False  # between start() and stop(): only then may a generation be built
 
     # -- reading the live rules -------------------------------------------------------------------------------
 
@@ -241,6 +246,7 @@ class RulesWatcher:
             raise RulesLoadError(self.rules_dir, [f"{self.rules_dir}:1:1: YAML/file: rules directory not found"])
         self._stop_event = asyncio.Event()
         self._dirty.clear()
+        self._running = True
         self._tasks = [
             asyncio.create_task(self._watch_loop(self._stop_event), name="rules-watch"),
             asyncio.create_task(self._reload_loop(), name="rules-reload"),
@@ -253,6 +259,7 @@ class RulesWatcher:
 
     async def stop(self) -> None:
         """Stop watching and retire the live generation (closed once the last evaluation releases it)."""
+        self._running = False
         if self._stop_event is not None:
             self._stop_event.set()  # the notifier thread notices within one step and ends awatch cleanly
         tasks, self._tasks = self._tasks, []
@@ -282,8 +289,17 @@ class RulesWatcher:
     async def reload_now(self, trigger: Trigger = "manual") -> Reload:
         """Re-read and validate the whole directory now; swap if valid and different. Returns the record."""
         async with self._reload_lock:
+            if not self._running:  # a generation built now would never be retired
+                raise RuntimeError("RulesWatcher is not started (or was stopped): nothing to reload")
             # Reading and validating is pure file work: off the loop so webhooks keep flowing meanwhile.
-            result: LoadResult = await asyncio.to_thread(load_rules, [self.rules_dir])
+            try:
+                result: LoadResult = await asyncio.to_thread(load_rules, [self.rules_dir])
+            except Exception as exc:  # noqa: BLE001 - e.g. the tree changing under rglob: retried on next event
+                logger.exception("reading %s failed", self.rules_dir)
+                reason = f"{self.rules_dir}: cannot read rules: {type(exc).__name__}: {exc}"
+                return await self._record("", "invalid", trigger, (reason,))
+            if not self._running:
+                raise RuntimeError("RulesWatcher was stopped during the reload: nothing applied")
             live = self._live
             if not result.ok or result.ruleset is None:
                 errors = tuple(str(d) for d in result.diagnostics) or ("rule set is invalid",)
@@ -306,7 +322,9 @@ class RulesWatcher:
                 self._retire(old)
             return await self._record(result.content_hash, "applied", trigger, ())
 
-    async def _record(self, content_hash: str, outcome: Outcome, trigger: Trigger, errors: tuple[str, ...]) -> Reload:
+    async def _record(
+        self, content_hash: str, outcome: Outcome, trigger: Trigger, errors: tuple[str, ...]
+    ) -> Reload:
         ok = outcome in ("applied", "unchanged")
         record = Reload(datetime.now(timezone.utc), content_hash, ok, errors, outcome, trigger, self._generation)
         self._history.append(record)

@@ -12,7 +12,8 @@ Semantics (rules-format.md, with the choices the document leaves open):
   early closes included) and fires only on days a session closes (never on Christmas, never on a weekend);
   ``days`` filters by the close's date. A ``block_entries`` rule with ``before_close`` blocks [close - N, close).
 - Wall times that do not exist or occur twice at a DST change follow ``engine.sessions.et_datetime``: a rule
-  fires once on those days, at the first instant the clock shows its time.
+  fires once on those days (a missing time at the change itself, a repeated time at its first occurrence), and a
+  window is the span between those two instants, so ``blocking_rule`` and ``firings`` always agree.
 - Scopes: a rule with ``strategies`` / ``accounts`` applies only to those. When the caller passes no strategy or
   account (None), a scoped rule is considered to apply: the safe reading for "may anything enter now?".
 
@@ -81,15 +82,24 @@ def _in_scope(rule: ScheduleRule, strategy: str | None, account: str | None) -> 
     return True
 
 
+@lru_cache(maxsize=4096)
+def _between_instants(start: str, end: str, day: date) -> tuple[datetime, datetime]:
+    """UTC [start, end) of the window that starts on ``day``; an end before the start is on the next day."""
+    end_day = day if _seconds(end) > _seconds(start) else day + timedelta(days=1)
+    return (et_datetime(day, _wall(start)).astimezone(timezone.utc),
+            et_datetime(end_day, _wall(end)).astimezone(timezone.utc))
+
+
 def _window_contains(rule: ScheduleRule, at: datetime, local: datetime) -> bool:
     if rule.between is not None:
-        start, end = _seconds(rule.between[0]), _seconds(rule.between[1])
-        now = local.hour * 3600 + local.minute * 60 + local.second + local.microsecond / 1e6
-        if start < end:
-            return start <= now < end and _on(rule, local.date())
-        if now >= start:
-            return _on(rule, local.date())
-        return now < end and _on(rule, local.date() - timedelta(days=1))
+        # Only a window starting today or (wrapping) yesterday can hold ``at``. Comparing instants, not wall times,
+        # keeps this in exact agreement with ``firings`` even on DST Sundays.
+        for day in (local.date(), local.date() - timedelta(days=1)):
+            if _on(rule, day):
+                opened, closed = _between_instants(rule.between[0], rule.between[1], day)
+                if opened <= at < closed:
+                    return True
+        return False
     if rule.before_close_minutes is not None:
         lead = timedelta(minutes=rule.before_close_minutes)
         # The window may begin the calendar day before its close (before_close up to 23h).
@@ -119,11 +129,11 @@ def _rule_firings(rule: ScheduleRule, first_day: date, last_day: date) -> Iterat
             if rule.at is not None:
                 yield Firing(rule, rule.action, et_datetime(day, _wall(rule.at)).astimezone(timezone.utc))
             elif rule.between is not None:
-                start_s, end_s = rule.between
-                end_day = day if _seconds(end_s) > _seconds(start_s) else day + timedelta(days=1)
-                yield Firing(rule, rule.action, et_datetime(day, _wall(start_s)).astimezone(timezone.utc))
-                if rule.action == BLOCK:
-                    yield Firing(rule, END_BLOCK, et_datetime(end_day, _wall(end_s)).astimezone(timezone.utc))
+                opened, closed = _between_instants(rule.between[0], rule.between[1], day)
+                if opened < closed:  # [02:00, 02:30) on the March DST Sunday never happens
+                    yield Firing(rule, rule.action, opened)
+                    if rule.action == BLOCK:
+                        yield Firing(rule, END_BLOCK, closed)
             elif rule.before_close_minutes is not None:
                 close = session_close(day)
                 if close is not None:
@@ -134,7 +144,7 @@ def _rule_firings(rule: ScheduleRule, first_day: date, last_day: date) -> Iterat
 
 
 def firings(rules: Sequence[ScheduleRule], start: datetime, end: datetime) -> list[Firing]:
-    """Every firing in [start, end), in time order (ties: rule order, a window's end before another's start)."""
+    """Every firing in [start, end), in time order (ties: window ends first, then rule order)."""
     require_aware(start, "start")
     require_aware(end, "end")
     if end <= start:

@@ -53,11 +53,20 @@ def et_datetime(day: date, wall: time) -> datetime:
     """The aware instant of Eastern wall-clock ``wall`` on ``day``.
 
     At a DST change a wall time can be missing (02:30 on the March Sunday) or occur twice (01:30 on the November
-    Sunday). Python's ``fold=0`` gives the sensible answer for both: a missing time is read with the offset in force
-    before the change (02:30 becomes 03:30 EDT, the moment the clock would have shown it), and a repeated time means
-    its first occurrence (EDT). A rule therefore fires exactly once on those days, never zero times or twice.
+    Sunday). A missing time means the first instant the clock shows a later time (03:00 EDT, the moment of the
+    change), so that "from 02:30" windows start when the clock passes 02:30; a repeated time means its first
+    occurrence (EDT). Either way a rule fires exactly once on those days, never zero times or twice. (Globex is
+    closed on Sunday mornings, so no trading decision ever hangs on this; it only has to be well defined.)
     """
-    return datetime.combine(day, wall, tzinfo=ET)
+    naive = datetime.combine(day, wall)
+    first = naive.replace(tzinfo=ET)  # fold=0: the first occurrence of a repeated time
+    if first.astimezone(timezone.utc).astimezone(ET).replace(tzinfo=None) == naive:
+        return first
+    # In the gap: walk forward from just before it (fold=1 reads the time with the later offset) to the change.
+    instant = naive.replace(tzinfo=ET, fold=1).astimezone(timezone.utc)
+    while instant.astimezone(ET).replace(tzinfo=None) < naive:
+        instant += timedelta(minutes=1)
+    return instant.astimezone(ET)
 
 
 def trading_day(at: datetime) -> date:

@@ -19,7 +19,25 @@ from multibroker import __version__
 
 
 class _Group(click.Group):
-    """Usage errors exit 2 with click's message; anything unexpected is one line on stderr, not a traceback."""
+    """Commands are found in ``multibroker.commands`` and imported only when used.
+
+    Lazy import keeps ``multibroker validate`` (a pre-commit hook, run on every commit) free of the service's heavy
+    imports (pandas for the exchange calendar, aiohttp, durable-rules). Usage errors exit 2 with click's message;
+    anything unexpected is one line on stderr, not a traceback.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = [m.name for m in pkgutil.iter_modules(multibroker.commands.__path__) if not m.name.startswith("_")]
+        return sorted(set(names) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        if not cmd_name.isidentifier() or cmd_name not in self.list_commands(ctx):
+            return None
+        module = importlib.import_module(f"multibroker.commands.{cmd_name}")
+        command = getattr(module, "command", None)
+        return command if isinstance(command, click.Command) else None
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -38,17 +56,6 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="multibroker")
 def cli() -> None:
     """Route TradingView-style signals to futures accounts at several brokers, under YAML rules."""
-
-
-def _add_commands() -> None:
-    for info in sorted(pkgutil.iter_modules(multibroker.commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"multibroker.commands.{info.name}")
-        command = getattr(module, "command", None)
-        if isinstance(command, click.Command):
-            cli.add_command(command)
-
-
-_add_commands()
 
 
 def main(argv: list[str] | None = None) -> None:

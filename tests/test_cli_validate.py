@@ -47,7 +47,7 @@ def test_github_format(rules_dir: Path) -> None:
     assert proc.returncode == 1
     assert proc.stdout.strip() == ("::error file=rules/zz.yaml,line=4,col=1::Broker/b: unknown field 'bogus' "
                                    "(allowed: kind, name, description, type, environment, credentials, rate_limit, "
-                                   "commissions, margins, reconcile_every_seconds, endpoints, app, paper)")
+                                   "commissions, margins, reconcile_every_seconds, endpoints, app, paper, projectx)")
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
@@ -58,7 +58,23 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 def test_every_command_has_help_with_an_example() -> None:
     from multibroker.cli import cli
 
-    for name, command in cli.commands.items():
-        assert command.help, name
+    import click
+
+    ctx = click.Context(cli)
+    names = cli.list_commands(ctx)
+    assert {"validate", "serve"} <= set(names)
+    for name in names:
+        command = cli.get_command(ctx, name)
+        assert command is not None and command.help, name
         if not hasattr(command, "commands"):
             assert "Example:" in command.help, name
+
+
+def test_validate_stays_light_for_pre_commit() -> None:
+    """The hook runs on every commit: the CLI must not pull in pandas (the calendar) or the engine runtime."""
+    code = ("import sys; from multibroker.cli import cli; import click; cli.get_command(click.Context(cli), 'validate'); "
+            "heavy = [m for m in ('pandas', 'pandas_market_calendars', 'durable', 'aiohttp') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""

@@ -31,6 +31,7 @@ from brokers.projectx import (
     ProjectXConnector,
     choose_contract,
     code_from_contract,
+    filled_quantity,
     order_status,
     signed_size,
     trading_day_start,
@@ -80,6 +81,13 @@ def test_order_status_mapping(wire: int, fill_volume: int, expected: OrderStatus
     assert order_status(wire, fill_volume) is expected
 
 
+def test_filled_quantity_without_fill_volume_comes_from_the_status() -> None:
+    assert filled_quantity({"size": 3, "status": 2, "fillVolume": 3}) == 3
+    assert filled_quantity({"size": 3, "status": 1, "fillVolume": 1}) == 1
+    assert filled_quantity({"size": 3, "status": 2}) == 3  # older gateways: no fillVolume
+    assert filled_quantity({"size": 3, "status": 1}) == 0
+
+
 def test_positions_become_signed() -> None:
     assert signed_size(1, 2) == 2
     assert signed_size(2, 3) == -3
@@ -116,6 +124,9 @@ def test_contract_resolution_refuses_to_guess() -> None:
     with pytest.raises(BrokerError, match="cannot tell which contract is NQZ6"):
         choose_contract("NQZ6", twins, CATALOG)
     assert choose_contract("NQZ6", twins, CATALOG, {"NQ": "BBB"})["id"] == "CON.F.US.BBB.Z26"
+    connector = ProjectXConnector(broker_doc(None), env=ENV, products={"NQ": "BBB"})
+    assert connector.products == {"NQ": "BBB"}
+    assert connector.base_url == "https://gateway-api-demo.s2f.projectx.com"
     with pytest.raises(BrokerError, match="no candidates"):
         choose_contract("NQU6", SEARCH_NQ, CATALOG)
 
@@ -168,6 +179,12 @@ async def test_failures_arrive_with_http_200_and_become_errors(px: ProjectXHarne
                                 json={"userName": "trader", "apiKey": "wrong"}) as resp:
             assert resp.status == 200
             body = await resp.json()
+        async with session.post(f"{px.emulator.base_url}/api/Account/search", json={"onlyActiveAccounts": True},
+                                headers={"Authorization": "Bearer forged"}) as resp:
+            assert resp.status == 401
+        px.rate_limit_next(1, retry_after_s=0.5)
+        async with session.get(f"{px.emulator.base_url}/api/Status/ping") as resp:
+            assert (resp.status, resp.headers["Retry-After"]) == (429, "0.5")
     assert body["success"] is False and body["errorCode"] != 0
 
     px.reject_next()
@@ -383,3 +400,30 @@ async def test_gateway_over_its_own_budget_answers_429_and_we_wait(tmp_path: Pat
             assert connector.limiter.penalties == emulator.throttled
         finally:
             await connector.close()
+
+
+async def test_fill_while_disconnected_is_reported_after_reconnect(px: ProjectXHarness) -> None:
+    queue = px.connector.subscribe()
+    await asyncio.wait_for(px.connector._hub_live.wait(), 2.0)
+    px.set_price(Decimal("6000"))
+    resting = await px.connector.place_order(OrderRequest("gap-1", px.account, px.contract, Side.SELL, 1,
+                                                          OrderType.LIMIT, limit_price=Decimal("6010")))
+    await px.drop_connection()
+    px.set_price(Decimal("6012"))  # the limit fills while nobody is listening
+    await px.restore_connection()
+    fill = (await next_event(queue, FillEvent)).fill
+    assert (fill.broker_order_id, fill.client_order_id, fill.price) == (resting.broker_order_id, "gap-1",
+                                                                          Decimal("6010"))
+    await asyncio.wait_for(px.connector._hub_live.wait(), 2.0)  # and the hub is back for what comes next
+    await px.connector.place_order(market("gap-2", px.contract, Side.BUY))
+    assert (await next_event(queue, FillEvent)).fill.client_order_id == "gap-2"
+
+
+async def test_flatten_closes_the_position_at_market(px: ProjectXHarness) -> None:
+    px.set_price(Decimal("6000"))
+    await px.connector.place_order(market("fl-1", px.contract, Side.SELL, 2))
+    px.set_price(Decimal("5990"))
+    await px.connector.flatten(px.account, px.contract)
+    assert await px.connector.positions(px.account) == []
+    snapshot = await px.connector.account_snapshot(px.account)
+    assert snapshot.realized_pnl == 10 * 2 * px.point_value - 4 * px.commission_per_side

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import threading
 from datetime import timezone
 from decimal import Decimal
 from pathlib import Path
@@ -20,6 +21,8 @@ from watchfiles import Change
 from engine.model import RuleSet
 from engine.reload import Reload, RulesLoadError, RulesWatcher, is_rule_change
 
+EXAMPLE_RULES = Path(__file__).resolve().parent.parent / "rules"
+
 QUIET_S = 0.5
 """How long to watch for a reload that must *not* happen (debounce 0.2 s + notifier steps, with margin)."""
 
@@ -29,7 +32,11 @@ class StandInEngine:
 
     def __init__(self, ruleset: RuleSet):
         self.ruleset = ruleset
-        self.closed = False
+        self.close_calls = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.close_calls > 0
 
     def decide(self) -> Decimal:
         if self.closed:
@@ -37,8 +44,7 @@ class StandInEngine:
         return self.ruleset.accounts["apex-1"].capital
 
     def close(self) -> None:
-        assert not self.closed, "a generation must be closed exactly once"
-        self.closed = True
+        self.close_calls += 1
 
 
 class Builds:
@@ -57,10 +63,10 @@ class Builds:
         return engine
 
 
-def replace_in(path: Path, old: str, new: str, *, count: int = 1) -> None:
+def replace_in(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, count))
+    path.write_text(text.replace(old, new, 1))
 
 
 def capital(watcher: RulesWatcher) -> Decimal:
@@ -79,6 +85,8 @@ async def watcher(rules_dir: Path, builds: Builds) -> AsyncIterator[RulesWatcher
     await w.start()
     yield w
     await w.stop()
+    # Every generation ever built is retired exactly once: none leaked, none closed twice.
+    assert [e.close_calls for e in builds.engines] == [1] * len(builds.engines)
 
 
 @pytest.fixture
@@ -113,6 +121,8 @@ ROOT = Path("/srv/rules")
         (Change.added, "/srv/rules/README.md", False),
         (Change.added, "/srv/rules/4913", False),  # vim's probe file: created (a file, not a directory)...
         (Change.deleted, "/srv/rules/extra", True),  # ...but a vanished suffix-less entry may be a rules folder
+        (Change.added, "/srv/rules/..data", True),  # a ConfigMap update re-points this symlink
+        (Change.added, "/srv/rules/..data_tmp", False),
     ],
 )
 def test_only_rule_files_and_folders_matter(change: Change, path: str, relevant: bool) -> None:
@@ -278,6 +288,24 @@ async def test_rules_directory_swapped_for_a_new_copy_is_loaded_and_watched(
     assert edited.ok and capital(watcher) == Decimal("80000")
 
 
+async def test_configmap_style_update_through_the_data_symlink(tmp_path: Path, builds: Builds) -> None:
+    # Kubernetes mounts rules/x.yaml -> ..data/x.yaml, ..data -> ..v1, and updates by renaming a new ..data link.
+    rules = tmp_path / "rules"
+    shutil.copytree(EXAMPLE_RULES, rules / "..v1")
+    (rules / "..data").symlink_to("..v1")
+    for name in os.listdir(rules / "..v1"):
+        (rules / name).symlink_to(Path("..data") / name)
+    async with RulesWatcher(rules, build=builds) as w:
+        reloads: asyncio.Queue[Reload] = asyncio.Queue()
+        w.on_reload(reloads.put_nowait)
+        shutil.copytree(rules / "..v1", rules / "..v2")
+        replace_in(rules / "..v2" / "accounts.yaml", "capital: 50000", "capital: 90000")
+        (rules / "..data_tmp").symlink_to("..v2")
+        os.replace(rules / "..data_tmp", rules / "..data")
+        record = await next_reload(reloads)
+        assert record.ok and capital(w) == Decimal("90000")
+
+
 async def test_rewriting_identical_content_is_a_recorded_no_op(
     watcher: RulesWatcher, reloads: asyncio.Queue[Reload], builds: Builds, rules_dir: Path
 ) -> None:
@@ -334,6 +362,27 @@ async def test_two_evaluations_pin_until_the_last_releases(
     released.set()
     assert await asyncio.gather(first, second) == [Decimal("50000"), Decimal("50000")]
     assert builds.engines[0].closed
+
+
+async def test_an_evaluation_on_a_worker_thread_pins_its_generation_too(
+    watcher: RulesWatcher, builds: Builds, rules_dir: Path
+) -> None:
+    pinned, go_on = threading.Event(), threading.Event()
+
+    def evaluate_in_thread() -> Decimal:
+        with watcher.acquire() as gen:
+            pinned.set()
+            go_on.wait(5)
+            return gen.engine.decide()
+
+    evaluation = asyncio.create_task(asyncio.to_thread(evaluate_in_thread))
+    assert await asyncio.to_thread(pinned.wait, 5)
+    replace_in(rules_dir / "accounts.yaml", "capital: 50000", "capital: 60000")
+    await watcher.reload_now()
+    assert capital(watcher) == Decimal("60000") and not builds.engines[0].closed
+    go_on.set()
+    assert await evaluation == Decimal("50000")
+    assert builds.engines[0].closed  # closed by the releasing thread
 
 
 async def test_build_failure_keeps_the_old_rules(
@@ -405,3 +454,5 @@ async def test_stop_retires_the_live_generation_and_stops_watching(rules_dir: Pa
     replace_in(rules_dir / "accounts.yaml", "capital: 50000", "capital: 60000")
     await asyncio.sleep(QUIET_S)
     assert len(w.history) == 1 and len(builds.engines) == 1
+    with pytest.raises(RuntimeError, match="not started"):
+        await w.reload_now()

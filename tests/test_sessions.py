@@ -107,8 +107,10 @@ def test_business_days(day: date, business: bool) -> None:
 
 
 def test_wall_times_at_dst_changes_exist_exactly_once() -> None:
-    # 02:30 does not exist on 2026-03-08: read as the instant the clock would have shown it (03:30 EDT).
-    assert et_datetime(date(2026, 3, 8), time(2, 30)).astimezone(timezone.utc) == utc("2026-03-08T07:30:00Z")
+    # 02:30 does not exist on 2026-03-08: the clock passes it at the change itself (02:00 EST -> 03:00 EDT).
+    assert et_datetime(date(2026, 3, 8), time(2, 30)).astimezone(timezone.utc) == utc("2026-03-08T07:00:00Z")
+    assert et_datetime(date(2026, 3, 8), time(3, 0)).astimezone(timezone.utc) == utc("2026-03-08T07:00:00Z")
+    assert et_datetime(date(2026, 3, 8), time(1, 59)).astimezone(timezone.utc) == utc("2026-03-08T06:59:00Z")
     # 01:30 occurs twice on 2026-11-01: the first occurrence (EDT).
     assert et_datetime(date(2026, 11, 1), time(1, 30)).astimezone(timezone.utc) == utc("2026-11-01T05:30:00Z")
 

@@ -10,7 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from brokers.emulators.projectx import ProjectXEmulator
+from brokers.emulators.projectx import DEFAULT_FEES, ProjectXEmulator
 from brokers.projectx import ProjectXConnector
 from engine.catalog import BUILTIN
 from engine.model import Broker, Location, RateLimit
@@ -26,19 +26,22 @@ FAST = {
 }
 
 
-def broker_doc(emulator: ProjectXEmulator, *, name: str = "px-emulator", rate_limit: RateLimit | None = None,
-               commissions: dict[str, Decimal] | None = None, options: dict[str, Any] | None = None) -> Broker:
-    """A Broker document pointing at ``emulator`` (what a rules file would say, minus the YAML)."""
+def broker_doc(emulator: ProjectXEmulator | None, *, name: str = "px-emulator", rate_limit: RateLimit | None = None,
+               options: dict[str, Any] | None = None) -> Broker:
+    """A Broker document pointing at ``emulator`` (what a rules file would say, minus the YAML); ``None``
+    leaves the endpoints to the connector's defaults."""
+    fees = DEFAULT_FEES if emulator is None else emulator.fees
+    endpoints = {} if emulator is None else {"rest": emulator.base_url, "hub": emulator.hub_url}
     return Broker(
         name=name,
         type="projectx",
         environment="demo",
         credentials={"username": "PX_TEST_USER", "api_key": "PX_TEST_KEY"},
         rate_limit=rate_limit or RateLimit(200, 60.0),
-        commissions=commissions or {"MES": emulator.fees["MES"], "default": emulator.fees["default"]},
+        commissions={"MES": fees["MES"], "default": fees["default"]},
         margins={"MES": Decimal(50), "default": Decimal(500)},
         reconcile_every_seconds=60,
-        endpoints={"rest": emulator.base_url, "hub": emulator.hub_url},
+        endpoints=endpoints,
         options=options or {},
         source=Location("tests/harness/projectx.py", 1, 1),
     )

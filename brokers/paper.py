@@ -1,0 +1,772 @@
+"""The paper broker: a simulated futures broker behind the same ``Connector`` interface as the real ones.
+
+It exists so demos, tests and dry runs exercise the same code paths as live trading, including the unpleasant ones:
+acknowledgement and fill latency, partial fills, rejections, the broker's own rate limit, dropped connections and
+answers lost in flight, and timestamps in the broker's odd convention (normalized at the connector's edge exactly
+as a real connector does). Costs come from the Broker document (commissions per side, margin per contract) and
+prices from the shared ``PriceFeed``, so routing between paper brokers compares what it would compare live.
+
+Two halves, kept apart on purpose:
+
+- ``PaperBook`` is the broker: accounts, orders, fills and positions in SQLite (``paper-<broker>.db`` in
+  ``data_dir``, so state survives a restart; in memory without one). Synchronous and deterministic given a seed.
+  It speaks "wire" records (plain dicts with broker-format timestamps), like an HTTP API would.
+- ``PaperConnector`` is our side: connection state, client-side rate limiting, latency, and the conversion of wire
+  records into ``Order``/``Fill``/``Position`` values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import sqlite_utils
+
+from brokers.base import (
+    AccountSnapshot,
+    BrokerUnavailable,
+    ConnectionEvent,
+    Connector,
+    Fill,
+    FillEvent,
+    Order,
+    OrderEvent,
+    OrderRejected,
+    OrderRequest,
+    OrderStatus,
+    OrderType,
+    OutcomeUnknown,
+    Position,
+    RateLimited,
+    Side,
+    register,
+    utcnow,
+)
+from brokers.feed import PriceFeed, root_of
+from brokers.ratelimit import BrokerRateLimiter
+from brokers.timeconv import CONVENTIONS, format_broker_time, parse_broker_time, trading_day_start
+
+log = logging.getLogger(__name__)
+
+OPEN_STATUSES = (OrderStatus.PENDING.value, OrderStatus.WORKING.value, OrderStatus.PARTIALLY_FILLED.value)
+
+
+@dataclass(frozen=True)
+class PaperQuirks:
+    """The Broker document's ``paper:`` section, with the schema's defaults."""
+
+    seed: int | None = None
+    ack_latency_ms: float = 0.0
+    fill_latency_ms: float = 0.0
+    partial_fill_rate: float = 0.0
+    reject_rate: float = 0.0
+    timestamps: str = "utc_iso"
+    starting_cash: Decimal = Decimal(50000)
+    price_feed: str = "default"
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "PaperQuirks":
+        opts = dict(options or {})
+        unknown = set(opts) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown paper option(s): {', '.join(sorted(unknown))}")
+        quirks = cls(
+            seed=None if opts.get("seed") is None else int(opts["seed"]),
+            ack_latency_ms=float(opts.get("ack_latency_ms", 0)),
+            fill_latency_ms=float(opts.get("fill_latency_ms", 0)),
+            partial_fill_rate=float(opts.get("partial_fill_rate", 0)),
+            reject_rate=float(opts.get("reject_rate", 0)),
+            timestamps=str(opts.get("timestamps", "utc_iso")),
+            starting_cash=Decimal(str(opts.get("starting_cash", 50000))),
+            price_feed=str(opts.get("price_feed", "default")),
+        )
+        if quirks.timestamps not in CONVENTIONS:
+            raise ValueError(f"paper timestamps must be one of {', '.join(CONVENTIONS)}, got {quirks.timestamps!r}")
+        for name in ("partial_fill_rate", "reject_rate"):
+            if not 0 <= getattr(quirks, name) <= 1:
+                raise ValueError(f"paper {name} must be within 0..1, got {getattr(quirks, name)}")
+        return quirks
+
+
+class DuplicateOrder(Exception):
+    """The book already holds an order with this client_order_id for this account."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        super().__init__(record["client_order_id"])
+        self.record = record
+
+
+def _iso(dt: datetime) -> str:
+    """The book's storage format: fixed-width UTC ISO, so string order is time order in SQL."""
+    return dt.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _dec(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(str(value))
+
+
+class PaperBook:
+    """The simulated broker's books for one Broker document. Not async: each call is one broker-side step."""
+
+    def __init__(self, broker_name: str, db: sqlite_utils.Database, feed: PriceFeed, quirks: PaperQuirks, *,
+                 commission: Callable[[str], Decimal | None], margin: Callable[[str], Decimal | None],
+                 rate_limit: tuple[int, float] | None, clock: Callable[[], datetime] = utcnow) -> None:
+        self.broker_name = broker_name
+        self.db = db
+        self.feed = feed
+        self.quirks = quirks
+        self.commission = commission
+        self.margin = margin
+        self.clock = clock
+        self.rng = random.Random(quirks.seed)
+        self.rate_limit = rate_limit
+        self._window: deque[float] = deque()
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        # Faults injected by tests and harnesses.
+        self.reject_next = 0
+        self.partial_fill_next: deque[list[int]] = deque()
+        self.rate_limit_next: deque[float] = deque()
+        self.lose_next_place_response = 0
+        self._create_tables()
+
+    # -- storage ---------------------------------------------------------------------------------------------
+    def _create_tables(self) -> None:
+        db = self.db
+        if "accounts" not in db.table_names():
+            db["accounts"].create({"id": str, "cash": str, "created_at": str}, pk="id")
+        if "orders" not in db.table_names():
+            db["orders"].create({
+                "broker_order_id": str, "client_order_id": str, "account": str, "contract": str, "side": str,
+                "quantity": int, "filled_quantity": int, "status": str, "order_type": str, "limit_price": str,
+                "stop_price": str, "avg_fill_price": str, "reason": str, "created_at": str, "updated_at": str,
+            }, pk="broker_order_id")
+            db["orders"].create_index(["account", "client_order_id"], unique=True)
+            db["orders"].create_index(["status"])
+        if "fills" not in db.table_names():
+            db["fills"].create({
+                "fill_id": str, "broker_order_id": str, "client_order_id": str, "account": str, "contract": str,
+                "side": str, "quantity": int, "price": str, "commission": str, "pnl": str, "time": str,
+            }, pk="fill_id")
+            db["fills"].create_index(["account", "time"])
+        if "positions" not in db.table_names():
+            db["positions"].create({"account": str, "contract": str, "quantity": int, "avg_price": str},
+                                   pk=("account", "contract"))
+        if "counters" not in db.table_names():
+            db["counters"].create({"name": str, "value": int}, pk="name")
+
+    def _next_id(self, name: str, prefix: str) -> str:
+        row = next(self.db.query("select value from counters where name = ?", [name]), None)
+        value = 1 if row is None else int(row["value"]) + 1
+        self.db["counters"].upsert({"name": name, "value": value}, pk="name")
+        return f"{prefix}{value}"
+
+    def _ensure_account(self, account: str) -> dict[str, Any]:
+        if not account:
+            raise OrderRejected("account id is empty")
+        row = next(self.db.query("select * from accounts where id = ?", [account]), None)
+        if row is None:
+            row = {"id": account, "cash": str(self.quirks.starting_cash), "created_at": _iso(self.clock())}
+            self.db["accounts"].insert(row)
+        return row
+
+    def _order_row(self, broker_order_id: str) -> dict[str, Any] | None:
+        return next(self.db.query("select * from orders where broker_order_id = ?", [broker_order_id]), None)
+
+    def _position_row(self, account: str, contract: str) -> dict[str, Any] | None:
+        return next(self.db.query("select * from positions where account = ? and contract = ?",
+                                  [account, contract]), None)
+
+    # -- wire format -----------------------------------------------------------------------------------------
+    def _wire_time(self, stored: str) -> str | int:
+        return format_broker_time(datetime.fromisoformat(stored), self.quirks.timestamps)
+
+    def _wire(self, row: dict[str, Any], *time_fields: str) -> dict[str, Any]:
+        out = dict(row)
+        for key in time_fields:
+            out[key] = self._wire_time(out[key])
+        return out
+
+    def wire_order(self, row: dict[str, Any]) -> dict[str, Any]:
+        return self._wire(row, "created_at", "updated_at")
+
+    def wire_fill(self, row: dict[str, Any]) -> dict[str, Any]:
+        return self._wire(row, "time")
+
+    def server_time(self) -> str | int:
+        return format_broker_time(self.clock(), self.quirks.timestamps)
+
+    def _publish(self, kind: str, record: dict[str, Any]) -> None:
+        for listener in list(self.listeners):
+            listener(kind, record)
+
+    # -- requests --------------------------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Count one request against the broker's limit; answer as a real broker would when it is exceeded."""
+        if self.rate_limit_next:
+            wait = self.rate_limit_next.popleft()
+            raise RateLimited(wait, f"(paper broker {self.broker_name}: request throttled)")
+        if self.rate_limit is None:
+            return
+        requests, per_seconds = self.rate_limit
+        now = time.monotonic()
+        while self._window and self._window[0] <= now - per_seconds:
+            self._window.popleft()
+        if len(self._window) >= requests:
+            wait = self._window[0] + per_seconds - now
+            raise RateLimited(max(wait, 0.001),
+                              f"(paper broker {self.broker_name}: {requests} requests per {per_seconds:g}s exceeded)")
+        self._window.append(now)
+
+    def take_lost_response(self) -> bool:
+        if self.lose_next_place_response:
+            self.lose_next_place_response -= 1
+            return True
+        return False
+
+    def _rejected(self, request: OrderRequest, reason: str) -> OrderRejected:
+        now = self.clock()
+        row = {
+            "broker_order_id": self._next_id("rejected", "R"), "client_order_id": request.client_order_id,
+            "account": request.account, "contract": request.contract, "side": request.side.value,
+            "quantity": request.quantity, "filled_quantity": 0, "status": OrderStatus.REJECTED.value,
+            "order_type": request.order_type.value, "limit_price": _str(request.limit_price),
+            "stop_price": _str(request.stop_price), "avg_fill_price": None, "reason": reason,
+            "created_at": _iso(now), "updated_at": _iso(now),
+        }
+        wire = self.wire_order(row)
+        self._publish("order", wire)
+        exc = OrderRejected(f"paper broker {self.broker_name}: {reason}")
+        exc.wire = wire  # type: ignore[attr-defined]
+        return exc
+
+    def accept(self, request: OrderRequest) -> dict[str, Any]:
+        """Validate and book ``request``; raise OrderRejected (nothing booked) or DuplicateOrder."""
+        existing = self.find(request.account, request.client_order_id)
+        if existing is not None:
+            raise DuplicateOrder(existing)
+        try:
+            instrument = self.feed.instrument(request.contract)
+        except KeyError as exc:
+            raise self._rejected(request, str(exc.args[0])) from None
+        for what, price in (("limit", request.limit_price), ("stop", request.stop_price)):
+            if price is not None and (price <= 0 or price % instrument.tick_size):
+                raise self._rejected(request, f"{what} price {price} is not a positive multiple of the "
+                                              f"{instrument.root} tick {instrument.tick_size}")
+        if self.reject_next:
+            self.reject_next -= 1
+            raise self._rejected(request, "order rejected by risk check (injected)")
+        if self.quirks.reject_rate and self.rng.random() < self.quirks.reject_rate:
+            raise self._rejected(request, "order rejected (simulated reject_rate)")
+        self._ensure_account(request.account)
+        held = self._position_row(request.account, request.contract)
+        held_qty = 0 if held is None else int(held["quantity"])
+        added = abs(held_qty + request.side.sign * request.quantity) - abs(held_qty)
+        if added > 0:
+            need = (self.margin(instrument.root) or Decimal(0)) * added
+            free = self.snapshot_values(request.account)["free_margin"]
+            if need > free:
+                raise self._rejected(request, f"insufficient margin: {need} needed, {free} free")
+        now = _iso(self.clock())
+        with self.db.atomic():
+            row = {
+                "broker_order_id": self._next_id("orders", "P"), "client_order_id": request.client_order_id,
+                "account": request.account, "contract": request.contract.upper(), "side": request.side.value,
+                "quantity": request.quantity, "filled_quantity": 0, "status": OrderStatus.WORKING.value,
+                "order_type": request.order_type.value, "limit_price": _str(request.limit_price),
+                "stop_price": _str(request.stop_price), "avg_fill_price": None, "reason": None,
+                "created_at": now, "updated_at": now,
+            }
+            self.db["orders"].insert(row)
+        self._publish("order", self.wire_order(row))
+        return self.wire_order(row)
+
+    def fill_plan(self, broker_order_id: str) -> list[int]:
+        """How a market order will fill: injected parts, a random split (partial_fill_rate), or all at once."""
+        row = self._order_row(broker_order_id)
+        assert row is not None
+        remaining = int(row["quantity"]) - int(row["filled_quantity"])
+        if self.partial_fill_next:
+            parts = [p for p in self.partial_fill_next.popleft() if p > 0]
+        elif remaining > 1 and self.quirks.partial_fill_rate and self.rng.random() < self.quirks.partial_fill_rate:
+            first = self.rng.randint(1, remaining - 1)
+            parts = [first, remaining - first]
+        else:
+            parts = [remaining]
+        plan: list[int] = []
+        for part in parts:
+            take = min(part, remaining - sum(plan))
+            if take > 0:
+                plan.append(take)
+        if sum(plan) < remaining:
+            plan.append(remaining - sum(plan))
+        return plan
+
+    def fill(self, broker_order_id: str, quantity: int, price: Decimal | None = None) -> dict[str, Any] | None:
+        """Fill ``quantity`` of an open order at ``price`` (default: the feed). Returns the wire fill."""
+        row = self._order_row(broker_order_id)
+        if row is None or row["status"] not in OPEN_STATUSES:
+            return None
+        quantity = min(quantity, int(row["quantity"]) - int(row["filled_quantity"]))
+        if quantity <= 0:
+            return None
+        contract, account, side = row["contract"], row["account"], Side(row["side"])
+        instrument = self.feed.instrument(contract)
+        price = self.feed.price(contract) if price is None else price
+        commission = (self.commission(instrument.root) or Decimal(0)) * quantity
+        filled = int(row["filled_quantity"]) + quantity
+        previous_avg = _dec(row["avg_fill_price"]) or Decimal(0)
+        avg = (previous_avg * int(row["filled_quantity"]) + price * quantity) / filled
+        status = OrderStatus.FILLED if filled == int(row["quantity"]) else OrderStatus.PARTIALLY_FILLED
+        now = _iso(self.clock())
+        with self.db.atomic():  # position, cash, fill and order move together or not at all
+            pnl = self._apply_position(account, contract, side.sign * quantity, price, instrument.point_value)
+            account_row = self._ensure_account(account)
+            cash = Decimal(account_row["cash"]) + pnl - commission
+            self.db["accounts"].update(account, {"cash": str(cash)})
+            fill = {
+                "fill_id": self._next_id("fills", "F"), "broker_order_id": broker_order_id,
+                "client_order_id": row["client_order_id"], "account": account, "contract": contract,
+                "side": side.value, "quantity": quantity, "price": str(price), "commission": str(commission),
+                "pnl": str(pnl), "time": now,
+            }
+            self.db["fills"].insert(fill)
+            self.db["orders"].update(broker_order_id, {
+                "filled_quantity": filled, "avg_fill_price": str(_tidy(avg)), "status": status.value,
+                "updated_at": now,
+            })
+        wire_fill = self.wire_fill(fill)
+        self._publish("fill", wire_fill)
+        updated = self._order_row(broker_order_id)
+        assert updated is not None
+        self._publish("order", self.wire_order(updated))
+        return wire_fill
+
+    def _apply_position(self, account: str, contract: str, signed_qty: int, price: Decimal,
+                        point_value: Decimal) -> Decimal:
+        """Net a fill into the position; returns the gross P&L it realized."""
+        held = self._position_row(account, contract)
+        qty = 0 if held is None else int(held["quantity"])
+        avg = Decimal(0) if held is None else Decimal(held["avg_price"])
+        realized = Decimal(0)
+        if qty == 0 or (qty > 0) == (signed_qty > 0):
+            new_qty = qty + signed_qty
+            new_avg = (avg * abs(qty) + price * abs(signed_qty)) / abs(new_qty)
+        else:
+            closed = min(abs(qty), abs(signed_qty))
+            direction = 1 if qty > 0 else -1
+            realized = (price - avg) * closed * direction * point_value
+            new_qty = qty + signed_qty
+            new_avg = avg if new_qty and (new_qty > 0) == (qty > 0) else price
+        if new_qty == 0:
+            self.db["positions"].delete_where("account = ? and contract = ?", [account, contract])
+        else:
+            self.db["positions"].upsert({"account": account, "contract": contract, "quantity": new_qty,
+                                         "avg_price": str(_tidy(new_avg))}, pk=("account", "contract"))
+        return realized
+
+    def cancel(self, account: str, broker_order_id: str) -> dict[str, Any]:
+        row = self._order_row(broker_order_id)
+        if row is None or row["account"] != account:
+            raise OrderRejected(f"paper broker {self.broker_name}: no order {broker_order_id} in account {account}")
+        if row["status"] == OrderStatus.CANCELLED.value:
+            return self.wire_order(row)
+        if row["status"] not in OPEN_STATUSES:
+            raise OrderRejected(f"paper broker {self.broker_name}: order {broker_order_id} is already "
+                                f"{row['status']}, cannot cancel")
+        self.db["orders"].update(broker_order_id, {"status": OrderStatus.CANCELLED.value,
+                                                   "reason": "cancelled by request", "updated_at": _iso(self.clock())})
+        updated = self.wire_order(self._order_row(broker_order_id) or {})
+        self._publish("order", updated)
+        return updated
+
+    def check_resting(self, root: str | None = None) -> list[dict[str, Any]]:
+        """Fill resting limit/stop orders the current price has crossed (all roots, or one)."""
+        fills = []
+        rows = list(self.db.query(
+            "select * from orders where status in (?, ?, ?) and order_type != ? order by broker_order_id",
+            [*OPEN_STATUSES, OrderType.MARKET.value]))
+        for row in rows:
+            contract = row["contract"]
+            if root is not None and root_of(contract, self.feed.catalog) != root:
+                continue
+            price = self.feed.price(contract)
+            side = Side(row["side"])
+            if row["order_type"] == OrderType.LIMIT.value:
+                limit = Decimal(row["limit_price"])
+                triggered = price <= limit if side is Side.BUY else price >= limit
+            else:
+                stop = Decimal(row["stop_price"])
+                triggered = price >= stop if side is Side.BUY else price <= stop
+            if triggered:
+                fill = self.fill(row["broker_order_id"], int(row["quantity"]) - int(row["filled_quantity"]), price)
+                if fill is not None:
+                    fills.append(fill)
+        return fills
+
+    def open_market_orders(self) -> list[str]:
+        return [r["broker_order_id"] for r in self.db.query(
+            "select broker_order_id from orders where status in (?, ?, ?) and order_type = ?",
+            [*OPEN_STATUSES, OrderType.MARKET.value])]
+
+    # -- queries ---------------------------------------------------------------------------------------------
+    def find(self, account: str, client_order_id: str) -> dict[str, Any] | None:
+        row = next(self.db.query("select * from orders where account = ? and client_order_id = ?",
+                                 [account, client_order_id]), None)
+        return None if row is None else self.wire_order(row)
+
+    def order(self, broker_order_id: str) -> dict[str, Any] | None:
+        row = self._order_row(broker_order_id)
+        return None if row is None else self.wire_order(row)
+
+    def order_count(self, account: str, client_order_id: str) -> int:
+        return self.db.execute("select count(*) from orders where account = ? and client_order_id = ?",
+                               [account, client_order_id]).fetchone()[0]
+
+    def working(self, account: str) -> list[dict[str, Any]]:
+        return [self.wire_order(r) for r in self.db.query(
+            "select * from orders where account = ? and status in (?, ?, ?) order by broker_order_id",
+            [account, *OPEN_STATUSES])]
+
+    def fills_since(self, account: str, since: datetime) -> list[dict[str, Any]]:
+        return [self.wire_fill(r) for r in self.db.query(
+            "select * from fills where account = ? and time >= ? order by time, fill_id", [account, _iso(since)])]
+
+    def positions(self, account: str) -> list[dict[str, Any]]:
+        out = []
+        for row in self.db.query("select * from positions where account = ? order by contract", [account]):
+            instrument = self.feed.instrument(row["contract"])
+            mark = self.feed.price(row["contract"])
+            unrealized = (mark - Decimal(row["avg_price"])) * int(row["quantity"]) * instrument.point_value
+            out.append({**row, "mark": str(mark), "unrealized": str(unrealized)})
+        return out
+
+    def snapshot_values(self, account: str) -> dict[str, Decimal]:
+        account_row = self._ensure_account(account)
+        cash = Decimal(account_row["cash"])
+        unrealized = Decimal(0)
+        margin_used = Decimal(0)
+        for pos in self.positions(account):
+            unrealized += Decimal(pos["unrealized"])
+            root = root_of(pos["contract"], self.feed.catalog)
+            margin_used += (self.margin(root) or Decimal(0)) * abs(int(pos["quantity"]))
+        day_start = _iso(trading_day_start(self.clock()))
+        realized = Decimal(0)
+        for fill in self.db.query("select pnl, commission from fills where account = ? and time >= ?",
+                                  [account, day_start]):
+            realized += Decimal(fill["pnl"]) - Decimal(fill["commission"])
+        return {"cash": cash, "margin_used": margin_used, "free_margin": cash + unrealized - margin_used,
+                "realized": realized, "unrealized": unrealized}
+
+    def snapshot(self, account: str) -> dict[str, Any]:
+        values = self.snapshot_values(account)
+        return {**{k: str(v) for k, v in values.items()}, "account": account, "time": self.server_time()}
+
+
+def _str(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _tidy(value: Decimal) -> Decimal:
+    """Averages divide; keep them readable without losing a tick's precision."""
+    return value.quantize(Decimal("0.000001")).normalize()
+
+
+@register
+class PaperConnector(Connector):
+    """Trade against ``PaperBook`` as if it were a remote broker (see the module docstring).
+
+    Options (keyword arguments): ``data_dir`` (Path: persist state in ``paper-<broker>.db``), ``feed``
+    (a ``PriceFeed``; default the shared feed the Broker document names), ``reconnect_wait_s`` (how long a
+    placement whose answer was lost waits for the link to come back before giving up with OutcomeUnknown).
+    """
+
+    type = "paper"
+    poll_attempts = 3
+
+    def __init__(self, broker: Any, *, env: Mapping[str, str] | None = None, **options: Any) -> None:
+        super().__init__(broker, env=env, **options)
+        self.quirks = PaperQuirks.from_options(broker.options.get("paper", {}))
+        self.feed: PriceFeed = options.get("feed") or PriceFeed.shared(self.quirks.price_feed)
+        rate = broker.rate_limit
+        self.limiter = BrokerRateLimiter.for_broker(rate)
+        self._rate = None if rate is None else (int(rate.requests), float(rate.per_seconds))
+        self.data_dir: Path | None = None if options.get("data_dir") is None else Path(options["data_dir"])
+        self.reconnect_wait_s = float(options.get("reconnect_wait_s", 5.0))
+        self._memory_db: sqlite_utils.Database | None = None
+        self._book: PaperBook | None = None
+        self._connected = False
+        self._link_down = False
+        self._fill_tasks: dict[str, asyncio.Task[None]] = {}
+        self._link_up = asyncio.Event()
+        self._link_up.set()
+
+    # -- the simulated broker ------------------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path | None:
+        return None if self.data_dir is None else self.data_dir / f"paper-{self.broker.name}.db"
+
+    @property
+    def book(self) -> PaperBook:
+        """The broker side (for harnesses and fault injection); opened on first use."""
+        if self._book is None:
+            if self.db_path is not None:
+                self.db_path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite_utils.Database(self.db_path)
+            else:
+                if self._memory_db is None:
+                    self._memory_db = sqlite_utils.Database(memory=True)
+                db = self._memory_db
+            self._book = PaperBook(self.broker.name, db, self.feed, self.quirks, commission=self.broker.commission,
+                                   margin=self.broker.margin, rate_limit=self._rate)
+            self._book.listeners.append(self._on_book_event)
+        return self._book
+
+    def reject_next(self, n: int = 1) -> None:
+        self.book.reject_next += n
+
+    def partial_fill_next(self, parts: list[int]) -> None:
+        self.book.partial_fill_next.append(list(parts))
+
+    def rate_limit_next(self, n: int = 1, retry_after_s: float = 0.2) -> None:
+        self.book.rate_limit_next.extend([retry_after_s] * n)
+
+    def lose_next_place_response(self) -> None:
+        self.book.lose_next_place_response += 1
+
+    def check_resting(self, root: str | None = None) -> list[Fill]:
+        """Fill resting orders the feed has crossed; called on every feed change while connected."""
+        return [self._fill(w) for w in self.book.check_resting(root)]
+
+    def _on_price(self, root: str, price: Decimal) -> None:
+        self.check_resting(root)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def connect(self) -> None:
+        if self._link_down:
+            raise BrokerUnavailable(f"paper broker {self.broker.name}: unreachable (connection dropped)")
+        if self._connected:
+            return
+        book = self.book
+        self.feed.subscribe(self._on_price)
+        self._connected = True
+        self._emit(ConnectionEvent(True, "connected"))
+        # The broker kept working while we were away: finish what it would have finished.
+        for order_id in book.open_market_orders():
+            self._fill_now(order_id)
+        self.check_resting()
+
+    async def close(self) -> None:
+        self.feed.unsubscribe(self._on_price)
+        for order_id, task in list(self._fill_tasks.items()):
+            task.cancel()
+        tasks = list(self._fill_tasks.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._book is not None:
+            for order_id in self._book.open_market_orders():
+                self._fill_now(order_id)
+        was = self._connected
+        self._connected = False
+        if was:
+            self._emit(ConnectionEvent(False, "closed"))
+        if self._book is not None and self.db_path is not None:
+            self._book.db.close()
+            self._book = None
+
+    def disconnect(self, reason: str = "connection dropped") -> None:
+        """Simulate a drop: the link is down until ``reconnect()``; requests fail, the broker keeps trading."""
+        self._link_down = True
+        self._link_up.clear()
+        if self._connected:
+            self._connected = False
+            self._emit(ConnectionEvent(False, reason))
+
+    async def reconnect(self) -> None:
+        self._link_down = False
+        self._link_up.set()
+        await self.connect()
+
+    async def _await_reachable(self) -> None:
+        if self._link_down:
+            try:
+                await asyncio.wait_for(self._link_up.wait(), self.reconnect_wait_s)
+            except asyncio.TimeoutError:
+                raise OutcomeUnknown(f"paper broker {self.broker.name}: still unreachable after "
+                                     f"{self.reconnect_wait_s:g}s; order state unknown") from None
+        if not self._connected:
+            await self.connect()
+
+    def _require_connected(self) -> None:
+        if not self._connected:
+            raise BrokerUnavailable(f"paper broker {self.broker.name}: not connected")
+
+    async def _call(self, kind: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """One request to the broker: client-side budget, then the broker's own limit (retried for non-orders)."""
+        for attempt in range(self.poll_attempts):
+            self._require_connected()
+            async with self.limiter.slot(kind):
+                self._require_connected()
+                try:
+                    self.book.admit()
+                except RateLimited as exc:
+                    self.limiter.penalize(exc.retry_after_s)
+                    if kind == "order" or attempt == self.poll_attempts - 1:
+                        raise
+                    log.warning("%s: %s; waiting", self.broker.name, exc)
+                    continue
+                return fn(*args)
+        raise AssertionError("unreachable")
+
+    def rate_limit_headroom(self) -> float:
+        return self.limiter.headroom()
+
+    async def server_time(self) -> datetime:
+        """The broker's clock, as it reports it (for clock-offset checks)."""
+        return self._time(await self._call("poll", self.book.server_time))
+
+    # -- conversion at the edge ------------------------------------------------------------------------------
+    def _time(self, value: str | int) -> datetime:
+        """Broker timestamp -> aware UTC. For naive Eastern times in the repeated November hour, the broker's
+        report is about the past or present, so take the latest reading that is not in the future."""
+        if self.quirks.timestamps != "eastern_naive":
+            return parse_broker_time(value, self.quirks.timestamps)
+        first = parse_broker_time(value, "eastern_naive", fold=0)
+        second = parse_broker_time(value, "eastern_naive", fold=1)
+        if second != first and second <= utcnow() + timedelta(seconds=1):
+            return second
+        return first
+
+    def _order(self, wire: Mapping[str, Any]) -> Order:
+        return Order(
+            broker_order_id=wire["broker_order_id"], client_order_id=wire["client_order_id"],
+            account=wire["account"], contract=wire["contract"], side=Side(wire["side"]),
+            quantity=int(wire["quantity"]), filled_quantity=int(wire["filled_quantity"]),
+            status=OrderStatus(wire["status"]), order_type=OrderType(wire["order_type"]),
+            created_at=self._time(wire["created_at"]), updated_at=self._time(wire["updated_at"]),
+            avg_fill_price=_dec(wire["avg_fill_price"]), limit_price=_dec(wire["limit_price"]),
+            stop_price=_dec(wire["stop_price"]), reason=wire["reason"],
+        )
+
+    def _fill(self, wire: Mapping[str, Any]) -> Fill:
+        return Fill(
+            fill_id=wire["fill_id"], broker_order_id=wire["broker_order_id"],
+            client_order_id=wire["client_order_id"], account=wire["account"], contract=wire["contract"],
+            side=Side(wire["side"]), quantity=int(wire["quantity"]), price=Decimal(wire["price"]),
+            commission=Decimal(wire["commission"]), time=self._time(wire["time"]),
+        )
+
+    def _on_book_event(self, kind: str, wire: dict[str, Any]) -> None:
+        if not self._connected:
+            return  # a dropped link delivers nothing; reconciliation catches up
+        if kind == "fill":
+            self._emit(FillEvent(self._fill(wire)))
+        else:
+            self._emit(OrderEvent(self._order(wire)))
+
+    # -- orders ----------------------------------------------------------------------------------------------
+    async def _submit(self, request: OrderRequest) -> Order:
+        book = self.book
+        lose = False
+
+        def send() -> dict[str, Any]:
+            nonlocal lose
+            lose = book.take_lost_response()
+            return book.accept(request)
+
+        try:
+            wire = await self._call("order", send)
+        except DuplicateOrder as dup:
+            return self._order(dup.record)
+        except OrderRejected as exc:
+            await self._latency(self.quirks.ack_latency_ms)
+            wire_rejected = getattr(exc, "wire", None)
+            if wire_rejected is not None:
+                exc.order = self._order(wire_rejected)
+            raise
+        order_id = wire["broker_order_id"]
+        if lose:
+            # The broker got it and traded it; the answer is lost on the way back.
+            if request.order_type is OrderType.MARKET:
+                self._fill_now(order_id)
+            else:
+                book.check_resting()
+            raise OutcomeUnknown(f"paper broker {self.broker.name}: connection reset before the answer to "
+                                 f"{request.client_order_id} arrived")
+        if request.order_type is OrderType.MARKET:
+            if self.quirks.fill_latency_ms <= 0 and self.quirks.ack_latency_ms <= 0:
+                self._fill_now(order_id)
+            else:
+                self._fill_tasks[order_id] = asyncio.create_task(self._fill_later(order_id))
+        else:
+            book.check_resting(root_of(request.contract, self.feed.catalog))
+        await self._latency(self.quirks.ack_latency_ms)
+        if not self._connected:
+            raise OutcomeUnknown(f"paper broker {self.broker.name}: connection dropped while waiting for the "
+                                 f"acknowledgement of {request.client_order_id}")
+        current = book.order(order_id)
+        assert current is not None
+        return self._order(current)
+
+    async def _latency(self, ms: float) -> None:
+        if ms > 0:
+            await asyncio.sleep(ms / 1000)
+
+    def _fill_now(self, order_id: str) -> None:
+        for part in self.book.fill_plan(order_id):
+            self.book.fill(order_id, part)
+
+    async def _fill_later(self, order_id: str) -> None:
+        """Fill a market order after the ack and fill latencies, part by part."""
+        try:
+            await self._latency(self.quirks.ack_latency_ms)
+            for part in self.book.fill_plan(order_id):
+                await self._latency(self.quirks.fill_latency_ms)
+                self.book.fill(order_id, part)
+        finally:
+            self._fill_tasks.pop(order_id, None)
+
+    async def find_order(self, account: str, client_order_id: str) -> Order | None:
+        wire = await self._call("poll", self.book.find, account, client_order_id)
+        return None if wire is None else self._order(wire)
+
+    async def cancel_order(self, account: str, broker_order_id: str) -> Order:
+        wire = await self._call("cancel", self.book.cancel, account, broker_order_id)
+        await self._latency(self.quirks.ack_latency_ms)
+        return self._order(wire)
+
+    async def working_orders(self, account: str) -> list[Order]:
+        return [self._order(w) for w in await self._call("poll", self.book.working, account)]
+
+    # -- account state ---------------------------------------------------------------------------------------
+    async def positions(self, account: str) -> list[Position]:
+        rows = await self._call("poll", self.book.positions, account)
+        return [Position(r["account"], r["contract"], int(r["quantity"]), Decimal(r["avg_price"]),
+                         Decimal(r["unrealized"])) for r in rows]
+
+    async def account_snapshot(self, account: str) -> AccountSnapshot:
+        snap = await self._call("poll", self.book.snapshot, account)
+        return AccountSnapshot(
+            account=account, cash_balance=Decimal(snap["cash"]), margin_used=Decimal(snap["margin_used"]),
+            free_margin=Decimal(snap["free_margin"]), realized_pnl=Decimal(snap["realized"]),
+            unrealized_pnl=Decimal(snap["unrealized"]), time=self._time(snap["time"]),
+        )
+
+    async def fills_since(self, account: str, since: datetime) -> list[Fill]:
+        if since.tzinfo is None:
+            raise ValueError(f"fills_since needs an aware datetime, got naive {since!r}")
+        return [self._fill(w) for w in await self._call("poll", self.book.fills_since, account, since)]
+
+
+__all__ = ["DuplicateOrder", "PaperBook", "PaperConnector", "PaperQuirks"]

@@ -1,0 +1,314 @@
+"""Orders out: the order state machine, and one queue and one worker per broker.
+
+Every order the service sends goes through ``Dispatcher``: it is journaled as ``sending`` (committed) before the
+request leaves, and every later state the broker reports is journaled before anything acts on it. A restart can
+therefore always tell "never sent" (``new``) from "may have been sent" (``sending``/``unknown``), and the second kind
+is looked up at the broker by client order id before anything is resent.
+
+Each broker has its own queue and worker, so a broker that takes 200 ms to acknowledge never delays one that takes
+15 ms. Within a broker several orders may be in flight at once (the connector's rate limiter paces them), but the
+orders of one account go out in the order they were decided: an exit and the entry that follows it never swap.
+
+State machine (``TRANSITIONS``)::
+
+    new -> sending -> acknowledged -> partially_filled -> filled
+      |        |            |                  +-------> cancelled
+      |        |            +-> filled | cancelled | rejected
+      |        +-> rejected | cancelled | filled | partially_filled
+      |        +-> unknown (drop mid-request) -> looked up: adopted, or sent again, or missed
+      +-> missed (broker paused or down when the order's turn came)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol
+
+from brokers.base import (
+    BrokerError,
+    BrokerUnavailable,
+    Order,
+    OrderRejected,
+    OrderRequest,
+    OrderStatus,
+    OutcomeUnknown,
+    RateLimited,
+    Side,
+)
+
+log = logging.getLogger(__name__)
+
+NEW, SENDING, ACKNOWLEDGED, PARTIALLY_FILLED, FILLED = "new", "sending", "acknowledged", "partially_filled", "filled"
+REJECTED, CANCELLED, UNKNOWN, MISSED = "rejected", "cancelled", "unknown", "missed"
+
+FINAL = frozenset({FILLED, REJECTED, CANCELLED, MISSED})
+IN_FLIGHT = frozenset({NEW, SENDING, UNKNOWN})
+"""States a restart must resolve at the broker before anything else."""
+WORKING = frozenset({ACKNOWLEDGED, PARTIALLY_FILLED})
+
+TRANSITIONS: Mapping[str, frozenset[str]] = {
+    NEW: frozenset({SENDING, MISSED, ACKNOWLEDGED, PARTIALLY_FILLED, FILLED, REJECTED, CANCELLED}),
+    SENDING: frozenset({ACKNOWLEDGED, PARTIALLY_FILLED, FILLED, REJECTED, CANCELLED, UNKNOWN, MISSED}),
+    UNKNOWN: frozenset({SENDING, ACKNOWLEDGED, PARTIALLY_FILLED, FILLED, REJECTED, CANCELLED, MISSED}),
+    ACKNOWLEDGED: frozenset({PARTIALLY_FILLED, FILLED, REJECTED, CANCELLED}),
+    PARTIALLY_FILLED: frozenset({PARTIALLY_FILLED, FILLED, CANCELLED}),
+    FILLED: frozenset(), REJECTED: frozenset(), CANCELLED: frozenset(), MISSED: frozenset(),
+}
+
+_FROM_BROKER = {
+    OrderStatus.PENDING: ACKNOWLEDGED,
+    OrderStatus.WORKING: ACKNOWLEDGED,
+    OrderStatus.PARTIALLY_FILLED: PARTIALLY_FILLED,
+    OrderStatus.FILLED: FILLED,
+    OrderStatus.CANCELLED: CANCELLED,
+    OrderStatus.EXPIRED: CANCELLED,
+    OrderStatus.REJECTED: REJECTED,
+    OrderStatus.UNKNOWN: UNKNOWN,
+}
+
+
+def status_of(order: Order) -> str:
+    """Our state for the broker's view of an order."""
+    return _FROM_BROKER[order.status]
+
+
+def allowed(current: str, new: str) -> bool:
+    return new in TRANSITIONS.get(current, frozenset())
+
+
+class JournalLike(Protocol):
+    async def order_status(self, client_order_id: str, status: str, *, broker_order_id: str | None = None,
+                           detail: str | None = None, at: Any = None) -> None: ...
+
+
+@dataclass
+class Job:
+    """One order of a decision, with what the broker needs (``broker_account``) and what the ledger needs."""
+
+    client_order_id: str
+    signal_id: str
+    strategy: str
+    account: str
+    broker: str
+    broker_account: str
+    contract: str
+    side: str
+    quantity: int
+    intent: str
+    margin_usd: Decimal = Decimal(0)
+
+    def request(self) -> OrderRequest:
+        return OrderRequest(client_order_id=self.client_order_id, account=self.broker_account,
+                            contract=self.contract, side=Side(self.side), quantity=self.quantity)
+
+
+@dataclass
+class Tracked:
+    job: Job
+    status: str = NEW
+    broker_order_id: str | None = None
+    filled: int = 0
+    detail: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+
+StatusHook = Callable[[Tracked, str], Awaitable[None] | None]
+
+
+class OrderTracker:
+    """The state machine over every order this process knows, journaled before it is believed."""
+
+    def __init__(self, journal: JournalLike) -> None:
+        self.journal = journal
+        self.orders: dict[str, Tracked] = {}
+        self.by_broker_id: dict[tuple[str, str], str] = {}
+        self.hooks: list[StatusHook] = []
+
+    def track(self, job: Job, status: str = NEW, broker_order_id: str | None = None) -> Tracked:
+        found = self.orders.get(job.client_order_id)
+        if found is None:
+            found = self.orders[job.client_order_id] = Tracked(job, status)
+        if broker_order_id:
+            found.broker_order_id = broker_order_id
+            self.by_broker_id[(job.broker, broker_order_id)] = job.client_order_id
+        return found
+
+    def get(self, client_order_id: str | None) -> Tracked | None:
+        return None if client_order_id is None else self.orders.get(client_order_id)
+
+    def find(self, broker: str, client_order_id: str | None, broker_order_id: str | None) -> Tracked | None:
+        tracked = self.get(client_order_id)
+        if tracked is None and broker_order_id is not None:
+            tracked = self.get(self.by_broker_id.get((broker, broker_order_id)))
+        return tracked
+
+    async def transition(self, client_order_id: str, status: str, *, broker_order_id: str | None = None,
+                         detail: str | None = None) -> bool:
+        """Move an order to ``status`` if the machine allows it; journal first. False when refused (a stale or
+        out-of-order report, e.g. "acknowledged" arriving after "filled")."""
+        tracked = self.orders[client_order_id]
+        async with tracked.lock:
+            same = status == tracked.status and status != PARTIALLY_FILLED
+            if same or not allowed(tracked.status, status):
+                if broker_order_id and not tracked.broker_order_id:
+                    self._remember(tracked, broker_order_id)
+                return False
+            await self.journal.order_status(client_order_id, status, broker_order_id=broker_order_id,
+                                            detail=detail)
+            tracked.status = status
+            tracked.detail = detail
+            if broker_order_id:
+                self._remember(tracked, broker_order_id)
+        for hook in self.hooks:
+            result = hook(tracked, status)
+            if result is not None:
+                await result
+        return True
+
+    def _remember(self, tracked: Tracked, broker_order_id: str) -> None:
+        tracked.broker_order_id = broker_order_id
+        self.by_broker_id[(tracked.job.broker, broker_order_id)] = tracked.job.client_order_id
+
+    async def adopt(self, client_order_id: str, order: Order) -> None:
+        """Take the broker's view of an order (after a lookup or an order event)."""
+        tracked = self.orders[client_order_id]
+        if order.broker_order_id and not tracked.broker_order_id:
+            self._remember(tracked, order.broker_order_id)
+        status = status_of(order)
+        if status == UNKNOWN:
+            return
+        if status == PARTIALLY_FILLED and order.filled_quantity <= tracked.filled and tracked.status == status:
+            return
+        await self.transition(client_order_id, status, broker_order_id=order.broker_order_id,
+                              detail=order.reason)
+
+    def in_flight(self) -> list[Tracked]:
+        return [t for t in self.orders.values() if t.status not in FINAL]
+
+
+class BrokerGate(Protocol):
+    """What the dispatcher needs from the broker pool."""
+
+    def available(self, name: str) -> bool: ...
+    def connector(self, name: str) -> Any: ...
+    async def report_failure(self, name: str, exc: BaseException) -> None: ...
+    def report_success(self, name: str) -> None: ...
+
+
+class Dispatcher:
+    """Per-broker queues and workers that move journaled orders to their brokers."""
+
+    def __init__(self, tracker: OrderTracker, pool: BrokerGate, *, concurrency: int = 8,
+                 rate_limit_retries: int = 5) -> None:
+        self.tracker = tracker
+        self.pool = pool
+        self.concurrency = concurrency
+        self.rate_limit_retries = rate_limit_retries
+        self._queues: dict[str, asyncio.Queue[Job]] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._last: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self._idle: dict[str, int] = defaultdict(int)
+        self.sent = 0
+
+    def submit(self, job: Job, *, resend: bool = False) -> None:
+        """Queue ``job`` for its broker (non-blocking). ``resend``: the job was looked up and not found."""
+        self.tracker.track(job)
+        queue = self._queues.get(job.broker)
+        if queue is None:
+            queue = self._queues[job.broker] = asyncio.Queue()
+            self._slots[job.broker] = asyncio.Semaphore(self.concurrency)
+            self._workers[job.broker] = asyncio.create_task(self._worker(job.broker, queue),
+                                                            name=f"dispatch-{job.broker}")
+        queue.put_nowait(job)
+
+    def submit_all(self, jobs: Iterable[Job]) -> None:
+        for job in jobs:
+            self.submit(job)
+
+    def queued(self) -> dict[str, int]:
+        return {name: q.qsize() for name, q in self._queues.items()}
+
+    async def drain(self) -> None:
+        """Wait until every queued order has been handled (tests, shutdown)."""
+        while any(q.qsize() for q in self._queues.values()) or self._running:
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        tasks = list(self._workers.values()) + list(self._running)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._workers.clear()
+        self._queues.clear()
+
+    async def _worker(self, broker: str, queue: "asyncio.Queue[Job]") -> None:
+        slots = self._slots[broker]
+        while True:
+            job = await queue.get()
+            await slots.acquire()
+            lane = (broker, job.account)
+            previous = self._last.get(lane)
+            task = asyncio.create_task(self._run(job, previous, slots), name=f"order-{job.client_order_id}")
+            self._last[lane] = task
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, job: Job, previous: asyncio.Task[None] | None, slots: asyncio.Semaphore) -> None:
+        try:
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
+            await self.send(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("order %s: unexpected error while dispatching", job.client_order_id)
+        finally:
+            slots.release()
+            lane = (job.broker, job.account)
+            if self._last.get(lane) is asyncio.current_task():
+                del self._last[lane]
+
+    async def send(self, job: Job) -> None:
+        """Send one order at most once: 'sending' is on disk before the request leaves."""
+        tracked = self.tracker.track(job)
+        if tracked.status not in (NEW, UNKNOWN):
+            return
+        coid = job.client_order_id
+        if not self.pool.available(job.broker):
+            await self.tracker.transition(coid, MISSED, detail=f"broker {job.broker} paused or down at dispatch")
+            return
+        if not await self.tracker.transition(coid, SENDING):
+            return
+        connector = self.pool.connector(job.broker)
+        for attempt in range(self.rate_limit_retries + 1):
+            try:
+                order = await connector.place_order(job.request())
+            except OrderRejected as exc:
+                await self.tracker.transition(coid, REJECTED, detail=exc.reason,
+                                              broker_order_id=exc.order.broker_order_id if exc.order else None)
+                self.pool.report_success(job.broker)
+                return
+            except RateLimited as exc:
+                # Nothing was placed (place_order looked it up); wait as the broker asks, then try again.
+                if attempt < self.rate_limit_retries:
+                    await asyncio.sleep(exc.retry_after_s)
+                    continue
+                await self.tracker.transition(coid, UNKNOWN, detail=f"still rate limited: {exc}")
+                return
+            except (OutcomeUnknown, BrokerUnavailable) as exc:
+                await self.tracker.transition(coid, UNKNOWN, detail=f"{type(exc).__name__}: {exc}")
+                await self.pool.report_failure(job.broker, exc)
+                return
+            except BrokerError as exc:
+                await self.tracker.transition(coid, UNKNOWN, detail=f"{type(exc).__name__}: {exc}")
+                return
+            self.sent += 1
+            self.pool.report_success(job.broker)
+            await self.tracker.adopt(coid, order)
+            return

@@ -1,0 +1,706 @@
+"""The journal: one SQLite file (``data_dir/journal.db``) holding everything the service has promised or observed.
+
+The rule it exists for: **a signal acknowledged to its sender is already on disk.** Writes therefore go through one
+writer thread that drains a queue and commits in batches (group commit): every caller's future resolves only after
+the COMMIT that holds its write returned, so a burst of webhooks shares one fsync instead of paying one each, and
+``await journal.record_signal(...)`` returning means the row survives ``kill -9`` and, with ``synchronous=FULL`` in
+WAL mode, power loss. A write that fails (disk full, read-only file, database closed) raises ``JournalError`` to its
+caller and to nobody else: each write runs inside its own SAVEPOINT, so one bad row never sinks its batch.
+
+Reads are synchronous and run on the caller's thread over a per-thread read connection; WAL lets them proceed while
+the writer commits, and they only ever see committed rows.
+
+Tables (created and migrated by ``MIGRATIONS``, ordered and transactional, tracked in ``schema_version``)::
+
+    signals            id, received_at, remote, status, reason, key, strategy, raw, signal, decision
+    orders             client_order_id, signal_id, account, broker, contract, side, quantity, intent, status, ...
+    order_events       the status history of every order, with UTC times
+    fills              (broker, fill_id) unique: a fill reported twice is recorded once
+    position_snapshots, reconciliations, reloads, risk_events   time-stamped rows with their full record as JSON
+
+Times are stored as UTC ISO-8601 strings ending in ``Z`` (fixed width, so they sort as text); money as ``Decimal``
+strings. Secrets never reach this module: the webhook strips them before calling ``record_signal``.
+
+Signal statuses: ``accepted`` (the decision has orders), ``decided`` (a valid signal whose decision has no
+orders), ``duplicate`` (a repeat, answered with the original), ``rejected`` (a 4xx). Order statuses follow the one
+state machine the runtime enforces (``ORDER_STATUSES``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import fcntl
+import json
+import logging
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+from concurrent.futures import Future
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import sqlite_utils
+
+logger = logging.getLogger(__name__)
+
+ORDER_STATUSES = ("new", "sending", "acknowledged", "partially_filled", "filled", "rejected", "cancelled",
+                  "unknown", "missed")
+FINAL_ORDER_STATUSES = frozenset({"filled", "rejected", "cancelled", "missed"})
+"""No further broker event can change these; every other status means the order may still be in flight."""
+SIGNAL_STATUSES = ("accepted", "decided", "duplicate", "rejected")
+
+MAX_BATCH = 512
+"""Writes committed together at most; bounds the latency a large burst adds to its first caller."""
+
+
+class JournalError(RuntimeError):
+    """A journal write did not reach the disk (or the journal is not running): nothing may be acknowledged."""
+
+
+class JournalConflict(JournalError):
+    """The write collides with a row already journaled (a signal id or client order id used twice)."""
+
+
+# -- values ---------------------------------------------------------------------------------------------------------
+
+
+def utc_iso(at: datetime | None = None) -> str:
+    """``2026-03-09T14:30:00.000000Z``: fixed width so that text order is time order. Naive times are refused."""
+    if at is None:
+        at = datetime.now(timezone.utc)
+    elif at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError(f"naive datetime {at.isoformat()} given to the journal; use an aware UTC time")
+    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_utc(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(timezone.utc)
+
+
+def new_signal_id(at: datetime | None = None) -> str:
+    """A journal-unique signal id, time-ordered: ``s-20260309T143000123456-9f2c4b1a``.
+
+    Client order ids derive from it (``engine.decision.client_order_id``), so it must never repeat: the sender's
+    own ``id`` only serves as the idempotency key, because a sender may reuse it after the window.
+    """
+    stamp = utc_iso(at).replace("-", "").replace(":", "").replace(".", "")[:-1]
+    return f"s-{stamp}-{secrets.token_hex(4)}"
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return utc_iso(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    to_json = getattr(value, "to_json", None) or getattr(value, "as_dict", None)
+    if callable(to_json):
+        return to_json()
+    raise TypeError(f"cannot store {type(value).__name__} in the journal")
+
+
+def dumps(value: Any) -> str:
+    """JSON as the journal stores it: Decimal as strings, times as UTC ``Z`` strings, keys sorted."""
+    return json.dumps(value, default=_default, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float):
+        raise TypeError(f"money value {value!r} is a float; convert with Decimal(str(x)) at the broker edge")
+    return str(value)
+
+
+def _at(value: Any) -> str:
+    """A time given as an aware datetime or an ISO-8601 string with an offset, as the journal stores it."""
+    if value is None:
+        return utc_iso()
+    if isinstance(value, datetime):
+        return utc_iso(value)
+    if isinstance(value, str):
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            raise ValueError(f"time {value!r} has no UTC offset")
+        return utc_iso(parsed)
+    raise TypeError(f"expected a UTC datetime, got {type(value).__name__}")
+
+
+# -- schema ---------------------------------------------------------------------------------------------------------
+
+Migration = Callable[[sqlite_utils.Database], None]
+
+
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    db["signals"].create({
+        "id": str, "received_at": str, "remote": str, "status": str, "reason": str, "key": str,
+        "strategy": str, "raw": str, "signal": str, "decision": str,
+    }, pk="id", not_null={"received_at", "status"})
+    db["signals"].create_index(["key", "received_at"], index_name="signals_key")
+    db["signals"].create_index(["status", "received_at"], index_name="signals_status")
+    db["orders"].create({
+        "client_order_id": str, "signal_id": str, "seq": int, "account": str, "broker": str, "contract": str,
+        "side": str, "quantity": int, "intent": str, "order_type": str, "price": str, "margin_usd": str,
+        "status": str, "broker_order_id": str, "detail": str, "created_at": str, "updated_at": str,
+    }, pk="client_order_id", not_null={"signal_id", "status", "created_at", "updated_at"},
+        foreign_keys=[("signal_id", "signals", "id")])
+    db["orders"].create_index(["signal_id", "seq"], index_name="orders_signal")
+    db["orders"].create_index(["status"], index_name="orders_status")
+    db["order_events"].create({
+        "id": int, "client_order_id": str, "status": str, "at": str, "broker_order_id": str, "detail": str,
+    }, pk="id", not_null={"client_order_id", "status", "at"})
+    db["order_events"].create_index(["client_order_id", "id"], index_name="order_events_order")
+    db["fills"].create({
+        "broker": str, "fill_id": str, "account": str, "contract": str, "side": str, "quantity": int,
+        "price": str, "commission": str, "at": str, "client_order_id": str, "broker_order_id": str,
+        "strategy": str, "recorded_at": str, "data": str,
+    }, pk=("broker", "fill_id"), not_null={"recorded_at"})
+    db["fills"].create_index(["account", "at"], index_name="fills_account")
+    db["fills"].create_index(["at"], index_name="fills_at")
+    for table, extra in (("position_snapshots", {"broker": str, "account": str}),
+                         ("reconciliations", {"broker": str, "account": str, "ok": int}),
+                         ("reloads", {"generation": int, "ok": int, "outcome": str}),
+                         ("risk_events", {"scope": str, "name": str, "kind": str})):
+        db[table].create({"id": int, "at": str, **extra, "data": str}, pk="id", not_null={"at", "data"})
+        db[table].create_index(["at"], index_name=f"{table}_at")
+
+
+MIGRATIONS: Sequence[tuple[str, Migration]] = (
+    ("initial", _m1_initial),
+)
+"""Append only: version N is ``MIGRATIONS[N-1]``; each runs in its own transaction with its ``schema_version`` row."""
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Bring the schema to the latest version, one transaction per migration; returns the version reached."""
+    conn = db.conn
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                 "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+    current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+    if current > len(MIGRATIONS):
+        raise JournalError(f"journal schema version {current} is newer than this program knows "
+                           f"({len(MIGRATIONS)}); upgrade multibroker")
+    for version in range(current + 1, len(MIGRATIONS) + 1):
+        name, step = MIGRATIONS[version - 1]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            step(db)
+            conn.execute("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                         (version, name, utc_iso()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        logger.info("journal schema migrated to version %d (%s)", version, name)
+    return len(MIGRATIONS)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=5.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: a COMMIT returns only after the WAL is fsynced, so "acknowledged" survives power loss, not just
+    # kill -9 (NORMAL would be enough for the latter). Group commit keeps the fsync count per batch, not per row.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+# -- the journal ----------------------------------------------------------------------------------------------------
+
+_STOP = object()
+
+
+class _Write:
+    __slots__ = ("fn", "future", "bare")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: Future[Any], bare: bool = False):
+        self.fn = fn
+        self.future = future
+        self.bare = bare
+        """Run alone, outside any transaction (PRAGMAs such as ``query_only`` that a transaction would block)."""
+
+
+class Journal:
+    """See the module docstring. ``await start()`` before use and ``await close()`` after; one per data directory
+    (a lock file refuses a second process on the same journal)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._running = False
+        self.schema_version = 0
+        self.batches = 0
+        """Commits so far (with ``writes``: how well group commit is batching)."""
+        self.writes = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open (creating and migrating) the database and start the writer thread."""
+        if self._running:
+            raise RuntimeError("journal already started")
+        await asyncio.to_thread(self._open)
+        self._running = True
+        self._thread = threading.Thread(target=self._writer_loop, name="journal-writer", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalError(f"{self.path} is in use by another multibroker process (lock {lock_path})") from None
+        self._lock_fd = fd
+        try:
+            conn = _connect(self.path)
+            self.schema_version = migrate(sqlite_utils.Database(conn))
+        except BaseException:
+            self._release_lock()
+            raise
+        self._writer = conn
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the writer, close every connection. Later writes raise JournalError."""
+        if not self._running:
+            return
+        self._running = False
+        self._queue.put(_STOP)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
+        self._local = threading.local()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def __aenter__(self) -> Journal:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    # -- the writer -------------------------------------------------------------------------------------------
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any], *, bare: bool = False) -> Any:
+        """Run ``fn(conn)`` in the writer's next batch; return its result once the batch is committed."""
+        if not self._running:
+            raise JournalError("the journal is not running")
+        future: Future[Any] = Future()
+        self._queue.put(_Write(fn, future, bare))
+        return await asyncio.wrap_future(future)
+
+    def _writer_loop(self) -> None:
+        conn = self._writer
+        assert conn is not None
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            batch: list[_Write] = []
+            bare: _Write | None = None
+            while True:
+                if item is _STOP:
+                    stopping = True
+                elif item.bare:
+                    bare = item
+                else:
+                    batch.append(item)
+                if stopping or bare is not None or len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._commit(conn, batch)
+            if bare is not None:
+                try:
+                    bare.future.set_result(bare.fn(conn))
+                except Exception as exc:  # noqa: BLE001 - reported to its caller
+                    bare.future.set_exception(JournalError(f"journal statement failed ({self.path}): {exc}"))
+        conn.close()
+        self._writer = None
+        # Anything queued after the stop marker was raced in by a caller: fail it rather than leave it hanging.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Write):
+                item.future.set_exception(JournalError("the journal was closed before this write"))
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
+        results: list[tuple[_Write, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for write in batch:
+                conn.execute("SAVEPOINT w")
+                try:
+                    result = write.fn(conn)
+                except Exception as exc:  # noqa: BLE001 - the error goes to that caller, the batch goes on
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled the whole transaction back (disk full, I/O error): batch lost
+                    conn.execute("ROLLBACK TO w")
+                    conn.execute("RELEASE w")
+                    results.append((write, None, exc))
+                else:
+                    conn.execute("RELEASE w")
+                    results.append((write, result, None))
+            conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - BEGIN or COMMIT failed: nothing of the batch is on disk
+            logger.error("journal commit of %d writes failed: %s", len(batch), exc)
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            error = JournalError(f"journal write failed ({self.path}): {exc}")
+            for write in batch:
+                write.future.set_exception(error)
+            return
+        self.batches += 1
+        self.writes += len(batch)
+        for write, result, error in results:
+            if error is None:
+                write.future.set_result(result)
+            else:
+                if isinstance(error, (JournalError, KeyError, ValueError, TypeError)):
+                    wrapped = error
+                elif isinstance(error, sqlite3.IntegrityError):
+                    wrapped = JournalConflict(f"journal write refused ({self.path}): {error}")
+                else:
+                    wrapped = JournalError(f"journal write failed ({self.path}): {error}")
+                write.future.set_exception(wrapped)
+
+    # -- the reader -------------------------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            if not self._running:
+                raise JournalError("the journal is not running")
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                   check_same_thread=False, timeout=5.0)
+            with self._readers_lock:
+                self._readers.append(conn)
+            db = sqlite_utils.Database(conn)
+            self._local.db = db
+        return db
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return list(self._reader().query(sql, params))
+
+    # -- signals ----------------------------------------------------------------------------------------------
+
+    async def record_signal(self, *, raw: bytes | str | None, remote: str | None, status: str, reason: str | None,
+                            key: str | None, signal: Mapping[str, Any] | None, decision: Mapping[str, Any] | None,
+                            orders: Iterable[Mapping[str, Any]] = (), signal_id: str | None = None,
+                            at: datetime | None = None) -> str:
+        """Journal one signal with its decision and its orders (status ``new``) in one transaction.
+
+        Returns the signal id (``signal_id`` when given, as the webhook does so that client order ids derive from
+        it, otherwise a new one) once the transaction is committed. ``raw`` must already be free of secrets.
+        """
+        if status not in SIGNAL_STATUSES:
+            raise ValueError(f"signal status {status!r} is not one of {', '.join(SIGNAL_STATUSES)}")
+        sid = signal_id or new_signal_id(at)
+        when = utc_iso(at)
+        raw_text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        strategy = (signal or {}).get("strategy") if signal else None
+        signal_row = (sid, when, remote, status, reason, key, strategy, raw_text,
+                      None if signal is None else dumps(signal), None if decision is None else dumps(decision))
+        order_rows = []
+        event_rows = []
+        for seq, order in enumerate(orders):
+            coid = order["client_order_id"]
+            order_rows.append((
+                coid, sid, seq, order["account"], order["broker"], order["contract"], order["side"],
+                int(order["quantity"]), order.get("intent"), order.get("order_type") or (decision or {}).get(
+                    "order_type"), _text(order.get("price", (decision or {}).get("price"))),
+                _text(order.get("margin_usd")), "new", when, when))
+            event_rows.append((coid, "new", when))
+
+        def write(conn: sqlite3.Connection) -> str:
+            conn.execute("INSERT INTO signals (id, received_at, remote, status, reason, key, strategy, raw, signal, "
+                         "decision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", signal_row)
+            if order_rows:
+                conn.executemany(
+                    "INSERT INTO orders (client_order_id, signal_id, seq, account, broker, contract, side, quantity, "
+                    "intent, order_type, price, margin_usd, status, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", order_rows)
+                conn.executemany("INSERT INTO order_events (client_order_id, status, at) VALUES (?, ?, ?)",
+                                 event_rows)
+            return sid
+
+        result: str = await self._write(write)
+        return result
+
+    def find_by_key(self, key: str, since: datetime) -> dict[str, Any] | None:
+        """The first signal journaled under ``key`` since ``since`` that counted (accepted or decided), or None."""
+        rows = self._query(
+            "SELECT * FROM signals WHERE key = ? AND received_at >= ? AND status IN ('accepted', 'decided') "
+            "ORDER BY received_at LIMIT 1", (key, utc_iso(since)))
+        return _signal(rows[0]) if rows else None
+
+    def get_signal(self, signal_id: str) -> dict[str, Any] | None:
+        """The signal with its decision record and its orders (each with its status history)."""
+        rows = self._query("SELECT * FROM signals WHERE id = ?", (signal_id,))
+        if not rows:
+            return None
+        out = _signal(rows[0])
+        out["orders"] = self.orders(signal_id=signal_id, history=True)
+        return out
+
+    def recent_signals(self, limit: int = 100, *, status: str | None = None) -> list[dict[str, Any]]:
+        if status is None:
+            rows = self._query("SELECT * FROM signals ORDER BY received_at DESC LIMIT ?", (limit,))
+        else:
+            rows = self._query("SELECT * FROM signals WHERE status = ? ORDER BY received_at DESC LIMIT ?",
+                               (status, limit))
+        return [_signal(r) for r in rows]
+
+    def pending_signals(self) -> list[dict[str, Any]]:
+        """Accepted signals with at least one order not in a final status, oldest first, each with its orders.
+
+        This is what a restart must finish: orders still ``new`` were never sent; any other non-final status may
+        be at the broker and must be looked up by client order id before anything is resent.
+        """
+        finals = tuple(sorted(FINAL_ORDER_STATUSES))
+        marks = ", ".join("?" for _ in finals)
+        rows = self._query(
+            "SELECT * FROM signals WHERE status = 'accepted' AND id IN (SELECT DISTINCT signal_id FROM orders "
+            f"WHERE status NOT IN ({marks})) ORDER BY received_at", finals)
+        out = []
+        for row in rows:
+            sig = _signal(row)
+            sig["orders"] = self.orders(signal_id=sig["id"])
+            out.append(sig)
+        return out
+
+    # -- orders -----------------------------------------------------------------------------------------------
+
+    async def order_status(self, client_order_id: str, status: str, *, broker_order_id: str | None = None,
+                           detail: Any = None, at: datetime | None = None) -> None:
+        """Move an order to ``status`` (the runtime checks the transition) and append it to its history.
+
+        Raises KeyError for an unknown client order id. ``broker_order_id`` is kept once known.
+        """
+        if status not in ORDER_STATUSES:
+            raise ValueError(f"order status {status!r} is not one of {', '.join(ORDER_STATUSES)}")
+        when = utc_iso(at)
+        detail_text = None if detail is None else (detail if isinstance(detail, str) else dumps(detail))
+
+        def write(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE orders SET status = ?, broker_order_id = COALESCE(?, broker_order_id), detail = ?, "
+                "updated_at = ? WHERE client_order_id = ?", (status, broker_order_id, detail_text, when,
+                                                             client_order_id))
+            if cur.rowcount == 0:
+                raise KeyError(f"no order {client_order_id} in the journal")
+            conn.execute("INSERT INTO order_events (client_order_id, status, at, broker_order_id, detail) "
+                         "VALUES (?, ?, ?, ?, ?)", (client_order_id, status, when, broker_order_id, detail_text))
+
+        await self._write(write)
+
+    def get_order(self, client_order_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM orders WHERE client_order_id = ?", (client_order_id,))
+        if not rows:
+            return None
+        order = _order(rows[0])
+        order["history"] = self.order_events(client_order_id)
+        return order
+
+    def order_events(self, client_order_id: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT status, at, broker_order_id, detail FROM order_events WHERE client_order_id = ? "
+                           "ORDER BY id", (client_order_id,))
+        return [{**r, "detail": _maybe_json(r["detail"])} for r in rows]
+
+    def orders(self, *, status: Iterable[str] | None = None, signal_id: str | None = None,
+               account: str | None = None, limit: int | None = None, history: bool = False) -> list[dict[str, Any]]:
+        """Orders, newest first (in their signal's leg order when ``signal_id`` is given)."""
+        where, params = [], []
+        if status is not None:
+            statuses = list(status)
+            where.append(f"status IN ({', '.join('?' for _ in statuses)})")
+            params.extend(statuses)
+        if signal_id is not None:
+            where.append("signal_id = ?")
+            params.append(signal_id)
+        if account is not None:
+            where.append("account = ?")
+            params.append(account)
+        sql = "SELECT * FROM orders"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq" if signal_id is not None else " ORDER BY created_at DESC, seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        out = [_order(r) for r in self._query(sql, params)]
+        if history:
+            for order in out:
+                order["history"] = self.order_events(order["client_order_id"])
+        return out
+
+    # -- fills ------------------------------------------------------------------------------------------------
+
+    async def record_fill(self, fill: Mapping[str, Any]) -> bool:
+        """Record a fill once per (broker, fill_id); False when it was already known (a fill reported twice)."""
+        for required in ("broker", "fill_id"):
+            if not fill.get(required):
+                raise ValueError(f"a fill needs '{required}'")
+        row = (fill["broker"], str(fill["fill_id"]), fill.get("account"), fill.get("contract"), fill.get("side"),
+               None if fill.get("quantity") is None else int(fill["quantity"]), _text(fill.get("price")),
+               _text(fill.get("commission")), None if fill.get("at") is None else _at(fill["at"]),
+               fill.get("client_order_id"), fill.get("broker_order_id"), fill.get("strategy"), utc_iso(),
+               dumps(dict(fill)))
+
+        def write(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO fills (broker, fill_id, account, contract, side, quantity, price, commission, "
+                "at, client_order_id, broker_order_id, strategy, recorded_at, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            return cur.rowcount == 1
+
+        result: bool = await self._write(write)
+        return result
+
+    def fills(self, *, account: str | None = None, since: datetime | None = None,
+              limit: int | None = None) -> list[dict[str, Any]]:
+        """Fills in time order (oldest first)."""
+        where, params = [], []
+        if account is not None:
+            where.append("account = ?")
+            params.append(account)
+        if since is not None:
+            where.append("at >= ?")
+            params.append(utc_iso(since))
+        sql = "SELECT * FROM fills" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY at, recorded_at"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [{**r, "data": _loads(r["data"])} for r in self._query(sql, params)]
+
+    # -- time-stamped records ---------------------------------------------------------------------------------
+
+    async def _record_rows(self, table: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+        values = []
+        for row in rows:
+            extra = []
+            for col in columns:
+                value = row.get(col)
+                extra.append(None if value is None else int(value) if isinstance(value, bool) else value)
+            values.append((_at(row.get("at")), *extra, dumps(dict(row))))
+        cols = ", ".join(("at", *columns, "data"))
+        marks = ", ".join("?" for _ in range(len(columns) + 2))
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany(f"INSERT INTO {table} ({cols}) VALUES ({marks})", values)
+
+        await self._write(write)
+
+    def _recent_rows(self, table: str, limit: int) -> list[dict[str, Any]]:
+        rows = self._query(f"SELECT id, at, data FROM {table} ORDER BY at DESC, id DESC LIMIT ?", (limit,))
+        return [{**_loads(r["data"]), "id": r["id"], "at": r["at"]} for r in rows]
+
+    async def record_reconciliation(self, row: Mapping[str, Any]) -> None:
+        """One comparison of ledger and broker (keys ``broker``, ``account``, ``ok`` indexed; all kept as JSON)."""
+        await self._record_rows("reconciliations", ("broker", "account", "ok"), [row])
+
+    def reconciliations(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._recent_rows("reconciliations", limit)
+
+    async def record_reload(self, row: Mapping[str, Any]) -> None:
+        """One rules reload attempt (``engine.reload.Reload.as_dict()``)."""
+        await self._record_rows("reloads", ("generation", "ok", "outcome"), [row])
+
+    def reloads(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._recent_rows("reloads", limit)
+
+    async def record_risk_event(self, row: Mapping[str, Any]) -> None:
+        """A breach, halt, flatten or halt clearance (``scope``, ``name``, ``kind`` indexed)."""
+        await self._record_rows("risk_events", ("scope", "name", "kind"), [row])
+
+    def risk_events(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._recent_rows("risk_events", limit)
+
+    async def record_position_snapshot(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Positions as seen at one instant (one row per account/contract), all in one transaction."""
+        if rows:
+            await self._record_rows("position_snapshots", ("broker", "account"), rows)
+
+    def position_snapshots(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._recent_rows("position_snapshots", limit)
+
+    # -- maintenance ------------------------------------------------------------------------------------------
+
+    async def execute(self, sql: str, params: Sequence[Any] = (), *, transaction: bool = True) -> int:
+        """Run one parameterized statement on the writer connection (maintenance and tests); returns the row count.
+
+        ``transaction=False`` runs it alone between batches, for PRAGMAs that cannot run inside a transaction.
+        """
+        def write(conn: sqlite3.Connection) -> int:
+            return conn.execute(sql, params).rowcount
+
+        result: int = await self._write(write, bare=not transaction)
+        return result
+
+
+def _maybe_json(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _signal(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out["signal"] = _loads(out["signal"])
+    out["decision"] = _loads(out["decision"])
+    return out
+
+
+def _order(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    out["detail"] = _maybe_json(out["detail"])
+    return out

@@ -1,0 +1,241 @@
+"""The broker connections: one connector per Broker document, its health, pauses, and reconnects with backoff.
+
+A broker is *available* for trading only when it is connected, not paused by an operator, and not still
+recovering from a reconnect. Recovery matters: after a drop the service does not know what happened while it was
+away, so the runtime's ``on_up`` hook (look up in-flight orders, reconcile, catch up) runs before the broker takes
+new orders again. Until then routing treats its accounts as disconnected (best mode picks another broker, mirror
+orders for them are recorded as missed) and positions already held stay where they are.
+
+Drops are learned two ways: a ``ConnectionEvent(connected=False)`` from the connector, or calls that fail with
+``BrokerUnavailable``/``OutcomeUnknown`` (``report_failure``). Reconnects back off exponentially (``backoff_s`` doubling
+up to ``backoff_max_s``); a connector that reconnects by itself (ProjectX does) is simply noticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Awaitable, Callable, Mapping
+
+from brokers.base import BrokerError, BrokerEvent, ConnectionEvent, Connector, make_connector, utcnow
+from engine.model import Broker
+
+log = logging.getLogger(__name__)
+
+EventHandler = Callable[[str, BrokerEvent], Awaitable[None]]
+StateHook = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class BrokerSlot:
+    """One broker's connection and what the service knows about its health."""
+
+    name: str
+    connector: Connector
+    admin_paused: bool = False
+    down: bool = True
+    """Not connected, or connected but not yet recovered (lookups, reconciliation, catch-up pending)."""
+    reason: str = "not started"
+    since: datetime = field(default_factory=utcnow)
+    reconnects: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    recovering: bool = False
+
+    @property
+    def available(self) -> bool:
+        return not self.down and not self.admin_paused and self.connector.connected
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.connector.broker.type,
+            "connected": self.connector.connected and not self.down,
+            "paused": self.admin_paused,
+            "available": self.available,
+            "reason": self.reason,
+            "since": self.since.isoformat().replace("+00:00", "Z"),
+            "reconnects": self.reconnects,
+            "last_error": self.last_error,
+            "rate_limit_headroom": round(self.connector.rate_limit_headroom(), 3),
+        }
+
+
+class BrokerPool:
+    """Owns the connectors. ``on_event`` receives every order/fill event; ``on_up``/``on_down`` see state changes."""
+
+    def __init__(self, brokers: Mapping[str, Broker], *, connector_options: Mapping[str, Any] | None = None,
+                 factory: Callable[..., Connector] = make_connector, backoff_s: float = 0.5,
+                 backoff_max_s: float = 30.0) -> None:
+        self._factory = factory
+        self._options = dict(connector_options or {})
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.slots: dict[str, BrokerSlot] = {}
+        self.on_event: EventHandler | None = None
+        self.on_up: StateHook | None = None
+        self.on_down: StateHook | None = None
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self._reconnecting: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+        for broker in brokers.values():
+            self.add(broker)
+
+    def add(self, broker: Broker) -> BrokerSlot:
+        slot = BrokerSlot(broker.name, self._factory(broker, **self._options))
+        self.slots[broker.name] = slot
+        return slot
+
+    def __getitem__(self, name: str) -> BrokerSlot:
+        try:
+            return self.slots[name]
+        except KeyError:
+            raise KeyError(f"no broker named {name!r}; configured: {', '.join(sorted(self.slots))}") from None
+
+    def connector(self, name: str) -> Connector:
+        return self[name].connector
+
+    def available(self, name: str) -> bool:
+        slot = self.slots.get(name)
+        return slot is not None and slot.available
+
+    def unavailable(self) -> frozenset[str]:
+        """Brokers routing must skip (paused, down or recovering)."""
+        return frozenset(name for name, slot in self.slots.items() if not slot.available)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect every broker concurrently; one that fails to connect is retried in the background."""
+        await asyncio.gather(*(self._start_one(slot) for slot in self.slots.values()))
+
+    async def _start_one(self, slot: BrokerSlot) -> None:
+        queue = slot.connector.subscribe()
+        self._tasks[slot.name] = [asyncio.create_task(self._pump(slot, queue), name=f"pool-events-{slot.name}")]
+        try:
+            await slot.connector.connect()
+        except (BrokerError, OSError) as exc:
+            slot.last_error = str(exc)
+            log.warning("broker %s: could not connect at start (%s); retrying with backoff", slot.name, exc)
+            self._schedule_reconnect(slot)
+            return
+        await self._came_up(slot, "connected")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = [t for ts in self._tasks.values() for t in ts] + list(self._reconnecting.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._reconnecting.clear()
+        for slot in self.slots.values():
+            try:
+                await slot.connector.close()
+            except Exception:  # closing must not stop the others from closing
+                log.exception("broker %s: error while closing", slot.name)
+
+    # -- health ----------------------------------------------------------------------------------------------
+    async def _pump(self, slot: BrokerSlot, queue: "asyncio.Queue[BrokerEvent]") -> None:
+        while True:
+            event = await queue.get()
+            try:
+                if isinstance(event, ConnectionEvent):
+                    if event.connected:
+                        if slot.down and not slot.recovering and slot.name not in self._reconnecting:
+                            await self._came_up(slot, event.reason)
+                    else:
+                        await self.mark_down(slot.name, event.reason)
+                elif self.on_event is not None:
+                    await self.on_event(slot.name, event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("broker %s: error while handling %r", slot.name, event)
+
+    async def mark_down(self, name: str, reason: str) -> None:
+        """The broker's connection is gone (or unusable): stop routing to it and start reconnecting."""
+        slot = self[name]
+        if slot.down and name in self._reconnecting:
+            return
+        was_down = slot.down
+        slot.down, slot.reason, slot.since = True, f"down: {reason}", utcnow()
+        if not was_down:
+            log.warning("broker %s paused: connection lost (%s)", name, reason)
+            if self.on_down is not None:
+                await self.on_down(name)
+        if not self._stopping:
+            self._schedule_reconnect(slot)
+
+    async def report_failure(self, name: str, exc: BaseException) -> None:
+        """A call failed in a way that says the connection is unusable; pause the broker if it is."""
+        slot = self[name]
+        slot.failures += 1
+        slot.last_error = str(exc)
+        if not slot.connector.connected or slot.failures >= 3:
+            await self.mark_down(name, f"{type(exc).__name__}: {exc}")
+
+    def report_success(self, name: str) -> None:
+        self[name].failures = 0
+
+    def _schedule_reconnect(self, slot: BrokerSlot) -> None:
+        task = self._reconnecting.get(slot.name)
+        if task is None or task.done():
+            self._reconnecting[slot.name] = asyncio.create_task(self._reconnect(slot), name=f"reconnect-{slot.name}")
+
+    async def _reconnect(self, slot: BrokerSlot) -> None:
+        delay = self.backoff_s
+        try:
+            while not self._stopping:
+                if not slot.connector.connected:
+                    try:
+                        await slot.connector.connect()
+                    except (BrokerError, OSError) as exc:
+                        slot.last_error = str(exc)
+                        log.info("broker %s: reconnect failed (%s); next try in %.2fs", slot.name, exc, delay)
+                if slot.connector.connected:
+                    slot.reconnects += 1
+                    await self._came_up(slot, "reconnected")
+                    if not slot.down:
+                        return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max_s)
+        finally:
+            if self._reconnecting.get(slot.name) is asyncio.current_task():
+                del self._reconnecting[slot.name]
+
+    async def _came_up(self, slot: BrokerSlot, reason: str) -> None:
+        """Connected again: recover (the runtime's hook) before taking new orders."""
+        if slot.recovering:
+            return
+        slot.recovering = True
+        try:
+            if self.on_up is not None:
+                await self.on_up(slot.name)
+        except Exception as exc:
+            slot.last_error = f"recovery failed: {exc}"
+            log.exception("broker %s: recovery after %s failed; staying paused", slot.name, reason)
+            slot.recovering = False
+            if slot.connector.connected and not self._stopping:
+                await asyncio.sleep(min(self.backoff_s, 1.0))
+                self._schedule_reconnect(slot)
+            return
+        slot.recovering = False
+        if slot.connector.connected:
+            slot.down, slot.reason, slot.since, slot.failures = False, reason, utcnow(), 0
+            log.info("broker %s available (%s)", slot.name, reason)
+
+    # -- operator --------------------------------------------------------------------------------------------
+    def pause(self, name: str) -> BrokerSlot:
+        slot = self[name]
+        slot.admin_paused = True
+        return slot
+
+    def resume(self, name: str) -> BrokerSlot:
+        slot = self[name]
+        slot.admin_paused = False
+        return slot
+
+    def status(self) -> list[dict[str, Any]]:
+        return [slot.as_dict() for _, slot in sorted(self.slots.items())]

@@ -1,0 +1,747 @@
+"""Everything behind the HTTP layer: brokers, dispatch, ledger, reconciliation, failover, risk and the schedule.
+
+The webhook journals a signal with its orders (status ``new``) and answers; only then does it call ``dispatch``,
+which hands the orders to per-broker queues (``service.dispatch``) without blocking. From there every state change
+is journaled before it is acted on, fills feed the ledger (``service.ledger``) and the day book of the risk monitor
+(``service.risk``), and ``engine_state`` serves the next decision from a cached view instead of a database query.
+
+Recovery is the same code path at start-up and after a reconnect (``_recover``): orders the journal holds as in
+flight are looked up at the broker by client order id; found, their state is adopted; not found, an order that
+never left (``new``) or whose fate is unknown after a crash is sent (the broker holds none, so this cannot
+duplicate), while an order whose request failed during a drop in this run becomes ``missed`` (catch-up converges
+accounts that want it). Then the broker is reconciled, accounts with ``catch_up`` converge to their strategies'
+last targets, and only then does the broker take new orders.
+
+Exposure: an entry reserves its margin from the moment it is dispatched until the broker resolves it *and* a
+later account snapshot reflects the fill, so the free margin the engine sees never looks better than it is, even
+when one broker confirms in 15 ms and another in 200 ms. Positions the engine sees include orders still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Iterable
+
+from brokers.base import AccountSnapshot, BrokerError, BrokerEvent, Fill, FillEvent, OrderEvent
+from brokers.feed import PriceFeed
+from engine.decision import Decision, client_order_id
+from engine.model import Account, RuleSet
+from engine.schedule import Firing, flatten_due
+from engine.sessions import trading_day, trading_day_start
+from engine.signal import parse_signal
+from engine.state import AccountState, EngineState
+from service import reconcile
+from service.dispatch import (
+    CANCELLED,
+    FILLED,
+    FINAL,
+    IN_FLIGHT,
+    MISSED,
+    NEW,
+    PARTIALLY_FILLED,
+    REJECTED,
+    SENDING,
+    UNKNOWN,
+    WORKING,
+    Dispatcher,
+    Job,
+    OrderTracker,
+    Tracked,
+)
+from service.ledger import EXTERNAL_STRATEGY, Ledger, replay
+from service.pool import BrokerPool
+from service.risk import PORTFOLIO, RiskMonitor
+from service.scheduler import ScheduleExecutor
+
+log = logging.getLogger(__name__)
+
+RISK_TICK_S = 0.5
+SNAPSHOT_DEBOUNCE_S = 0.05
+
+
+def _utc(at: datetime) -> str:
+    return at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class _Reservation:
+    account: str
+    margin: Decimal
+    resolved_at: datetime | None = None
+
+
+class Runtime:
+    """See the module docstring; the public methods are the API the HTTP layer (service.app) uses."""
+
+    def __init__(self, config: Any, journal: Any, watcher: Any, *, clock: Any = None,
+                 connector_options: dict[str, Any] | None = None, feed: PriceFeed | None = None) -> None:
+        self.config = config
+        self.journal = journal
+        self.watcher = watcher
+        self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.feed = feed or PriceFeed.shared()
+        data_dir = getattr(config, "data_dir", None)
+        options: dict[str, Any] = {"feed": self.feed}
+        if data_dir is not None:
+            options["data_dir"] = Path(data_dir)
+        options.update(connector_options or {})
+        self._connector_options = options
+        self.backoff_s = float(getattr(config, "reconnect_backoff_s", 0.5))
+        self.backoff_max_s = float(getattr(config, "reconnect_backoff_max_s", 30.0))
+        self.ledger = Ledger()
+        self.tracker = OrderTracker(journal)
+        self.tracker.hooks.append(self._on_status)
+        self.pool: BrokerPool | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.risk = RiskMonitor(self._mark, self._point_value)
+        self.scheduler: ScheduleExecutor | None = None
+        self._snapshots: dict[str, AccountSnapshot] = {}
+        self._reservations: dict[str, _Reservation] = {}
+        self._snapshot_due: dict[str, asyncio.Task[None]] = {}
+        self._state: EngineState | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started_at: datetime | None = None
+        self._first_up: set[str] = set()
+        self._recovering_at_start: set[str] = set()
+        self._pending_fills: list[tuple[str, Fill]] = []
+        self.alerts: list[dict[str, Any]] = []
+        self.catchups: list[dict[str, Any]] = []
+        self.running = False
+
+    # -- rules -------------------------------------------------------------------------------------------------
+    @property
+    def ruleset(self) -> RuleSet:
+        return self.watcher.current[0]
+
+    @property
+    def engine(self) -> Any:
+        return self.watcher.current[1]
+
+    def _account(self, name: str) -> Account | None:
+        return self.ruleset.accounts.get(name)
+
+    def _account_at(self, broker: str, broker_account: str) -> str | None:
+        for account in self.ruleset.accounts.values():
+            if account.broker == broker and account.broker_account == broker_account:
+                return account.name
+        return None
+
+    def _point_value(self, contract: str) -> Decimal:
+        instrument = self.ruleset.catalog.get(contract[:-2]) or self.ruleset.catalog.get(contract)
+        return instrument.point_value if instrument is not None else Decimal(0)
+
+    def _mark(self, contract: str) -> Decimal | None:
+        try:
+            return self.feed.price(contract)
+        except KeyError:
+            return None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Rebuild the ledger from the journal, connect (each broker recovers as it comes up), start the loops."""
+        self._started_at = self.clock()
+        ruleset = self.ruleset
+        self.ledger = replay(self.journal.fills(), self._point_value)
+        self.risk.roll(self._started_at, self.ledger)
+        self._load_open_orders()
+        self._restore_halts()
+        self.pool = BrokerPool(ruleset.brokers, connector_options=self._connector_options,
+                               backoff_s=self.backoff_s, backoff_max_s=self.backoff_max_s)
+        self.pool.on_event = self._on_event
+        self.pool.on_up = self._on_up
+        self.pool.on_down = self._on_down
+        self.dispatcher = Dispatcher(self.tracker, self.pool)
+        self.running = True
+        await self.pool.start()
+        self.scheduler = ScheduleExecutor(lambda: self.ruleset.schedule_rules, self._fire_schedule, self.journal,
+                                          clock=self.clock)
+        await self.scheduler.start()
+        self._tasks.append(asyncio.create_task(self._risk_loop(), name="risk-monitor"))
+        for name in ruleset.brokers:
+            self._tasks.append(asyncio.create_task(self._reconcile_loop(name), name=f"reconcile-{name}"))
+        self._invalidate()
+
+    async def stop(self) -> None:
+        self.running = False
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        tasks = self._tasks + list(self._snapshot_due.values())
+        self._tasks = []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+        if self.pool is not None:
+            await self.pool.stop()
+
+    def _job(self, order: dict[str, Any], strategy: str, signal_id: str, margin: Decimal | None = None) -> Job | None:
+        account = self._account(order["account"])
+        if account is None:
+            log.error("order %s names account %s, which the rules no longer define; not sent",
+                      order["client_order_id"], order["account"])
+            return None
+        if margin is None:
+            stored = order.get("margin_usd")
+            if stored not in (None, ""):
+                margin = Decimal(str(stored))
+            elif order.get("intent") == "entry":
+                per = self.ruleset.brokers[account.broker].margin(order["contract"][:-2]) or Decimal(0)
+                margin = per * int(order["quantity"])
+            else:
+                margin = Decimal(0)
+        return Job(client_order_id=order["client_order_id"], signal_id=signal_id, strategy=strategy,
+                   account=account.name, broker=order.get("broker") or account.broker,
+                   broker_account=account.broker_account, contract=order["contract"], side=order["side"],
+                   quantity=int(order["quantity"]), intent=order.get("intent") or "entry", margin_usd=margin)
+
+    def _load_open_orders(self) -> None:
+        """Every order not final in the journal becomes tracked again (in flight ones recover when their broker
+        comes up); their signals' strategies attribute the fills still to come."""
+        strategies: dict[str, str] = {}
+        for row in self.journal.orders(status=[s for s in ("new", "sending", "unknown", "acknowledged",
+                                                             "partially_filled")]):
+            sid = row["signal_id"]
+            if sid not in strategies:
+                signal = self.journal.get_signal(sid) or {}
+                strategies[sid] = signal.get("strategy") or (signal.get("decision") or {}).get("strategy") or \
+                    EXTERNAL_STRATEGY
+            job = self._job(row, strategies[sid], sid)
+            if job is None:
+                continue
+            tracked = self.tracker.track(job, row["status"], row.get("broker_order_id"))
+            tracked.status = row["status"]
+            if job.margin_usd > 0 and row["status"] not in FINAL:
+                self._reservations[job.client_order_id] = _Reservation(job.account, job.margin_usd)
+            if row["status"] in IN_FLIGHT:
+                self._recovering_at_start.add(job.client_order_id)
+
+    def _restore_halts(self) -> None:
+        """Halts of today survive a restart (they lift at the next trading day or by an operator)."""
+        now = self.clock()
+        today = trading_day(now)
+        cleared: set[str] = set()
+        for row in self.journal.risk_events(1000):  # newest first
+            name, kind = row.get("name"), row.get("kind")
+            if kind == "clear":
+                cleared.add(str(name))
+            elif kind == "halt" and name not in cleared and name not in self.risk.halts and row.get("day"):
+                if str(row["day"]) == today.isoformat():
+                    self.risk.halt(str(name), str(row.get("reason")), str(row.get("source")), now)
+
+    # -- dispatch ----------------------------------------------------------------------------------------------
+    def dispatch(self, signal_id: str, decision: Decision) -> None:
+        """Hand the journaled orders of ``decision`` to their brokers' queues (returns at once)."""
+        assert self.dispatcher is not None, "Runtime.start() first"
+        jobs = []
+        for order in decision.orders:
+            job = self._job(order.to_json(), decision.strategy, signal_id, order.margin_usd)
+            if job is not None:
+                jobs.append(job)
+                self._reserve(job)
+        self.dispatcher.submit_all(jobs)
+        for cancel in decision.cancel:
+            self._spawn(self._cancel_working(cancel.account, cancel.broker, cancel.instrument))
+        self._invalidate()
+
+    def _reserve(self, job: Job) -> None:
+        if job.intent == "entry" and job.margin_usd > 0:
+            self._reservations.setdefault(job.client_order_id, _Reservation(job.account, job.margin_usd))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _cancel_working(self, account_name: str, broker: str, instrument: str) -> None:
+        account = self._account(account_name)
+        if account is None or self.pool is None or not self.pool.available(broker):
+            return
+        connector = self.pool.connector(broker)
+        try:
+            for order in await connector.working_orders(account.broker_account):
+                if order.contract[:-2] == instrument or order.contract == instrument:
+                    cancelled = await connector.cancel_order(account.broker_account, order.broker_order_id)
+                    tracked = self.tracker.find(broker, order.client_order_id, order.broker_order_id)
+                    if tracked is not None:
+                        await self.tracker.adopt(tracked.job.client_order_id, cancelled)
+        except BrokerError as exc:
+            log.warning("cancel of working %s orders in %s failed: %s", instrument, account_name, exc)
+
+    async def _on_status(self, tracked: Tracked, status: str) -> None:
+        coid = tracked.job.client_order_id
+        reservation = self._reservations.get(coid)
+        if reservation is not None:
+            if status in (REJECTED, CANCELLED, MISSED):
+                del self._reservations[coid]
+            elif status in (FILLED, PARTIALLY_FILLED) and reservation.resolved_at is None:
+                reservation.resolved_at = self.clock()
+                self._refresh_snapshot_soon(tracked.job.broker, tracked.job.account)
+        if status in (FILLED, PARTIALLY_FILLED):
+            self._retry_pending_fills()
+        self._invalidate()
+
+    # -- broker events -----------------------------------------------------------------------------------------
+    async def _on_event(self, broker: str, event: BrokerEvent) -> None:
+        if isinstance(event, FillEvent):
+            await self.ingest_fill(broker, event.fill)
+        elif isinstance(event, OrderEvent):
+            order = event.order
+            tracked = self.tracker.find(broker, order.client_order_id, order.broker_order_id)
+            if tracked is not None:
+                await self.tracker.adopt(tracked.job.client_order_id, order)
+
+    async def ingest_fill(self, broker: str, fill: Fill) -> bool:
+        """Journal a fill (once per broker fill id) and book it in the ledger and the day book."""
+        tracked = self.tracker.find(broker, fill.client_order_id, fill.broker_order_id)
+        account = tracked.job.account if tracked else self._account_at(broker, fill.account)
+        if account is None:
+            log.warning("fill %s at %s for unknown account %s ignored", fill.fill_id, broker, fill.account)
+            return False
+        if tracked is None and fill.client_order_id and fill.client_order_id.startswith("mb-"):
+            # Ours, but its order is not tracked yet (the answer to place_order is still on its way).
+            self._pending_fills.append((broker, fill))
+            return False
+        strategy = tracked.job.strategy if tracked else EXTERNAL_STRATEGY
+        new = await self.journal.record_fill({
+            "broker": broker, "fill_id": fill.fill_id, "account": account, "contract": fill.contract,
+            "side": fill.side.value, "quantity": fill.quantity, "price": fill.price, "commission": fill.commission,
+            "at": fill.time, "client_order_id": fill.client_order_id or (tracked and tracked.job.client_order_id),
+            "broker_order_id": fill.broker_order_id, "strategy": strategy,
+        })
+        signed = fill.quantity * fill.side.sign
+        fid = f"{broker}:{fill.fill_id}"
+        booked = self.ledger.apply(fill_id=fid, account=account, strategy=strategy, contract=fill.contract,
+                                   signed_qty=signed, price=fill.price, commission=fill.commission,
+                                   point_value=self._point_value(fill.contract))
+        if booked:
+            self.risk.apply_fill(fill_id=fid, account=account, strategy=strategy, contract=fill.contract,
+                                 signed_qty=signed, price=fill.price, commission=fill.commission, at=fill.time)
+        if tracked is not None and booked:
+            tracked.filled += fill.quantity
+            status = FILLED if tracked.filled >= tracked.job.quantity else PARTIALLY_FILLED
+            await self.tracker.transition(tracked.job.client_order_id, status,
+                                          broker_order_id=fill.broker_order_id)
+        self._refresh_snapshot_soon(broker, account)
+        self._invalidate()
+        return bool(new)
+
+    def _retry_pending_fills(self) -> None:
+        pending, self._pending_fills = self._pending_fills, []
+        for broker, fill in pending:
+            if self.tracker.find(broker, fill.client_order_id, fill.broker_order_id) is not None:
+                self._spawn(self.ingest_fill(broker, fill))
+            else:
+                self._pending_fills.append((broker, fill))
+
+    def _refresh_snapshot_soon(self, broker: str, account: str) -> None:
+        task = self._snapshot_due.get(account)
+        if task is None or task.done():
+            self._snapshot_due[account] = asyncio.create_task(self._refresh_snapshot(broker, account))
+
+    async def _refresh_snapshot(self, broker: str, account_name: str) -> None:
+        await asyncio.sleep(SNAPSHOT_DEBOUNCE_S)
+        account = self._account(account_name)
+        if account is None or self.pool is None or not self.pool[broker].connector.connected:
+            return
+        try:
+            snapshot = await self.pool.connector(broker).account_snapshot(account.broker_account)
+        except BrokerError as exc:
+            log.debug("snapshot of %s failed: %s", account_name, exc)
+            return
+        self._set_snapshot(account_name, snapshot)
+
+    def _set_snapshot(self, account: str, snapshot: AccountSnapshot) -> None:
+        self._snapshots[account] = snapshot
+        for coid, res in list(self._reservations.items()):
+            if res.account == account and res.resolved_at is not None and snapshot.time >= res.resolved_at:
+                tracked = self.tracker.get(coid)
+                if tracked is None or tracked.status == FILLED:
+                    del self._reservations[coid]
+        self._invalidate()
+
+    # -- failover ----------------------------------------------------------------------------------------------
+    async def _on_down(self, broker: str) -> None:
+        self._invalidate()
+
+    async def _on_up(self, broker: str) -> None:
+        """The broker (re)connected: recover in-flight orders, reconcile, catch up; then it takes orders again."""
+        first = broker not in self._first_up
+        self._first_up.add(broker)
+        await self._recover(broker, at_start=first)
+        await self.reconcile_broker(broker, reason="start-up" if first else "reconnect")
+        if not first:
+            await self._catch_up(broker)
+        self._invalidate()
+
+    async def _recover(self, broker: str, *, at_start: bool) -> None:
+        assert self.pool is not None and self.dispatcher is not None
+        connector = self.pool.connector(broker)
+        for tracked in list(self.tracker.orders.values()):
+            job = tracked.job
+            if job.broker != broker or tracked.status not in IN_FLIGHT:
+                continue
+            coid = job.client_order_id
+            found = await connector.find_order(job.broker_account, coid)
+            if found is not None:
+                log.info("recovery: %s found at %s (%s); adopting", coid, broker, found.status.value)
+                if tracked.status == NEW:
+                    await self.tracker.transition(coid, SENDING, detail="recovery: found at the broker")
+                await self.tracker.adopt(coid, found)
+                continue
+            crashed = coid in self._recovering_at_start
+            self._recovering_at_start.discard(coid)
+            if tracked.status == NEW or (at_start and crashed):
+                if tracked.status == SENDING:
+                    await self.tracker.transition(coid, UNKNOWN, detail="recovery: not at the broker; resending")
+                await self.dispatcher.send_now(job) if hasattr(self.dispatcher, "send_now") else \
+                    await self._send_recovered(job)
+            else:
+                await self.tracker.transition(coid, MISSED, detail=(
+                    f"not at broker {broker} after the connection came back; never sent"))
+
+    async def _send_recovered(self, job: Job) -> None:
+        """Send during recovery, before the broker is open to new orders (the lookup just found none)."""
+        assert self.dispatcher is not None
+        await self.dispatcher.send(job, recovering=True)
+
+    # -- reconciliation ----------------------------------------------------------------------------------------
+    async def _reconcile_loop(self, broker: str) -> None:
+        while True:
+            doc = self.ruleset.brokers.get(broker)
+            await asyncio.sleep(doc.reconcile_every_seconds if doc else 60)
+            if self.pool is None or not self.pool.available(broker):
+                continue
+            try:
+                await self.reconcile_broker(broker, reason="periodic")
+            except asyncio.CancelledError:
+                raise
+            except BrokerError as exc:
+                log.warning("reconciliation of %s failed: %s", broker, exc)
+            except Exception:
+                log.exception("reconciliation of %s failed", broker)
+
+    async def reconcile_broker(self, broker: str, *, reason: str) -> list[dict[str, Any]]:
+        """Compare the ledger with the broker for each of its accounts; apply each account's policy."""
+        assert self.pool is not None
+        connector = self.pool.connector(broker)
+        now = self.clock()
+        since = trading_day_start(now) - timedelta(days=1)
+        rows = []
+        for account in sorted(self.ruleset.accounts.values(), key=lambda a: a.name):
+            if account.broker != broker:
+                continue
+            for fill in await connector.fills_since(account.broker_account, since):
+                await self.ingest_fill(broker, fill)
+            for order in await connector.working_orders(account.broker_account):
+                tracked = self.tracker.find(broker, order.client_order_id, order.broker_order_id)
+                if tracked is not None:
+                    await self.tracker.adopt(tracked.job.client_order_id, order)
+            for tracked in list(self.tracker.orders.values()):
+                if tracked.job.account == account.name and tracked.status in WORKING:
+                    found = await connector.find_order(account.broker_account, tracked.job.client_order_id)
+                    if found is not None:
+                        await self.tracker.adopt(tracked.job.client_order_id, found)
+            held = {p.contract: p.quantity for p in await connector.positions(account.broker_account) if p.quantity}
+            self._set_snapshot(account.name, await connector.account_snapshot(account.broker_account))
+            in_flux = {t.job.contract for t in self.tracker.in_flight() if t.job.account == account.name}
+            mismatches = reconcile.compare_positions(self.ledger.account_positions(account.name), held, in_flux)
+            row = {"broker": broker, "account": account.name, "ok": not mismatches, "reason": reason,
+                   "policy": account.on_mismatch, "mismatches": [m.as_dict() for m in mismatches],
+                   "broker_positions": held, "at": now}
+            await self.journal.record_reconciliation(row)
+            rows.append(row)
+            await self._apply_policy(account, mismatches, now)
+        self._invalidate()
+        return rows
+
+    async def _apply_policy(self, account: Account, mismatches: list[reconcile.Mismatch], now: datetime) -> None:
+        halt = self.risk.halts.get(account.name)
+        if not mismatches:
+            if halt is not None and halt.source == "reconciliation":
+                self.risk.clear(account.name)
+                await self._risk_event(account.name, "clear", "reconciliation matches again", "reconciliation", now)
+            return
+        text = reconcile.describe(mismatches)
+        if account.on_mismatch == reconcile.HALT:
+            if halt is None:
+                self.risk.halt(account.name, f"reconciliation mismatch: {text}", "reconciliation", now,
+                               until_day_end=False)
+                await self._risk_event(account.name, "halt", f"reconciliation mismatch: {text}", "reconciliation",
+                                       now)
+            return
+        for m in mismatches:
+            mark = self._mark(m.contract) or Decimal(0)
+            self.ledger.adjust(account=account.name, contract=m.contract, to_quantity=m.broker, price=mark)
+            self.risk.adjust(account.name, m.contract, m.broker)
+        alert = {"account": account.name, "kind": "reconciliation_adopted", "detail": text, "at": _utc(now)}
+        self.alerts.append(alert)
+        log.warning("reconciliation: %s adopted the broker's positions (%s)", account.name, text)
+        await self._risk_event(account.name, "adopt", f"adopted broker positions: {text}", "reconciliation", now)
+
+    async def _risk_event(self, name: str, kind: str, reason: str, source: str, now: datetime,
+                          **extra: Any) -> None:
+        await self.journal.record_risk_event({"scope": "portfolio" if name == PORTFOLIO else "account",
+                                              "name": name, "kind": kind, "reason": reason, "source": source,
+                                              "day": trading_day(now).isoformat(), "at": now, **extra})
+
+    # -- catch-up ----------------------------------------------------------------------------------------------
+    def _last_targets(self) -> dict[str, dict[str, Any]]:
+        """The last target-position signal per strategy, from the journal."""
+        found: dict[str, dict[str, Any]] = {}
+        for row in self.journal.recent_signals(1000):
+            signal = row.get("signal") or {}
+            strategy = signal.get("strategy")
+            if row.get("status") in ("accepted", "decided") and strategy and strategy not in found \
+                    and signal.get("position") is not None and not signal.get("catch_up"):
+                found[strategy] = row
+        return found
+
+    async def _catch_up(self, broker: str) -> None:
+        """Converge ``catch_up`` accounts at ``broker`` to their strategies' last targets, unless a flatten of the
+        same session has fired since that target (the target is then void) or the rules block entries."""
+        now = self.clock()
+        accounts = [a for a in self.ruleset.accounts.values() if a.broker == broker and a.catch_up]
+        if not accounts:
+            return
+        targets = self._last_targets()
+        for strategy, row in targets.items():
+            followers = [a for a in accounts if strategy in a.strategies]
+            if not followers:
+                continue
+            received = datetime.fromisoformat(str(row["received_at"]).replace("Z", "+00:00"))
+            if trading_day(received) != trading_day(now):
+                continue
+            if self._flattened_since(strategy, followers, received, now):
+                self.catchups.append({"strategy": strategy, "skipped": "a flatten fired since the target"})
+                continue
+            body = {k: v for k, v in (row.get("signal") or {}).items()
+                    if k in ("strategy", "ticker", "action", "quantity", "order_type", "price", "position",
+                             "position_size", "comment")}
+            sid = f"{row['id']}-catchup-{broker}-{self.pool[broker].reconnects if self.pool else 0}"
+            if self.journal.get_signal(sid) is not None:
+                continue
+            try:
+                signal = parse_signal({**body, "id": sid})
+            except ValueError as exc:
+                log.warning("catch-up of %s: stored signal no longer parses: %s", strategy, exc)
+                continue
+            decision = self.engine.decide(signal, self.engine_state(now), now)
+            names = {a.name for a in followers}
+            orders = tuple(o for o in decision.orders if o.account in names)
+            self.catchups.append({"strategy": strategy, "signal": sid, "orders": [o.to_json() for o in orders]})
+            if not orders:
+                continue
+            decision = Decision(signal_id=sid, strategy=strategy, rule=decision.rule, blocked_by=decision.blocked_by,
+                                reason=f"catch-up after {broker} reconnected: {decision.reason}", orders=orders)
+            await self.journal.record_signal(raw=json.dumps({**body, "catch_up": True}), remote=None,
+                                             status="accepted", reason="catch-up", key=None,
+                                             signal={**body, "catch_up": True}, decision=decision.to_json(),
+                                             orders=[{**o.to_json(), "margin_usd": o.margin_usd} for o in orders],
+                                             signal_id=sid)
+            for order in orders:
+                job = self._job(order.to_json(), strategy, sid, order.margin_usd)
+                if job is not None:
+                    self.tracker.track(job)
+                    self._reserve(job)
+                    await self._send_recovered(job)
+
+    def _flattened_since(self, strategy: str, accounts: Iterable[Account], since: datetime, now: datetime) -> bool:
+        names = {a.name for a in accounts}
+        for firing in flatten_due(self.ruleset.schedule_rules, now, since):
+            rule = firing.rule
+            if firing.at <= since or firing.at > now:
+                continue
+            if rule.strategies is not None and strategy not in rule.strategies:
+                continue
+            if rule.accounts is not None and not names & set(rule.accounts):
+                continue
+            return True
+        return False
+
+    # -- flatten -----------------------------------------------------------------------------------------------
+    async def flatten(self, *, account: str | None = None, strategy: str | None = None, reason: str,
+                      flatten_id: str | None = None) -> dict[str, Any]:
+        """Close positions in scope with market orders (journaled first, like any order). Exits are never blocked;
+        a broker that is down records its orders as missed and keeps its positions."""
+        now = self.clock()
+        if account is not None and account not in self.ruleset.accounts:
+            raise KeyError(f"no account named {account!r}")
+        fid = flatten_id or f"flatten-{_utc(now)}-{account or '*'}-{strategy or '*'}"
+        if self.journal.get_signal(fid) is not None:
+            return {"signal_id": fid, "orders": [], "duplicate": True}
+        orders = []
+        for (acct, strat, contract), book in self.ledger.items():
+            if not book.quantity or (account is not None and acct != account):
+                continue
+            if strategy is not None and strat != strategy:
+                continue
+            doc = self._account(acct)
+            if doc is None:
+                continue
+            remaining = book.quantity + sum(
+                (t.job.quantity - t.filled) * (1 if t.job.side == "buy" else -1)
+                for t in self.tracker.in_flight()
+                if t.job.account == acct and t.job.strategy == strat and t.job.contract == contract)
+            if remaining == 0:
+                continue
+            orders.append({"account": acct, "broker": doc.broker, "contract": contract,
+                           "side": "sell" if remaining > 0 else "buy", "quantity": abs(remaining), "intent": "exit",
+                           "client_order_id": client_order_id(fid, acct, f"{strat}:{contract}"),
+                           "strategy": strat})
+        body = {"flatten": True, "account": account, "strategy": strategy, "reason": reason}
+        decision = {"signal_id": fid, "strategy": strategy or "(flatten)", "accepted": bool(orders), "rule": None,
+                    "blocked_by": None, "reason": reason, "order_type": "market", "price": None,
+                    "orders": [{k: v for k, v in o.items() if k != "strategy"} for o in orders], "skipped": [],
+                    "cancel": []}
+        await self.journal.record_signal(raw=json.dumps(body), remote=None,
+                                         status="accepted" if orders else "decided", reason=reason, key=None,
+                                         signal={**body, "strategy": strategy or "(flatten)"}, decision=decision,
+                                         orders=[{k: v for k, v in o.items() if k != "strategy"} for o in orders],
+                                         signal_id=fid)
+        assert self.dispatcher is not None
+        for order in orders:
+            job = self._job(order, str(order["strategy"]), fid, Decimal(0))
+            if job is not None:
+                self.dispatcher.submit(job)
+        self._invalidate()
+        return {"signal_id": fid, "orders": decision["orders"], "reason": reason}
+
+    async def _fire_schedule(self, firing: Firing) -> None:
+        rule = firing.rule
+        stamp = _utc(firing.at)
+        accounts = list(rule.accounts) if rule.accounts else [None]
+        strategies = list(rule.strategies) if rule.strategies else [None]
+        for account in accounts:
+            for strategy in strategies:
+                await self.flatten(account=account, strategy=strategy, reason=f"schedule {rule.name} at {stamp}",
+                                   flatten_id=f"flatten-{rule.name}-{stamp}-{account or '*'}-{strategy or '*'}")
+
+    # -- risk --------------------------------------------------------------------------------------------------
+    async def _risk_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RISK_TICK_S)
+            try:
+                await self.check_risk()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("risk monitor: check failed")
+
+    async def check_risk(self) -> list[Any]:
+        """Re-mark, roll the day if it changed, and act on any new breach."""
+        now = self.clock()
+        if self.risk.roll(now, self.ledger):
+            log.info("risk: trading day %s began; day-bound halts lifted", self.risk.day)
+        self.risk.refresh()
+        breaches = self.risk.breaches(self.ruleset.limits, self.ruleset.accounts)
+        for breach in breaches:
+            self.risk.halt(breach.scope_name, breach.reason, f"risk:{breach.limit.name}", now)
+            log.warning("risk: %s", breach.reason)
+            await self._risk_event(breach.scope_name, "halt", breach.reason, f"risk:{breach.limit.name}", now,
+                                   limit=breach.limit.name, daily_pnl=str(breach.daily_pnl),
+                                   action=breach.limit.on_breach)
+            if breach.limit.on_breach == "flatten_and_halt":
+                for account in breach.accounts:
+                    await self.flatten(account=account, reason=breach.reason,
+                                       flatten_id=f"risk-{breach.limit.name}-{self.risk.day}-{account}")
+        self._invalidate()
+        return breaches
+
+    def clear_halt(self, name: str) -> dict[str, Any]:
+        halt = self.risk.clear(name)
+        if halt is None:
+            raise KeyError(f"no halt named {name!r}; halted: {', '.join(sorted(self.risk.halts)) or 'none'}")
+        now = self.clock()
+        self._spawn(self._risk_event(name, "clear", "cleared by operator", "operator", now))
+        self._invalidate()
+        return {"cleared": name, "halt": halt.as_dict()}
+
+    # -- admin -------------------------------------------------------------------------------------------------
+    async def pause_broker(self, name: str) -> dict[str, Any]:
+        assert self.pool is not None
+        slot = self.pool.pause(name)
+        self._invalidate()
+        return slot.as_dict()
+
+    async def resume_broker(self, name: str) -> dict[str, Any]:
+        assert self.pool is not None
+        slot = self.pool.resume(name)
+        self._invalidate()
+        return slot.as_dict()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "brokers": self.pool.status() if self.pool else [],
+            "halts": [h.as_dict() for h in self.risk.halts.values()],
+            "queued": self.dispatcher.queued() if self.dispatcher else {},
+            "in_flight": len(self.tracker.in_flight()),
+            "reserved_margin_usd": str(sum((r.margin for r in self._reservations.values()), Decimal(0))),
+            "trading_day": None if self.risk.day is None else self.risk.day.isoformat(),
+            "portfolio_daily_pnl": str(self.risk.portfolio_pnl(self.ruleset.accounts)),
+            "alerts": self.alerts[-20:],
+        }
+
+    def accounts(self) -> list[dict[str, Any]]:
+        state = self.engine_state(self.clock())
+        out = []
+        for name, account in sorted(self.ruleset.accounts.items()):
+            acct = state.accounts[name]
+            snap = self._snapshots.get(name)
+            out.append({"name": name, "broker": account.broker, "connected": acct.connected,
+                        "free_margin": str(acct.free_margin), "daily_pnl": str(acct.daily_pnl),
+                        "halted": acct.halted, "positions": dict(acct.positions),
+                        "cash_balance": None if snap is None else str(snap.cash_balance),
+                        "reserved_margin": str(self._reserved(name))})
+        return out
+
+    def positions(self) -> list[dict[str, Any]]:
+        rows = []
+        for row in self.ledger.snapshot_rows():
+            if row["quantity"]:
+                mark = self._mark(str(row["contract"]))
+                rows.append({**row, "mark": None if mark is None else str(mark)})
+        return rows
+
+    # -- the engine's view -------------------------------------------------------------------------------------
+    def _invalidate(self) -> None:
+        self._state = None
+
+    def _reserved(self, account: str) -> Decimal:
+        return sum((r.margin for r in self._reservations.values() if r.account == account), Decimal(0))
+
+    def engine_state(self, now: datetime) -> EngineState:
+        """The accounts as the engine must see them; rebuilt only after something changed (cheap per webhook)."""
+        if self.risk.day is not None and trading_day(now) != self.risk.day:
+            self.risk.roll(now, self.ledger)
+            self._state = None
+        if self._state is not None:
+            return self._state
+        pool = self.pool
+        paused = pool.unavailable() if pool is not None else frozenset(self.ruleset.brokers)
+        in_flight: dict[str, dict[str, int]] = {}
+        for tracked in self.tracker.in_flight():
+            job = tracked.job
+            if tracked.status == MISSED:
+                continue
+            signed = (job.quantity - tracked.filled) * (1 if job.side == "buy" else -1)
+            book = in_flight.setdefault(job.account, {})
+            book[job.contract] = book.get(job.contract, 0) + signed
+        accounts = {}
+        for name, account in self.ruleset.accounts.items():
+            positions = dict(self.ledger.account_positions(name))
+            for contract, qty in in_flight.get(name, {}).items():
+                positions[contract] = positions.get(contract, 0) + qty
+            snap = self._snapshots.get(name)
+            free = (snap.free_margin if snap is not None else Decimal(0)) - self._reserved(name)
+            accounts[name] = AccountState(
+                connected=account.broker not in paused, free_margin=free, daily_pnl=self.risk.daily_pnl(name),
+                positions={c: q for c, q in positions.items() if q}, halted=self.risk.halted(name), daily_pnl_at=now)
+        self._state = EngineState(accounts=accounts, paused=paused, portfolio_daily_pnl_at=now)
+        return self._state

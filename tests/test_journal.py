@@ -1,0 +1,235 @@
+"""The journal: migrations, one transaction per signal, group commit, "acknowledged means on disk", the order
+state history, idempotent fills and the recovery query."""
+
+from __future__ import annotations
+
+import asyncio
+import signal as signals
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service import journal as journal_module
+from service.journal import Journal, JournalConflict, JournalError, migrate, new_signal_id, utc_iso
+
+T0 = datetime(2026, 3, 10, 15, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+async def journal(tmp_path: Path) -> Any:
+    j = Journal(tmp_path / "journal.db")
+    await j.start()
+    yield j
+    await j.close()
+
+
+def order(coid: str, account: str = "apex-1", **extra: Any) -> dict[str, Any]:
+    return {"client_order_id": coid, "account": account, "broker": "paper-fast", "contract": "MESH6",
+            "side": "buy", "quantity": 2, "intent": "entry", **extra}
+
+
+async def accepted(j: Journal, *coids: str, key: str | None = None, at: datetime | None = None) -> str:
+    return await j.record_signal(raw=b'{"strategy":"es-scalper"}', remote="127.0.0.1", status="accepted",
+                                 reason="mirror", key=key, signal={"strategy": "es-scalper"},
+                                 decision={"orders": list(coids)}, orders=[order(c) for c in coids], at=at)
+
+
+def on_disk(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Read through a connection of our own: what another process would see."""
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.execute(sql, params))
+    finally:
+        conn.close()
+
+
+# -- schema -----------------------------------------------------------------------------------------------------
+
+
+async def test_a_new_journal_is_migrated_to_the_latest_version_in_wal_mode(journal: Journal) -> None:
+    assert journal.schema_version == len(journal_module.MIGRATIONS)
+    assert on_disk(journal.path, "SELECT version, name FROM schema_version") == [(1, "initial")]
+    assert on_disk(journal.path, "PRAGMA journal_mode") == [("wal",)]
+    tables = {r[0] for r in on_disk(journal.path, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"signals", "orders", "order_events", "fills", "position_snapshots", "reconciliations", "reloads",
+            "risk_events", "schema_version"} <= tables
+
+
+async def test_reopening_runs_no_migration_twice_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    async with Journal(path) as j:
+        sid = await accepted(j, "c1")
+    async with Journal(path) as j:
+        assert j.get_signal(sid) is not None
+    assert on_disk(path, "SELECT COUNT(*) FROM schema_version") == [(1,)]
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO schema_version VALUES (99, 'from the future', '2030-01-01T00:00:00.000000Z')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(JournalError, match="schema version 99 is newer"):
+        await Journal(path).start()
+
+
+def test_a_failing_migration_leaves_no_trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite_utils
+
+    def broken(db: sqlite_utils.Database) -> None:
+        db["half_done"].create({"id": int}, pk="id")
+        raise RuntimeError("migration 2 failed")
+
+    monkeypatch.setattr(journal_module, "MIGRATIONS", (*journal_module.MIGRATIONS, ("broken", broken)))
+    db = sqlite_utils.Database(sqlite3.connect(tmp_path / "j.db", isolation_level=None))
+    with pytest.raises(RuntimeError, match="migration 2 failed"):
+        migrate(db)
+    assert [r[0] for r in db.execute("SELECT version FROM schema_version")] == [1]
+    assert "half_done" not in db.table_names()
+
+
+async def test_a_second_journal_on_the_same_file_is_refused(journal: Journal) -> None:
+    with pytest.raises(JournalError, match="in use by another multibroker process"):
+        await Journal(journal.path).start()
+
+
+# -- signals and orders -----------------------------------------------------------------------------------------
+
+
+async def test_a_signal_its_decision_and_its_orders_are_one_transaction(journal: Journal) -> None:
+    sid = await accepted(journal, "c1", "c2", key="tv-1", at=T0)
+    row = journal.get_signal(sid)
+    assert row["received_at"] == "2026-03-10T15:00:00.000000Z" and row["key"] == "tv-1"
+    assert [(o["client_order_id"], o["status"], o["seq"]) for o in row["orders"]] == [("c1", "new", 0),
+                                                                                      ("c2", "new", 1)]
+    assert [h["status"] for h in row["orders"][0]["history"]] == ["new"]
+    # A client order id that already exists sinks its whole signal, and nothing else of the batch.
+    results = await asyncio.gather(accepted(journal, "c3", "c1"), accepted(journal, "c4"), return_exceptions=True)
+    assert isinstance(results[0], JournalConflict) and "orders.client_order_id" in str(results[0])
+    assert isinstance(results[1], str)
+    assert on_disk(journal.path, "SELECT client_order_id FROM orders ORDER BY client_order_id") == [
+        ("c1",), ("c2",), ("c4",)]
+    assert on_disk(journal.path, "SELECT COUNT(*) FROM signals") == [(2,)]
+
+
+async def test_group_commit_batches_concurrent_writes_and_each_is_on_disk_when_it_returns(journal: Journal) -> None:
+    async def one(i: int) -> None:
+        sid = await accepted(journal, f"g{i}")
+        assert on_disk(journal.path, "SELECT status FROM signals WHERE id = ?", (sid,)) == [("accepted",)]
+
+    await asyncio.gather(*(one(i) for i in range(300)))
+    assert journal.writes == 300
+    assert journal.batches < 300
+
+
+def test_an_acknowledged_signal_survives_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    script = textwrap.dedent(f"""
+        import asyncio, os, signal, sys
+        from service.journal import Journal
+        async def main():
+            j = Journal({str(path)!r})
+            await j.start()
+            sid = await j.record_signal(raw=b"{{}}", remote=None, status="accepted", reason=None, key="k",
+                                        signal={{}}, decision={{}}, orders=[{{"client_order_id": "c1",
+                                        "account": "a", "broker": "b", "contract": "MESH6", "side": "buy",
+                                        "quantity": 1, "intent": "entry"}}])
+            print(sid, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        asyncio.run(main())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == -signals.SIGKILL, proc.stderr
+    sid = proc.stdout.strip()
+    assert on_disk(path, "SELECT id FROM signals") == [(sid,)]
+    assert on_disk(path, "SELECT client_order_id, status FROM orders") == [("c1", "new")]
+
+
+async def test_find_by_key_only_counts_signals_that_were_taken_within_the_window(journal: Journal) -> None:
+    sid = await accepted(journal, "c1", key="tv-9", at=T0)
+    await journal.record_signal(raw=b"", remote=None, status="rejected", reason="422 stale", key="tv-8",
+                                signal=None, decision=None, at=T0)
+    assert journal.find_by_key("tv-9", T0 - timedelta(hours=1))["id"] == sid
+    assert journal.find_by_key("tv-9", T0 + timedelta(seconds=1)) is None
+    assert journal.find_by_key("tv-8", T0 - timedelta(hours=1)) is None
+
+
+async def test_order_status_history_broker_id_and_errors(journal: Journal) -> None:
+    await accepted(journal, "c1")
+    await journal.order_status("c1", "sending", at=T0)
+    await journal.order_status("c1", "acknowledged", broker_order_id="B-77", at=T0 + timedelta(milliseconds=15))
+    await journal.order_status("c1", "filled", detail={"price": Decimal("6001.25")}, at=T0 + timedelta(seconds=1))
+    got = journal.get_order("c1")
+    assert got["status"] == "filled" and got["broker_order_id"] == "B-77"
+    assert got["detail"] == {"price": "6001.25"}
+    assert [(h["status"], h["at"]) for h in got["history"][1:]] == [
+        ("sending", "2026-03-10T15:00:00.000000Z"), ("acknowledged", "2026-03-10T15:00:00.015000Z"),
+        ("filled", "2026-03-10T15:00:01.000000Z")]
+    with pytest.raises(KeyError, match="no order nope"):
+        await journal.order_status("nope", "sending")
+    with pytest.raises(ValueError, match="not one of"):
+        await journal.order_status("c1", "done")
+    with pytest.raises(ValueError, match="naive"):
+        await journal.order_status("c1", "filled", at=datetime(2026, 3, 10, 15, 0))
+    assert [o["client_order_id"] for o in journal.orders(status=["filled"])] == ["c1"]
+
+
+async def test_pending_signals_are_those_with_an_order_not_yet_final(journal: Journal) -> None:
+    done = await accepted(journal, "d1", "d2", at=T0)
+    open_ = await accepted(journal, "o1", "o2", at=T0 + timedelta(seconds=1))
+    for coid, status in (("d1", "filled"), ("d2", "missed"), ("o1", "rejected"), ("o2", "unknown")):
+        await journal.order_status(coid, status)
+    fresh = await accepted(journal, "n1", at=T0 + timedelta(seconds=2))
+    pending = journal.pending_signals()
+    assert [p["id"] for p in pending] == [open_, fresh]
+    assert [o["status"] for o in pending[0]["orders"]] == ["rejected", "unknown"]
+    assert done not in {p["id"] for p in pending}
+
+
+async def test_a_fill_is_recorded_once_with_decimal_money_and_utc_times(journal: Journal) -> None:
+    fill = {"broker": "paper-fast", "fill_id": "F1", "account": "apex-1", "contract": "MESH6", "side": "buy",
+            "quantity": 2, "price": Decimal("6000.25"), "commission": Decimal("0.50"),
+            "at": datetime(2026, 3, 10, 10, 0, tzinfo=timezone(timedelta(hours=-4))), "client_order_id": "c1"}
+    assert await journal.record_fill(fill) is True
+    assert await journal.record_fill(fill) is False
+    [row] = journal.fills(account="apex-1")
+    assert (row["price"], row["commission"], row["at"]) == ("6000.25", "0.50", "2026-03-10T14:00:00.000000Z")
+    assert journal.fills(since=T0) == []
+    with pytest.raises(TypeError, match="float"):
+        await journal.record_fill({**fill, "fill_id": "F2", "price": 6000.25})
+
+
+async def test_time_stamped_records_round_trip(journal: Journal) -> None:
+    await journal.record_reconciliation({"broker": "paper-fast", "account": "apex-1", "ok": False, "at": T0,
+                                         "mismatches": [{"contract": "MESH6", "ledger": 2, "broker": 1}]})
+    await journal.record_risk_event({"scope": "account", "name": "apex-1", "kind": "halt", "reason": "loss"})
+    await journal.record_reload({"generation": 2, "ok": True, "outcome": "applied", "time": T0})
+    await journal.record_position_snapshot([{"broker": "paper-fast", "account": "apex-1", "contract": "MESH6",
+                                             "quantity": 2}, {"broker": "paper-fast", "account": "apex-2",
+                                                              "contract": "MESH6", "quantity": 1}])
+    [rec] = journal.reconciliations(10)
+    assert rec["ok"] is False and rec["mismatches"][0]["broker"] == 1 and rec["at"] == utc_iso(T0)
+    assert journal.risk_events(10)[0]["kind"] == "halt"
+    assert journal.reloads(10)[0]["time"] == utc_iso(T0)
+    assert len(journal.position_snapshots(10)) == 2
+
+
+async def test_a_closed_journal_refuses_writes_and_reads(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "journal.db")
+    await j.start()
+    await j.close()
+    with pytest.raises(JournalError, match="not running"):
+        await accepted(j, "c1")
+    with pytest.raises(JournalError, match="not running"):
+        j.recent_signals(1)
+
+
+def test_signal_ids_are_unique_and_time_ordered() -> None:
+    ids = [new_signal_id(T0 + timedelta(microseconds=i)) for i in range(1000)]
+    assert len(set(ids)) == 1000 and ids == sorted(ids)
+    assert ids[0].startswith("s-20260310T150000000000-")

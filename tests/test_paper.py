@@ -1,0 +1,454 @@
+"""The paper broker's own promises: costs from the Broker document, resting orders, quirks, restarts, drops."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from brokers.base import (
+    BrokerUnavailable,
+    ConnectionEvent,
+    FillEvent,
+    OrderEvent,
+    OrderRejected,
+    OrderRequest,
+    OrderStatus,
+    OrderType,
+    RateLimited,
+    Side,
+    make_connector,
+)
+from brokers.feed import PriceFeed, root_of, snap
+from brokers.paper import PaperConnector, PaperQuirks
+from engine.loader import load_rules
+from engine.model import RateLimit
+from tests.harness.paper import ACCOUNT, broker_doc
+
+UTC = timezone.utc
+
+
+def coid() -> str:
+    return f"pt-{uuid.uuid4().hex[:12]}"
+
+
+def buy(qty: int = 1, contract: str = "MESZ6", account: str = ACCOUNT, **kw: Any) -> OrderRequest:
+    return OrderRequest(coid(), account, contract, Side.BUY, qty, **kw)
+
+
+def sell(qty: int = 1, contract: str = "MESZ6", account: str = ACCOUNT, **kw: Any) -> OrderRequest:
+    return OrderRequest(coid(), account, contract, Side.SELL, qty, **kw)
+
+
+def connector(tmp_path: Path | None, feed: PriceFeed, *, paper: dict[str, Any] | None = None,
+              rate_limit: RateLimit | None = RateLimit(120, 60.0), **kw: Any) -> PaperConnector:
+    options: dict[str, Any] = {"feed": feed, **kw}
+    if tmp_path is not None:
+        options["data_dir"] = tmp_path
+    return PaperConnector(broker_doc(paper=paper, rate_limit=rate_limit), **options)
+
+
+@pytest.fixture
+def feed() -> PriceFeed:
+    f = PriceFeed(seed=1)
+    f.set_price("MES", Decimal("6000"))
+    f.set_price("ES", Decimal("6000"))
+    return f
+
+
+# -- the price feed ----------------------------------------------------------------------------------------------
+
+def test_feed_defaults_snap_and_walk_in_ticks() -> None:
+    feed = PriceFeed(seed=3)
+    assert feed.price("MESZ6") == Decimal("6000.00")
+    assert feed.price("NQ") == Decimal("21000.00")
+    assert feed.price("MCLF7") == Decimal("70.00")
+    assert feed.set_price("ES", Decimal("6000.13")) == Decimal("6000.25")
+    assert feed.set_price("GC", "2600.04") == Decimal("2600.0")
+    for _ in range(50):
+        feed.step()
+    for root in ("ES", "MES", "NQ", "MCL", "GC"):
+        tick = feed.catalog[root].tick_size
+        assert feed.price(root) % tick == 0
+    assert PriceFeed(seed=3).price("ES") == Decimal("6000.00")
+
+
+def test_feed_walk_is_reproducible_with_a_seed() -> None:
+    def walk(seed: int) -> list[Decimal]:
+        feed = PriceFeed(seed=seed)
+        feed.price("MES")
+        out = []
+        for _ in range(20):
+            feed.step()
+            out.append(feed.price("MES"))
+        return out
+
+    assert walk(5) == walk(5)
+    assert walk(5) != walk(6)
+
+
+def test_feed_replays_csv_bars(tmp_path: Path) -> None:
+    path = tmp_path / "bars.csv"
+    path.write_text("time,root,open,high,low,close\n"
+                    "2026-03-09T13:30:00Z,MES,6000,6002,5999,6001.25\n"
+                    "2026-03-09T13:30:00Z,CL,70,70.1,69.9,70.05\n"
+                    "2026-03-09T13:31:00Z,MES,6001.25,6004,6001,6003.5\n", encoding="utf-8")
+    feed = PriceFeed.from_csv(path)
+    seen: list[tuple[str, Decimal]] = []
+    feed.subscribe(lambda root, price: seen.append((root, price)))
+    assert feed.bar_time == datetime(2026, 3, 9, 13, 30, tzinfo=UTC)
+    assert feed.price("MESH6") == Decimal("6001.25")
+    assert feed.price("CL") == Decimal("70.05")
+    assert feed.step() is True
+    assert feed.price("MES") == Decimal("6003.50")
+    assert seen == [("MES", Decimal("6003.50"))]
+    assert feed.step() is False
+
+
+def test_feed_csv_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bars.csv"
+    path.write_text("time,root,open,high,low,close\n2026-03-09T13:30:00,MES,1,1,1,1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bars.csv:2"):
+        PriceFeed.from_csv(path)
+    path.write_text("time,root,close\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="lacks column"):
+        PriceFeed.from_csv(path)
+
+
+def test_shared_feed_registry_and_roots() -> None:
+    assert PriceFeed.shared("test-registry") is PriceFeed.shared("test-registry")
+    assert PriceFeed.shared("test-registry") is not PriceFeed.shared("another-test-registry")
+    assert root_of("MESZ6") == "MES" and root_of("es") == "ES" and root_of("M2KH7") == "M2K"
+    with pytest.raises(KeyError, match="unknown instrument"):
+        root_of("ZZZZ6")
+    assert snap(Decimal("6000.125"), Decimal("0.25")) == Decimal("6000.25")
+
+
+# -- costs: commissions, margin, P&L ----------------------------------------------------------------------------
+
+async def test_commissions_come_from_the_broker_document_per_root(tmp_path: Path, feed: PriceFeed) -> None:
+    feed.set_price("CL", Decimal("70"))
+    async with connector(tmp_path, feed) as conn:
+        since = datetime.now(UTC) - timedelta(seconds=5)
+        await conn.place_order(buy(2, "MESZ6"))
+        await conn.place_order(buy(1, "ESZ6"))
+        await conn.place_order(buy(1, "CLF7"))  # falls back to "default"
+        fills = await conn.fills_since(ACCOUNT, since)
+        assert [(f.contract, f.commission) for f in fills] == [
+            ("MESZ6", Decimal("0.50")), ("ESZ6", Decimal("0.59")), ("CLF7", Decimal("0.79"))]
+        snap_ = await conn.account_snapshot(ACCOUNT)
+        assert snap_.cash_balance == Decimal(50000) - Decimal("1.88")
+        assert snap_.realized_pnl == Decimal("-1.88")
+
+
+async def test_margin_unrealized_and_free_margin(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed) as conn:
+        await conn.place_order(buy(2, "MESZ6"))
+        await conn.place_order(sell(1, "ESZ6"))
+        feed.set_price("MES", Decimal("6010"))   # long 2 MES: +10 pts * 2 * $5 = +100
+        feed.set_price("ES", Decimal("6004"))    # short 1 ES: -4 pts * $50 = -200
+        snap_ = await conn.account_snapshot(ACCOUNT)
+        assert snap_.margin_used == 2 * Decimal(50) + Decimal(500)
+        assert snap_.unrealized_pnl == Decimal(-100)
+        cash = Decimal(50000) - 2 * Decimal("0.25") - Decimal("0.59")
+        assert snap_.cash_balance == cash
+        assert snap_.free_margin == cash - 100 - 600
+        positions = {p.contract: p for p in await conn.positions(ACCOUNT)}
+        assert positions["MESZ6"].quantity == 2 and positions["MESZ6"].unrealized_pnl == Decimal(100)
+        assert positions["ESZ6"].quantity == -1 and positions["ESZ6"].avg_price == Decimal(6000)
+
+
+async def test_orders_beyond_free_margin_are_rejected_but_reducing_is_allowed(tmp_path: Path,
+                                                                               feed: PriceFeed) -> None:
+    conn = connector(tmp_path, feed, paper={"starting_cash": 1000})
+    async with conn:
+        await conn.place_order(buy(1, "ESZ6"))              # 500 margin of ~1000
+        with pytest.raises(OrderRejected, match="insufficient margin"):
+            await conn.place_order(buy(2, "ESZ6"))
+        closing = await conn.place_order(sell(1, "ESZ6"))   # reduces exposure: always allowed
+        assert closing.status is OrderStatus.FILLED
+
+
+async def test_position_flip_realizes_only_the_closed_part(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed) as conn:
+        await conn.place_order(buy(1))
+        feed.set_price("MES", Decimal("6002"))
+        await conn.place_order(sell(3))
+        [position] = await conn.positions(ACCOUNT)
+        assert (position.quantity, position.avg_price) == (-2, Decimal("6002"))
+        snap_ = await conn.account_snapshot(ACCOUNT)
+        assert snap_.realized_pnl == Decimal(10) - 4 * Decimal("0.25")  # 2 pts * $5 on the closed lot
+
+
+# -- resting orders -----------------------------------------------------------------------------------------------
+
+async def test_limit_order_rests_then_fills_when_the_feed_crosses(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed) as conn:
+        events = conn.subscribe()
+        order = await conn.place_order(buy(1, order_type=OrderType.LIMIT, limit_price=Decimal("5990")))
+        assert order.status is OrderStatus.WORKING
+        feed.set_price("MES", Decimal("5990.25"))       # not yet
+        assert (await conn.find_order(ACCOUNT, order.client_order_id)).status is OrderStatus.WORKING
+        feed.set_price("MES", Decimal("5989.75"))       # crossed: fills at the market, no worse than the limit
+        filled = await conn.find_order(ACCOUNT, order.client_order_id)
+        assert filled.status is OrderStatus.FILLED and filled.avg_fill_price == Decimal("5989.75")
+        fills = [e.fill for e in drain(events) if isinstance(e, FillEvent)]
+        assert [(f.quantity, f.price) for f in fills] == [(1, Decimal("5989.75"))]
+
+
+async def test_sell_limit_and_stops_trigger_on_the_right_side(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed) as conn:
+        take = await conn.place_order(sell(1, order_type=OrderType.LIMIT, limit_price=Decimal("6010")))
+        stop_buy = await conn.place_order(buy(1, order_type=OrderType.STOP, stop_price=Decimal("6020")))
+        stop_sell = await conn.place_order(sell(1, order_type=OrderType.STOP, stop_price=Decimal("5980")))
+        feed.set_price("MES", Decimal("6011"))
+        status = {o.broker_order_id: o.status for o in await conn.working_orders(ACCOUNT)}
+        assert take.broker_order_id not in status
+        assert set(status) == {stop_buy.broker_order_id, stop_sell.broker_order_id}
+        feed.set_price("MES", Decimal("6025"))          # gapped through the buy stop: fills at the market
+        order = await conn.find_order(ACCOUNT, stop_buy.client_order_id)
+        assert order.status is OrderStatus.FILLED and order.avg_fill_price == Decimal("6025")
+        feed.set_price("MES", Decimal("5979"))
+        order = await conn.find_order(ACCOUNT, stop_sell.client_order_id)
+        assert order.status is OrderStatus.FILLED and order.avg_fill_price == Decimal("5979")
+
+
+async def test_marketable_limit_fills_at_once_and_off_tick_prices_are_rejected(tmp_path: Path,
+                                                                                feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed) as conn:
+        order = await conn.place_order(buy(1, order_type=OrderType.LIMIT, limit_price=Decimal("6005")))
+        assert order.status is OrderStatus.FILLED and order.avg_fill_price == Decimal("6000")
+        with pytest.raises(OrderRejected, match="tick"):
+            await conn.place_order(buy(1, order_type=OrderType.LIMIT, limit_price=Decimal("6000.10")))
+
+
+async def test_cancel_rules(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed) as conn:
+        filled = await conn.place_order(buy(1))
+        with pytest.raises(OrderRejected, match="already filled"):
+            await conn.cancel_order(ACCOUNT, filled.broker_order_id)
+        with pytest.raises(OrderRejected, match="no order"):
+            await conn.cancel_order(ACCOUNT, "P999")
+        resting = await conn.place_order(buy(1, order_type=OrderType.LIMIT, limit_price=Decimal("5000")))
+        with pytest.raises(OrderRejected, match="no order"):
+            await conn.cancel_order("SOMEONE-ELSE", resting.broker_order_id)
+        first = await conn.cancel_order(ACCOUNT, resting.broker_order_id)
+        again = await conn.cancel_order(ACCOUNT, resting.broker_order_id)  # cancelling twice is harmless
+        assert first.status is again.status is OrderStatus.CANCELLED
+
+
+# -- persistence ---------------------------------------------------------------------------------------------------
+
+async def test_state_survives_a_restart(tmp_path: Path, feed: PriceFeed) -> None:
+    first = connector(tmp_path, feed)
+    async with first:
+        market_order = await first.place_order(buy(2))
+        resting = await first.place_order(sell(1, order_type=OrderType.LIMIT, limit_price=Decimal("6050")))
+        before = await first.account_snapshot(ACCOUNT)
+    assert (tmp_path / "paper-paper-test.db").exists()
+
+    feed.set_price("MES", Decimal("6060"))  # while we were down: the resting order fills on reconnect
+    second = connector(tmp_path, feed)
+    async with second:
+        assert (await second.find_order(ACCOUNT, market_order.client_order_id)).status is OrderStatus.FILLED
+        after_fill = await second.find_order(ACCOUNT, resting.client_order_id)
+        assert after_fill.status is OrderStatus.FILLED and after_fill.avg_fill_price == Decimal("6060")
+        [position] = await second.positions(ACCOUNT)
+        assert position.quantity == 1 and position.avg_price == Decimal("6000")
+        after = await second.account_snapshot(ACCOUNT)
+        assert after.cash_balance == before.cash_balance + Decimal(60) * 5 - Decimal("0.25")
+        # Ids keep counting: a new order never reuses an old broker id.
+        new = await second.place_order(buy(1))
+        assert new.broker_order_id not in {market_order.broker_order_id, resting.broker_order_id}
+
+
+async def test_without_data_dir_state_lives_in_memory_for_the_connector(feed: PriceFeed) -> None:
+    conn = connector(None, feed)
+    async with conn:
+        order = await conn.place_order(buy(1))
+    async with conn:
+        assert (await conn.find_order(ACCOUNT, order.client_order_id)) is not None
+    async with connector(None, feed) as other:
+        assert (await other.find_order(ACCOUNT, order.client_order_id)) is None
+
+
+async def test_any_account_is_opened_with_starting_cash(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed, paper={"starting_cash": 12345}) as conn:
+        snap_ = await conn.account_snapshot("brand-new")
+        assert snap_.cash_balance == Decimal(12345) and snap_.free_margin == Decimal(12345)
+
+
+async def test_a_repeated_client_order_id_returns_the_first_order(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed) as conn:
+        request = buy(1)
+        first = await conn.place_order(request)
+        second = await conn._submit(request)  # bypass the lookup: the broker itself refuses to book it twice
+        assert second.broker_order_id == first.broker_order_id
+        assert conn.book.order_count(ACCOUNT, request.client_order_id) == 1
+
+
+# -- quirks ---------------------------------------------------------------------------------------------------------
+
+async def test_reject_rate_rejects_without_booking(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed, paper={"reject_rate": 1}) as conn:
+        events = conn.subscribe()
+        request = buy(1)
+        with pytest.raises(OrderRejected, match="reject_rate") as excinfo:
+            await conn.place_order(request)
+        assert excinfo.value.order is not None and excinfo.value.order.status is OrderStatus.REJECTED
+        assert conn.book.order_count(ACCOUNT, request.client_order_id) == 0
+        assert [e.order.status for e in drain(events) if isinstance(e, OrderEvent)] == [OrderStatus.REJECTED]
+
+
+async def test_partial_fill_rate_splits_market_orders(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed, paper={"partial_fill_rate": 1, "seed": 11}) as conn:
+        since = datetime.now(UTC) - timedelta(seconds=5)
+        order = await conn.place_order(buy(5))
+        assert order.status is OrderStatus.FILLED
+        parts = [f.quantity for f in await conn.fills_since(ACCOUNT, since)]
+        assert len(parts) == 2 and sum(parts) == 5
+        single = await conn.place_order(buy(1))          # one lot cannot split
+        assert single.filled_quantity == 1
+
+
+async def test_injected_partial_parts_are_clipped_and_completed(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed) as conn:
+        since = datetime.now(UTC) - timedelta(seconds=5)
+        conn.partial_fill_next([2, 5])
+        await conn.place_order(buy(4))
+        conn.partial_fill_next([1])
+        await conn.place_order(buy(3))
+        assert [f.quantity for f in await conn.fills_since(ACCOUNT, since)] == [2, 2, 1, 2]
+
+
+async def test_latencies_delay_the_ack_and_the_fill(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed, paper={"ack_latency_ms": 30, "fill_latency_ms": 60}) as conn:
+        events = conn.subscribe()
+        started = time.monotonic()
+        order = await conn.place_order(buy(1))
+        assert time.monotonic() - started >= 0.025
+        assert order.status is OrderStatus.WORKING          # acknowledged, not yet filled
+        fill = await asyncio.wait_for(next_fill(events), 2)
+        assert fill.broker_order_id == order.broker_order_id
+        assert (await conn.find_order(ACCOUNT, order.client_order_id)).status is OrderStatus.FILLED
+
+
+async def test_pending_fills_complete_on_close(tmp_path: Path, feed: PriceFeed) -> None:
+    conn = connector(tmp_path, feed, paper={"fill_latency_ms": 10_000})
+    async with conn:
+        order = await conn.place_order(buy(1))
+        assert order.status is OrderStatus.WORKING
+    async with connector(tmp_path, feed) as again:
+        assert (await again.find_order(ACCOUNT, order.client_order_id)).status is OrderStatus.FILLED
+
+
+@pytest.mark.parametrize("convention, raw_type", [("utc_iso", str), ("eastern_naive", str), ("epoch_ms", int)])
+async def test_timestamps_cross_the_edge_as_aware_utc(tmp_path: Path, feed: PriceFeed, convention: str,
+                                                      raw_type: type) -> None:
+    async with connector(tmp_path, feed, paper={"timestamps": convention}) as conn:
+        order = await conn.place_order(buy(1))
+        raw = conn.book.find(ACCOUNT, order.client_order_id)
+        assert isinstance(raw["created_at"], raw_type)             # the broker's own format...
+        if convention == "eastern_naive":
+            assert "+" not in raw["created_at"] and "Z" not in raw["created_at"]
+        now = datetime.now(UTC)
+        for stamp in (order.created_at, order.updated_at, await conn.server_time()):
+            assert stamp.utcoffset() == timedelta(0)                # ...normalized at the edge
+            assert abs(now - stamp) < timedelta(seconds=5)
+
+
+def test_unknown_or_bad_paper_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown paper option"):
+        PaperQuirks.from_options({"latency": 3})
+    with pytest.raises(ValueError, match="timestamps"):
+        PaperQuirks.from_options({"timestamps": "local"})
+    with pytest.raises(ValueError, match="reject_rate"):
+        PaperQuirks.from_options({"reject_rate": 2})
+
+
+# -- rate limit and connection -----------------------------------------------------------------------------------
+
+async def test_broker_side_rate_limit_answers_like_a_broker(feed: PriceFeed) -> None:
+    conn = connector(None, feed, rate_limit=RateLimit(2, 0.5))
+    book = conn.book
+    book.admit()
+    book.admit()
+    with pytest.raises(RateLimited) as excinfo:
+        book.admit()
+    assert 0 < excinfo.value.retry_after_s <= 0.5
+    assert "2 requests per 0.5s" in str(excinfo.value)
+
+
+async def test_bursts_over_the_limit_are_throttled_not_duplicated(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed, rate_limit=RateLimit(3, 0.3)) as conn:
+        requests = [buy(1) for _ in range(6)]
+        orders = await asyncio.gather(*(conn.place_order(r) for r in requests))
+        assert [o.client_order_id for o in orders] == [r.client_order_id for r in requests]
+        assert all(conn.book.order_count(ACCOUNT, r.client_order_id) == 1 for r in requests)
+        assert conn.limiter.waits + conn.limiter.penalties > 0
+        [position] = await conn.positions(ACCOUNT)
+        assert position.quantity == 6
+
+
+async def test_disconnect_and_reconnect(tmp_path: Path, feed: PriceFeed) -> None:
+    async with connector(tmp_path, feed) as conn:
+        events = conn.subscribe()
+        resting = await conn.place_order(buy(1, order_type=OrderType.LIMIT, limit_price=Decimal("5990")))
+        conn.disconnect()
+        assert not conn.connected
+        with pytest.raises(BrokerUnavailable):
+            await conn.find_order(ACCOUNT, resting.client_order_id)
+        with pytest.raises(BrokerUnavailable):
+            await conn.connect()
+        feed.set_price("MES", Decimal("5985"))   # the broker trades on while we are away...
+        await conn.reconnect()
+        seen = drain(events)
+        assert [e.connected for e in seen if isinstance(e, ConnectionEvent)] == [False, True]
+        assert not any(isinstance(e, FillEvent) for e in seen)  # ...and we did not hear of it live
+        order = await conn.find_order(ACCOUNT, resting.client_order_id)
+        assert order.status is OrderStatus.FILLED
+
+
+async def test_drop_while_waiting_for_the_ack_is_resolved_by_lookup(tmp_path: Path, feed: PriceFeed,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    async with connector(tmp_path, feed, paper={"ack_latency_ms": 100}) as conn:
+        request = buy(1)
+        placing = asyncio.create_task(conn.place_order(request))
+        await asyncio.sleep(0.03)
+        conn.disconnect()
+        await asyncio.sleep(0.1)
+        await conn.reconnect()
+        order = await placing
+        assert order.client_order_id == request.client_order_id
+        assert any("unknown" in r.getMessage() for r in caplog.records)  # it went through the lookup path
+        assert conn.book.order_count(ACCOUNT, request.client_order_id) == 1
+
+
+async def test_registered_and_built_from_the_example_rules(tmp_path: Path, feed: PriceFeed) -> None:
+    result = load_rules(["rules"])
+    assert result.ruleset is not None, result.diagnostics
+    slow = result.ruleset.brokers["paper-slow"]
+    conn = make_connector(slow, feed=feed, data_dir=tmp_path)
+    assert isinstance(conn, PaperConnector)
+    assert conn.quirks.timestamps == "eastern_naive" and conn.quirks.ack_latency_ms == 200
+    assert conn.limiter.requests == 200
+
+
+def drain(queue: "asyncio.Queue[Any]") -> list[Any]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+async def next_fill(queue: "asyncio.Queue[Any]") -> Any:
+    while True:
+        event = await queue.get()
+        if isinstance(event, FillEvent):
+            return event.fill
