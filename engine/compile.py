@@ -187,13 +187,13 @@ class Check:
     """Loss limits: USD threshold per account ("*" for the portfolio)."""
 
 
+def _decimals(value: Decimal) -> int:
+    exponent = value.normalize().as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+
+
 def _scale_digits(values: Iterable[Decimal]) -> int:
-    digits = 2
-    for value in values:
-        exponent = value.normalize().as_tuple().exponent
-        if isinstance(exponent, int) and exponent < 0:
-            digits = max(digits, -exponent)
-    return digits
+    return max([2, *(_decimals(v) for v in values)])
 
 
 def scaled(value: Decimal, scale: int, rounding: str) -> int:
@@ -257,9 +257,9 @@ def compile_ruleset(ruleset: RuleSet) -> Compiled:
     scale = 10 ** _scale_digits(money)
 
     buffer_pct = ruleset.margin_buffer_pct
-    j = _scale_digits([buffer_pct]) - 2
-    factor_scale = 10**j
+    factor_scale = 10 ** _decimals(buffer_pct)
     margin_factor = int((100 + buffer_pct) * factor_scale)
+    assert margin_factor == (100 + buffer_pct) * factor_scale, "margin factor must be exact"
 
     rules: list[tuple[str, int, Condition]] = []
     routes: dict[str, RoutingRule] = {}

@@ -25,8 +25,9 @@ Semantics chosen where the rules format is silent (a demanding trader's expectat
   zero-crossing order goes into the contract the ticker resolves to now.
 - Target signals (``position``/``position_size``): target = round_half_up(size x multiplier), signed; the order is
   target - held. An account already at its target is listed as skipped ("already at target").
-- ``best`` mode, buy/sell: every account holding an opposite position gets its exit; if one of them is not
-  fully closed by the signal, nobody gets a new entry (the signal was a reduction). Otherwise exactly one eligible
+- ``best`` mode, buy/sell: every account holding an opposite position gets its exit. If the signal only reduces
+  those positions, nobody gets a new entry; if it reverses them, the opening part goes to exactly one of those
+  holders (the book's net position then matches the strategy's). With no opposite holder, exactly one eligible
   account gets the entry, chosen by ``select`` then account name. ``best`` mode, target signals: if any target
   account holds the instrument, the holders converge to the target (the position lives there; opening it elsewhere
   would double it) and nobody else trades; if none holds it, one account chosen by ``select`` opens it.
@@ -43,6 +44,7 @@ Semantics chosen where the rules format is silent (a demanding trader's expectat
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -93,73 +95,80 @@ def durable_available() -> bool:
 class DurableRules:
     """One compiled rule set in its own durable-rules ``Host``, for one rules generation.
 
-    The stock ``Host`` starts two timer threads that never stop (about 1 MB and 2 threads leaked per reload), so
-    ``_QuietHost`` starts none: we never use timers or queued actions, and every action runs inside ``post``.
-    ``close`` deletes the ruleset's state and the ruleset in the C core.
+    Why not the stock machinery:
+
+    - The stock ``Host`` starts two timer threads that never stop (about 1 MB and 2 threads leaked per reload), so
+      ``_QuietHost`` starts none: we never use timers or queued actions.
+    - ``Host.post`` runs each fired action through closures, JSON round trips of the state and a completion
+      callback, and swallows exceptions raised by actions into the returned state. We need only the name of the
+      rule that fired, so ``post`` asserts the event into the C core, reads the fired rule's name from the action
+      it starts, and completes it: the same C calls ``Host.post`` makes, without Python actions (nothing to
+      swallow) and at a third of the cost. Anything else the core reports is raised as ``EngineError``.
+    - ``close`` deletes the ruleset (and its state) in the C core.
     """
 
     def __init__(self, rules: Sequence[tuple[str, int, Condition]]) -> None:
-        from durable.engine import Host, MessageNotHandledException  # noqa: PLC0415
+        import durable_rules_engine  # noqa: PLC0415
+        from durable.engine import Host  # noqa: PLC0415
 
         class _QuietHost(Host):  # type: ignore[misc]
             def _run(self) -> None:  # no dispatch/timer threads
                 pass
 
-        self._not_handled = MessageNotHandledException
+        self._core = durable_rules_engine
         self._name = f"multibroker-{next(_generation)}"
-        self._fired: list[str] = []
         self._lock = threading.Lock()
         self._host = _QuietHost()
-        definition = {name: {"pri": pri, "all": [{"m": cond}], "run": self._action(name)} for name, pri, cond in rules}
+        definition = {name: {"pri": pri, "all": [{"m": cond}], "run": _never_called}
+                      for name, pri, cond in rules}
         self._host.set_rulesets({self._name: definition})  # set_rulesets mutates (pops "run"): a throwaway dict
-        self._ruleset = self._host.get_ruleset(self._name)
+        self._handle = self._host.get_ruleset(self._name)._handle
         self._closed = False
-
-    def _action(self, name: str) -> Callable[[Any], None]:
-        fired = self._fired
-
-        def action(c: Any) -> None:  # exactly one parameter: durable treats two as an async action
-            fired.append(name)
-
-        return action
+        self._state_complete = False
+        self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
     def post(self, message: Message) -> str | None:
         check_message(message)
+        core = self._core
         with self._lock:
             if self._closed:
                 raise EngineError(f"rules generation {self._name} is retired")
-            self._fired.clear()
-            try:
-                result = self._host.post(self._name, dict(message))
-            except self._not_handled:
+            result = core.assert_event(self._handle, self._dumps(message))
+            if result[0] == 1:  # MessageNotHandled: no rule matches
                 return None
-            if isinstance(result, dict) and result.get("exception"):
-                # durable-rules swallows action exceptions into the state; surface them and reset the state.
-                self._delete_state()
-                raise EngineError(f"durable-rules action failed: {result['exception']}")
-            if len(self._fired) != 1:
-                raise EngineError(f"durable-rules fired {self._fired or 'no rule'} for one message")
-            return self._fired[0]
-
-    def _delete_state(self) -> None:
-        import durable_rules_engine  # noqa: PLC0415
-
-        try:
-            durable_rules_engine.delete_state(self._ruleset._handle, "0")
-        except Exception:  # noqa: BLE001 - no state was ever created
-            pass
+            if result[0] != 0:
+                raise EngineError(f"durable-rules refused the message (code {result[0]}): {message}")
+            state_handle = result[1]
+            started = core.start_action_for_state(self._handle, state_handle)
+            if not started:
+                raise EngineError(f"durable-rules matched but started no action for {message}")
+            fired = json.loads(started[1])
+            more = core.complete_and_start_action(self._handle, state_handle)
+            self._state_complete = True
+            if len(fired) != 1 or more:
+                raise EngineError(f"durable-rules fired more than one rule for one message: {list(fired)}")
+            return str(next(iter(fired)))
 
     def close(self) -> None:
-        import durable_rules_engine  # noqa: PLC0415
-
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._delete_state()
-            durable_rules_engine.delete_ruleset(self._ruleset._handle)
+            if self._state_complete:
+                # After only unmatched posts the C core holds a half-made state whose delete_state segfaults
+                # (2.0.28); delete_ruleset alone frees it.
+                try:
+                    self._core.delete_state(self._handle, "0")
+                except Exception:  # noqa: BLE001 - nothing to delete
+                    pass
+            self._core.delete_ruleset(self._handle)
             self._host._ruleset_directory.clear()
             self._host._ruleset_list.clear()
+
+
+def _never_called(c: Any) -> None:
+    """The action durable-rules requires per rule; ``DurableRules.post`` completes actions without running them."""
+    raise EngineError("durable-rules ran an action through Host.post; use DurableRules.post")
 
 
 class _NoRules:
@@ -533,16 +542,21 @@ class _Decider:
                     else:
                         self.refuse(refusal, kind)
                 return
-        else:
+        candidates = openers
+        if not self.signal.is_target:
             reducers = [p for p in plans if p.exits]
-            if any(p.entry == 0 for p in reducers):
+            if reducers:
                 where = ", ".join(p.account.name for p in reducers)
+                # A reduction opens nothing; a reversal opens only where the position was, so the book's net
+                # position is what the strategy holds.
+                reversal = all(p.entry != 0 for p in reducers)
+                candidates = reducers if reversal else []
                 for plan in openers:
-                    self.skip(plan.account.name, f"best mode: the signal reduces the position at {where}; "
-                                                 "no new entry", self.rule.name)
-                return
+                    if not any(plan is c for c in candidates):
+                        self.skip(plan.account.name, f"best mode: the signal {'reverses' if reversal else 'reduces'}"
+                                                     f" the {self.root} position at {where}", self.rule.name)
         eligible: list[tuple[Plan, Decimal]] = []
-        for plan in openers:
+        for plan in candidates:
             refusal, reserved, kind = self.judge(plan)
             if refusal is None:
                 eligible.append((plan, reserved))
@@ -607,15 +621,17 @@ class _Decider:
             if self.skipped:
                 reason += f"; {len(self.skipped)} skipped"
         elif blocked_by:
-            reason = f"{rule}: entries blocked by {blocked_by}: {self.entry_refusals[0].reason}"
+            reason = f"{rule}: {self.entry_refusals[0].reason}"
         elif self.skipped:
             reason = f"{rule}: no orders; " + "; ".join(f"{s.account}: {s.reason}" for s in self.skipped[:3])
             if len(self.skipped) > 3:
                 reason += f"; and {len(self.skipped) - 3} more"
         else:
             reason = f"{rule}: no orders"
+        order = {a.name: i for i, a in enumerate(self.targets)}
+        skipped = sorted(self.skipped, key=lambda s: order.get(s.account, len(order)))  # stable: in target order
         return Decision(rule=rule, blocked_by=blocked_by, reason=reason, orders=tuple(self.orders),
-                        skipped=tuple(self.skipped), **self.base)
+                        skipped=tuple(skipped), **self.base)
 
 
 def build_engine(ruleset: RuleSet) -> Engine:

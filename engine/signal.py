@@ -82,16 +82,13 @@ def parse_signal(obj: Any) -> Signal:
             body[key] = body[key].strip().lower()
     if isinstance(body.get("ticker"), str):
         body["ticker"] = body["ticker"].strip().upper()
-    errors = sorted(_schema_validator().iter_errors(body), key=lambda e: (list(e.absolute_path), e.message))
+    errors = list(_schema_validator().iter_errors(body))
     if errors:
-        error = errors[0]
-        best = jsonschema.exceptions.best_match(errors) or error
+        best = jsonschema.exceptions.best_match(errors)
         path = _json_path(best.absolute_path)
         if best.validator == "additionalProperties":
             allowed = ", ".join(schemas.load(schemas.SIGNAL_FILE)["properties"])
             raise SignalError(f"{path}: {best.message} (allowed: {allowed})")
-        if best.validator == "required":
-            raise SignalError(f"{path}: {best.message}")
         raise SignalError(f"{path}: {best.message}")
     quantity = body.get("quantity")
     size = body.get("position_size")

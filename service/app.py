@@ -7,6 +7,7 @@ the reverse, after the webhooks still being recorded have finished, so that noth
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, AsyncIterator, Callable
 
@@ -65,15 +66,39 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[WATCHER] = watcher
     app[RUNTIME] = runtime
     app[WEBHOOK] = webhook
-    logger.info("multibroker serving rules generation %d from %s, journal %s", watcher.generation,
-                config.rules_dir, config.journal_path)
+    logger.info("multibroker on http://%s:%d (POST /webhook, admin API /api, /healthz): rules generation %d "
+                "from %s, journal %s", config.host, config.port, watcher.generation, config.rules_dir,
+                config.journal_path)
+    ticker = _paper_ticker(config, watcher, runtime)
     try:
         yield
     finally:
+        if ticker is not None:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
         await webhook.drain()
         await runtime.stop()
         await watcher.stop()
         await journal.close()
+        logger.info("multibroker stopped; journal closed")
+
+
+def _paper_ticker(config: ServiceConfig, watcher: RulesWatcher, runtime: Any) -> asyncio.Task[None] | None:
+    """Move the paper price feed while paper brokers trade, so that marks and P&L move as in a market."""
+    feed = getattr(runtime, "feed", None)
+    ruleset, _engine = watcher.current
+    if feed is None or config.paper_tick_s <= 0 or not any(b.type == "paper" for b in ruleset.brokers.values()):
+        return None
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(config.paper_tick_s)
+            try:
+                feed.step()
+            except Exception:  # noqa: BLE001 - a failing listener must not stop the market
+                logger.exception("paper price feed step failed")
+
+    return asyncio.create_task(tick(), name="paper-price-feed")
 
 
 async def _webhook(request: web.Request) -> web.StreamResponse:
@@ -108,10 +133,10 @@ def create_app(config: ServiceConfig, *, runtime_factory: RuntimeFactory | None 
     return app
 
 
-def run(config: ServiceConfig, *, print: Callable[..., None] | None = None) -> None:
+def run(config: ServiceConfig) -> None:
     """Serve until interrupted (SIGINT/SIGTERM shut down cleanly: webhooks drain, then the journal closes)."""
     app = create_app(config)
-    web.run_app(app, host=config.host, port=config.port, print=print, access_log=None,
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None,
                 shutdown_timeout=10.0, handle_signals=True)
 
 

@@ -63,6 +63,9 @@ class ServiceConfig:
     """A signal whose ``time`` is further than this in the past (or the future) is refused as stale."""
     allow_ips: tuple[IPNetwork, ...] = ()
     """Source addresses allowed to post webhooks; empty allows any (the secret still applies)."""
+    paper_tick_s: float = 1.0
+    """How often the shared paper price feed takes a random-walk step while paper brokers are configured (so
+    marks and P&L move in a demo); 0 keeps prices still (tests, benchmarks)."""
     env: Mapping[str, str] = field(default_factory=lambda: os.environ, repr=False, compare=False)
     """Where per-strategy secret variables are read (the process environment unless a test says otherwise)."""
 
@@ -73,6 +76,8 @@ class ServiceConfig:
             raise ConfigError("idempotency windows must be positive")
         if self.max_signal_age_s <= 0:
             raise ConfigError(f"max_signal_age_s={self.max_signal_age_s}: must be positive")
+        if self.paper_tick_s < 0:
+            raise ConfigError(f"paper_tick_s={self.paper_tick_s}: must be >= 0 (0 disables)")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range")
 

@@ -260,7 +260,7 @@ class Webhook:
         if ctype not in _JSON_TYPES and not ctype.endswith("+json"):
             raise Refusal(415, "unsupported_media_type",
                           f"Content-Type {ctype} is not accepted; send the JSON body as application/json or "
-                          "text/plain")
+                          "text/plain (curl: -H 'Content-Type: application/json')")
 
     async def _read(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes

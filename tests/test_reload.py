@@ -1,7 +1,7 @@
 """Hot reload of rules/: real files in a temp directory, the real watcher, the real loader.
 
-The engine is a small stand-in until every test can afford ``engine.decide.build_engine``; what is under test here
-is when generations are built, swapped and closed, not what they decide.
+Most tests use a small stand-in engine that counts ``close()`` calls, because what is under test is when
+generations are built, swapped and closed; the last test runs the same swap with ``engine.decide.build_engine``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import asyncio
 import os
 import shutil
 import threading
-from datetime import timezone
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import AsyncIterator
@@ -18,8 +18,11 @@ from typing import AsyncIterator
 import pytest
 from watchfiles import Change
 
+from engine.decide import EngineError, durable_available
 from engine.model import RuleSet
-from engine.reload import Reload, RulesLoadError, RulesWatcher, is_rule_change
+from engine.reload import Generation, Reload, RulesLoadError, RulesWatcher, is_rule_change
+from engine.signal import parse_signal
+from engine.state import AccountState, EngineState
 
 EXAMPLE_RULES = Path(__file__).resolve().parent.parent / "rules"
 
@@ -456,3 +459,28 @@ async def test_stop_retires_the_live_generation_and_stops_watching(rules_dir: Pa
     assert len(w.history) == 1 and len(builds.engines) == 1
     with pytest.raises(RuntimeError, match="not started"):
         await w.reload_now()
+
+
+# -- with the real engine ------------------------------------------------------------------------------------
+
+async def test_real_engine_swap_while_a_decision_holds_the_old_generation(rules_dir: Path) -> None:
+    signal = parse_signal({"strategy": "es-scalper", "ticker": "MES1!", "action": "buy", "quantity": 3})
+    now = datetime(2026, 11, 24, 15, 0, tzinfo=timezone.utc)  # a Tuesday, 10:00 in New York
+
+    def order_sizes(gen: Generation) -> dict[str, int]:
+        state = EngineState({name: AccountState(True, Decimal(100000), Decimal(0)) for name in gen.ruleset.accounts})
+        return {order.account: order.quantity for order in gen.engine.decide(signal, state, now).orders}
+
+    async with RulesWatcher(rules_dir) as watcher:  # the default build: engine.decide.build_engine
+        reloads: asyncio.Queue[Reload] = asyncio.Queue()
+        watcher.on_reload(reloads.put_nowait)
+        with watcher.acquire() as old:
+            replace_in(rules_dir / "accounts.yaml", "size_multiplier: 0.5", "size_multiplier: 1")
+            assert (await next_reload(reloads)).generation == 2
+            with watcher.acquire() as new:
+                assert order_sizes(new) == {"apex-1": 3, "apex-2": 3, "topstep-1": 3}
+            assert order_sizes(old) == {"apex-1": 3, "apex-2": 2, "topstep-1": 3}  # half size, as it was
+        assert old.closed
+        if durable_available():  # the pure-Python fallback (Python 3.13+) has nothing to delete on close
+            with pytest.raises(EngineError, match="retired"):
+                order_sizes(old)

@@ -450,7 +450,9 @@ def _rule(between: tuple[str, str] | None, before_close: int | None, days: tuple
 @given(
     start=st.sampled_from(WALL_TIMES),
     end=st.sampled_from(WALL_TIMES),
-    before_close=st.one_of(st.none(), st.integers(min_value=1, max_value=23 * 60)),
+    # Up to 20h: closes are at least 20h apart (17:00 ET, then a 13:00 early close), so windows never overlap and
+    # "the last edge was a start" is a valid oracle. Overlapping windows are covered by the explicit test below.
+    before_close=st.one_of(st.none(), st.integers(min_value=1, max_value=20 * 60)),
     days=st.sets(st.sampled_from(["mon", "tue", "wed", "thu", "fri", "sat", "sun"]), min_size=1),
     # Around both 2026 DST changes and the Thanksgiving early close, at second resolution.
     base=st.sampled_from(["2026-03-06T00:00:00Z", "2026-10-30T00:00:00Z", "2026-11-25T00:00:00Z"]),
@@ -469,3 +471,12 @@ def test_blocking_rule_agrees_with_firings(start: str, end: str, before_close: i
     edges = firings([rule], at - timedelta(days=2), at + timedelta(microseconds=1))
     open_by_firings = bool(edges) and edges[-1].action == "block_entries"
     assert (blocking_rule([rule], at) is not None) is open_by_firings
+
+
+def test_overlapping_before_close_windows_still_block() -> None:
+    """A 22h window before the Thanksgiving early close (13:00 ET on Thu 2026-11-26) opens on Wednesday at 14:59 ET,
+    before Wednesday's own window ends at 17:00 ET: at that end the market is still blocked by Thursday's window."""
+    rule = _rule(None, 22 * 60 + 1, ("mon", "tue", "wed", "thu"))
+    wednesday_close = utc("2026-11-25T22:00:00Z")  # 17:00 ET
+    assert blocking_rule([rule], wednesday_close) is rule
+    assert blocking_rule([rule], utc("2026-11-26T18:00:00Z")) is None  # Thursday 13:00 ET: the early close

@@ -29,14 +29,8 @@ NOW = datetime(2026, 3, 10, 15, 0, tzinfo=timezone.utc)
 SECRET = "hook-secret-123"
 NQ_SECRET = "nq-only-secret-456"
 
-
-def _python_engine(ruleset: Any) -> Any:
-    from engine.decide import Engine
-
-    return Engine(ruleset, backend="python")
-
-
-ENGINE_BUILDER = _python_engine  # TEMP until durable builds the example rules
+ENGINE_BUILDER = None
+"""The production engine (``engine.decide.build_engine``)."""
 
 
 class StubRuntime:
@@ -113,7 +107,7 @@ def add_strategy_secret(rules_dir: Path) -> None:
 def config(tmp_path: Path, rules_dir: Path) -> ServiceConfig:
     add_strategy_secret(rules_dir)
     return ServiceConfig(rules_dir=rules_dir, data_dir=tmp_path / "data", webhook_secret=SECRET, admin_token="adm",
-                         env={"NQ_SWING_SECRET": NQ_SECRET})
+                         env={"NQ_SWING_SECRET": NQ_SECRET}, paper_tick_s=0)
 
 
 @pytest.fixture

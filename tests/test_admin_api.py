@@ -1,0 +1,207 @@
+"""The admin API over real HTTP: bearer auth, reads, levers, the OpenAPI description kept in step with the routes,
+and one run through the real runtime with paper brokers (signal in, orders filled, positions out)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ruamel.yaml import YAML
+
+from service.app import JOURNAL, RUNTIME, WATCHER, create_app
+from service.config import ServiceConfig
+from tests.test_webhook import ENGINE_BUILDER, NOW, SECRET, StubRuntime, scalper
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "admin-token-789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def config(tmp_path: Path, rules_dir: Path) -> ServiceConfig:
+    return ServiceConfig(rules_dir=rules_dir, data_dir=tmp_path / "data", webhook_secret=SECRET, admin_token=TOKEN,
+                         paper_tick_s=0)
+
+
+@pytest.fixture
+def serve(aiohttp_client: Any, config: ServiceConfig) -> Any:
+    async def start(runtime_factory: Any = StubRuntime, **changes: Any) -> Any:
+        app = create_app(replace(config, **changes), runtime_factory=runtime_factory, engine_builder=ENGINE_BUILDER)
+        return await aiohttp_client(app), app
+    return start
+
+
+async def call(client: Any, method: str, path: str, *, headers: dict[str, str] | None = None,
+               body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else (body if isinstance(body, str) else json.dumps(body))
+    async with client.request(method, path, headers=AUTH if headers is None else headers, data=data) as r:
+        return r.status, await r.json()
+
+
+# -- the OpenAPI description --------------------------------------------------------------------------------------
+
+
+def spec() -> dict[str, Any]:
+    return YAML(typ="safe").load((REPO / "docs" / "openapi.yaml").read_text(encoding="utf-8"))
+
+
+def test_every_route_is_in_the_openapi_description_and_vice_versa(config: ServiceConfig) -> None:
+    app = create_app(config, runtime_factory=StubRuntime)
+    served = {(route.method, route.resource.canonical) for route in app.router.routes()
+              if route.method != "HEAD" and route.resource is not None}
+    described = {(method.upper(), path) for path, item in spec()["paths"].items() for method in item
+                 if method in ("get", "post", "put", "patch", "delete")}
+    assert served == described
+
+
+def test_the_openapi_description_is_3_x_and_its_local_references_resolve() -> None:
+    doc = spec()
+    assert str(doc["openapi"]).startswith("3.")
+    refs: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "$ref" and isinstance(value, str):
+                    refs.append(value)
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    for ref in refs:
+        if ref.startswith("#/"):
+            target: Any = doc
+            for part in ref[2:].split("/"):
+                target = target[part]
+        else:
+            assert (REPO / "docs" / ref).resolve().is_file(), ref
+
+
+# -- auth ---------------------------------------------------------------------------------------------------------
+
+ROUTES = [("GET", "/api/status"), ("GET", "/api/accounts"), ("GET", "/api/positions"), ("GET", "/api/orders"),
+          ("GET", "/api/signals"), ("GET", "/api/signals/x"), ("GET", "/api/reconciliations"),
+          ("POST", "/api/flatten"), ("POST", "/api/brokers/paper-fast/pause"),
+          ("POST", "/api/brokers/paper-fast/resume"), ("POST", "/api/halts/apex-1/clear")]
+
+
+async def test_every_admin_route_needs_the_bearer_token(serve: Any) -> None:
+    client, app = await serve()
+    for method, path in ROUTES:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                        {"Authorization": TOKEN}):
+            async with client.request(method, path, headers=headers) as r:
+                assert r.status == 401, (method, path, headers)
+                assert (await r.json())["error"]["code"] == "unauthorized"
+                assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    runtime = app[RUNTIME]
+    assert runtime.flattened == [] and runtime.paused == set() and runtime.halts
+
+
+async def test_without_a_configured_token_the_admin_api_answers_503(serve: Any) -> None:
+    client, _app = await serve(admin_token=None)
+    status, body = await call(client, "GET", "/api/status")
+    assert status == 503 and body["error"]["message"].startswith("admin token not configured")
+    async with client.get("/healthz") as r:
+        assert r.status == 200
+
+
+# -- reads --------------------------------------------------------------------------------------------------------
+
+
+async def test_status_shows_brokers_rules_generation_and_the_last_reload(serve: Any, rules_dir: Path) -> None:
+    client, app = await serve()
+    status, body = await call(client, "GET", "/api/status")
+    assert status == 200
+    assert body["brokers"][0]["rate_limit_headroom"] == 1.0
+    assert body["rules"]["generation"] == 1 and body["rules"]["last_reload"]["outcome"] == "applied"
+    assert body["journal"]["schema_version"] == 1
+
+    (rules_dir / "broken.yaml").write_text("kind: Account\nname: x\nbroker: nowhere\n", encoding="utf-8")
+    await app[WATCHER].reload_now()
+    _s, body = await call(client, "GET", "/api/status")
+    last = body["rules"]["last_reload"]
+    assert last["ok"] is False and body["rules"]["generation"] == 1
+    assert any("broken.yaml:" in e for e in last["errors"])
+    assert body["rules"]["last_applied"]["generation"] == 1
+    assert [r["outcome"] for r in app[JOURNAL].reloads(10)] == ["invalid", "applied"]
+
+
+async def test_signals_orders_accounts_positions_and_reconciliations(serve: Any) -> None:
+    client, app = await serve()
+    async with client.post("/webhook", json=scalper()) as r:
+        signal_id = (await r.json())["signal_id"]
+    status, body = await call(client, "GET", f"/api/signals/{signal_id}")
+    assert status == 200 and body["decision"]["signal_id"] == signal_id and len(body["orders"]) == 3
+    assert body["orders"][0]["history"][0]["status"] == "new" and "secret" not in body["raw"]
+    assert (await call(client, "GET", "/api/signals/nope"))[0] == 404
+    _s, body = await call(client, "GET", "/api/signals?status=accepted&limit=5")
+    assert [s["id"] for s in body["signals"]] == [signal_id]
+    _s, body = await call(client, "GET", "/api/orders?status=new,sending&account=apex-2")
+    assert [(o["account"], o["quantity"]) for o in body["orders"]] == [("apex-2", 1)]
+    assert (await call(client, "GET", "/api/orders?limit=0"))[0] == 400
+    assert (await call(client, "GET", "/api/orders?limit=ten"))[0] == 400
+    assert (await call(client, "GET", "/api/accounts"))[1] == {"accounts": [{"name": "apex-1",
+                                                                            "free_margin": "100000.00"}]}
+    assert (await call(client, "GET", "/api/positions"))[1]["positions"][0]["quantity"] == 2
+    await app[JOURNAL].record_reconciliation({"broker": "paper-fast", "account": "apex-1", "ok": True})
+    _s, body = await call(client, "GET", "/api/reconciliations")
+    assert body["reconciliations"][0]["broker"] == "paper-fast"
+
+
+# -- levers -------------------------------------------------------------------------------------------------------
+
+
+async def test_flatten_pause_resume_and_clear_halt(serve: Any) -> None:
+    client, app = await serve()
+    runtime = app[RUNTIME]
+    assert (await call(client, "POST", "/api/flatten"))[0] == 200
+    assert (await call(client, "POST", "/api/flatten", body={"account": "apex-1", "reason": "going home"}))[0] == 200
+    assert runtime.flattened == [{"account": None, "strategy": None, "reason": "flatten requested by operator"},
+                                 {"account": "apex-1", "strategy": None, "reason": "going home"}]
+    status, body = await call(client, "POST", "/api/flatten", body={"account": "nobody"})
+    assert status == 404 and "nobody" in body["error"]["message"]
+    status, body = await call(client, "POST", "/api/flatten", body={"acount": "apex-1"})
+    assert status == 400 and "acount" in body["error"]["message"]
+    assert (await call(client, "POST", "/api/flatten", body="{not json"))[0] == 400
+    assert len(runtime.flattened) == 2
+
+    assert (await call(client, "POST", "/api/brokers/paper-fast/pause"))[1] == {"name": "paper-fast", "paused": True}
+    assert runtime.paused == {"paper-fast"}
+    assert (await call(client, "POST", "/api/brokers/nowhere/pause"))[0] == 404
+    assert (await call(client, "POST", "/api/brokers/paper-fast/resume"))[0] == 200
+    assert runtime.paused == set()
+    assert (await call(client, "POST", "/api/halts/apex-1/clear"))[1] == {"cleared": "apex-1"}
+    status, body = await call(client, "POST", "/api/halts/apex-1/clear")
+    assert status == 404 and "no halt named" in body["error"]["message"]
+
+
+# -- through the real runtime -------------------------------------------------------------------------------------
+
+
+async def test_a_signal_through_the_real_runtime_fills_on_paper_brokers(serve: Any) -> None:
+    from service.runtime import Runtime
+
+    client, app = await serve(runtime_factory=lambda c, j, w: Runtime(c, j, w, clock=lambda: NOW))
+    async with client.post("/webhook", data=json.dumps(scalper()), headers={"Content-Type": "text/plain"}) as r:
+        assert r.status == 202
+        signal_id = (await r.json())["signal_id"]
+    for _ in range(200):
+        _s, body = await call(client, "GET", f"/api/signals/{signal_id}")
+        if all(o["status"] == "filled" for o in body["orders"]):
+            break
+        await asyncio.sleep(0.02)
+    assert [(o["account"], o["status"]) for o in body["orders"]] == [
+        ("apex-1", "filled"), ("apex-2", "filled"), ("topstep-1", "filled")]
+    assert [h["status"] for h in body["orders"][0]["history"]][0] == "new"
+    _s, positions = await call(client, "GET", "/api/positions")
+    assert sorted((p["account"], p["contract"], p["quantity"]) for p in positions["positions"]) == [
+        ("apex-1", "MESH6", 2), ("apex-2", "MESH6", 1), ("topstep-1", "MESH6", 2)]
+    _s, status = await call(client, "GET", "/api/status")
+    assert {b["name"] for b in status["brokers"]} == {"paper-fast", "paper-slow", "paper-cheap"}

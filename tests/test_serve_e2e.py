@@ -1,0 +1,142 @@
+"""``multibroker serve`` as a newcomer runs it: a real process on 127.0.0.1, no secrets in the environment, the
+example rules on paper brokers; then a signal, a hot reload, a clean stop and a restart on the same journal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def request(url: str, *, body: Any = None, headers: dict[str, str] | None = None,
+            method: str | None = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **(headers or {})} if data is not None else headers or {}
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+class Server:
+    def __init__(self, tmp_path: Path, rules_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data = tmp_path / "data"
+        self.log = tmp_path / f"serve-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MULTIBROKER_")}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "multibroker", "serve", "--rules", str(rules_dir), "--data", str(self.data),
+                 "--port", str(self.port), "--paper-tick", "0.2"],
+                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if request(f"{self.url}/healthz")[0] == 200:
+                    return
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"serve did not come up:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=15)
+
+
+def wait_for(check: Any, timeout_s: float = 10) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def test_serve_with_no_secrets_set_runs_the_example_rules_and_survives_a_restart(tmp_path: Path,
+                                                                                 rules_dir: Path) -> None:
+    server = Server(tmp_path, rules_dir)
+    try:
+        secret_file, token_file = server.data / "webhook-secret", server.data / "admin-token"
+        for path in (secret_file, token_file):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        secret, token = secret_file.read_text().strip(), token_file.read_text().strip()
+        admin = {"Authorization": f"Bearer {token}"}
+
+        body = {"secret": secret, "strategy": "es-scalper", "ticker": "MES1!", "action": "buy", "quantity": 2,
+                "id": "e2e-1"}
+        assert request(f"{server.url}/webhook", body={**body, "secret": "wrong"})[0] == 401
+        status, answer = request(f"{server.url}/webhook", body=body, headers={"Content-Type": "text/plain"})
+        assert status == 202, answer
+        signal_id = answer["signal_id"]
+        accounts = [o["account"] for o in answer["decision"]["orders"]]
+        # Outside a schedule block the three followers trade; inside one (15:50-18:00 ET) none does.
+        assert accounts in (["apex-1", "apex-2", "topstep-1"], [])
+
+        def settled() -> Any:
+            _s, row = request(f"{server.url}/api/signals/{signal_id}", headers=admin)
+            final = all(o["status"] in ("filled", "rejected", "missed") for o in row["orders"])
+            return row if final else None
+
+        row = wait_for(settled)
+        assert row, "orders did not settle"
+        assert [o["account"] for o in row["orders"]] == accounts
+        assert all(o["status"] == "filled" for o in row["orders"])
+        assert "secret" not in row["raw"]
+
+        # Hot reload: a bad edit is refused and shown with its place; the live rules keep running.
+        (rules_dir / "zz-broken.yaml").write_text("kind: Account\nname: ghost\nbroker: nowhere\n")
+        status_of = lambda: request(f"{server.url}/api/status", headers=admin)[1]  # noqa: E731
+        last = wait_for(lambda: (s := status_of())["rules"]["last_reload"]["outcome"] == "invalid" and s)
+        assert last, status_of()
+        assert any("zz-broken.yaml:" in e for e in last["rules"]["last_reload"]["errors"])
+        assert last["rules"]["generation"] == 1
+        (rules_dir / "zz-broken.yaml").unlink()
+        (rules_dir / "accounts.yaml").write_text((rules_dir / "accounts.yaml").read_text() + "\n# edited\n")
+        assert wait_for(lambda: status_of()["rules"]["generation"] == 2), status_of()
+    finally:
+        code = server.stop()
+    assert code == 0, server.log.read_text()
+    log = server.log.read_text()
+    assert str(secret_file.name) in log and secret not in log and token not in log
+
+    again = Server(tmp_path, rules_dir)
+    try:
+        assert (server.data / "webhook-secret").read_text().strip() == secret
+        status, answer = request(f"{again.url}/webhook", body=body)
+        assert (status, answer["signal_id"], answer["duplicate"]) == (200, signal_id, True)
+    finally:
+        assert again.stop() == 0
+
+
+def test_serve_refuses_invalid_rules_with_their_place(tmp_path: Path, rules_dir: Path) -> None:
+    (rules_dir / "zz-broken.yaml").write_text("kind: Account\nname: ghost\nbroker: nowhere\n")
+    proc = subprocess.run([sys.executable, "-m", "multibroker", "serve", "--rules", str(rules_dir), "--data",
+                           str(tmp_path / "data"), "--port", str(free_port())], capture_output=True, text=True,
+                          timeout=30, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "zz-broken.yaml:" in proc.stderr
