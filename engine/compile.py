@@ -34,9 +34,6 @@ from engine.model import Limit, RoutingRule, RuleSet
 # A tiny boolean algebra over message predicates, so that negation (De Morgan) and simplification are exact.
 # ---------------------------------------------------------------------------------------------------------------
 
-Operand = Union[int, str, tuple]
-
-
 @dataclass(frozen=True)
 class Const:
     value: bool
@@ -244,7 +241,8 @@ def compile_ruleset(ruleset: RuleSet) -> Compiled:
     money: list[Decimal] = []
     for broker in ruleset.brokers.values():
         money.extend(broker.margins.values())
-    loss_limits = [lim for lim in ruleset.limits if lim.max_daily_loss is not None or lim.max_daily_loss_pct is not None]
+    loss_limits = [lim for lim in ruleset.limits
+                   if lim.max_daily_loss is not None or lim.max_daily_loss_pct is not None]
     thresholds: dict[str, dict[str, Decimal]] = {}
     for lim in loss_limits:
         if lim.scope == "portfolio":

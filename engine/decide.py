@@ -31,8 +31,10 @@ Semantics chosen where the rules format is silent (a demanding trader's expectat
   account gets the entry, chosen by ``select`` then account name. ``best`` mode, target signals: if any target
   account holds the instrument, the holders converge to the target (the position lives there; opening it elsewhere
   would double it) and nobody else trades; if none holds it, one account chosen by ``select`` opens it.
-- ``max_contracts`` rejects (never resizes); a portfolio-scope ``max_contracts`` counts the entries already
-  accepted in the same decision. A loss limit restricted to ``instrument`` blocks entries in those roots only.
+- ``max_contracts`` rejects (never resizes); a portfolio-scope ``max_contracts`` counts the book after this
+  decision's exits and the entries it already accepted. A loss limit restricted to ``instrument`` blocks entries in
+  those roots only. An entry at a broker with no margin for the root (nor a ``default``) is refused: its margin
+  cannot be checked.
 - Checks are reported in this order: schedule, portfolio loss limits, broker connection, broker paused, account
   halted, allowed instruments, account loss limits, contract limits, margin. ``blocked_by`` is set when every entry
   this signal would have made was refused by one and the same schedule or risk rule.
@@ -50,7 +52,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from engine.compile import Check, Compiled, ceil_scaled, compile_ruleset, floor_scaled
 from engine.decision import Cancel, Decision, Order, Skip, client_order_id
@@ -345,7 +347,10 @@ class _Decider:
         self.skipped: list[Skip] = []
         self.entry_refusals: list[Skip] = []
         self.entry_refusal_kinds: set[str] = set()
-        self.entries_judged = 0
+        self.entered = 0
+        """Contracts of the entries accepted so far in this decision (portfolio-wide contract limits count them)."""
+        self.exited: dict[str, int] = {}
+        """Account -> signed quantity of this decision's exits (all decided before any entry is judged)."""
         scale = self.compiled.scale
         if state.portfolio_daily_pnl is not None:
             self.portfolio_pnl = engine._pnl(state.portfolio_daily_pnl, state.portfolio_daily_pnl_at, now)
@@ -353,7 +358,16 @@ class _Decider:
             self.portfolio_pnl = sum((engine._pnl(a.daily_pnl, a.daily_pnl_at, now)
                                       for a in state.accounts.values()), Decimal(0))
         self.ppnl = ceil_scaled(self.portfolio_pnl, scale)
-        self.portfolio_abs = sum(abs(sum(a.held(self.root).values())) for a in state.accounts.values())
+        self._portfolio_abs: int | None = None
+
+    @property
+    def portfolio_abs(self) -> int:
+        """Sum over accounts of the absolute position in the root once this decision's exits are done (exits are
+        never refused, so they count; computed only when an entry is judged)."""
+        if self._portfolio_abs is None:
+            self._portfolio_abs = sum(abs(sum(a.held(self.root).values()) + self.exited.get(name, 0))
+                                      for name, a in self.state.accounts.items())
+        return self._portfolio_abs
 
     # -- per account -----------------------------------------------------------------------------------------
 
@@ -398,13 +412,14 @@ class _Decider:
 
     def add_exits(self, plan: Plan) -> None:
         for contract, qty in plan.exits:
+            self.exited[plan.account.name] = self.exited.get(plan.account.name, 0) + qty
             self.orders.append(self._order(plan.account, contract, qty, "exit", Decimal(0)))
 
     def _order(self, account: Account, contract: str, qty: int, intent: str, margin: Decimal) -> Order:
         return Order(account.name, account.broker, contract, "buy" if qty > 0 else "sell", abs(qty), intent,
                      client_order_id(self.signal.id, account.name, f"{intent}:{contract}"), margin)
 
-    def judge(self, plan: Plan, extra_portfolio: int = 0) -> tuple[Skip | None, Decimal, str | None]:
+    def judge(self, plan: Plan) -> tuple[Skip | None, Decimal, str | None]:
         """(refusal or None, reserved margin, kind of the refusing check) for the plan's opening part."""
         account = plan.account
         acc_state = plan.state
@@ -426,12 +441,11 @@ class _Decider:
             "halted": 1 if acc_state.halted else 0,
             "pnl": ceil_scaled(pnl, scale),
             "abs_after": abs(net_after),
-            "pabs_after": self.portfolio_abs + extra_portfolio + qty,
+            "pabs_after": self.portfolio_abs + self.entered + qty,
             "qty": qty,
             "mpc": -1 if margin is None else int(margin * scale),
             "free": floor_scaled(acc_state.free_margin * 100 * self.compiled.margin_factor_scale, scale),
         }
-        self.entries_judged += 1
         fired = self.engine.rules.post(message)
         reserved = Decimal(qty) * (margin or Decimal(0))
         if fired == "ok":
@@ -495,6 +509,7 @@ class _Decider:
             self.entry_refusal_kinds.add(kind)
 
     def accept_entry(self, plan: Plan, reserved: Decimal) -> None:
+        self.entered += abs(plan.entry)
         self.orders.append(self._order(plan.account, self.symbol.contract, plan.entry, "entry", reserved))
 
     # -- modes -----------------------------------------------------------------------------------------------
@@ -512,14 +527,12 @@ class _Decider:
         return self.finish()
 
     def mirror(self, plans: Sequence[Plan]) -> None:
-        added = 0
         for plan in plans:
             if plan.entry == 0:
                 continue
-            refusal, reserved, kind = self.judge(plan, added)
+            refusal, reserved, kind = self.judge(plan)
             if refusal is None:
                 self.accept_entry(plan, reserved)
-                added += abs(plan.entry)
             else:
                 self.refuse(refusal, kind)
 

@@ -25,6 +25,11 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Mapping
 
 
+MAX_USD = 10**12
+"""Money beyond a trillion USD is a unit error, and the engine's scaled integers must stay far from 2**63."""
+MAX_CONTRACTS = 10**6
+
+
 class StateError(ValueError):
     """A malformed state document; the message names the offending path."""
 
@@ -75,6 +80,8 @@ def _money(value: Any, where: str) -> Decimal:
         raise StateError(f"{where}: {value!r} is not a number") from None
     if not result.is_finite():
         raise StateError(f"{where}: {value!r} is not a finite number")
+    if abs(result) > MAX_USD:
+        raise StateError(f"{where}: {value!r} is out of range (at most {MAX_USD:,} USD in magnitude)")
     return result
 
 
@@ -116,8 +123,9 @@ def parse_account(name: str, obj: Any, halted: str | None = None) -> AccountStat
             raise StateError(f"{where}: '{key}' is required")
     positions: dict[str, int] = {}
     for contract, qty in _mapping(data.get("positions") or {}, _path(where, "positions")).items():
-        if isinstance(qty, bool) or not isinstance(qty, int):
-            raise StateError(f"{_path(where, 'positions', str(contract))}: expected a signed integer, got {qty!r}")
+        if isinstance(qty, bool) or not isinstance(qty, int) or abs(qty) > MAX_CONTRACTS:
+            raise StateError(f"{_path(where, 'positions', str(contract))}: expected a signed integer "
+                             f"(|qty| <= {MAX_CONTRACTS:,}), got {qty!r}")
         code = str(contract).strip().upper()
         if len(code) < 3 or not code[-1].isdigit():
             raise StateError(f"{_path(where, 'positions', str(contract))}: not a contract code (e.g. MESH6)")

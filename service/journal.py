@@ -39,7 +39,7 @@ import queue
 import secrets
 import sqlite3
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -350,12 +350,17 @@ class Journal:
                 except queue.Empty:
                     break
             if batch:
-                self._commit(conn, batch)
+                try:
+                    self._commit(conn, batch)
+                except Exception:  # noqa: BLE001 - the writer thread must outlive any one batch
+                    logger.exception("journal writer: unexpected failure committing %d writes", len(batch))
+                    for write in batch:
+                        _settle(write.future, None, JournalError("journal writer failed; see the log"))
             if bare is not None:
                 try:
-                    bare.future.set_result(bare.fn(conn))
+                    _settle(bare.future, bare.fn(conn), None)
                 except Exception as exc:  # noqa: BLE001 - reported to its caller
-                    bare.future.set_exception(JournalError(f"journal statement failed ({self.path}): {exc}"))
+                    _settle(bare.future, None, JournalError(f"journal statement failed ({self.path}): {exc}"))
         conn.close()
         self._writer = None
         # Anything queued after the stop marker was raced in by a caller: fail it rather than leave it hanging.
@@ -365,26 +370,31 @@ class Journal:
             except queue.Empty:
                 break
             if isinstance(item, _Write):
-                item.future.set_exception(JournalError("the journal was closed before this write"))
+                _settle(item.future, None, JournalError("the journal was closed before this write"))
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
         results: list[tuple[_Write, Any, BaseException | None]] = []
+        alone = len(batch) == 1  # alone in its transaction: no savepoint needed, a failure rolls back only itself
         try:
             conn.execute("BEGIN IMMEDIATE")
             for write in batch:
-                conn.execute("SAVEPOINT w")
+                if not alone:
+                    conn.execute("SAVEPOINT w")
                 try:
                     result = write.fn(conn)
                 except Exception as exc:  # noqa: BLE001 - the error goes to that caller, the batch goes on
                     if not conn.in_transaction:
                         raise  # SQLite rolled the whole transaction back (disk full, I/O error): batch lost
-                    conn.execute("ROLLBACK TO w")
-                    conn.execute("RELEASE w")
+                    conn.execute("ROLLBACK" if alone else "ROLLBACK TO w")
+                    if not alone:
+                        conn.execute("RELEASE w")
                     results.append((write, None, exc))
                 else:
-                    conn.execute("RELEASE w")
+                    if not alone:
+                        conn.execute("RELEASE w")
                     results.append((write, result, None))
-            conn.execute("COMMIT")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - BEGIN or COMMIT failed: nothing of the batch is on disk
             logger.error("journal commit of %d writes failed: %s", len(batch), exc)
             try:
@@ -394,13 +404,13 @@ class Journal:
                 pass
             error = JournalError(f"journal write failed ({self.path}): {exc}")
             for write in batch:
-                write.future.set_exception(error)
+                _settle(write.future, None, error)
             return
         self.batches += 1
         self.writes += len(batch)
         for write, result, error in results:
             if error is None:
-                write.future.set_result(result)
+                _settle(write.future, result, None)
             else:
                 if isinstance(error, (JournalError, KeyError, ValueError, TypeError)):
                     wrapped = error
@@ -408,7 +418,7 @@ class Journal:
                     wrapped = JournalConflict(f"journal write refused ({self.path}): {error}")
                 else:
                     wrapped = JournalError(f"journal write failed ({self.path}): {error}")
-                write.future.set_exception(wrapped)
+                _settle(write.future, None, wrapped)
 
     # -- the reader -------------------------------------------------------------------------------------------
 
@@ -682,6 +692,19 @@ class Journal:
 
         result: int = await self._write(write, bare=not transaction)
         return result
+
+
+def _settle(future: Future[Any], result: Any, error: BaseException | None) -> None:
+    """Resolve a caller's future; a caller that stopped waiting (cancelled) must not kill the writer thread."""
+    if future.cancelled():
+        return
+    try:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    except InvalidStateError:
+        pass
 
 
 def _maybe_json(text: str | None) -> Any:

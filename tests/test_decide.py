@@ -8,6 +8,7 @@ runs on both evaluators (durable-rules and the pure-Python fallback), which must
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,9 +19,7 @@ from engine.decision import client_order_id
 from engine.signal import parse_signal
 from engine.state import parse_state
 from engine.symbols import SymbolError
-from tests.test_decide_fixtures import RICH, decide, legs, load, skips, state_doc
-
-from decimal import Decimal
+from tests.test_decide_fixtures import RICH, RULES, decide, legs, load, skips, state_doc
 
 
 @pytest.fixture(scope="module", params=["durable", "python"])
@@ -164,7 +163,8 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], list[Any]
 @pytest.mark.parametrize("name,signal,accounts,extra,want_legs,want_skips,want_blocked", CASES,
                          ids=[c[0] for c in CASES])
 def test_semantics(engine: Engine, name: str, signal: dict[str, Any], accounts: dict[str, Any],
-                   extra: dict[str, Any], want_legs: list[Any], want_skips: list[Any], want_blocked: str | None) -> None:
+                   extra: dict[str, Any], want_legs: list[Any], want_skips: list[Any],
+                   want_blocked: str | None) -> None:
     record = decide(engine, signal, state_doc(accounts, **extra))
     assert legs(record) == want_legs
     # Accounts absent from the state are skipped as "state"; rows list them only where that is the point.
@@ -318,3 +318,27 @@ def test_a_retired_generation_refuses_to_decide(tmp_path: Path) -> None:
     now, state = parse_state(state_doc(ONLY_A1))
     with pytest.raises(RuntimeError, match="retired"):
         eng.decide(parse_signal(BUY1), state, now)
+
+
+def test_portfolio_contract_limit_counts_exits_and_earlier_entries(tmp_path: Path) -> None:
+    text = RULES_WITH_BOOK_LIMIT
+    with Engine(load(tmp_path, text)) as eng:
+        # Book of 3 long; sell 4 reverses a1 (2 -> -2) and a2 (x 0.5: 1 -> -1). The exits empty the book before the
+        # entries are judged, so the book ends at 3 contracts, within the limit.
+        state = state_doc({"a1": acct(positions={"MESH6": 2}), "a2": acct(positions={"MESH6": 1})})
+        record = decide(eng, {**BUY1, "action": "sell", "quantity": 4}, state)
+        assert legs(record) == [("a1", "MESH6", "sell", 2, "exit"), ("a2", "MESH6", "sell", 1, "exit"),
+                                ("a1", "MESH6", "sell", 2, "entry"), ("a2", "MESH6", "sell", 1, "entry")]
+        # Mirror buy 2 into an empty book of limit 3: a1 takes 2, a2 (1 after rounding) makes 3, a3 (1) would be 4.
+        record = decide(eng, {**BUY1, "quantity": 2}, state_doc({"a1": RICH, "a2": RICH, "a3": RICH}))
+        assert legs(record) == [("a1", "MESH6", "buy", 2, "entry"), ("a2", "MESH6", "buy", 1, "entry")]
+        assert skips(record) == [("a3", "book-size")]
+
+
+RULES_WITH_BOOK_LIMIT = RULES.replace("""  - name: mes-size
+    scope: account""", """  - name: book-size
+    scope: portfolio
+    instrument: MES
+    max_contracts: 3
+  - name: mes-size
+    scope: account""")

@@ -76,6 +76,8 @@ def test_state_document() -> None:
                                                         "positions": {"MESH6": 1.5}}}}, "expected a signed integer"),
     ({"now": "2026-03-09T10:30:00Z", "accounts": {"a": {"connected": True, "free_margin": 1, "margin": 1}}},
      "unknown key(s) margin"),
+    ({"now": "2026-03-09T10:30:00Z", "accounts": {"a": {"connected": True, "free_margin": "1e30"}}},
+     "accounts.a.free_margin: '1e30' is out of range"),
     ({"now": "2026-03-09T10:30:00Z", "paused": "paper"}, "paused: expected a list"),
     ({"now": "2026-03-09T10:30:00Z", "colour": 1}, "state: unknown key(s) colour"),
 ])

@@ -72,19 +72,42 @@ def test_messages_durable_would_misjudge_are_refused(message: dict[str, Any], pr
         PythonRules([("x", 0, {"k": "e"})]).post(message)
 
 
-@needs_durable
-def test_an_action_exception_is_surfaced_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
-    def failing(self: DurableRules, name: str) -> Any:
-        def action(c: Any) -> None:
-            raise RuntimeError("boom")
-        return action
+class _Core:
+    """A durable-rules core that answers one assert_event with a canned result."""
 
-    monkeypatch.setattr(DurableRules, "_action", failing)
+    def __init__(self, real: Any, assert_result: Any, started: Any = None, more: Any = None) -> None:
+        self.real, self.assert_result, self.started, self.more = real, assert_result, started, more
+
+    def assert_event(self, handle: Any, text: str) -> Any:
+        return self.assert_result
+
+    def start_action_for_state(self, handle: Any, state: Any) -> Any:
+        return self.started
+
+    def complete_and_start_action(self, handle: Any, state: Any) -> Any:
+        return self.more
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+@needs_durable
+@pytest.mark.parametrize("assert_result,started,more,problem", [
+    ((2, 0), None, None, "refused the message"),                        # MessageObserved
+    ((0, 0), None, None, "started no action"),
+    ((0, 0), ("{}", '{"a": {}, "b": {}}'), None, "more than one rule"),
+    ((0, 0), ("{}", '{"a": {}}'), "another action", "more than one rule"),
+])
+def test_anything_unexpected_from_the_core_is_raised_not_swallowed(assert_result: Any, started: Any, more: Any,
+                                                                   problem: str) -> None:
     rules = DurableRules([("x", 0, {"k": "e"})])
+    real = rules._core
+    rules._core = _Core(real, assert_result, started, more)
     try:
-        with pytest.raises(EngineError, match="boom"):
+        with pytest.raises(EngineError, match=problem):
             rules.post({"k": "e"})
     finally:
+        rules._core = real
         rules.close()
 
 

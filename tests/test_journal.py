@@ -126,6 +126,15 @@ async def test_group_commit_batches_concurrent_writes_and_each_is_on_disk_when_i
     assert journal.batches < 300
 
 
+async def test_a_caller_that_stops_waiting_does_not_stop_the_writer(journal: Journal) -> None:
+    waiting = [asyncio.ensure_future(accepted(journal, f"x{i}")) for i in range(50)]
+    await asyncio.sleep(0)
+    for task in waiting[::2]:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert await accepted(journal, "after") and journal.get_order("after")["status"] == "new"
+
+
 def test_an_acknowledged_signal_survives_kill_9(tmp_path: Path) -> None:
     path = tmp_path / "journal.db"
     script = textwrap.dedent(f"""

@@ -12,6 +12,7 @@ import click
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from engine.evaluator import MessageError
 from engine.loader import load_rules
 from engine.signal import SignalError, parse_signal
 from engine.state import StateError, parse_state
@@ -84,6 +85,9 @@ def command(rules_dir: str, state_path: str, signal_path: str) -> None:
         decision = engine.decide(signal, state, now)
     except SymbolError as exc:
         _fail(f"signal {signal_path}: $.ticker: {exc}")
+        return
+    except MessageError as exc:  # a state value too large to compare exactly at this rule set's money scale
+        _fail(f"state {state_path}: {exc}")
         return
     finally:
         engine.close()
