@@ -19,8 +19,9 @@ large, 400 not UTF-8 JSON, 401 secret (authentication precedes any detail about 
 Idempotency: the key is the signal's ``id``, else ``engine.signal.derive_signal_id`` of the body without the secret
 (``time`` included when present). The sender's id is only the key: the journal gives every signal its own id, from
 which the client order ids derive, so a sender reusing an id after the window can never collide at a broker.
-Requests with the same key that arrive while the first is still being committed wait for that commit and answer
-as its duplicate; they never decide twice.
+Requests with the same key that arrive while the first is still being decided and committed wait for its outcome:
+taken, they answer as its duplicate; refused or not stored (nothing acknowledged), each is judged on its own. A
+key is never decided twice at once.
 
 Secrets: compared with ``hmac.compare_digest``; the ``secret`` field is removed from the body before it is stored
 (a malformed body is redacted textually), and any configured secret value found in stored text is masked.
@@ -99,7 +100,7 @@ def redact(text: str, secrets: list[str]) -> str:
 
 
 def _signal_json(signal: Signal) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(signal).items() if v is not None}
+    return {f.name: getattr(signal, f.name) for f in dataclasses.fields(signal) if getattr(signal, f.name) is not None}
 
 
 class Webhook:
@@ -151,14 +152,10 @@ class Webhook:
         window = self.config.idempotency_window_s
         if signal.id_derived and signal.time is None:
             window = self.config.content_key_window_s
-        pending = self._inflight.get(key)
-        if pending is not None:
-            try:
-                await asyncio.shield(pending)
-            except Exception:  # noqa: BLE001 - the original was not stored: neither is this one
-                return error_response(503, "journal_unavailable",
-                                      "the journal could not store the original of this repeated signal; "
-                                      "it was not acknowledged: send it again")
+        while (pending := self._inflight.get(key)) is not None and not pending.done():
+            # The same key is being decided right now: wait for its outcome. Taken -> we are its duplicate;
+            # refused or not stored -> nothing was acknowledged, so this request is judged on its own.
+            await asyncio.wait([pending])
         now = self.clock()
         original = self.journal.find_by_key(key, now - timedelta(seconds=window))
         if original is not None:
@@ -176,8 +173,7 @@ class Webhook:
         finally:
             self._inflight.pop(key, None)
             if not claim.done():
-                claim.set_exception(JournalError("not recorded"))
-                claim.exception()  # retrieved: waiters handle it, nobody else must see a warning
+                claim.set_result("")  # refused or not stored: waiters look again and find nothing
         return response
 
     async def _decide_and_record(self, request: web.Request, signal: Signal, body: Mapping[str, Any], key: str,

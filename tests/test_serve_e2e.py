@@ -108,6 +108,16 @@ def test_serve_with_no_secrets_set_runs_the_example_rules_and_survives_a_restart
         assert all(o["status"] == "filled" for o in row["orders"])
         assert "secret" not in row["raw"]
 
+        # The newcomer's demo finds the generated secret and token in the data directory.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MULTIBROKER_")}
+        demo = subprocess.run([sys.executable, "-m", "multibroker", "demo", "--url", server.url, "--count", "3",
+                               "--interval", "0", "--data", str(server.data)], capture_output=True, text=True,
+                              timeout=30, env=env)
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        lines = demo.stdout.splitlines()
+        assert [line.split("-> ")[1][:3] for line in lines[:3]] == ["202"] * 3
+        assert "accounts (daily P&L, USD):" in demo.stdout and secret not in demo.stdout
+
         # Hot reload: a bad edit is refused and shown with its place; the live rules keep running.
         (rules_dir / "zz-broken.yaml").write_text("kind: Account\nname: ghost\nbroker: nowhere\n")
         status_of = lambda: request(f"{server.url}/api/status", headers=admin)[1]  # noqa: E731

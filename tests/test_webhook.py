@@ -353,6 +353,13 @@ async def test_concurrent_repeats_wait_for_the_first_and_never_decide_twice(serv
     assert len(app[RUNTIME].dispatched) == 1
 
 
+async def test_concurrent_repeats_of_a_refused_signal_are_each_refused_not_called_duplicates(serve: Any) -> None:
+    client, app = await serve()
+    answers = await asyncio.gather(*(post(client, scalper(id="bad-1", ticker="ZZ1!")) for _ in range(4)))
+    assert [(s, b["error"]["code"]) for s, b in answers] == [(422, "unknown_instrument")] * 4
+    assert app[JOURNAL].orders() == []
+
+
 async def test_a_content_key_without_time_is_only_remembered_briefly_but_an_id_for_the_window(serve: Any) -> None:
     client, app = await serve(content_key_window_s=300)
     runtime = app[RUNTIME]

@@ -53,6 +53,12 @@ def command(rules_dir: str, data_dir: str, host: str, port: int, paper_tick_s: f
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: put a TLS reverse proxy in front and set MULTIBROKER_ALLOW_IPS", host)
 
-    from service.app import run  # noqa: PLC0415 - aiohttp and the runtime load only when serving
+    from engine.reload import RulesLoadError  # noqa: PLC0415 - aiohttp and the runtime load only when serving
+    from service.app import run  # noqa: PLC0415
+    from service.journal import JournalError  # noqa: PLC0415
 
-    run(config)
+    try:
+        run(config)
+    except (JournalError, RulesLoadError) as exc:
+        click.echo(f"multibroker serve: {exc}", err=True)
+        sys.exit(1)
