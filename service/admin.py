@@ -49,11 +49,12 @@ class AdminAPI:
             ("POST", "/api/halts/{name}/clear", self.clear_halt),
         ]
         for method, path, handler in routes:
-            router.add_route(method, path, self._guarded(handler))
+            router.add_route(method, path, self.guarded(handler))
 
     # -- auth and errors ----------------------------------------------------------------------------------------
 
-    def _guarded(self, handler: Handler) -> Handler:
+    def guarded(self, handler: Handler) -> Handler:
+        """``handler`` behind the bearer-token check and the API's error mapping (the dashboard reuses it)."""
         async def guarded(request: web.Request) -> web.StreamResponse:
             token = request.app[self._config].admin_token
             if not token:

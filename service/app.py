@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator, Callable
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -17,7 +18,13 @@ from engine.reload import Reload, RulesWatcher
 from service.admin import AdminAPI
 from service.config import ServiceConfig
 from service.journal import Journal
+from service.marks import DailyMarker, mark_rows
 from service.webhook import Webhook, json_response
+from view import metrics as metrics_view
+from view.aggregate import portfolio_view
+from view.dashboard import Dashboard
+from view.metrics import CONTENT_TYPE, JournalFeed, Metrics
+from view.snapshot import account_inputs, collect
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +37,7 @@ RUNTIME = web.AppKey("runtime", object)
 WEBHOOK = web.AppKey("webhook", Webhook)
 RUNTIME_FACTORY = web.AppKey("runtime_factory", object)
 ENGINE_BUILDER = web.AppKey("engine_builder", object)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 def default_runtime(config: ServiceConfig, journal: Journal, watcher: RulesWatcher) -> Any:
@@ -70,12 +78,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 "from %s, journal %s", config.host, config.port, watcher.generation, config.rules_dir,
                 config.journal_path)
     ticker = _paper_ticker(config, watcher, runtime)
+    marker = _daily_marker(journal, runtime)
+    _instrument(app[METRICS], journal, watcher, runtime)
+    if marker is not None:
+        await marker.start()
     try:
         yield
     finally:
         if ticker is not None:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
+        if marker is not None:
+            await marker.stop()
         await webhook.drain()
         await runtime.stop()
         await watcher.stop()
@@ -101,6 +115,71 @@ def _paper_ticker(config: ServiceConfig, watcher: RulesWatcher, runtime: Any) ->
     return asyncio.create_task(tick(), name="paper-price-feed")
 
 
+def _snapshots(runtime: Any) -> dict[str, Any]:
+    return dict(runtime.account_snapshots())
+
+
+def _daily_marker(journal: Journal, runtime: Any) -> DailyMarker | None:
+    """The 17:00 ET mark of every account (needs the real runtime's ledger; a stand-in runtime has none)."""
+    if not (hasattr(runtime, "ledger") and hasattr(runtime, "risk")):
+        return None
+
+    def take() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        risk = runtime.risk
+        return mark_rows(runtime.ruleset, runtime.ledger, marks=risk.marks, point_value=risk.point_value,
+                         snapshots=_snapshots(runtime))
+
+    return DailyMarker(take, journal.record_daily_marks, clock=getattr(runtime, "clock", None))
+
+
+def _instrument(metrics: Metrics, journal: Journal, watcher: RulesWatcher, runtime: Any) -> None:
+    """Feed /metrics: journal counts since the last scrape, per-account gauges, rate-limit waits."""
+    metrics.before_scrape(JournalFeed(metrics, journal))
+
+    def last_reload() -> None:
+        history = watcher.history
+        if history:
+            metrics.last_reload_ok.set(1 if history[-1].ok else 0)
+
+    metrics.before_scrape(last_reload)
+    if not (hasattr(runtime, "ledger") and hasattr(runtime, "risk")):
+        return
+
+    def accounts() -> Any:
+        now = runtime.clock()
+        state = runtime.engine_state(now)
+        risk = runtime.risk
+        inputs, by_strategy = account_inputs(
+            runtime.ruleset, risk.book, marks=risk.marks, point_value=risk.point_value,
+            snapshots=_snapshots(runtime), free_margin={n: a.free_margin for n, a in state.accounts.items()},
+            connected={n: a.connected for n, a in state.accounts.items()},
+            halted={n: a.halted for n, a in state.accounts.items()})
+        return metrics_view.account_gauges(portfolio_view(runtime.ruleset, inputs, by_strategy).accounts)
+
+    metrics.live(accounts)
+    metrics_view.rate_limit_waits(metrics, lambda: [] if runtime.pool is None else
+                                  [(n, s.connector) for n, s in sorted(runtime.pool.slots.items())])
+
+
+@web.middleware
+async def _timing(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                  ) -> web.StreamResponse:
+    """Webhook latency as the sender sees it: from the request reaching the handler to the answer being ready."""
+    if request.path != "/webhook":
+        return await handler(request)
+    started = time.perf_counter()
+    try:
+        return await handler(request)
+    finally:
+        request.app[METRICS].webhook_latency.observe(time.perf_counter() - started)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    """Prometheus text format. No token: it holds counts and P&L figures, no secrets and no controls."""
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
 async def _webhook(request: web.Request) -> web.StreamResponse:
     return await request.app[WEBHOOK].handle(request)
 
@@ -122,14 +201,19 @@ def create_app(config: ServiceConfig, *, runtime_factory: RuntimeFactory | None 
     ``runtime_factory`` puts something else behind the HTTP layer (a stand-in in tests, a tuned runtime in the
     benchmark); ``engine_builder`` replaces ``engine.decide.build_engine`` for every rules generation.
     """
-    app = web.Application(client_max_size=max(config.max_body_bytes, 64 * 1024))
+    app = web.Application(client_max_size=max(config.max_body_bytes, 64 * 1024), middlewares=[_timing])
     app[CONFIG] = config
+    app[METRICS] = Metrics()
     app[RUNTIME_FACTORY] = runtime_factory or default_runtime
     app[ENGINE_BUILDER] = engine_builder
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/webhook", _webhook)
     app.router.add_get("/healthz", _healthz)
-    AdminAPI(JOURNAL, WATCHER, RUNTIME, CONFIG).register(app.router)
+    app.router.add_get("/metrics", _metrics)
+    admin = AdminAPI(JOURNAL, WATCHER, RUNTIME, CONFIG)
+    admin.register(app.router)
+    Dashboard(lambda a: collect(a[RUNTIME], a[JOURNAL], a[WATCHER], a[RUNTIME].clock()),
+              admin.guarded).register(app.router)
     return app
 
 
@@ -140,4 +224,4 @@ def run(config: ServiceConfig) -> None:
                 shutdown_timeout=10.0, handle_signals=True)
 
 
-__all__ = ["CONFIG", "JOURNAL", "RUNTIME", "WATCHER", "WEBHOOK", "create_app", "default_runtime", "run"]
+__all__ = ["CONFIG", "JOURNAL", "METRICS", "RUNTIME", "WATCHER", "WEBHOOK", "create_app", "default_runtime", "run"]

@@ -184,8 +184,19 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
         db[table].create_index(["at"], index_name=f"{table}_at")
 
 
+def _m2_daily_marks(db: sqlite_utils.Database) -> None:
+    # One row per account per CME trading day, all taken at the same instant (17:00 ET, the end of the trading
+    # day), so that equity curves and daily statements compare like with like across brokers.
+    db["daily_marks"].create({
+        "trading_day": str, "account": str, "at": str, "broker": str, "cash": str, "equity": str,
+        "realized": str, "unrealized": str, "commissions": str, "margin_used": str, "marks": str, "data": str,
+    }, pk=("trading_day", "account"), not_null={"at"})
+    db["daily_marks"].create_index(["at"], index_name="daily_marks_at")
+
+
 MIGRATIONS: Sequence[tuple[str, Migration]] = (
     ("initial", _m1_initial),
+    ("daily_marks", _m2_daily_marks),
 )
 """Append only: version N is ``MIGRATIONS[N-1]``; each runs in its own transaction with its ``schema_version`` row."""
 
@@ -679,6 +690,66 @@ class Journal:
 
     def position_snapshots(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._recent_rows("position_snapshots", limit)
+
+    async def record_daily_marks(self, trading_day: date, at: datetime, rows: Sequence[Mapping[str, Any]],
+                                 marks: Mapping[str, Decimal]) -> int:
+        """The end-of-day mark of every account, in one transaction; a day already marked is kept, not overwritten.
+
+        Keeping the first mark makes the 17:00 ET job safe to re-run after a restart: the statement a trader saw
+        for a day never changes. Returns how many accounts were newly marked.
+        """
+        day = trading_day.isoformat()
+        when = _at(at)
+        prices = dumps({k: str(v) for k, v in sorted(marks.items())})
+        money = ("cash", "equity", "realized", "unrealized", "commissions", "margin_used")
+        values = [(day, row["account"], when, row.get("broker"), *(_text(row.get(k)) for k in money), prices,
+                   dumps(dict(row))) for row in rows]
+
+        def write(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany("INSERT OR IGNORE INTO daily_marks (trading_day, account, at, broker, cash, equity, "
+                             "realized, unrealized, commissions, margin_used, marks, data) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+            return conn.total_changes - before
+
+        written: int = await self._write(write)
+        return written
+
+    def daily_marks(self, *, account: str | None = None, since: date | None = None) -> list[dict[str, Any]]:
+        """Marks in day order (oldest first), for equity curves."""
+        sql = "SELECT * FROM daily_marks WHERE 1=1"
+        params: list[Any] = []
+        if account is not None:
+            sql += " AND account = ?"
+            params.append(account)
+        if since is not None:
+            sql += " AND trading_day >= ?"
+            params.append(since.isoformat())
+        rows = self._query(sql + " ORDER BY trading_day, account", params)
+        return [{**{k: v for k, v in r.items() if k != "data"}, "marks": _loads(r["marks"]),
+                 "late": bool((_loads(r["data"]) or {}).get("late"))} for r in rows]
+
+    # -- metrics: what happened since the last scrape (reads only; ids are the cursors) ------------------------
+
+    def signal_outcomes_after(self, rowid: int) -> list[dict[str, Any]]:
+        """``rowid``, ``status`` of signals recorded after ``rowid`` (statuses never change once recorded)."""
+        return self._query("SELECT rowid AS rowid, status FROM signals WHERE rowid > ? ORDER BY rowid", (rowid,))
+
+    def order_transitions_after(self, event_id: int) -> list[dict[str, Any]]:
+        """Order status changes after ``event_id``, with the broker and when their signal was received."""
+        return self._query(
+            "SELECT e.id, e.status, e.at, o.broker, s.received_at FROM order_events e "
+            "JOIN orders o ON o.client_order_id = e.client_order_id LEFT JOIN signals s ON s.id = o.signal_id "
+            "WHERE e.id > ? ORDER BY e.id", (event_id,))
+
+    def reconciliation_mismatches_after(self, row_id: int) -> list[dict[str, Any]]:
+        """``id``, ``broker`` and the number of mismatches of each reconciliation after ``row_id``."""
+        return self._query(
+            "SELECT id, broker, COALESCE(json_array_length(json_extract(data, '$.mismatches')), 0) AS mismatches "
+            "FROM reconciliations WHERE id > ? ORDER BY id", (row_id,))
+
+    def reload_outcomes_after(self, row_id: int) -> list[dict[str, Any]]:
+        return self._query("SELECT id, ok, outcome FROM reloads WHERE id > ? ORDER BY id", (row_id,))
 
     # -- maintenance ------------------------------------------------------------------------------------------
 

@@ -709,6 +709,10 @@ class Runtime:
                 rows.append({**row, "mark": None if mark is None else str(mark)})
         return rows
 
+    def account_snapshots(self) -> dict[str, AccountSnapshot]:
+        """The latest broker snapshot per account (cash, margin), for the dashboard and the daily marks."""
+        return dict(self._snapshots)
+
     # -- the engine's view -------------------------------------------------------------------------------------
     def _invalidate(self) -> None:
         self._state = None

@@ -14,6 +14,7 @@ from ruamel.yaml import YAML
 
 from service.app import JOURNAL, RUNTIME, WATCHER, create_app
 from service.config import ServiceConfig
+from service.journal import MIGRATIONS
 from tests.test_webhook import ENGINE_BUILDER, NOW, SECRET, StubRuntime, scalper
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +122,7 @@ async def test_status_shows_brokers_rules_generation_and_the_last_reload(serve: 
     assert status == 200
     assert body["brokers"][0]["rate_limit_headroom"] == 1.0
     assert body["rules"]["generation"] == 1 and body["rules"]["last_reload"]["outcome"] == "applied"
-    assert body["journal"]["schema_version"] == 1
+    assert body["journal"]["schema_version"] == len(MIGRATIONS)
 
     (rules_dir / "broken.yaml").write_text("kind: Account\nname: x\nbroker: nowhere\n", encoding="utf-8")
     await app[WATCHER].reload_now()

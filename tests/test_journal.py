@@ -55,7 +55,8 @@ def on_disk(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[An
 
 async def test_a_new_journal_is_migrated_to_the_latest_version_in_wal_mode(journal: Journal) -> None:
     assert journal.schema_version == len(journal_module.MIGRATIONS)
-    assert on_disk(journal.path, "SELECT version, name FROM schema_version") == [(1, "initial")]
+    assert on_disk(journal.path, "SELECT version, name FROM schema_version") == \
+        [(i, name) for i, (name, _) in enumerate(journal_module.MIGRATIONS, 1)]
     assert on_disk(journal.path, "PRAGMA journal_mode") == [("wal",)]
     tables = {r[0] for r in on_disk(journal.path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"signals", "orders", "order_events", "fills", "position_snapshots", "reconciliations", "reloads",
@@ -68,7 +69,7 @@ async def test_reopening_runs_no_migration_twice_and_a_newer_schema_is_refused(t
         sid = await accepted(j, "c1")
     async with Journal(path) as j:
         assert j.get_signal(sid) is not None
-    assert on_disk(path, "SELECT COUNT(*) FROM schema_version") == [(1,)]
+    assert on_disk(path, "SELECT COUNT(*) FROM schema_version") == [(len(journal_module.MIGRATIONS),)]
     conn = sqlite3.connect(path)
     conn.execute("INSERT INTO schema_version VALUES (99, 'from the future', '2030-01-01T00:00:00.000000Z')")
     conn.commit()
@@ -82,13 +83,14 @@ def test_a_failing_migration_leaves_no_trace(tmp_path: Path, monkeypatch: pytest
 
     def broken(db: sqlite_utils.Database) -> None:
         db["half_done"].create({"id": int}, pk="id")
-        raise RuntimeError("migration 2 failed")
+        raise RuntimeError("the last migration failed")
 
     monkeypatch.setattr(journal_module, "MIGRATIONS", (*journal_module.MIGRATIONS, ("broken", broken)))
     db = sqlite_utils.Database(sqlite3.connect(tmp_path / "j.db", isolation_level=None))
-    with pytest.raises(RuntimeError, match="migration 2 failed"):
+    with pytest.raises(RuntimeError, match="the last migration failed"):
         migrate(db)
-    assert [r[0] for r in db.execute("SELECT version FROM schema_version")] == [1]
+    good = len(journal_module.MIGRATIONS) - 1
+    assert [r[0] for r in db.execute("SELECT version FROM schema_version")] == list(range(1, good + 1))
     assert "half_done" not in db.table_names()
 
 

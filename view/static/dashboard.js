@@ -8,6 +8,9 @@ const COLORS = ["#58a6ff", "#3fb950", "#d29922", "#f778ba", "#a371f7", "#79c0ff"
 function esc(v) { return String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c])); }
 function money(v) { if (v === null || v === undefined || v === "") return "—"; const n = Number(v); const s = n.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 }); return `<span class="${n > 0 ? "pos" : n < 0 ? "neg" : ""}">${s}</span>`; }
 function plain(v) { return v === null || v === undefined ? "—" : Number(v).toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 }); }
+// Times arrive in UTC; traders read them in exchange time (America/New_York, DST-correct via Intl).
+const ET = new Intl.DateTimeFormat("en-US", { timeZone: "America/New_York", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+function et(v) { if (!v) return ""; const d = new Date(v); return isNaN(d) ? String(v) : `${ET.format(d).replace(",", "")} ET`; }
 function table(el, head, rows) {
   el.innerHTML = `<thead><tr>${head.map((h) => `<th>${h}</th>`).join("")}</tr></thead><tbody>${rows.length ? rows.join("") : `<tr><td colspan="${head.length}" class="muted">none</td></tr>`}</tbody>`;
 }
@@ -34,9 +37,10 @@ function render(s) {
     ...limits,
   ].join("");
   table($("brokers"), ["Broker", "Type", "Connection", "Rate-limit headroom", ""], (s.brokers || []).map((b) => `<tr data-broker="${esc(b.name)}"><td>${esc(b.name)}</td><td>${esc(b.type)}</td><td><span class="pill ${b.paused ? "warn" : b.connected ? "on" : "off"}">${b.paused ? "paused" : b.connected ? "connected" : "down"}</span></td><td>${Math.round((b.rate_limit_headroom ?? 1) * 100)}%</td><td>${b.paused ? `<button data-action="resume" data-name="${esc(b.name)}">Resume</button>` : `<button data-action="pause" data-name="${esc(b.name)}">Pause</button>`}</td></tr>`));
+  const paused = new Set((s.brokers || []).filter((b) => b.paused).map((b) => b.name));
   table($("accounts"), ["Account", "Broker", "Cash", "Margin used", "Free margin", "Buffer left", "Daily P&L", "Limit headroom", "Status", ""], (p.accounts || []).map((a) => {
     const lim = (a.limits || [])[0];
-    return `<tr data-account="${esc(a.name)}"><td>${esc(a.name)}</td><td>${esc(a.broker)}</td><td class="num">${plain(a.cash)}</td><td class="num">${plain(a.margin_used)}</td><td class="num">${plain(a.free_margin)}</td><td class="num">${money(a.buffer_left)}</td><td class="num">${money(a.daily_pnl)}</td><td class="num">${lim ? plain(lim.headroom) : "—"}</td><td>${a.halted ? `<span class="pill off">halted: ${esc(a.halted)}</span>` : a.connected ? `<span class="pill on">ok</span>` : `<span class="pill off">broker down</span>`}</td><td><button data-action="flatten-account" data-name="${esc(a.name)}">Flatten</button></td></tr>`;
+    return `<tr data-account="${esc(a.name)}"><td>${esc(a.name)}</td><td>${esc(a.broker)}</td><td class="num">${plain(a.cash)}</td><td class="num">${plain(a.margin_used)}</td><td class="num">${plain(a.free_margin)}</td><td class="num">${money(a.buffer_left)}</td><td class="num">${money(a.daily_pnl)}</td><td class="num">${lim ? plain(lim.headroom) : "—"}</td><td>${a.halted ? `<span class="pill off">halted: ${esc(a.halted)}</span>` : a.connected ? `<span class="pill on">ok</span>` : paused.has(a.broker) ? `<span class="pill warn">broker paused</span>` : `<span class="pill off">broker down</span>`}</td><td><button data-action="flatten-account" data-name="${esc(a.name)}">Flatten</button></td></tr>`;
   }));
   const positions = (p.accounts || []).flatMap((a) => a.positions || []);
   table($("positions"), ["Account", "Strategy", "Contract", "Qty", "Avg price", "Mark", "Unrealized"], positions.map((x) => `<tr data-position="${esc(x.account)}:${esc(x.contract)}"><td>${esc(x.account)}</td><td>${esc(x.strategy)}</td><td>${esc(x.contract)}</td><td class="num">${x.quantity}</td><td class="num">${esc(x.avg_price)}</td><td class="num">${esc(x.mark ?? "—")}</td><td class="num">${money(x.unrealized)}</td></tr>`));
@@ -46,27 +50,35 @@ function render(s) {
     const orders = (d.orders || []).map((o) => `<li>${esc(o.account)} @ ${esc(o.broker)}: ${esc(o.side)} ${o.quantity} ${esc(o.contract)} (${esc(o.intent)})</li>`).join("");
     const skipped = (d.skipped || []).map((k) => `<li class="muted">${esc(k.account)} skipped: ${esc(k.reason)}${k.by ? ` [${esc(k.by)}]` : ""}</li>`).join("");
     const status = sig.status === "rejected" ? `<span class="pill off">rejected</span>` : d.accepted ? `<span class="pill on">accepted</span>` : `<span class="pill warn">no orders</span>`;
-    return `<details class="signal" data-signal="${esc(sig.signal_id)}"><summary>${esc(sig.received_at || "")} ${status} <b>${esc(sig.strategy || "")}</b> ${esc(sig.action || "")} ${esc(sig.ticker || "")} ${d.rule ? `via ${esc(d.rule)}` : ""} ${d.blocked_by ? `blocked by ${esc(d.blocked_by)}` : ""} ${esc(sig.reason || d.reason || "")}</summary><ul>${orders}${skipped}</ul></details>`;
+    return `<details class="signal" data-signal="${esc(sig.signal_id)}"><summary>${esc(et(sig.received_at))} ${status} <b>${esc(sig.strategy || "")}</b> ${esc(sig.action || "")} ${esc(sig.ticker || "")} ${d.rule ? `via ${esc(d.rule)}` : ""} ${d.blocked_by ? `blocked by ${esc(d.blocked_by)}` : ""} ${esc(sig.reason || d.reason || "")}</summary><ul>${orders}${skipped}</ul></details>`;
   }).join("") || `<p class="muted">no signals yet</p>`;
-  table($("reconciliations"), ["Time", "Broker", "Account", "Result"], (s.reconciliations || []).map((r) => `<tr><td>${esc(r.time)}</td><td>${esc(r.broker)}</td><td>${esc(r.account || "")}</td><td>${r.ok ? `<span class="pill on">ok</span>` : `<span class="pill off">${esc(r.detail || "mismatch")}</span>`}</td></tr>`));
+  table($("reconciliations"), ["Time", "Broker", "Account", "Result"], (s.reconciliations || []).map((r) => `<tr><td>${esc(et(r.time))}</td><td>${esc(r.broker)}</td><td>${esc(r.account || "")}</td><td>${r.ok ? `<span class="pill on">ok</span>` : `<span class="pill off">${esc(r.detail || "mismatch")}</span>`}</td></tr>`));
   $("halts").innerHTML = (s.halts || []).map((h) => `<p><span class="pill off">${esc(h.name)}</span> ${esc(h.reason || "")} <button data-action="clear-halt" data-name="${esc(h.name)}">Clear</button></p>`).join("") || `<p class="muted">no halts</p>`;
   const r = s.rules || {};
   $("rules").textContent = r.generation !== undefined ? `rules generation ${r.generation} (${String(r.content_hash || "").slice(0, 8)})` : "";
   const last = r.last_reload;
-  $("reload").innerHTML = last ? `<p>Last reload ${esc(last.time)}: ${last.ok ? `<span class="pill on">ok</span>` : `<span class="pill off">failed, old rules still running</span>`}</p>${(last.errors || []).length ? `<pre>${esc(last.errors.join("\n"))}</pre>` : ""}` : `<p class="muted">no reload yet</p>`;
+  $("reload").innerHTML = last ? `<p>Last reload ${esc(et(last.time))}: ${last.ok ? `<span class="pill on">ok</span>` : `<span class="pill off">failed, old rules still running</span>`}</p>${(last.errors || []).length ? `<pre>${esc(last.errors.join("\n"))}</pre>` : ""}` : `<p class="muted">no reload yet</p>`;
 }
 
 function renderEquity(curves) {
   const names = Object.keys(curves);
   if (!names.length) { $("equity").innerHTML = `<p class="muted">no marks yet</p>`; return; }
-  const all = names.flatMap((n) => curves[n].map((pt) => Number(pt[1])));
+  // Accounts differ in size (50k next to 100k), so each curve is drawn as its change since its first point: shapes
+  // and drawdowns stay comparable on one scale; the legend shows each current equity.
+  const delta = (n, pt) => Number(pt[1]) - Number(curves[n][0][1]);
+  const all = names.flatMap((n) => curves[n].map((pt) => delta(n, pt)));
   const lo = Math.min(0, ...all), hi = Math.max(0, ...all), span = hi - lo || 1;
   const len = Math.max(...names.map((n) => curves[n].length), 2);
+  // Each curve is right-aligned on the shared time axis (the last point is "now"); a lone point (a fresh service,
+  // no daily mark yet) is drawn as a flat line so it is visible.
   const lines = names.map((n, i) => {
-    const pts = curves[n].map((pt, j) => `${(j / (len - 1)) * 100},${100 - ((Number(pt[1]) - lo) / span) * 100}`).join(" ");
+    const c = curves[n].length === 1 ? [curves[n][0], curves[n][0]] : curves[n];
+    const offset = len - Math.max(c.length, 2);
+    const pts = c.map((pt, j) => `${((offset + j) / (len - 1)) * 100},${100 - ((delta(n, pt) - lo) / span) * 100}`).join(" ");
     return `<polyline points="${pts}" stroke="${COLORS[i % COLORS.length]}" vector-effect="non-scaling-stroke"/>`;
   }).join("");
-  $("equity").innerHTML = `<svg class="curve" viewBox="0 0 100 100" preserveAspectRatio="none">${lines}</svg><div class="legend">${names.map((n, i) => `<span style="color:${COLORS[i % COLORS.length]}">${esc(n)}</span>`).join("")}</div>`;
+  const last = (n) => curves[n][curves[n].length - 1][1];
+  $("equity").innerHTML = `<svg class="curve" viewBox="0 0 100 100" preserveAspectRatio="none">${lines}</svg><div class="legend">${names.map((n, i) => `<span style="color:${COLORS[i % COLORS.length]}" data-equity="${esc(n)}">${esc(n)} ${plain(last(n))}</span>`).join("")}</div>`;
 }
 
 async function follow() {
