@@ -37,6 +37,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from aiohttp import WSMsgType, web
 
+from brokers.emulators.common import EmulatorServer, check_parts, serve_forever, wire_decimal, wire_number
 from brokers.timeconv import format_broker_time, parse_broker_time
 from engine.catalog import BUILTIN, MONTH_CODES, Instrument
 
@@ -85,9 +86,7 @@ def wire_time(value: datetime) -> str:
     return f"{base}.{value.astimezone(timezone.utc).microsecond:06d}0+00:00"
 
 
-def _num(value: Decimal | None) -> float | None:
-    """JSON numbers as the gateway sends them (floats); the connector converts back with ``Decimal(str(x))``."""
-    return None if value is None else float(value)
+_num = wire_number
 
 
 @dataclass
@@ -248,7 +247,7 @@ def build_contracts(today: datetime, roots: Iterable[str] = PRODUCT_CODES) -> li
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
-class ProjectXEmulator:
+class ProjectXEmulator(EmulatorServer):
     """A ProjectX Gateway with one user, a few accounts, and a price per contract that tests set."""
 
     def __init__(
@@ -267,6 +266,7 @@ class ProjectXEmulator:
     ) -> None:
         if name_style not in ("cme", "product"):
             raise ValueError(f"name_style must be 'cme' or 'product', got {name_style!r}")
+        super().__init__(port=port)
         self.username = username
         self.api_key = api_key
         self.rate_limit = rate_limit
@@ -294,12 +294,6 @@ class ProjectXEmulator:
         self._reject_next: list[str] = []
         self._partial_next: list[list[int]] = []
         self._rate_limit_next: list[float] = []
-        self._lose_next_place = 0
-        self._down = False
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
-        self._port = port
-        self._tasks: set[asyncio.Task[None]] = set()
         self._hubs: set[_HubClient] = set()
         self._routes: dict[str, Handler] = {
             "/api/Auth/loginKey": self._login_key,
@@ -319,45 +313,18 @@ class ProjectXEmulator:
     # -- lifecycle --------------------------------------------------------------------------------------------
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._port}"
+        return self.origin
 
     @property
     def hub_url(self) -> str:
         return f"{self.base_url}/hubs/user"
 
-    async def start(self) -> str:
-        """Listen on a free port of 127.0.0.1 and return the REST base URL."""
+    def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_post("/api/{group}/{action}", self._dispatch)
         app.router.add_get("/api/Status/ping", self._ping)
         app.router.add_get("/hubs/user", self._hub)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await self._runner.setup()
-        await self._listen()
-        return self.base_url
-
-    async def _listen(self) -> None:
-        assert self._runner is not None
-        self._site = web.TCPSite(self._runner, "127.0.0.1", self._port)
-        await self._site.start()
-        if not self._port:
-            self._port = int(self._runner.addresses[0][1])  # bound now; kept for restore_connection
-
-    async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._close_hubs()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> "ProjectXEmulator":
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        return app
 
     # -- test controls ----------------------------------------------------------------------------------------
     def contract(self, code_or_id: str) -> EmulatedContract:
@@ -389,33 +356,15 @@ class ProjectXEmulator:
         self._reject_next.extend([reason] * n)
 
     def partial_fill_next(self, parts: list[int]) -> None:
-        if not parts or any(p <= 0 for p in parts):
-            raise ValueError(f"partial fill parts must be positive, got {parts!r}")
-        self._partial_next.append(list(parts))
+        self._partial_next.append(check_parts(parts))
 
     def rate_limit_next(self, n: int = 1, retry_after_s: float = 0.2) -> None:
         self._rate_limit_next.extend([retry_after_s] * n)
-
-    def lose_next_place_response(self) -> None:
-        self._lose_next_place += 1
 
     def expire_tokens(self) -> None:
         """Every issued token is now past its life: the next authenticated request gets 401."""
         for token in self.tokens:
             self.tokens[token] = 0.0
-
-    async def drop_connection(self) -> None:
-        """Stop listening, reset every open connection and hub socket (a real network drop)."""
-        self._down = True
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-        await self._close_hubs()
-
-    async def restore_connection(self) -> None:
-        self._down = False
-        if self._site is None and self._runner is not None:
-            await self._listen()
 
     def order_count(self, account_id: int, custom_tag: str) -> int:
         return sum(1 for o in self.orders.values() if o.account_id == account_id and o.custom_tag == custom_tag)
@@ -424,11 +373,7 @@ class ProjectXEmulator:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                           ) -> web.StreamResponse:
-        if self._down:
-            # A keep-alive connection opened before the drop: reset it like a dead network would.
-            if request.transport is not None:
-                request.transport.abort()
-            raise web.HTTPServiceUnavailable()
+        self._refuse_if_down(request)
         self.requests[request.path] += 1
         if request.path != "/hubs/user":
             if self._rate_limit_next:
@@ -468,12 +413,10 @@ class ProjectXEmulator:
         if request.path == "/api/Auth/validate":
             body = {**body, "_token": self._token_of(request)}
         answer = await handler(body)
-        if request.path == "/api/Order/place" and answer.get("success") and self._lose_next_place:
-            self._lose_next_place -= 1
-            # The order is in the book (and filled); the answer is lost with the connection.
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response(status=204)  # written into a closed socket: the client never sees it
+        if request.path == "/api/Order/place" and answer.get("success"):
+            lost = self._lose_this_answer(request)  # the order is in the book (and filled); its answer is not
+            if lost is not None:
+                return lost
         return web.json_response(answer)
 
     # -- endpoints --------------------------------------------------------------------------------------------
@@ -675,11 +618,6 @@ class ProjectXEmulator:
                       {**position.wire(), "size": 0})
         self._publish("GatewayUserAccount", account.wire())
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     # -- SignalR user hub -------------------------------------------------------------------------------------
     async def _hub(self, request: web.Request) -> web.StreamResponse:
         if self._token_of(request) is None:
@@ -740,7 +678,7 @@ class ProjectXEmulator:
                 self._spawn(client.send({"type": 1, "target": target,
                                          "arguments": [{"action": 1, "data": data}]}))
 
-    async def _close_hubs(self) -> None:
+    async def _close_streams(self) -> None:
         for client in list(self._hubs):
             await client.ws.close()
         self._hubs.clear()
@@ -780,8 +718,7 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def _dec(value: Any) -> Decimal | None:
-    return None if value is None else Decimal(str(value))
+_dec = wire_decimal
 
 
 def _window(body: Mapping[str, Any]) -> tuple[datetime, datetime | None]:
@@ -795,13 +732,9 @@ __all__ = ["ProjectXEmulator", "PRODUCT_CODES", "DEFAULT_FEES", "build_contracts
 
 async def _serve(port: int, username: str, api_key: str) -> None:
     emulator = ProjectXEmulator(port=port, username=username, api_key=api_key)
-    await emulator.start()
-    print(f"ProjectX emulator: rest {emulator.base_url}  hub {emulator.hub_url}  accounts "
-          f"{', '.join(a.name for a in emulator.accounts.values())}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await emulator.stop()
+    await serve_forever(emulator, lambda: (
+        f"ProjectX emulator: rest {emulator.base_url}  hub {emulator.hub_url}  accounts "
+        f"{', '.join(a.name for a in emulator.accounts.values())}"))
 
 
 def main(argv: list[str] | None = None) -> None:

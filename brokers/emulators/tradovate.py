@@ -42,14 +42,15 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import WSMsgType, web
 
-from engine.catalog import BUILTIN
+from brokers.emulators.common import EmulatorServer, check_parts, serve_forever, wire_decimal, wire_number
+from engine.catalog import BUILTIN, MONTH_CODES
 
 log = logging.getLogger(__name__)
 
 EASTERN = ZoneInfo("America/New_York")
 NO_AUTH_PATHS = {"/v1/auth/accesstokenrequest", "/v1/websocket"}
 WORKING_STATUSES = {"Working", "PendingNew", "PendingReplace", "PendingCancel", "Suspended"}
-DEFAULT_CONTRACTS = ("MESZ6", "MESH7", "ESZ6", "NQZ6", "MNQZ6")
+DEFAULT_ROOTS = ("MES", "ES", "MNQ", "NQ", "MYM", "M2K", "MCL", "MGC")
 DEFAULT_COMMISSIONS = {"MES": Decimal("0.35"), "MNQ": Decimal("0.35"), "default": Decimal("1.29")}
 DEFAULT_MARGINS = {"MES": Decimal(50), "MNQ": Decimal(100), "ES": Decimal(500), "default": Decimal(1000)}
 
@@ -72,13 +73,19 @@ def _wire_trade_date(dt: datetime) -> dict[str, int]:
     return {"year": day.year, "month": day.month, "day": day.day}
 
 
-def _num(value: Decimal | None) -> float | None:
-    """Decimal to a JSON number, as the real API sends prices (the connector reads them back with str())."""
-    return None if value is None else float(value)
+_num = wire_number
+_dec = wire_decimal
 
 
-def _dec(value: Any) -> Decimal | None:
-    return None if value is None else Decimal(str(value))
+def listed_contracts(today: datetime, roots: Iterable[str] = DEFAULT_ROOTS) -> list[str]:
+    """CME codes (``MESZ6``) of every listed month of this year and the next, from this month on."""
+    names = []
+    for root in roots:
+        for year in (today.year, today.year + 1):
+            for month in BUILTIN[root].month_numbers():
+                if (year, month) >= (today.year, today.month):
+                    names.append(f"{root}{MONTH_CODES[month - 1]}{year % 10}")
+    return names
 
 
 def _root(contract_name: str) -> str:
@@ -217,7 +224,7 @@ class _Socket:
             self.request.transport.abort()
 
 
-class TradovateEmulator:
+class TradovateEmulator(EmulatorServer):
     """A Tradovate REST + user-data WebSocket server for one user, with fault hooks.
 
     ``accounts`` maps account names to starting cash. ``start()`` returns the REST base URL (``.../v1``);
@@ -225,9 +232,11 @@ class TradovateEmulator:
     """
 
     def __init__(self, *, username: str = "trader", password: str = "secret", sec: str | None = None,
-                 accounts: Mapping[str, Decimal] | None = None, contracts: Iterable[str] = DEFAULT_CONTRACTS,
+                 accounts: Mapping[str, Decimal] | None = None, contracts: Iterable[str] | None = None,
                  commissions: Mapping[str, Decimal] | None = None, margins: Mapping[str, Decimal] | None = None,
-                 token_life_s: float = 80 * 60, server_heartbeat_s: float = 2.5) -> None:
+                 token_life_s: float = 80 * 60, server_heartbeat_s: float = 2.5, port: int = 0,
+                 today: datetime | None = None) -> None:
+        super().__init__(port=port)
         self.username = username
         self.password = password
         self.sec = sec
@@ -241,7 +250,8 @@ class TradovateEmulator:
         for i, (name, cash) in enumerate((accounts or {"DEMO0001": Decimal(50000)}).items()):
             self.accounts[500_001 + i] = _Account(500_001 + i, name, self.user_id, Decimal(cash))
         self.contracts: dict[int, _Contract] = {}
-        for i, name in enumerate(contracts):
+        names = listed_contracts(today or datetime.now(timezone.utc)) if contracts is None else contracts
+        for i, name in enumerate(names):
             self.contracts[3_000_001 + i] = _Contract(3_000_001 + i, name)
         self.prices: dict[int, Decimal] = {cid: Decimal("5000.00") for cid in self.contracts}
         self.orders: dict[int, _Order] = {}
@@ -260,15 +270,9 @@ class TradovateEmulator:
         self._rate_limit: list[tuple[str, float]] = []
         self._tickets: dict[str, float] = {}
         self._captcha = 0
-        self._lose_next_place = 0
         self._muted = False
-        self._down = False
         # Server plumbing.
         self._sockets: set[_Socket] = set()
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
-        self._port = 0
-        self._tasks: set[asyncio.Task[None]] = set()
         self._routes: dict[tuple[str, str], Handler] = {
             ("POST", "/v1/auth/accesstokenrequest"): self._access_token_request,
             ("GET", "/v1/auth/renewaccesstoken"): self._renew,
@@ -291,40 +295,23 @@ class TradovateEmulator:
     # -- lifecycle ------------------------------------------------------------------------------------------------
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._port}/v1"
+        return f"{self.origin}/v1"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self._port}/v1/websocket"
+        return f"ws://127.0.0.1:{self.port}/v1/websocket"
 
-    async def start(self) -> str:
+    def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_get("/v1/websocket", self._websocket)
         app.router.add_route("*", "/v1/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await self._runner.setup()
-        await self._listen()
-        return self.base_url
+        return app
 
-    async def _listen(self) -> None:
-        assert self._runner is not None
-        self._site = web.TCPSite(self._runner, "127.0.0.1", self._port)
-        await self._site.start()
-        if not self._port:
-            self._port = int(self._runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def _close_streams(self) -> None:
+        """Reset every WebSocket, as a network drop or a server going away does (no close frame arrives)."""
         for sock in list(self._sockets):
-            await sock.send('c[1000,"Server shutdown"]')
             sock.abort()
         self._sockets.clear()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-            self._site = None
 
     # -- fault hooks and knobs ------------------------------------------------------------------------------------
     def contract_id(self, name: str) -> int:
@@ -358,7 +345,7 @@ class TradovateEmulator:
 
     def partial_fill_next(self, parts: list[int]) -> None:
         """The next market order fills in these parts; if they sum to less than its quantity the rest rests."""
-        self._partial.append(list(parts))
+        self._partial.append(check_parts(parts))
 
     def rate_limit_next(self, n: int = 1, retry_after_s: float = 0.2, kind: str = "ticket") -> None:
         """The next ``n`` requests are throttled: ``ticket`` answers POSTs with a penalty ticket (HTTP 200) and
@@ -371,9 +358,6 @@ class TradovateEmulator:
         """The next ``n`` requests get a penalty ticket that demands a captcha (no automated retry possible)."""
         self._captcha += n
 
-    def lose_next_place_response(self) -> None:
-        self._lose_next_place += 1
-
     def expire_tokens(self) -> None:
         past = datetime.now(timezone.utc) - timedelta(seconds=1)
         for token in self.tokens:
@@ -382,21 +366,6 @@ class TradovateEmulator:
     def mute_heartbeats(self, muted: bool = True) -> None:
         """Stop sending ``h`` frames without closing: the connection looks alive to TCP but is dead."""
         self._muted = muted
-
-    async def drop_connection(self) -> None:
-        """A real network drop: stop listening and reset every open connection, WebSockets included."""
-        self._down = True
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-        for sock in list(self._sockets):
-            sock.abort()
-        self._sockets.clear()
-
-    async def restore_connection(self) -> None:
-        self._down = False
-        if self._site is None and self._runner is not None:
-            await self._listen()
 
     def order_count(self, account_name: str, cl_ord_id: str) -> int:
         """Broker-side truth: how many orders carry ``cl_ord_id`` in this account."""
@@ -411,18 +380,10 @@ class TradovateEmulator:
     def socket_count(self) -> int:
         return len(self._sockets)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     # -- HTTP plumbing --------------------------------------------------------------------------------------------
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._down:
-            if request.transport is not None:
-                request.transport.abort()
-            raise web.HTTPServiceUnavailable()
+        self._refuse_if_down(request)
         self.requests[request.path] += 1
         if request.path == "/v1/websocket":
             return await handler(request)
@@ -529,12 +490,10 @@ class TradovateEmulator:
     async def _place_order(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         answer = await self._place(body)
-        if "orderId" in answer and self._lose_next_place:
-            self._lose_next_place -= 1
-            # The order is in the book (and filled); the answer dies with the connection.
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response(status=204)  # written into a reset socket: the client never sees it
+        if "orderId" in answer:
+            lost = self._lose_this_answer(request)  # the order is in the book (and filled); its answer is not
+            if lost is not None:
+                return lost
         return web.json_response(answer)
 
     async def _place(self, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -823,3 +782,33 @@ def _int(value: Any) -> int:
 def _point_value(contract_name: str) -> Decimal:
     instrument = BUILTIN.get(_root(contract_name))
     return instrument.point_value if instrument else Decimal(1)
+
+
+__all__ = ["TradovateEmulator", "DEFAULT_COMMISSIONS", "DEFAULT_MARGINS", "listed_contracts", "trade_date",
+           "wire_time"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the emulator by hand, e.g. for ``multibroker brokers check`` against it.
+
+    Example: python -m brokers.emulators.tradovate --port 8098 --username trader --password secret
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m brokers.emulators.tradovate", description=main.__doc__)
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
+    parser.add_argument("--username", default="trader")
+    parser.add_argument("--password", default="secret")
+    parser.add_argument("--sec", default=None, help="API secret the login must carry (default: not checked)")
+    args = parser.parse_args(argv)
+    emulator = TradovateEmulator(port=args.port, username=args.username, password=args.password, sec=args.sec)
+    banner = lambda: (f"Tradovate emulator: rest {emulator.base_url}  websocket {emulator.ws_url}  accounts "  # noqa: E731
+                      f"{', '.join(a.name for a in emulator.accounts.values())}")
+    try:
+        asyncio.run(serve_forever(emulator, banner))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
