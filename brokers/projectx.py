@@ -36,7 +36,6 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Mapping
@@ -48,9 +47,6 @@ from brokers.base import (
     AccountSnapshot,
     AuthError,
     BrokerError,
-    BrokerUnavailable,
-    ConnectionEvent,
-    Connector,
     Fill,
     FillEvent,
     Order,
@@ -61,11 +57,11 @@ from brokers.base import (
     OrderType,
     OutcomeUnknown,
     Position,
-    RateLimited,
     Side,
     register,
     utcnow,
 )
+from brokers.http import Attempts, Backoff, HttpConnector, Known, Throttle, accepted_order, dec
 from brokers.ratelimit import BrokerRateLimiter
 from brokers.timeconv import format_broker_time, parse_broker_time
 from engine.catalog import Catalog
@@ -132,11 +128,6 @@ def signed_size(position_type: int, size: int) -> int:
     if position_type == POSITION_SHORT:
         return -abs(size)
     raise BrokerError(f"ProjectX position type {position_type!r} is neither 1 (long) nor 2 (short)")
-
-
-def dec(value: Any) -> Decimal | None:
-    """A broker number as Decimal, through its decimal text so that 6065.25 stays 6065.25."""
-    return None if value is None else Decimal(str(value))
 
 
 def split_code(code: str) -> tuple[str, str, int]:
@@ -209,32 +200,20 @@ def trading_day_start(now: datetime) -> datetime:
     return start.astimezone(timezone.utc)
 
 
-@dataclass
-class _Known:
-    """What we last told subscribers about an order (to emit each change once, whichever path saw it)."""
-
-    status: OrderStatus
-    filled: int
-
-
 @register
-class ProjectXConnector(Connector):
+class ProjectXConnector(HttpConnector):
     type = "projectx"
+    label = "ProjectX"
+    unreachable = "gateway unreachable"
+    missing_account = "no active account named"
 
     def __init__(self, broker: "Broker", *, env: Mapping[str, str] | None = None, **options: Any) -> None:
         super().__init__(broker, env=env, **options)
         endpoints = broker.endpoints or {}
         self.base_url = str(endpoints.get("rest") or DEFAULT_REST).rstrip("/")
         self.hub_url = str(endpoints.get("hub") or DEFAULT_HUB).rstrip("/")
-        self.poll_interval_s = float(options.get("poll_interval_s", 2.0))
         self.use_hub = bool(options.get("use_hub", True))
-        self.request_timeout_s = float(options.get("request_timeout_s", 10.0))
         self.token_refresh_s = float(options.get("token_refresh_s", 20 * 3600))
-        self.order_lookback = timedelta(days=float(options.get("order_lookback_days", 7)))
-        self.backoff_s = float(options.get("reconnect_backoff_s", 0.5))
-        self.backoff_max_s = float(options.get("reconnect_backoff_max_s", 10.0))
-        self.reconnect_wait_s = float(options.get("reconnect_wait_s", 10.0))
-        self.safety_poll_s = float(options.get("safety_poll_s", 30.0))
         self.catalog: Catalog = options.get("catalog") or Catalog()
         # Root -> product code overrides for firms whose Contract/search answer is ambiguous. The Broker schema has
         # no field for it yet: a connector option, or a future ``projectx: {products: ...}`` section.
@@ -243,74 +222,32 @@ class ProjectXConnector(Connector):
         limit = broker.rate_limit
         requests, per_s = (limit.requests, limit.per_seconds) if limit else DOCUMENTED_RATE_LIMIT
         self.limiter = BrokerRateLimiter(requests, per_s)
-        self._session: aiohttp.ClientSession | None = None
-        self._token: str | None = None
+        self.throttle = Throttle(self.backoff_s, 60.0, 5)
         self._token_at = 0.0
-        self._login_lock = asyncio.Lock()
-        self._connected = False
-        self._accounts: dict[str, int] = {}
-        self._account_names: dict[int, str] = {}
         self._watched: set[int] = set()
         self._contract_ids: dict[str, str] = {}
         self._contract_codes: dict[str, str] = {}
         self._tags: dict[int, str | None] = {}
-        self._known: dict[int, _Known] = {}
         self._seen_trades: set[int] = set()
-        self._session_start = utcnow()
-        self._last_poll = 0.0
-        self._tasks: list[asyncio.Task[None]] = []
         self._hub_ws: aiohttp.ClientWebSocketResponse | None = None
         self._hub_live = asyncio.Event()
         self._resubscribe = asyncio.Event()
         self._hub_subscribed: set[int] = set()
         self._hub_pending: dict[str, asyncio.Future[None]] = {}
         self._hub_invocations = 0
-        self.logins = 0
-        self.reconnects = 0
 
     # -- lifecycle --------------------------------------------------------------------------------------------
-    @property
-    def connected(self) -> bool:
-        return self._connected
+    def _start_background(self) -> list[asyncio.Task[None]]:
+        name = self.broker.name
+        tasks = [asyncio.create_task(self._keep_connected(), name=f"projectx-poll-{name}")]
+        if self.use_hub:
+            tasks.append(asyncio.create_task(self._hub_loop(), name=f"projectx-hub-{name}"))
+        return tasks
 
-    async def connect(self) -> None:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.request_timeout_s))
-        try:
-            await self._login()
-            await self._load_accounts()
-        except BaseException:
-            if not self._tasks:  # a first connect that failed leaves nothing open behind
-                await self._session.close()
-                self._session = None
-            raise
-        was = self._connected
-        self._connected = True
-        if not was:
-            self._emit(ConnectionEvent(True, "connected"))
-        if not self._tasks:
-            self._tasks.append(asyncio.create_task(self._poll_loop(), name=f"projectx-poll-{self.broker.name}"))
-            if self.use_hub:
-                self._tasks.append(asyncio.create_task(self._hub_loop(), name=f"projectx-hub-{self.broker.name}"))
-
-    async def close(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def _close_streams(self) -> None:
         if self._hub_ws is not None:
             await self._hub_ws.close()
             self._hub_ws = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        if self._connected:
-            self._connected = False
-            self._emit(ConnectionEvent(False, "closed"))
-        self._token = None
-
-    def rate_limit_headroom(self) -> float:
-        return self.limiter.headroom()
 
     # -- transport --------------------------------------------------------------------------------------------
     async def _call(self, path: str, body: Mapping[str, Any], *, kind: str = "poll", auth: bool = True,
@@ -322,59 +259,22 @@ class ProjectXConnector(Connector):
         ``place_order`` decides. A connection failure before sending is ``BrokerUnavailable``; one after sending
         is ``OutcomeUnknown`` for ``Order/place`` (the order may exist) and ``BrokerUnavailable`` otherwise.
         """
-        if self._session is None or (not self._connected and not force):
-            raise BrokerUnavailable(f"ProjectX broker {self.broker.name} is not connected ({path} not sent)")
+        self._require_connection(path, force=force)
         placing = path == "/api/Order/place"
-        relogged = resent = False
-        penalties = 0
-        while True:
-            headers = {"Accept": "application/json"}
-            token = await self._fresh_token() if auth else None
-            if token is not None:
-                headers["Authorization"] = f"Bearer {token}"
-            try:
-                async with self.limiter.slot(kind):
-                    async with self._session.post(self.base_url + path, json=dict(body), headers=headers) as resp:
-                        status = resp.status
-                        retry_after = resp.headers.get("Retry-After")
-                        text = await resp.text()
-            except aiohttp.ClientConnectorError as exc:
-                self._mark_down(f"{path}: cannot connect ({exc.__class__.__name__})")
-                raise BrokerUnavailable(f"ProjectX {self.broker.name}: cannot connect for {path}") from exc
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                if not placing and not resent and isinstance(exc, aiohttp.ServerDisconnectedError):
-                    resent = True  # a keep-alive connection the server had closed: a read may simply go again
-                    continue
-                self._mark_down(f"{path}: connection lost ({exc.__class__.__name__})")
-                if placing:
-                    raise OutcomeUnknown(f"ProjectX {self.broker.name}: no answer to {path}: {exc!r}") from exc
-                raise BrokerUnavailable(f"ProjectX {self.broker.name}: no answer to {path}: {exc!r}") from exc
-            if status == 401 and auth:
-                if relogged:
-                    raise AuthError(f"ProjectX {self.broker.name}: {path} refused the token of a fresh login")
-                relogged = True
-                await self._login(stale=token)
-                continue
-            if status == 429:
-                wait_s = _retry_after(retry_after, default_s=min(self.backoff_s * 2 ** penalties, 60.0))
-                self.limiter.penalize(wait_s)
-                penalties += 1
-                if placing or penalties > 5:
-                    raise RateLimited(wait_s, f"(ProjectX {self.broker.name} {path})")
-                continue
-            if status != 200:
-                if placing and status >= 500:
-                    raise OutcomeUnknown(f"ProjectX {self.broker.name}: {path} answered HTTP {status}")
-                raise BrokerError(f"ProjectX {self.broker.name}: {path} answered HTTP {status}: {text[:200]}")
-            try:
-                payload = json.loads(text)
-            except json.JSONDecodeError:
-                payload = None
-            if not isinstance(payload, dict) or "success" not in payload:
-                if placing:
-                    raise OutcomeUnknown(f"ProjectX {self.broker.name}: {path} answered {text[:200]!r}")
-                raise BrokerError(f"ProjectX {self.broker.name}: {path} answered {text[:200]!r}, not an envelope")
-            return payload
+        attempts = Attempts()
+        text = None
+        while text is None:
+            text = await self._exchange("POST", path, body=dict(body), kind=kind, auth=auth, placing=placing,
+                                        attempts=attempts)
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError:
+            payload = None
+        if not isinstance(payload, dict) or "success" not in payload:
+            if placing:
+                raise OutcomeUnknown(f"ProjectX {self.broker.name}: {path} answered {text[:200]!r}")
+            raise BrokerError(f"ProjectX {self.broker.name}: {path} answered {text[:200]!r}, not an envelope")
+        return payload
 
     async def _ok(self, path: str, body: Mapping[str, Any], *, kind: str = "poll") -> dict[str, Any]:
         """``_call`` for requests whose failure envelope is an error, not an answer."""
@@ -383,12 +283,6 @@ class ProjectXConnector(Connector):
             raise BrokerError(f"ProjectX {self.broker.name}: {path} failed: errorCode {payload.get('errorCode')}: "
                               f"{payload.get('errorMessage')}")
         return payload
-
-    def _mark_down(self, reason: str) -> None:
-        if self._connected:
-            self._connected = False
-            log.warning("ProjectX %s disconnected: %s", self.broker.name, reason)
-            self._emit(ConnectionEvent(False, reason))
 
     async def _ping(self) -> bool:
         assert self._session is not None
@@ -408,58 +302,29 @@ class ProjectXConnector(Connector):
         except BrokerError as exc:
             log.warning("ProjectX %s: reconnect failed: %s", self.broker.name, exc)
             return False
-        if not self._connected:
-            self._connected = True
-            self.reconnects += 1
-            self._resubscribe.set()
-            self._emit(ConnectionEvent(True, "reconnected"))
+        self._mark_reconnected()
         return True
 
-    async def _await_reachable(self) -> None:
-        """After an unknown outcome, wait (bounded) for the gateway so the order can be looked up; if it stays
-        away the outcome stays unknown, which is what the caller must hear (not "unavailable, nothing sent")."""
-        deadline = time.monotonic() + self.reconnect_wait_s
-        delay = self.backoff_s
-        while not self._connected:
-            if await self._reconnect_once():
-                return
-            if time.monotonic() >= deadline:
-                raise OutcomeUnknown(f"ProjectX {self.broker.name}: gateway unreachable for "
-                                     f"{self.reconnect_wait_s:g}s; an order may have been placed")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.backoff_max_s)
+    def _on_reconnected(self) -> None:
+        self._resubscribe.set()
 
     # -- auth -------------------------------------------------------------------------------------------------
-    async def _login(self, *, stale: str | None = None) -> None:
-        """Log in unless a valid token is there; ``stale`` is a token the gateway refused (several requests
-        refused at once share one new login)."""
-        async with self._login_lock:
-            if self._token is not None and self._token != stale:
-                return
-            username, api_key = self.credential("username"), self.credential("api_key")
-            payload = await self._call("/api/Auth/loginKey", {"userName": username, "apiKey": api_key},
-                                       kind="order", auth=False, force=True)
-            if not payload.get("success") or not payload.get("token"):
-                raise AuthError(f"ProjectX {self.broker.name}: login refused (errorCode {payload.get('errorCode')}: "
-                                f"{payload.get('errorMessage')})")
-            self._token = str(payload["token"])
-            self._token_at = time.monotonic()
-            self.logins += 1
+    async def _request_token(self) -> None:
+        username, api_key = self.credential("username"), self.credential("api_key")
+        payload = await self._call("/api/Auth/loginKey", {"userName": username, "apiKey": api_key},
+                                   kind="order", auth=False, force=True)
+        if not payload.get("success") or not payload.get("token"):
+            raise AuthError(f"ProjectX {self.broker.name}: login refused (errorCode {payload.get('errorCode')}: "
+                            f"{payload.get('errorMessage')})")
+        self._token = str(payload["token"])
+        self._token_at = time.monotonic()
 
-    async def _fresh_token(self) -> str:
-        """The session token, renewed with ``Auth/validate`` once it is older than ``token_refresh_s``."""
-        if self._token is not None and time.monotonic() - self._token_at > self.token_refresh_s:
-            async with self._login_lock:
-                if self._token is not None and time.monotonic() - self._token_at > self.token_refresh_s:
-                    self._token = await self._renewed(self._token)
-                    self._token_at = time.monotonic()
-        if self._token is None:
-            await self._login()
-        assert self._token is not None
-        return self._token
+    def _token_due(self) -> bool:
+        """Gateway tokens live 24 h and their answer does not say when they expire: renew by age."""
+        return time.monotonic() - self._token_at > self.token_refresh_s
 
-    async def _renewed(self, token: str) -> str | None:
-        """A new token from ``Auth/validate``, or None (the caller logs in again)."""
+    async def _renew(self, token: str) -> bool:
+        """A new token from ``Auth/validate``."""
         assert self._session is not None
         try:
             async with self.limiter.slot("order"), self._session.post(
@@ -468,30 +333,22 @@ class ProjectXConnector(Connector):
         except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError):
             payload = None
         if isinstance(payload, dict) and payload.get("success") and payload.get("newToken"):
-            return str(payload["newToken"])
+            self._token = str(payload["newToken"])
+            self._token_at = time.monotonic()
+            return True
         log.info("ProjectX %s: token renewal refused; logging in again", self.broker.name)
-        return None
+        return False
 
     # -- ids --------------------------------------------------------------------------------------------------
     async def _load_accounts(self) -> None:
         payload = await self._call("/api/Account/search", {"onlyActiveAccounts": True}, force=True)
         if not payload.get("success"):
             raise BrokerError(f"ProjectX {self.broker.name}: Account/search failed: {payload.get('errorMessage')}")
-        for account in payload.get("accounts") or []:
-            self._accounts[str(account["name"])] = int(account["id"])
-            self._account_names[int(account["id"])] = str(account["name"])
+        self._remember_accounts(payload.get("accounts") or [])
 
     async def _account_id(self, account: str) -> int:
-        """The numeric id of ``account`` (its name, as in the Account document; a numeric id is accepted too)."""
-        if account not in self._accounts:
-            await self._load_accounts()
-        if account in self._accounts:
-            account_id = self._accounts[account]
-        elif account.isdigit() and int(account) in self._account_names:
-            account_id = int(account)
-        else:
-            raise BrokerError(f"ProjectX {self.broker.name}: no active account named {account!r} "
-                              f"(known: {sorted(self._accounts)})")
+        """The numeric id of ``account``, which the hub (when live) starts watching."""
+        account_id = await super()._account_id(account)
         if account_id not in self._watched:
             self._watched.add(account_id)
             if self._hub_live.is_set():
@@ -502,9 +359,6 @@ class ProjectXConnector(Connector):
                              account_id, exc)
                     self._hub_live.clear()
         return account_id
-
-    def _account_name(self, account_id: int) -> str:
-        return self._account_names.get(account_id, str(account_id))
 
     async def contract_id(self, code: str) -> str:
         """The gateway id of CME contract ``code`` (``MESZ6`` -> ``CON.F.US.MES.Z26``), cached."""
@@ -554,10 +408,7 @@ class ProjectXConnector(Connector):
                 found = await self._order_by_id(request.account, order_id)
                 if found is not None:
                     return found
-            now = utcnow()
-            return Order(str(order_id), request.client_order_id, request.account, request.contract, request.side,
-                         request.quantity, 0, OrderStatus.PENDING, request.order_type, now, now,
-                         limit_price=request.limit_price, stop_price=request.stop_price)
+            return accepted_order(request, order_id)
         code, message = payload.get("errorCode"), str(payload.get("errorMessage") or "no message")
         if code == ERROR_ORDER_REJECTED:
             # Also what a repeated customTag gets: the order may already be there (an earlier lost answer).
@@ -726,7 +577,7 @@ class ProjectXConnector(Connector):
         status = order_status(int(wire.get("status") or 0), filled)
         known = self._known.get(key)
         if known is None or known.status is not status or known.filled != filled:
-            self._known[key] = _Known(status, filled)  # before any await: the hub and the poll race here
+            self._known[key] = Known(status, filled)  # before any await: the hub and the poll race here
             self._emit(OrderEvent(await self._order(wire)))
 
     async def _note_trade(self, wire: Mapping[str, Any]) -> None:
@@ -745,37 +596,23 @@ class ProjectXConnector(Connector):
             for trade in await self._search_trades(account_id, since):
                 await self._note_trade(trade)
 
-    async def _poll_loop(self) -> None:
-        """Reconnects after drops; polls orders and trades while the hub is not delivering them."""
-        delay = self.backoff_s
-        while True:
-            if not self._connected:
-                if await self._reconnect_once():
-                    delay = self.backoff_s
-                    continue
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.backoff_max_s)
-                continue
-            try:
-                hub_quiet = time.monotonic() - self._last_poll < self.safety_poll_s
-                if not self._hub_live.is_set() or self._resubscribe.is_set() or not hub_quiet:
-                    await self._poll_once()
-            except BrokerError as exc:
-                log.debug("ProjectX %s poll failed: %s", self.broker.name, exc)
-            except Exception:  # a poll must never kill the loop that reconnects
-                log.exception("ProjectX %s: unexpected error while polling", self.broker.name)
-            await asyncio.sleep(self.poll_interval_s)
+    async def _while_connected(self, backoff: Backoff) -> None:
+        """Poll orders and trades while the hub is not delivering them (and now and then even when it is)."""
+        hub_quiet = time.monotonic() - self._last_poll < self.safety_poll_s
+        if not self._hub_live.is_set() or self._resubscribe.is_set() or not hub_quiet:
+            await self._poll_safely()
+        await asyncio.sleep(self.poll_interval_s)
 
     async def _hub_loop(self) -> None:
         """Keep a SignalR user-hub connection open while connected; events go through the same dedupe."""
-        delay = self.backoff_s
+        backoff = Backoff(self.backoff_s, self.backoff_max_s)
         while True:
             if not self._connected or self._session is None or self._token is None:
                 await asyncio.sleep(self.backoff_s)
                 continue
             try:
                 await self._hub_session()
-                delay = self.backoff_s
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any hub failure falls back to polling until the next attempt
@@ -786,8 +623,7 @@ class ProjectXConnector(Connector):
             finally:
                 self._hub_live.clear()
                 self._hub_ws = None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.backoff_max_s)
+            await backoff.sleep()
 
     async def _hub_session(self) -> None:
         """One SignalR connection: handshake, subscriptions (acknowledged), then read until it drops."""
@@ -892,11 +728,3 @@ class ProjectXConnector(Connector):
                 await self._note_order(data)
             elif target == "GatewayUserTrade":
                 await self._note_trade(data)
-
-
-def _retry_after(header: str | None, *, default_s: float) -> float:
-    """Seconds from a ``Retry-After`` header (seconds; ProjectX does not document it), else ``default_s``."""
-    if header:
-        with contextlib.suppress(ValueError):
-            return max(float(header), 0.0)
-    return default_s

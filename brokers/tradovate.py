@@ -51,9 +51,6 @@ from brokers.base import (
     AccountSnapshot,
     AuthError,
     BrokerError,
-    BrokerUnavailable,
-    ConnectionEvent,
-    Connector,
     Fill,
     FillEvent,
     Order,
@@ -69,6 +66,7 @@ from brokers.base import (
     register,
     utcnow,
 )
+from brokers.http import Attempts, Backoff, HttpConnector, Known, Throttle, accepted_order, dec
 from brokers.ratelimit import BrokerRateLimiter
 from brokers.timeconv import parse_broker_time, trading_day_start
 
@@ -110,11 +108,6 @@ def order_status(ord_status: str, filled: int) -> OrderStatus:
         "PendingNew": OrderStatus.PENDING, "Suspended": OrderStatus.PENDING, "Filled": OrderStatus.FILLED,
         "Canceled": OrderStatus.CANCELLED, "Expired": OrderStatus.EXPIRED, "Rejected": OrderStatus.REJECTED,
     }.get(ord_status, OrderStatus.UNKNOWN)
-
-
-def dec(value: Any) -> Decimal | None:
-    """A broker number as Decimal, through its text so that 6065.25 stays 6065.25."""
-    return None if value is None else Decimal(str(value))
 
 
 def place_body(request: OrderRequest, account_id: int) -> dict[str, Any]:
@@ -189,17 +182,10 @@ def penalty_ticket(payload: Any) -> tuple[str, float, bool] | None:
     return str(payload["p-ticket"]), wait, bool(payload.get("p-captcha"))
 
 
-@dataclass
-class _Known:
-    """What we last told subscribers about an order, to emit each change once whichever path saw it."""
-
-    status: OrderStatus
-    filled: int
-
-
 @register
-class TradovateConnector(Connector):
+class TradovateConnector(HttpConnector):
     type = "tradovate"
+    label = "Tradovate"
 
     def __init__(self, broker: "Broker", *, env: Mapping[str, str] | None = None, **options: Any) -> None:
         super().__init__(broker, env=env, **options)
@@ -208,28 +194,16 @@ class TradovateConnector(Connector):
         self.base_url = str(endpoints.get("rest") or DEFAULT_REST[environment]).rstrip("/")
         self.ws_url = str(endpoints.get("websocket") or DEFAULT_WEBSOCKET[environment])
         self.app: Mapping[str, Any] = dict((broker.options or {}).get("app") or {})
-        self.request_timeout_s = float(options.get("request_timeout_s", 10.0))
         self.renew_before_s = float(options.get("renew_before_s", 600.0))
         self.throttle_wait_s = float(options.get("throttle_wait_s", 60.0))
         self.heartbeat_s = float(options.get("heartbeat_s", 2.5))
         self.ws_timeout_s = float(options.get("ws_timeout_s", 10.0))
         self.use_websocket = bool(options.get("use_websocket", True))
-        self.poll_interval_s = float(options.get("poll_interval_s", 2.0))
-        self.backoff_s = float(options.get("reconnect_backoff_s", 0.5))
-        self.backoff_max_s = float(options.get("reconnect_backoff_max_s", 10.0))
-        self.reconnect_wait_s = float(options.get("reconnect_wait_s", 10.0))
-        self.order_lookback = timedelta(days=float(options.get("order_lookback_days", 7)))
-        self.safety_poll_s = float(options.get("safety_poll_s", 30.0))
         self.limiter = BrokerRateLimiter.for_broker(broker.rate_limit)
-        self._session: aiohttp.ClientSession | None = None
-        self._token: str | None = None
+        self.throttle = Throttle(self.throttle_wait_s, 3600.0, 3)
         self._token_expiry: datetime | None = None
         self._token_life_s = 0.0
         self._user_id: int | None = None
-        self._login_lock = asyncio.Lock()
-        self._connected = False
-        self._accounts: dict[str, int] = {}
-        self._account_names: dict[int, str] = {}
         self._contract_ids: dict[str, int] = {}
         self._contract_names: dict[int, str] = {}
         self._cl_ord_ids: dict[int, str | None] = {}
@@ -237,71 +211,35 @@ class TradovateConnector(Connector):
         self._order_accounts: dict[int, int] = {}
         self._fills: dict[int, dict[int, dict[str, Any]]] = {}
         """order id -> fill id -> fill, as pushed or polled (for events; REST answers read fills afresh)."""
-        self._known: dict[int, _Known] = {}
         self._seen_fills: set[int] = set()
-        self._session_start = utcnow()
-        self._tasks: list[asyncio.Task[None]] = []
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._ws_live = asyncio.Event()
         self._ws_ids = itertools.count(2)
         self._last_frame = 0.0
         self._last_sent = 0.0
-        self._last_poll = 0.0
-        self.logins = 0
         self.renewals = 0
-        self.reconnects = 0
         self.heartbeats_sent = 0
 
     # -- lifecycle --------------------------------------------------------------------------------------------
-    @property
-    def connected(self) -> bool:
-        return self._connected
-
     @property
     def websocket_live(self) -> bool:
         """True while the user-data WebSocket is authorized, synced and delivering events."""
         return self._ws_live.is_set()
 
-    async def connect(self) -> None:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.request_timeout_s))
-        try:
-            await self._login()
-            await self._load_accounts()
-        except BaseException:
-            if not self._tasks:  # a first connect that failed leaves nothing open behind
-                await self._session.close()
-                self._session = None
-            raise
-        was = self._connected
-        self._connected = True
-        if not was:
-            self._emit(ConnectionEvent(True, "connected"))
-        if not self._tasks:
-            name = self.broker.name
-            self._tasks.append(asyncio.create_task(self._run(), name=f"tradovate-events-{name}"))
-            self._tasks.append(asyncio.create_task(self._keep_token(), name=f"tradovate-token-{name}"))
+    def _start_background(self) -> list[asyncio.Task[None]]:
+        name = self.broker.name
+        return [asyncio.create_task(self._keep_connected(), name=f"tradovate-events-{name}"),
+                asyncio.create_task(self._keep_token(), name=f"tradovate-token-{name}")]
 
-    async def close(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def _close_streams(self) -> None:
         if self._ws is not None:
             await self._ws.close()
             self._ws = None
         self._ws_live.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        if self._connected:
-            self._connected = False
-            self._emit(ConnectionEvent(False, "closed"))
-        self._token = None
-        self._token_expiry = None
 
-    def rate_limit_headroom(self) -> float:
-        return self.limiter.headroom()
+    async def close(self) -> None:
+        await super().close()
+        self._token_expiry = None
 
     # -- transport --------------------------------------------------------------------------------------------
     async def _request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
@@ -315,54 +253,17 @@ class TradovateConnector(Connector):
         ``place_order`` decides. A connection refused is ``BrokerUnavailable`` (nothing sent); a connection lost
         after sending is ``OutcomeUnknown`` for a placement (the order may exist).
         """
-        if self._session is None or (not self._connected and not force):
-            raise BrokerUnavailable(f"Tradovate broker {self.broker.name} is not connected ({path} not sent)")
+        self._require_connection(path, force=force)
         placing = path == PLACE_PATH
         body = None if body is None else dict(body)
         query = {k: str(v) for k, v in (params or {}).items()}
-        relogged = resent = False
-        throttles = tickets = 0
+        attempts = Attempts()
+        tickets = 0
         while True:
-            headers = {"Accept": "application/json"}
-            token = await self._fresh_token() if auth else None
-            if token is not None:
-                headers["Authorization"] = f"Bearer {token}"
-            try:
-                async with self.limiter.slot(kind):
-                    async with self._session.request(method, self.base_url + path, params=query or None,
-                                                     json=body, headers=headers) as resp:
-                        status = resp.status
-                        retry_after = resp.headers.get("Retry-After")
-                        text = await resp.text()
-            except aiohttp.ClientConnectorError as exc:
-                self._mark_down(f"{path}: cannot connect ({exc.__class__.__name__})")
-                raise BrokerUnavailable(f"Tradovate {self.broker.name}: cannot connect for {path}") from exc
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                if not placing and not resent and isinstance(exc, aiohttp.ServerDisconnectedError):
-                    resent = True  # a keep-alive connection the server had closed: a read may simply go again
-                    continue
-                self._mark_down(f"{path}: connection lost ({exc.__class__.__name__})")
-                if placing:
-                    raise OutcomeUnknown(f"Tradovate {self.broker.name}: no answer to {path}: {exc!r}") from exc
-                raise BrokerUnavailable(f"Tradovate {self.broker.name}: no answer to {path}: {exc!r}") from exc
-            if status == 401 and auth:
-                if relogged:
-                    raise AuthError(f"Tradovate {self.broker.name}: {path} refused the token of a fresh login")
-                relogged = True
-                await self._login(stale=token)
+            text = await self._exchange(method, path, params=query or None, body=body, kind=kind, auth=auth,
+                                        placing=placing, attempts=attempts)
+            if text is None:
                 continue
-            if status == 429:
-                wait_s = _retry_after(retry_after, default_s=min(self.throttle_wait_s * 2 ** throttles, 3600.0))
-                self.limiter.penalize(wait_s)
-                throttles += 1
-                log.warning("Tradovate %s: HTTP 429 on %s; every request waits %.1fs", self.broker.name, path, wait_s)
-                if placing or throttles > 3:
-                    raise RateLimited(wait_s, f"(Tradovate {self.broker.name} {path})")
-                continue
-            if status != 200:
-                if placing and status >= 500:
-                    raise OutcomeUnknown(f"Tradovate {self.broker.name}: {path} answered HTTP {status}")
-                raise BrokerError(f"Tradovate {self.broker.name}: {path} answered HTTP {status}: {text[:200]}")
             try:
                 payload = json.loads(text) if text else None
             except json.JSONDecodeError:
@@ -387,12 +288,6 @@ class TradovateConnector(Connector):
             else:
                 query["p-ticket"] = ticket_id
 
-    def _mark_down(self, reason: str) -> None:
-        if self._connected:
-            self._connected = False
-            log.warning("Tradovate %s disconnected: %s", self.broker.name, reason)
-            self._emit(ConnectionEvent(False, reason))
-
     async def _reconnect_once(self) -> bool:
         """One attempt to come back: accounts (with a fresh token if it lapsed). True when connected again."""
         if self._session is None:
@@ -402,25 +297,8 @@ class TradovateConnector(Connector):
         except BrokerError as exc:
             log.debug("Tradovate %s: reconnect failed: %s", self.broker.name, exc)
             return False
-        if not self._connected:
-            self._connected = True
-            self.reconnects += 1
-            self._emit(ConnectionEvent(True, "reconnected"))
+        self._mark_reconnected()
         return True
-
-    async def _await_reachable(self) -> None:
-        """After an unknown outcome, wait (bounded) for the broker so the order can be looked up; if it stays
-        away the outcome stays unknown, which is what the caller must hear (not "unavailable, nothing sent")."""
-        deadline = time.monotonic() + self.reconnect_wait_s
-        delay = self.backoff_s
-        while not self._connected:
-            if await self._reconnect_once():
-                return
-            if time.monotonic() >= deadline:
-                raise OutcomeUnknown(f"Tradovate {self.broker.name}: unreachable for {self.reconnect_wait_s:g}s; "
-                                     f"an order may have been placed")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.backoff_max_s)
 
     # -- auth -------------------------------------------------------------------------------------------------
     def _login_body(self) -> dict[str, Any]:
@@ -433,21 +311,15 @@ class TradovateConnector(Connector):
                 body[wire_name] = self.app[field_name]
         return body
 
-    async def _login(self, *, stale: str | None = None) -> None:
-        """Log in unless a valid token is there; ``stale`` is a token the broker refused (several requests
-        refused at once share one new login)."""
-        async with self._login_lock:
-            if self._token is not None and self._token != stale:
-                return
-            payload = await self._request("POST", "/auth/accesstokenrequest", body=self._login_body(),
-                                          kind="order", auth=False, force=True)
-            if not isinstance(payload, dict) or payload.get("errorText") or not payload.get("accessToken"):
-                reason = payload.get("errorText") if isinstance(payload, dict) else None
-                raise AuthError(f"Tradovate {self.broker.name}: login refused: {reason or 'no access token'}")
-            self._take_token(payload)
-            if payload.get("userId") is not None:
-                self._user_id = int(payload["userId"])
-            self.logins += 1
+    async def _request_token(self) -> None:
+        payload = await self._request("POST", "/auth/accesstokenrequest", body=self._login_body(),
+                                      kind="order", auth=False, force=True)
+        if not isinstance(payload, dict) or payload.get("errorText") or not payload.get("accessToken"):
+            reason = payload.get("errorText") if isinstance(payload, dict) else None
+            raise AuthError(f"Tradovate {self.broker.name}: login refused: {reason or 'no access token'}")
+        self._take_token(payload)
+        if payload.get("userId") is not None:
+            self._user_id = int(payload["userId"])
 
     def _take_token(self, payload: Mapping[str, Any]) -> None:
         self._token = str(payload["accessToken"])
@@ -460,25 +332,14 @@ class TradovateConnector(Connector):
         self._token_life_s = max((expiry - now).total_seconds(), 0.0)
 
     def _token_due(self) -> bool:
+        """Shortly before ``expirationTime`` (at most a quarter of the token's life before it)."""
         if self._token is None or self._token_expiry is None:
             return True
         margin = min(self.renew_before_s, self._token_life_s / 4)
         return (self._token_expiry - utcnow()).total_seconds() <= margin
 
-    async def _fresh_token(self) -> str:
-        """The session token, renewed with ``/auth/renewaccesstoken`` shortly before ``expirationTime``."""
-        if self._token is not None and self._token_due():
-            async with self._login_lock:
-                if self._token is not None and self._token_due():
-                    if not await self._renew(self._token):
-                        self._token = None
-        if self._token is None:
-            await self._login()
-        assert self._token is not None
-        return self._token
-
     async def _renew(self, token: str) -> bool:
-        """Renew ``token``; False (the caller logs in again) when the broker refuses or cannot be reached."""
+        """Renew ``token`` with ``/auth/renewaccesstoken``."""
         assert self._session is not None
         try:
             async with self.limiter.slot("order"), self._session.get(
@@ -508,23 +369,7 @@ class TradovateConnector(Connector):
         payload = await self._request("GET", "/account/list", force=True)
         if not isinstance(payload, list):
             raise BrokerError(f"Tradovate {self.broker.name}: /account/list answered {str(payload)[:200]}")
-        for account in payload:
-            self._accounts[str(account["name"])] = int(account["id"])
-            self._account_names[int(account["id"])] = str(account["name"])
-
-    async def _account_id(self, account: str) -> int:
-        """The numeric id of ``account`` (its name, as in the Account document; a numeric id is accepted too)."""
-        if account not in self._accounts:
-            await self._load_accounts()
-        if account in self._accounts:
-            return self._accounts[account]
-        if account.isdigit() and int(account) in self._account_names:
-            return int(account)
-        raise BrokerError(f"Tradovate {self.broker.name}: no account named {account!r} "
-                          f"(known: {sorted(self._accounts)})")
-
-    def _account_name(self, account_id: int) -> str:
-        return self._account_names.get(account_id, str(account_id))
+        self._remember_accounts(payload)
 
     async def contract_id(self, name: str) -> int:
         """The numeric id of contract ``name`` (``MESZ6``), cached."""
@@ -572,10 +417,7 @@ class TradovateConnector(Connector):
                 if found.status is OrderStatus.REJECTED:
                     raise OrderRejected(found.reason or "Tradovate rejected the order after accepting it", found)
                 return found
-            now = utcnow()
-            return Order(str(order_id), request.client_order_id, request.account, request.contract, request.side,
-                         request.quantity, 0, OrderStatus.PENDING, request.order_type, now, now,
-                         limit_price=request.limit_price, stop_price=request.stop_price)
+            return accepted_order(request, order_id)
         if isinstance(payload, dict) and (payload.get("failureReason") or payload.get("failureText")):
             raise OrderRejected(f"Tradovate {rejection_reason(payload)}")
         raise OutcomeUnknown(f"Tradovate {self.broker.name}: {PLACE_PATH} answered {str(payload)[:200]!r}")
@@ -790,7 +632,7 @@ class TradovateConnector(Connector):
             # Only the events task calls this (socket and poll take turns), so marking after the await is safe;
             # an order that cannot be built now (REST down) is emitted on a later pass.
             event = OrderEvent(await self._order(wire, fresh=False)) if self._recent(wire) else None
-            self._known[order_id] = _Known(status, filled)
+            self._known[order_id] = Known(status, filled)
             if event is not None:
                 self._emit(event)
 
@@ -831,43 +673,29 @@ class TradovateConnector(Connector):
         for order in orders:
             await self._absorb("order", order)
 
-    async def _run(self) -> None:
-        """Reconnect after drops; keep the WebSocket open (polling while it is not)."""
-        delay = self.backoff_s
-        while True:
-            if not self._connected:
-                if await self._reconnect_once():
-                    delay = self.backoff_s
-                    continue
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.backoff_max_s)
-                continue
-            if self.use_websocket:
-                lived = False
-                try:
-                    await self._ws_session()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - any socket failure falls back to polling
-                    log.info("Tradovate %s: user-data WebSocket lost (%s: %s)", self.broker.name,
-                             type(exc).__name__, exc)
-                finally:
-                    lived = self._ws_live.is_set()
-                    self._ws_live.clear()
-                    self._ws = None
-                if lived:
-                    delay = self.backoff_s
+    async def _while_connected(self, backoff: Backoff) -> None:
+        """Keep the WebSocket open (polling while it is not); a socket that lived resets the backoff, one that
+        keeps failing is retried ever more slowly."""
+        if self.use_websocket:
+            lived = False
             try:
-                await self._poll_once()  # also how a drop is noticed: REST fails too
-            except BrokerError as exc:
-                log.debug("Tradovate %s poll failed: %s", self.broker.name, exc)
-            except Exception:  # noqa: BLE001 - a poll must never kill the loop that reconnects
-                log.exception("Tradovate %s: unexpected error while polling", self.broker.name)
-            if self.use_websocket:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.backoff_max_s)
-            else:
-                await asyncio.sleep(self.poll_interval_s)
+                await self._ws_session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any socket failure falls back to polling
+                log.info("Tradovate %s: user-data WebSocket lost (%s: %s)", self.broker.name,
+                         type(exc).__name__, exc)
+            finally:
+                lived = self._ws_live.is_set()
+                self._ws_live.clear()
+                self._ws = None
+            if lived:
+                backoff.reset()
+        await self._poll_safely()  # also how a drop is noticed: REST fails too
+        if self.use_websocket:
+            await backoff.sleep()
+        else:
+            await asyncio.sleep(self.poll_interval_s)
 
     async def _ws_session(self) -> None:
         """One WebSocket connection: open, authorize, sync, then read and heartbeat until it dies (raises).
@@ -968,11 +796,3 @@ class TradovateConnector(Connector):
             elif message.get("s") == 429:
                 self.limiter.penalize(self.throttle_wait_s)
         return reply
-
-
-def _retry_after(header: str | None, *, default_s: float) -> float:
-    """Seconds from a ``Retry-After`` header, else ``default_s`` (Tradovate's 429 usually has neither)."""
-    if header:
-        with contextlib.suppress(ValueError):
-            return max(float(header), 0.0)
-    return default_s

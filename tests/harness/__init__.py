@@ -3,7 +3,8 @@
 Each module here (``paper``, ``tradovate``, ``projectx``) exposes ``make_harness(tmp_path)``: an async context
 manager yielding a ``BrokerHarness`` whose connector is connected and ready to trade, plus hooks that make the
 broker misbehave the way real ones do. ``tests/test_broker_contract.py`` runs one suite against all of them, so
-every connector is held to the same promises (above all: never a duplicate order).
+every connector is held to the same promises (above all: never a duplicate order). ``emulated`` holds what the
+harnesses of the real connectors share (they differ only in the emulator behind them).
 """
 
 from __future__ import annotations

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, ClassVar
 
 from brokers.emulators.projectx import DEFAULT_FEES, ProjectXEmulator
 from brokers.projectx import ProjectXConnector
 from engine.catalog import BUILTIN
 from engine.model import Broker, Location, RateLimit
+from tests.harness.emulated import EmulatedHarness
 
 ACCOUNT = "PRAC-V2-EMU-1"
 ENV = {"PX_TEST_USER": "trader", "PX_TEST_KEY": "emulator-key"}
@@ -48,40 +47,12 @@ def broker_doc(emulator: ProjectXEmulator | None, *, name: str = "px-emulator", 
 
 
 @dataclass
-class ProjectXHarness:
+class ProjectXHarness(EmulatedHarness):
     connector: ProjectXConnector
     emulator: ProjectXEmulator
-    account: str
-    contract: str
-    commission_per_side: Decimal
-    point_value: Decimal
 
-    def set_price(self, price: Decimal) -> None:
-        self.emulator.set_price(self.contract, price)
-
-    def reject_next(self, n: int = 1) -> None:
-        self.emulator.reject_next(n)
-
-    def partial_fill_next(self, parts: list[int]) -> None:
-        self.emulator.partial_fill_next(parts)
-
-    def rate_limit_next(self, n: int = 1, retry_after_s: float = 0.2) -> None:
-        self.emulator.rate_limit_next(n, retry_after_s)
-
-    def lose_next_place_response(self) -> None:
-        self.emulator.lose_next_place_response()
-
-    async def drop_connection(self) -> None:
-        await self.emulator.drop_connection()
-
-    async def restore_connection(self) -> None:
-        """Bring the gateway back and wait (bounded) until the connector has reconnected by itself."""
-        await self.emulator.restore_connection()
-        deadline = time.monotonic() + 5.0
-        while not self.connector.connected:
-            if time.monotonic() > deadline:
-                raise TimeoutError("ProjectX connector did not reconnect within 5 s of the gateway coming back")
-            await asyncio.sleep(0.02)
+    broker_label: ClassVar[str] = "ProjectX"
+    remote: ClassVar[str] = "gateway"
 
     async def broker_order_count(self, client_order_id: str) -> int:
         return self.emulator.order_count(self.emulator.account_id(self.account), client_order_id)

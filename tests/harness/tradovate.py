@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, ClassVar
 
 from brokers.emulators.tradovate import DEFAULT_COMMISSIONS, TradovateEmulator
 from brokers.tradovate import TradovateConnector
 from engine.catalog import BUILTIN
 from engine.model import Broker, Location, RateLimit
 from engine.symbols import front_contract
+from tests.harness.emulated import EmulatedHarness, wait_until
 
 ACCOUNT = "DEMO0001"
 ENV = {"TV_TEST_USER": "trader", "TV_TEST_PASS": "secret", "TV_TEST_SEC": "emulator-sec"}
@@ -58,52 +57,14 @@ def make_emulator(**kwargs: Any) -> TradovateEmulator:
 
 
 @dataclass
-class TradovateHarness:
+class TradovateHarness(EmulatedHarness):
     connector: TradovateConnector
     emulator: TradovateEmulator
-    account: str
-    contract: str
-    commission_per_side: Decimal
-    point_value: Decimal
 
-    def set_price(self, price: Decimal) -> None:
-        self.emulator.set_price(self.contract, price)
-
-    def reject_next(self, n: int = 1) -> None:
-        self.emulator.reject_next(n)
-
-    def partial_fill_next(self, parts: list[int]) -> None:
-        self.emulator.partial_fill_next(parts)
-
-    def rate_limit_next(self, n: int = 1, retry_after_s: float = 0.2) -> None:
-        self.emulator.rate_limit_next(n, retry_after_s)
-
-    def lose_next_place_response(self) -> None:
-        self.emulator.lose_next_place_response()
-
-    async def drop_connection(self) -> None:
-        await self.emulator.drop_connection()
-
-    async def restore_connection(self) -> None:
-        """Bring the broker back and wait (bounded) until the connector has reconnected by itself."""
-        await self.emulator.restore_connection()
-        deadline = time.monotonic() + 5.0
-        while not self.connector.connected:
-            if time.monotonic() > deadline:
-                raise TimeoutError("Tradovate connector did not reconnect within 5 s of the broker coming back")
-            await asyncio.sleep(0.02)
+    broker_label: ClassVar[str] = "Tradovate"
 
     async def broker_order_count(self, client_order_id: str) -> int:
         return self.emulator.order_count(self.account, client_order_id)
-
-
-async def wait_until(predicate: Any, timeout_s: float = 5.0, what: str = "condition") -> None:
-    """Poll ``predicate()`` (bounded) — for state the connector reaches in the background."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout_s:g}s")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
