@@ -127,11 +127,14 @@ class OrderTracker:
         self.orders: dict[str, Tracked] = {}
         self.by_broker_id: dict[tuple[str, str], str] = {}
         self.hooks: list[StatusHook] = []
+        self._unsettled: dict[str, Tracked] = {}
 
-    def track(self, job: Job, status: str = NEW, broker_order_id: str | None = None) -> Tracked:
+    def track(self, job: Job, status: str = NEW, broker_order_id: str | None = None, filled: int = 0) -> Tracked:
         found = self.orders.get(job.client_order_id)
         if found is None:
-            found = self.orders[job.client_order_id] = Tracked(job, status)
+            found = self.orders[job.client_order_id] = Tracked(job, status, filled=filled)
+            self._unsettled[job.client_order_id] = found
+            self._settle(found)
         if broker_order_id:
             found.broker_order_id = broker_order_id
             self.by_broker_id[(job.broker, broker_order_id)] = job.client_order_id
@@ -161,6 +164,7 @@ class OrderTracker:
                                             detail=detail)
             tracked.status = status
             tracked.detail = detail
+            self._settle(tracked)
             if broker_order_id:
                 self._remember(tracked, broker_order_id)
         for hook in self.hooks:
@@ -187,7 +191,26 @@ class OrderTracker:
                               detail=order.reason)
 
     def in_flight(self) -> list[Tracked]:
-        return [t for t in self.orders.values() if t.status not in FINAL]
+        return [t for t in self._unsettled.values() if t.status not in FINAL]
+
+    def book_fill(self, client_order_id: str, quantity: int) -> Tracked:
+        """``quantity`` more of the order is booked in the ledger."""
+        tracked = self.orders[client_order_id]
+        tracked.filled += quantity
+        self._settle(tracked)
+        return tracked
+
+    def unsettled(self) -> list[Tracked]:
+        """Orders whose quantity is not all in the ledger yet and may still be: in flight, working, or filled at
+        the broker with fills still on their way. A broker's "filled" answer can arrive before its fill reports;
+        counting only non-final orders would make the position look smaller in between."""
+        return list(self._unsettled.values())
+
+    def _settle(self, tracked: Tracked) -> None:
+        done = tracked.status in (REJECTED, CANCELLED, MISSED) or \
+            (tracked.status == FILLED and tracked.filled >= tracked.job.quantity)
+        if done:
+            self._unsettled.pop(tracked.job.client_order_id, None)
 
 
 class BrokerGate(Protocol):
@@ -274,13 +297,19 @@ class Dispatcher:
             if self._last.get(lane) is asyncio.current_task():
                 del self._last[lane]
 
-    async def send(self, job: Job) -> None:
-        """Send one order at most once: 'sending' is on disk before the request leaves."""
+    async def send(self, job: Job, *, recovering: bool = False) -> None:
+        """Send one order at most once: 'sending' is on disk before the request leaves.
+
+        ``recovering``: the runtime's recovery sends an order it just looked up and did not find, while the broker
+        is connected but not yet open to new orders; only a lost connection makes such an order miss.
+        """
         tracked = self.tracker.track(job)
         if tracked.status not in (NEW, UNKNOWN):
             return
         coid = job.client_order_id
-        if not self.pool.available(job.broker):
+        if recovering and not self.pool.connector(job.broker).connected:
+            raise BrokerUnavailable(f"broker {job.broker} dropped during recovery; {coid} stays unresolved")
+        if not recovering and not self.pool.available(job.broker):
             await self.tracker.transition(coid, MISSED, detail=f"broker {job.broker} paused or down at dispatch")
             return
         if not await self.tracker.transition(coid, SENDING):

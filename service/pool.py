@@ -68,8 +68,9 @@ class BrokerPool:
 
     def __init__(self, brokers: Mapping[str, Broker], *, connector_options: Mapping[str, Any] | None = None,
                  factory: Callable[..., Connector] = make_connector, backoff_s: float = 0.5,
-                 backoff_max_s: float = 30.0) -> None:
+                 backoff_max_s: float = 30.0, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._factory = factory
+        self._sleep = sleep
         self._options = dict(connector_options or {})
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
@@ -104,6 +105,10 @@ class BrokerPool:
     def unavailable(self) -> frozenset[str]:
         """Brokers routing must skip (paused, down or recovering)."""
         return frozenset(name for name, slot in self.slots.items() if not slot.available)
+
+    def disconnected(self) -> frozenset[str]:
+        """Brokers down or still recovering (a subset of ``unavailable``: an operator pause is not a drop)."""
+        return frozenset(name for name, slot in self.slots.items() if slot.down or not slot.connector.connected)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -199,7 +204,7 @@ class BrokerPool:
                     await self._came_up(slot, "reconnected")
                     if not slot.down:
                         return
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 delay = min(delay * 2, self.backoff_max_s)
         finally:
             if self._reconnecting.get(slot.name) is asyncio.current_task():

@@ -10,11 +10,14 @@ flight are looked up at the broker by client order id; found, their state is ado
 never left (``new``) or whose fate is unknown after a crash is sent (the broker holds none, so this cannot
 duplicate), while an order whose request failed during a drop in this run becomes ``missed`` (catch-up converges
 accounts that want it). Then the broker is reconciled, accounts with ``catch_up`` converge to their strategies'
-last targets, and only then does the broker take new orders.
+last targets (or to flat, when a flatten fired meanwhile), and only then does the broker take new orders. Mirror
+entries the engine skipped because their broker was down or paused are journaled as ``missed`` orders too (what
+the account would have received), so the journal shows which accounts fell behind their strategy.
 
 Exposure: an entry reserves its margin from the moment it is dispatched until the broker resolves it *and* a
 later account snapshot reflects the fill, so the free margin the engine sees never looks better than it is, even
-when one broker confirms in 15 ms and another in 200 ms. Positions the engine sees include orders still in flight.
+when one broker confirms in 15 ms and another in 200 ms. Positions the engine sees include orders still in flight
+and fills a broker confirmed but has not reported yet (``OrderTracker.unsettled``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -32,7 +35,7 @@ from brokers.base import AccountSnapshot, BrokerError, BrokerEvent, Fill, FillEv
 from brokers.feed import PriceFeed
 from engine.decision import Decision, client_order_id
 from engine.model import Account, RuleSet
-from engine.schedule import Firing, flatten_due
+from engine.schedule import FLATTEN, Firing, firings
 from engine.sessions import trading_day, trading_day_start
 from engine.signal import parse_signal
 from engine.state import AccountState, EngineState
@@ -62,6 +65,10 @@ from service.scheduler import ScheduleExecutor
 log = logging.getLogger(__name__)
 
 RISK_TICK_S = 0.5
+MISSED_BY = frozenset({"connection", "paused"})
+"""Skip reasons that make a mirror order ``missed``: the account wanted it, its broker was not there."""
+SIGNAL_FIELDS = ("strategy", "ticker", "action", "quantity", "order_type", "price", "position", "position_size",
+                 "comment")
 SNAPSHOT_DEBOUNCE_S = 0.05
 
 
@@ -109,7 +116,8 @@ class Runtime:
         self._started_at: datetime | None = None
         self._first_up: set[str] = set()
         self._recovering_at_start: set[str] = set()
-        self._pending_fills: list[tuple[str, Fill]] = []
+        self._pending_fills: dict[str, tuple[str, Fill]] = {}
+        """Fills of our orders that arrived before the order was tracked, by broker:fill id (reported once each)."""
         self.alerts: list[dict[str, Any]] = []
         self.catchups: list[dict[str, Any]] = []
         self.running = False
@@ -147,12 +155,18 @@ class Runtime:
         """Rebuild the ledger from the journal, connect (each broker recovers as it comes up), start the loops."""
         self._started_at = self.clock()
         ruleset = self.ruleset
-        self.ledger = replay(self.journal.fills(), self._point_value)
+        fills = self.journal.fills()
+        self.ledger = replay(fills, self._point_value)
         self.risk.roll(self._started_at, self.ledger)
-        self._load_open_orders()
+        booked: dict[Any, int] = {}
+        for fill in fills:
+            # A broker may leave the client order id off its fill reports: count by its own order id as well.
+            key = fill.get("client_order_id") or (fill.get("broker"), fill.get("broker_order_id"))
+            booked[key] = booked.get(key, 0) + int(fill["quantity"])
+        self._load_open_orders(booked)
         self._restore_halts()
-        self.pool = BrokerPool(ruleset.brokers, connector_options=self._connector_options,
-                               backoff_s=self.backoff_s, backoff_max_s=self.backoff_max_s)
+        self.prepare()
+        assert self.pool is not None
         self.pool.on_event = self._on_event
         self.pool.on_up = self._on_up
         self.pool.on_down = self._on_down
@@ -166,6 +180,13 @@ class Runtime:
         for name in ruleset.brokers:
             self._tasks.append(asyncio.create_task(self._reconcile_loop(name), name=f"reconcile-{name}"))
         self._invalidate()
+
+    def prepare(self) -> BrokerPool:
+        """Build the connectors (no I/O yet), so that a harness can reach a broker before ``start`` connects it."""
+        if self.pool is None:
+            self.pool = BrokerPool(self.ruleset.brokers, connector_options=self._connector_options,
+                                   backoff_s=self.backoff_s, backoff_max_s=self.backoff_max_s)
+        return self.pool
 
     async def stop(self) -> None:
         self.running = False
@@ -201,9 +222,10 @@ class Runtime:
                    broker_account=account.broker_account, contract=order["contract"], side=order["side"],
                    quantity=int(order["quantity"]), intent=order.get("intent") or "entry", margin_usd=margin)
 
-    def _load_open_orders(self) -> None:
+    def _load_open_orders(self, booked: dict[Any, int]) -> None:
         """Every order not final in the journal becomes tracked again (in flight ones recover when their broker
-        comes up); their signals' strategies attribute the fills still to come."""
+        comes up); their signals' strategies attribute the fills still to come. ``booked``: contracts per client
+        order id already in the ledger (replayed from the journal's fills)."""
         strategies: dict[str, str] = {}
         for row in self.journal.orders(status=[s for s in ("new", "sending", "unknown", "acknowledged",
                                                              "partially_filled")]):
@@ -215,8 +237,8 @@ class Runtime:
             job = self._job(row, strategies[sid], sid)
             if job is None:
                 continue
-            tracked = self.tracker.track(job, row["status"], row.get("broker_order_id"))
-            tracked.status = row["status"]
+            filled = booked.get(job.client_order_id, 0) + booked.get((job.broker, row.get("broker_order_id")), 0)
+            tracked = self.tracker.track(job, row["status"], row.get("broker_order_id"), filled=filled)
             if job.margin_usd > 0 and row["status"] not in FINAL:
                 self._reservations[job.client_order_id] = _Reservation(job.account, job.margin_usd)
             if row["status"] in IN_FLIGHT:
@@ -246,9 +268,61 @@ class Runtime:
                 jobs.append(job)
                 self._reserve(job)
         self.dispatcher.submit_all(jobs)
+        missed = {s.account for s in decision.skipped if s.by in MISSED_BY}
+        if missed and self._rule_mode(decision.rule) == "mirror":
+            self._spawn(self._journal_missed(signal_id, decision, missed))
         for cancel in decision.cancel:
             self._spawn(self._cancel_working(cancel.account, cancel.broker, cancel.instrument))
         self._invalidate()
+
+    def _rule_mode(self, name: str | None) -> str | None:
+        return next((r.mode for r in self.ruleset.routing_rules if r.name == name), None)
+
+    async def _journal_missed(self, signal_id: str, decision: Decision, accounts: set[str]) -> None:
+        """Journal, as ``missed``, the mirror orders that accounts at a down or paused broker did not get.
+
+        The engine skipped them (an entry cannot go to a broker that is not there); what they would have received
+        is what the same signal decides with their brokers up. Catch-up (``catch_up: true``) converges them later;
+        the others stay visibly behind their strategy instead of silently.
+        """
+        row = self.journal.get_signal(signal_id)
+        if row is None or not row.get("signal"):
+            return
+        body = {k: v for k, v in row["signal"].items() if k in SIGNAL_FIELDS}
+        try:
+            signal = parse_signal({**body, "id": signal_id})
+        except ValueError as exc:
+            log.warning("missed orders of %s not journaled: the stored signal no longer parses: %s", signal_id, exc)
+            return
+        at = self.clock()
+        brokers = {self.ruleset.accounts[a].broker for a in accounts if a in self.ruleset.accounts}
+        would = self.engine.decide(signal, self._state_with_up(at, brokers), at)
+        orders = [o for o in would.orders if o.account in accounts]
+        if not orders:
+            return
+        seq = len(decision.orders)
+        stamp = _utc(self.clock())
+        for i, order in enumerate(orders):
+            reason = f"broker {order.broker} down or paused at dispatch"
+            # The event first: whoever sees the order row also sees its history.
+            await self.journal.execute(
+                "INSERT INTO order_events (client_order_id, status, at, detail) VALUES (?, 'missed', ?, ?)",
+                (order.client_order_id, stamp, reason))
+            await self.journal.execute(
+                "INSERT OR IGNORE INTO orders (client_order_id, signal_id, seq, account, broker, contract, side, "
+                "quantity, intent, order_type, status, detail, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'missed', ?, ?, ?)",
+                (order.client_order_id, signal_id, seq + i, order.account, order.broker, order.contract, order.side,
+                 order.quantity, order.intent, would.order_type, reason, stamp, stamp))
+            log.warning("%s: %s %s %d %s missed (%s)", signal_id, order.account, order.side, order.quantity,
+                        order.contract, reason)
+
+    def _state_with_up(self, now: datetime, brokers: set[str]) -> EngineState:
+        """The engine's view with ``brokers`` connected and not paused (what they would get if they were up)."""
+        state = self.engine_state(now)
+        names = {n for n, a in self.ruleset.accounts.items() if a.broker in brokers}
+        up = {name: (replace(acct, connected=True) if name in names else acct) for name, acct in state.accounts.items()}
+        return replace(state, accounts=up, paused=state.paused - brokers)
 
     def _reserve(self, job: Job) -> None:
         if job.intent == "entry" and job.margin_usd > 0:
@@ -299,6 +373,8 @@ class Runtime:
 
     async def ingest_fill(self, broker: str, fill: Fill) -> bool:
         """Journal a fill (once per broker fill id) and book it in the ledger and the day book."""
+        if f"{broker}:{fill.fill_id}" in self.ledger.seen_fills:
+            return False  # booked already (an event and a reconciliation pass report the same fill)
         tracked = self.tracker.find(broker, fill.client_order_id, fill.broker_order_id)
         account = tracked.job.account if tracked else self._account_at(broker, fill.account)
         if account is None:
@@ -306,7 +382,7 @@ class Runtime:
             return False
         if tracked is None and fill.client_order_id and fill.client_order_id.startswith("mb-"):
             # Ours, but its order is not tracked yet (the answer to place_order is still on its way).
-            self._pending_fills.append((broker, fill))
+            self._pending_fills[f"{broker}:{fill.fill_id}"] = (broker, fill)
             return False
         strategy = tracked.job.strategy if tracked else EXTERNAL_STRATEGY
         new = await self.journal.record_fill({
@@ -324,7 +400,7 @@ class Runtime:
             self.risk.apply_fill(fill_id=fid, account=account, strategy=strategy, contract=fill.contract,
                                  signed_qty=signed, price=fill.price, commission=fill.commission, at=fill.time)
         if tracked is not None and booked:
-            tracked.filled += fill.quantity
+            self.tracker.book_fill(tracked.job.client_order_id, fill.quantity)
             status = FILLED if tracked.filled >= tracked.job.quantity else PARTIALLY_FILLED
             await self.tracker.transition(tracked.job.client_order_id, status,
                                           broker_order_id=fill.broker_order_id)
@@ -333,12 +409,10 @@ class Runtime:
         return bool(new)
 
     def _retry_pending_fills(self) -> None:
-        pending, self._pending_fills = self._pending_fills, []
-        for broker, fill in pending:
+        for key, (broker, fill) in list(self._pending_fills.items()):
             if self.tracker.find(broker, fill.client_order_id, fill.broker_order_id) is not None:
+                del self._pending_fills[key]
                 self._spawn(self.ingest_fill(broker, fill))
-            else:
-                self._pending_fills.append((broker, fill))
 
     def _refresh_snapshot_soon(self, broker: str, account: str) -> None:
         task = self._snapshot_due.get(account)
@@ -374,13 +448,13 @@ class Runtime:
         """The broker (re)connected: recover in-flight orders, reconcile, catch up; then it takes orders again."""
         first = broker not in self._first_up
         self._first_up.add(broker)
-        await self._recover(broker, at_start=first)
+        await self._recover(broker)
         await self.reconcile_broker(broker, reason="start-up" if first else "reconnect")
         if not first:
             await self._catch_up(broker)
         self._invalidate()
 
-    async def _recover(self, broker: str, *, at_start: bool) -> None:
+    async def _recover(self, broker: str) -> None:
         assert self.pool is not None and self.dispatcher is not None
         connector = self.pool.connector(broker)
         for tracked in list(self.tracker.orders.values()):
@@ -391,17 +465,21 @@ class Runtime:
             found = await connector.find_order(job.broker_account, coid)
             if found is not None:
                 log.info("recovery: %s found at %s (%s); adopting", coid, broker, found.status.value)
+                self._recovering_at_start.discard(coid)
                 if tracked.status == NEW:
                     await self.tracker.transition(coid, SENDING, detail="recovery: found at the broker")
                 await self.tracker.adopt(coid, found)
                 continue
+            # In flight when the last process died (its request may or may not have left): the lookup just said
+            # the broker has none, so sending it now cannot duplicate it. It stays "crashed" until resolved, so a
+            # drop during this very resend does not turn an acknowledged signal's order into "missed".
             crashed = coid in self._recovering_at_start
-            self._recovering_at_start.discard(coid)
-            if tracked.status == NEW or (at_start and crashed):
+            if tracked.status == NEW or crashed:
                 if tracked.status == SENDING:
                     await self.tracker.transition(coid, UNKNOWN, detail="recovery: not at the broker; resending")
-                await self.dispatcher.send_now(job) if hasattr(self.dispatcher, "send_now") else \
-                    await self._send_recovered(job)
+                await self._send_recovered(job)
+                if tracked.status not in IN_FLIGHT:
+                    self._recovering_at_start.discard(coid)
             else:
                 await self.tracker.transition(coid, MISSED, detail=(
                     f"not at broker {broker} after the connection came back; never sent"))
@@ -450,7 +528,7 @@ class Runtime:
                         await self.tracker.adopt(tracked.job.client_order_id, found)
             held = {p.contract: p.quantity for p in await connector.positions(account.broker_account) if p.quantity}
             self._set_snapshot(account.name, await connector.account_snapshot(account.broker_account))
-            in_flux = {t.job.contract for t in self.tracker.in_flight() if t.job.account == account.name}
+            in_flux = {t.job.contract for t in self.tracker.unsettled() if t.job.account == account.name}
             mismatches = reconcile.compare_positions(self.ledger.account_positions(account.name), held, in_flux)
             row = {"broker": broker, "account": account.name, "ok": not mismatches, "reason": reason,
                    "policy": account.on_mismatch, "mismatches": [m.as_dict() for m in mismatches],
@@ -504,8 +582,12 @@ class Runtime:
         return found
 
     async def _catch_up(self, broker: str) -> None:
-        """Converge ``catch_up`` accounts at ``broker`` to their strategies' last targets, unless a flatten of the
-        same session has fired since that target (the target is then void) or the rules block entries."""
+        """Converge ``catch_up`` accounts at ``broker`` to their strategies' last targets of this trading day.
+
+        Never into a position after a flatten time: when a flatten of the strategy fired since its last target
+        (while the broker was away, so its exit was missed), the target is void and the accounts converge to flat
+        instead. Entries the rules block now (schedule windows, halts) stay blocked: the engine decides.
+        """
         now = self.clock()
         accounts = [a for a in self.ruleset.accounts.values() if a.broker == broker and a.catch_up]
         if not accounts:
@@ -518,12 +600,10 @@ class Runtime:
             received = datetime.fromisoformat(str(row["received_at"]).replace("Z", "+00:00"))
             if trading_day(received) != trading_day(now):
                 continue
-            if self._flattened_since(strategy, followers, received, now):
-                self.catchups.append({"strategy": strategy, "skipped": "a flatten fired since the target"})
-                continue
-            body = {k: v for k, v in (row.get("signal") or {}).items()
-                    if k in ("strategy", "ticker", "action", "quantity", "order_type", "price", "position",
-                             "position_size", "comment")}
+            body = {k: v for k, v in (row.get("signal") or {}).items() if k in SIGNAL_FIELDS}
+            flat = self._flattened_since(strategy, followers, received, now)
+            if flat:
+                body.update(position="flat", position_size=0)
             sid = f"{row['id']}-catchup-{broker}-{self.pool[broker].reconnects if self.pool else 0}"
             if self.journal.get_signal(sid) is not None:
                 continue
@@ -532,10 +612,12 @@ class Runtime:
             except ValueError as exc:
                 log.warning("catch-up of %s: stored signal no longer parses: %s", strategy, exc)
                 continue
-            decision = self.engine.decide(signal, self.engine_state(now), now)
+            # The broker is connected but not yet open to new orders (this is its recovery): decide as if it were.
+            decision = self.engine.decide(signal, self._state_with_up(now, {broker}), now)
             names = {a.name for a in followers}
             orders = tuple(o for o in decision.orders if o.account in names)
-            self.catchups.append({"strategy": strategy, "signal": sid, "orders": [o.to_json() for o in orders]})
+            self.catchups.append({"strategy": strategy, "signal": sid, "flat": flat,
+                                  "orders": [o.to_json() for o in orders]})
             if not orders:
                 continue
             decision = Decision(signal_id=sid, strategy=strategy, rule=decision.rule, blocked_by=decision.blocked_by,
@@ -544,7 +626,7 @@ class Runtime:
                                              status="accepted", reason="catch-up", key=None,
                                              signal={**body, "catch_up": True}, decision=decision.to_json(),
                                              orders=[{**o.to_json(), "margin_usd": o.margin_usd} for o in orders],
-                                             signal_id=sid)
+                                             signal_id=sid, at=now)
             for order in orders:
                 job = self._job(order.to_json(), strategy, sid, order.margin_usd)
                 if job is not None:
@@ -554,9 +636,10 @@ class Runtime:
 
     def _flattened_since(self, strategy: str, accounts: Iterable[Account], since: datetime, now: datetime) -> bool:
         names = {a.name for a in accounts}
-        for firing in flatten_due(self.ruleset.schedule_rules, now, since):
+        for firing in firings(self.ruleset.schedule_rules, since + timedelta(microseconds=1),
+                              now + timedelta(microseconds=1)):
             rule = firing.rule
-            if firing.at <= since or firing.at > now:
+            if firing.action != FLATTEN:
                 continue
             if rule.strategies is not None and strategy not in rule.strategies:
                 continue
@@ -587,7 +670,7 @@ class Runtime:
                 continue
             remaining = book.quantity + sum(
                 (t.job.quantity - t.filled) * (1 if t.job.side == "buy" else -1)
-                for t in self.tracker.in_flight()
+                for t in self.tracker.unsettled()
                 if t.job.account == acct and t.job.strategy == strat and t.job.contract == contract)
             if remaining == 0:
                 continue
@@ -604,7 +687,7 @@ class Runtime:
                                          status="accepted" if orders else "decided", reason=reason, key=None,
                                          signal={**body, "strategy": strategy or "(flatten)"}, decision=decision,
                                          orders=[{k: v for k, v in o.items() if k != "strategy"} for o in orders],
-                                         signal_id=fid)
+                                         signal_id=fid, at=now)
         assert self.dispatcher is not None
         for order in orders:
             job = self._job(order, str(order["strategy"]), fid, Decimal(0))
@@ -722,18 +805,17 @@ class Runtime:
 
     def engine_state(self, now: datetime) -> EngineState:
         """The accounts as the engine must see them; rebuilt only after something changed (cheap per webhook)."""
-        if self.risk.day is not None and trading_day(now) != self.risk.day:
+        if self.risk.day is not None and trading_day(now) > self.risk.day:
             self.risk.roll(now, self.ledger)
             self._state = None
         if self._state is not None:
             return self._state
         pool = self.pool
         paused = pool.unavailable() if pool is not None else frozenset(self.ruleset.brokers)
+        down = pool.disconnected() if pool is not None else paused
         in_flight: dict[str, dict[str, int]] = {}
-        for tracked in self.tracker.in_flight():
+        for tracked in self.tracker.unsettled():
             job = tracked.job
-            if tracked.status == MISSED:
-                continue
             signed = (job.quantity - tracked.filled) * (1 if job.side == "buy" else -1)
             book = in_flight.setdefault(job.account, {})
             book[job.contract] = book.get(job.contract, 0) + signed
@@ -745,7 +827,7 @@ class Runtime:
             snap = self._snapshots.get(name)
             free = (snap.free_margin if snap is not None else Decimal(0)) - self._reserved(name)
             accounts[name] = AccountState(
-                connected=account.broker not in paused, free_margin=free, daily_pnl=self.risk.daily_pnl(name),
+                connected=account.broker not in down, free_margin=free, daily_pnl=self.risk.daily_pnl(name),
                 positions={c: q for c, q in positions.items() if q}, halted=self.risk.halted(name), daily_pnl_at=now)
         self._state = EngineState(accounts=accounts, paused=paused, portfolio_daily_pnl_at=now)
         return self._state

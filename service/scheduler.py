@@ -1,10 +1,13 @@
 """The schedule executor: fires the Schedule rules' flattens (and records block windows) at their instants.
 
 Firing times come from ``engine.schedule`` (Eastern wall clock, DST and the CME calendar handled there). Each
-firing is journaled (a ``schedule`` risk event keyed by rule and instant) before it acts, so a restart knows what
-already ran: on start the executor asks ``flatten_due`` for flattens owed since the last journaled firing (or since
-the trading day began) and fires those still in the same session, once. ``block_entries`` needs no action here (the
-engine consults the schedule on every decision); its firings are journaled so the history shows them.
+firing is journaled (a ``schedule`` risk event keyed by rule and instant) once it has acted, so a restart knows what
+already ran. Acting first is safe because the flatten a firing triggers is itself journaled under an id derived
+from the rule and the instant: a crash between the two re-fires it after the restart, and the repeat finds its
+flatten already on disk instead of sending it twice. On start the executor asks ``flatten_due`` for flattens owed
+since the last journaled firing (or since the trading day began) and fires those still in the same session, once.
+``block_entries`` needs no action here (the engine consults the schedule on every decision); its firings are
+journaled so the history shows them.
 
 The clock and sleep are injectable, so tests run a firing "now" without waiting for a wall-clock minute.
 """
@@ -76,11 +79,24 @@ class ScheduleExecutor:
         return owed
 
     async def tick(self) -> list[Firing]:
-        """Fire everything due in (last_checked, now]."""
+        """Fire everything due in (last_checked, now]. A flatten goes through ``flatten_due`` as at start: if the
+        loop woke late (a suspended machine, a stalled loop) after its session closed, it is dropped, not fired
+        into the next session's positions."""
         now = self.clock()
+        rules = list(self.rules())
         since = self.last_checked or now - timedelta(seconds=1)
-        due = [f for f in firings(list(self.rules()), since + timedelta(microseconds=1), now + timedelta(microseconds=1))
-               if firing_key(f) not in self.done]
+        owed = {firing_key(f) for f in flatten_due(rules, now, since)}
+        due = []
+        for firing in firings(rules, since + timedelta(microseconds=1), now + timedelta(microseconds=1)):
+            key = firing_key(firing)
+            if key in self.done:
+                continue
+            if firing.action == FLATTEN and key not in owed:
+                log.warning("schedule: %s flatten due %s dropped: its session is over", firing.rule.name,
+                            firing.at.isoformat())
+                self.done.add(key)
+                continue
+            due.append(firing)
         for firing in due:
             await self._run(firing, late=False)
         self.last_checked = now
@@ -89,15 +105,15 @@ class ScheduleExecutor:
     async def _run(self, firing: Firing, *, late: bool) -> None:
         key = firing_key(firing)
         self.done.add(key)
-        await self.journal.record_risk_event({
-            "scope": "schedule", "name": firing.rule.name, "kind": KIND, "key": key, "action": firing.action,
-            "firing_at": firing.at, "late": late, "checked_at": self.clock(),
-        })
         self.fired.append(firing)
         if firing.action == FLATTEN:
             log.info("schedule: %s fires flatten (due %s%s)", firing.rule.name, firing.at.isoformat(),
                      ", late" if late else "")
             await self.fire(firing)
+        await self.journal.record_risk_event({
+            "scope": "schedule", "name": firing.rule.name, "kind": KIND, "key": key, "action": firing.action,
+            "firing_at": firing.at, "late": late, "checked_at": self.clock(),
+        })
 
     async def _loop(self) -> None:
         while True:
