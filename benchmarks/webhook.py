@@ -1,23 +1,29 @@
 """Webhook-to-answer latency and sustained signals per second, side by side with a bare aiohttp handler.
 
-Two servers run as separate processes on 127.0.0.1, measured by the same aiohttp client in this process:
+Servers run one after another as separate processes on 127.0.0.1, measured by the same aiohttp client in this
+process:
 
 * ``bare``: an aiohttp handler that only parses the JSON body and answers (the floor any aiohttp service pays);
-* ``multibroker``: the service (``service.app.create_app`` with the real runtime, as ``multibroker serve`` runs
-  it), on rules with one strategy mirrored to 10 accounts on two zero-latency paper brokers (no rate limit, no
-  schedule, no risk limits), every signal authenticated, validated, decided, journaled (group commit,
-  ``synchronous=FULL``) before its answer, then dispatched. The paper brokers keep their state in memory unless
-  ``--paper-on-disk`` (then every simulated order costs the broker a few synchronous SQLite commits).
+* ``mb-answer``: the service (``service.app.create_app``) with everything before dispatch real (authenticate,
+  validate, decide, journal with group commit and ``synchronous=FULL``, answer) and a runtime that drops the
+  journaled orders: the answer path alone;
+* ``mb-instant``: the real runtime (``service.runtime.Runtime``) behind it, on a benchmark connector that fills every
+  order inside ``place_order`` from dicts: the service's own cost per order (journal, state machine, ledger, risk);
+* ``mb-paper``: the real runtime on the two zero-latency paper brokers of the rules, as ``multibroker serve`` runs
+  them (state in memory unless ``--paper-on-disk``): adds the paper simulation's own cost per order.
+
+The rules mirror one strategy to 10 accounts on two brokers (no rate limit, no schedule, no risk limits).
 
 Phases per server: warm-up; latency (one request at a time, keep-alive); throughput (a fixed number of signals from
-``--concurrency`` workers); and, for multibroker, a paced run at ``--rate`` signals/s, after which the journal says
-how long each signal took from its decision to the moment its last order was handed to its broker (``sending``,
-journaled just before ``place_order``) and acknowledged by it.
+``--concurrency`` workers); and, for the runtime servers, a paced run at ``--rate`` signals/s once the throughput
+run's orders have settled, after which the journal says how long each signal took from its decision to the moment
+its last order was handed to its broker (``sending``, journaled just before ``place_order``) and acknowledged.
 
 Targets (issue 5, 2-core machine): p50 within 3x the bare handler; p99 < 5 ms; >= 2,500 signals/s sustained;
-all orders of a signal handed to the brokers within 20 ms p99 at 1,000 signals/s.
+all orders of a signal handed to the brokers within 20 ms p99 at 1,000 signals/s. Results: benchmarks/README.md.
 
 Run: python -m benchmarks.webhook [--latency-n 2000] [--throughput-n 5000] [--concurrency 32] [--rate 1000]
+                                  [--only mb-answer|mb-instant|mb-paper ...] [--paper-on-disk] [--keep]
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -82,7 +89,56 @@ MB_SERVER = textwrap.dedent("""
             return EngineState(accounts=accounts)
         def dispatch(self, signal_id, decision): pass
 
+    from datetime import datetime, timezone
+    from brokers import base
+
+    class InstantBroker(base.Connector):
+        # Fills every market order inside place_order at a fixed price, holding its state in dicts: what is left is
+        # the service's own cost per order (journal, state machine, ledger, risk), not a broker simulation's.
+        type = "paper"
+
+        def __init__(self, broker, **options):
+            super().__init__(broker, **options)
+            self.up = False
+            self.orders, self.fills, self.pos, self.n = {}, {}, {}, 0
+
+        async def connect(self): self.up = True
+        async def close(self): self.up = False
+        @property
+        def connected(self): return self.up
+
+        async def _submit(self, request):
+            now = datetime.now(timezone.utc)
+            self.n += 1
+            order = base.Order(f"I{self.n}", request.client_order_id, request.account, request.contract,
+                               request.side, request.quantity, request.quantity, base.OrderStatus.FILLED,
+                               request.order_type, now, now, avg_fill_price=Decimal("6000"))
+            fill = base.Fill(f"F{self.n}", order.broker_order_id, order.client_order_id, order.account,
+                             order.contract, order.side, order.quantity, Decimal("6000"), Decimal("0.25"), now)
+            self.orders[(request.account, request.client_order_id)] = order
+            self.fills.setdefault(request.account, []).append(fill)
+            key = (request.account, request.contract)
+            self.pos[key] = self.pos.get(key, 0) + order.quantity * order.side.sign
+            self._emit(base.FillEvent(fill))
+            self._emit(base.OrderEvent(order))
+            return order
+
+        async def find_order(self, account, client_order_id): return self.orders.get((account, client_order_id))
+        async def cancel_order(self, account, broker_order_id): raise base.OrderRejected("nothing rests here")
+        async def working_orders(self, account): return []
+        async def positions(self, account):
+            return [base.Position(a, c, q, Decimal("6000")) for (a, c), q in sorted(self.pos.items())
+                    if a == account and q]
+        async def account_snapshot(self, account):
+            return base.AccountSnapshot(account, Decimal(10**9), Decimal(0), Decimal(10**9), Decimal(0), Decimal(0),
+                                        datetime.now(timezone.utc))
+        async def fills_since(self, account, since):
+            return [f for f in self.fills.get(account, []) if f.time >= since]
+
     rules, data, port, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    if mode == "instant":
+        base.connector_class("paper")  # registers the built-in connectors first, then this one replaces paper
+        base.register(InstantBroker)
     config = ServiceConfig.from_env(rules_dir=rules, data_dir=data, port=port, paper_tick_s=0)
     options = {} if mode == "disk" else {"data_dir": None}  # paper broker state in memory unless "disk"
     factory = NullRuntime if mode == "null" else (lambda c, j, w: Runtime(c, j, w, connector_options=options))
@@ -209,30 +265,49 @@ async def paced(url: str, rate: float, seconds: float) -> tuple[list[str], list[
         return ids, lat, achieved
 
 
+def settle(journal: Path, timeout_s: float) -> int:
+    """Wait until no order is still ``new`` or ``sending`` (or ``timeout_s``); returns how many still are."""
+    conn = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            left = int(conn.execute("SELECT COUNT(*) FROM orders WHERE status IN ('new', 'sending')").fetchone()[0])
+            if left == 0 or time.monotonic() > deadline:
+                return left
+            time.sleep(0.2)
+    finally:
+        conn.close()
+
+
 def dispatch_latency(journal: Path, ids: list[str], timeout_s: float = 60) -> dict[str, Any]:
-    """Per signal: decision time -> last order's ``sending`` and ``acknowledged`` events (from the journal)."""
+    """Per signal: decision time -> last order's ``sending`` and ``acknowledged`` events (from the journal).
+
+    Only signals all of whose orders got there count; the caller compares their number with the signals sent.
+    """
+    left = settle(journal, timeout_s)
     conn = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     marks = ",".join("?" for _ in ids)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = conn.execute(f"SELECT COUNT(*) FROM orders WHERE signal_id IN ({marks}) AND status IN "
-                            "('new', 'sending')", ids).fetchone()[0]
-        if left == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    # Per order: when it was handed over ('sending') and when the broker first answered (acknowledged, or a final
+    # status straight away, as a broker that fills at once reports); per signal: the last of its orders.
     rows = conn.execute(
-        f"SELECT s.id, s.received_at, e.status, MAX(e.at), COUNT(*) FROM signals s JOIN orders o ON o.signal_id = s.id "
-        f"JOIN order_events e ON e.client_order_id = o.client_order_id WHERE s.id IN ({marks}) AND e.status IN "
-        "('sending', 'acknowledged') GROUP BY s.id, e.status", ids).fetchall()
+        f"SELECT s.id, s.received_at, MAX(o.sent), MAX(o.answered), COUNT(o.sent), COUNT(o.answered) "
+        f"FROM signals s JOIN (SELECT o.signal_id, "
+        f"  (SELECT MIN(at) FROM order_events e WHERE e.client_order_id = o.client_order_id "
+        f"   AND e.status = 'sending') AS sent, "
+        f"  (SELECT MIN(at) FROM order_events e WHERE e.client_order_id = o.client_order_id "
+        f"   AND e.status NOT IN ('new', 'sending', 'unknown')) AS answered "
+        f"  FROM orders o WHERE o.signal_id IN ({marks})) o ON o.signal_id = s.id GROUP BY s.id", ids).fetchall()
     conn.close()
 
     def t(text: str) -> datetime:
         return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
     out: dict[str, list[float]] = {"sending": [], "acknowledged": []}
-    for _sid, received, status, last, count in rows:
-        if count == ACCOUNTS:
-            out[status].append((t(last) - t(received)).total_seconds() * 1000)
+    for _sid, received, sent, answered, n_sent, n_answered in rows:
+        if n_sent == ACCOUNTS:
+            out["sending"].append((t(sent) - t(received)).total_seconds() * 1000)
+        if n_answered == ACCOUNTS:
+            out["acknowledged"].append((t(answered) - t(received)).total_seconds() * 1000)
     return {"unsettled_orders": left, **out}
 
 
@@ -250,13 +325,19 @@ async def main(args: argparse.Namespace) -> None:
     repo = Path(__file__).resolve().parent.parent
     results: dict[str, Any] = {}
 
+    paper_mode = "disk" if args.paper_on_disk else "memory"
     servers = [("bare", [sys.executable, "-c", BARE_SERVER]),
                ("mb-answer", [sys.executable, "-c", MB_SERVER, str(rules), str(work / "data-null"), "{port}", "null"]),
-               ("mb-paper", [sys.executable, "-c", MB_SERVER, str(rules), str(work / "data"), "{port}",
-                             "disk" if args.paper_on_disk else "memory"])]
+               ("mb-instant", [sys.executable, "-c", MB_SERVER, str(rules), str(work / "data-instant"), "{port}",
+                               "instant"]),
+               ("mb-paper", [sys.executable, "-c", MB_SERVER, str(rules), str(work / "data-paper"), "{port}",
+                             paper_mode])]
+    chosen = {"bare", *(args.only or [name for name, _cmd in servers])}
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for name, cmd in servers:
+            if name not in chosen:
+                continue
             port = free_port()
             cmd = [c.replace("{port}", str(port)) for c in cmd] + ([str(port)] if name == "bare" else [])
             log = work / f"{name}.log"
@@ -265,32 +346,38 @@ async def main(args: argparse.Namespace) -> None:
             url = f"http://127.0.0.1:{port}"
             await wait_up(url, proc, log)
             lat = await latency(url, args.latency_n)
+            print(f"{name:<10} sequential  {fmt(lat)}", flush=True)
             rate, tlat = await throughput(url, args.throughput_n, args.concurrency)
             results[name] = {"latency": lat, "throughput": rate}
-            print(f"{name:<10} sequential  {fmt(lat)}", flush=True)
             print(f"{name:<10} throughput  {rate:8.0f} signals/s with {args.concurrency} concurrent senders "
                   f"(answer {fmt(tlat)})", flush=True)
-            if name == "mb-paper":
-                await asyncio.sleep(2)  # let the throughput run's dispatch drain before the paced run
+            if name in ("mb-instant", "mb-paper"):
+                journal = work / f"data-{name[3:]}" / "journal.db"
+                settle(journal, args.settle_s)  # the throughput run's dispatch must not overlap the paced run
                 ids, plat, achieved = await paced(url, args.rate, args.rate_seconds)
                 print(f"{name:<10} paced       {achieved:8.0f} signals/s offered ({args.rate:g} target), "
                       f"answer {fmt(plat)}", flush=True)
-                d = dispatch_latency(work / "data" / "journal.db", ids)
-                results["dispatch"] = d
+                d = dispatch_latency(journal, ids, args.settle_s)
+                results[name]["dispatch"] = d
                 print(f"{name:<10} dispatch    decision -> last of {ACCOUNTS} orders handed to broker: "
-                      f"{fmt(d['sending'])}")
-                print(f"{name:<10} dispatch    decision -> last of {ACCOUNTS} orders acknowledged:     "
-                      f"{fmt(d['acknowledged'])}  (unsettled orders: {d['unsettled_orders']})")
+                      f"{fmt(d['sending'])}  ({len(d['sending'])} of {len(ids)} signals)")
+                print(f"{name:<10} dispatch    decision -> last of {ACCOUNTS} orders answered:         "
+                      f"{fmt(d['acknowledged'])}  (unsettled orders after {args.settle_s:g} s: "
+                      f"{d['unsettled_orders']})", flush=True)
             proc.terminate()
             proc.wait(timeout=30)
         b50 = pct(results["bare"]["latency"], 50)
         print()
-        for name in ("mb-answer", "mb-paper"):
+        for name, _cmd in servers[1:]:
+            if name not in results:
+                continue
             lat = results[name]["latency"]
             print(f"{name}: p50 {pct(lat, 50) / b50:.1f}x bare (target <= 3x); p99 {pct(lat, 99):.2f} ms "
                   f"(target < 5 ms); {results[name]['throughput']:.0f} signals/s (target >= 2500)")
-        sending = results.get("dispatch", {}).get("sending") or [float("nan")]
-        print(f"dispatch at {args.rate:g}/s: p99 {pct(sending, 99):.2f} ms to hand all orders over (target <= 20 ms)")
+            if "dispatch" in results[name]:
+                sending = results[name]["dispatch"]["sending"] or [float("nan")]
+                print(f"{name}: dispatch at {args.rate:g}/s: p99 {pct(sending, 99):.2f} ms to hand all "
+                      f"{ACCOUNTS} orders of a signal over (target <= 20 ms)")
     finally:
         for proc in procs:
             proc.terminate()
@@ -300,6 +387,8 @@ async def main(args: argparse.Namespace) -> None:
                 proc.kill()
         if args.keep:
             print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
@@ -311,5 +400,9 @@ if __name__ == "__main__":
     parser.add_argument("--rate-seconds", type=float, default=2)
     parser.add_argument("--paper-on-disk", action="store_true",
                         help="paper brokers persist their state in SQLite as under `serve` (default: in memory)")
+    parser.add_argument("--settle-s", type=float, default=60,
+                        help="how long to wait for dispatch to catch up before the paced run and before reading it")
+    parser.add_argument("--only", action="append", choices=["mb-answer", "mb-instant", "mb-paper"],
+                        help="run only these servers (and the bare handler); repeatable")
     parser.add_argument("--keep", action="store_true", help="keep the temporary rules, journal and logs")
     asyncio.run(main(parser.parse_args()))

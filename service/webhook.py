@@ -192,18 +192,22 @@ class Webhook:
             refusal = Refusal(500, "decision_failed", f"the decision failed: {type(exc).__name__}: {exc}")
             return await self._refuse(request, refusal, b"", body, key=key, signal=signal)
         record = decision.to_json()
-        orders = [{**o.to_json(), "margin_usd": o.margin_usd} for o in decision.orders]
+        record_text = dumps(record)  # once, for the journal and the answer alike
+        orders = [{**o.to_json(), "margin_usd": o.margin_usd, "order_type": decision.order_type,
+                   "price": record["price"]} for o in decision.orders]
         try:
             await self.journal.record_signal(
                 signal_id=signal_id, raw=self._stored_body(body), remote=request.remote,
                 status="accepted" if decision.orders else "decided", reason=decision.reason, key=key,
-                signal={**_signal_json(signal), "key": key}, decision=record, orders=orders, at=now)
+                signal={**_signal_json(signal), "key": key}, decision=record_text, orders=orders, at=now)
         except JournalError as exc:
             logger.error("signal %s not acknowledged: %s", key, exc)
             return error_response(503, "journal_unavailable",
                                   "the signal could not be stored, so it was not acknowledged: send it again")
         claim.set_result(signal_id)
-        response = json_response({"signal_id": signal_id, "decision": record}, status=202)
+        # dumps() sorts keys, so this is byte for byte json_response({"signal_id": ..., "decision": record}).
+        response = web.Response(text=f'{{"decision":{record_text},"signal_id":{dumps(signal_id)}}}', status=202,
+                                content_type="application/json")
         if decision.orders or decision.cancel:
             # The answer goes out first: the dispatcher only enqueues, but no broker work may precede the answer.
             try:

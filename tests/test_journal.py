@@ -244,3 +244,49 @@ def test_signal_ids_are_unique_and_time_ordered() -> None:
     ids = [new_signal_id(T0 + timedelta(microseconds=i)) for i in range(1000)]
     assert len(set(ids)) == 1000 and ids == sorted(ids)
     assert ids[0].startswith("s-20260310T150000000000-")
+
+
+async def test_a_failed_commit_fails_every_write_of_its_batch_and_the_journal_goes_on(
+        journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_commit = journal_module._commit
+
+    def disk_gone(conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(journal_module, "_commit", disk_gone)
+    results = await asyncio.gather(accepted(journal, "f1"), accepted(journal, "f2"), return_exceptions=True)
+    assert all(isinstance(r, JournalError) and "disk I/O error" in str(r) for r in results)
+    assert on_disk(journal.path, "SELECT COUNT(*) FROM signals") == [(0,)]
+    monkeypatch.setattr(journal_module, "_commit", real_commit)
+    sid = await accepted(journal, "f3")
+    assert on_disk(journal.path, "SELECT id FROM signals") == [(sid,)]
+
+
+async def test_writes_queued_before_close_are_committed_by_it(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "journal.db")
+    await j.start()
+    writes = [asyncio.ensure_future(accepted(j, f"q{i}")) for i in range(20)]
+    await asyncio.sleep(0)  # queued, not yet committed
+    await j.close()
+    assert all(isinstance(w.result(), str) for w in writes)
+    assert on_disk(j.path, "SELECT COUNT(*) FROM orders") == [(20,)]
+
+
+async def test_a_decision_given_as_json_text_is_stored_as_is(journal: Journal) -> None:
+    text = '{"order_type":"limit","orders":[]}'
+    sid = await journal.record_signal(raw="{}", remote=None, status="accepted", reason=None, key=None, signal={},
+                                      decision=text, orders=[order("t1", order_type="limit", price="6000.25")])
+    row = journal.get_signal(sid)
+    assert row["decision"] == {"order_type": "limit", "orders": []}
+    assert (row["orders"][0]["order_type"], row["orders"][0]["price"]) == ("limit", "6000.25")
+
+
+def test_a_journal_is_written_only_from_the_loop_that_started_it(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "journal.db")
+    asyncio.run(j.start())
+    try:
+        with pytest.raises(JournalError, match="event loop other than"):
+            asyncio.run(accepted(j, "elsewhere"))
+    finally:
+        asyncio.run(j.close())  # nothing is pending, so closing needs nothing of the first loop
