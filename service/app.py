@@ -78,6 +78,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 "from %s, journal %s", config.host, config.port, watcher.generation, config.rules_dir,
                 config.journal_path)
     ticker = _paper_ticker(config, watcher, runtime)
+    check = asyncio.create_task(_startup_check(watcher), name="broker-check") if config.startup_check else None
     marker = _daily_marker(journal, runtime)
     _instrument(app[METRICS], journal, watcher, runtime)
     if marker is not None:
@@ -90,6 +91,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(ticker, return_exceptions=True)
         if marker is not None:
             await marker.stop()
+        if check is not None:
+            check.cancel()
+            await asyncio.gather(check, return_exceptions=True)
         await webhook.drain()
         await runtime.stop()
         await watcher.stop()
@@ -113,6 +117,22 @@ def _paper_ticker(config: ServiceConfig, watcher: RulesWatcher, runtime: Any) ->
                 logger.exception("paper price feed step failed")
 
     return asyncio.create_task(tick(), name="paper-price-feed")
+
+
+async def _startup_check(watcher: RulesWatcher) -> None:
+    """The pre-flight check a trader would run (``multibroker brokers check``), logged once at start-up.
+
+    It runs beside the service, not before it: webhooks are answered meanwhile. Each broker gets its own connection
+    for the probe (a far-from-market limit order placed and cancelled; paper brokers trade a throwaway in-memory
+    book), so the runtime's connections and the paper accounts are untouched.
+    """
+    from brokers.check import check_broker, render_text  # noqa: PLC0415 - only when the check runs
+
+    ruleset, _engine = watcher.current
+    results = await asyncio.gather(*(check_broker(b, ruleset, timeout_s=20.0) for b in ruleset.brokers.values()))
+    bad = any(not r.ok or r.flags for r in results)
+    for line in render_text(list(results)).splitlines():
+        logger.log(logging.WARNING if bad else logging.INFO, "brokers check: %s", line)
 
 
 def _snapshots(runtime: Any) -> dict[str, Any]:

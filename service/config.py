@@ -64,6 +64,9 @@ class ServiceConfig:
     allow_ips: tuple[IPNetwork, ...] = ()
     """Source addresses allowed to post webhooks; empty allows any (the secret still applies)."""
     paper_tick_s: float = 1.0
+    startup_check: bool = False
+    """Run ``multibroker brokers check`` against every broker in the background at start-up and log the report
+    (``multibroker serve`` turns it on; off here so tests and embedders opt in)."""
     """How often the shared paper price feed takes a random-walk step while paper brokers are configured (so
     marks and P&L move in a demo); 0 keeps prices still (tests, benchmarks)."""
     env: Mapping[str, str] = field(default_factory=lambda: os.environ, repr=False, compare=False)

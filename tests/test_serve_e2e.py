@@ -108,6 +108,12 @@ def test_serve_with_no_secrets_set_runs_the_example_rules_and_survives_a_restart
         assert all(o["status"] == "filled" for o in row["orders"])
         assert "secret" not in row["raw"]
 
+        # The pre-flight broker check ran beside the service and its report is in the log.
+        assert wait_for(lambda: "broker(s) checked" in server.log.read_text(), 20), server.log.read_text()
+        log_text = server.log.read_text()
+        assert "brokers check: 3 broker(s) checked: 3 ok, 0 failed" in log_text, log_text
+        assert secret not in log_text and token not in log_text
+
         # The newcomer's demo finds the generated secret and token in the data directory.
         env = {k: v for k, v in os.environ.items() if not k.startswith("MULTIBROKER_")}
         demo = subprocess.run([sys.executable, "-m", "multibroker", "demo", "--url", server.url, "--count", "3",

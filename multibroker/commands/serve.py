@@ -28,7 +28,9 @@ logger = logging.getLogger("multibroker.serve")
 @click.option("--port", default=8787, show_default=True, type=int, help="Port to listen on.")
 @click.option("--paper-tick", "paper_tick_s", default=1.0, show_default=True, type=float,
               help="Seconds between paper price moves (0: prices stay still).")
-def command(rules_dir: str, data_dir: str, host: str, port: int, paper_tick_s: float) -> None:
+@click.option("--startup-check/--no-startup-check", default=True, show_default=True,
+              help="At start-up, run `multibroker brokers check` against every broker in the background and log it.")
+def command(rules_dir: str, data_dir: str, host: str, port: int, paper_tick_s: float, startup_check: bool) -> None:
     """Run the service on the given rules (default: the example rules on paper brokers).
 
     POST signals to /webhook; the admin API is under /api (see docs/openapi.yaml). Rules are re-read when their
@@ -42,7 +44,7 @@ def command(rules_dir: str, data_dir: str, host: str, port: int, paper_tick_s: f
         sys.exit(1)
     try:
         config = ServiceConfig.from_env(rules_dir=rules_dir, data_dir=data_dir, host=host, port=port,
-                                        paper_tick_s=paper_tick_s)
+                                        paper_tick_s=paper_tick_s, startup_check=startup_check)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     config, files = config.ensure_secrets()
