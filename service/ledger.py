@@ -165,7 +165,7 @@ class Ledger:
 
     def snapshot_rows(self) -> list[dict[str, object]]:
         """Rows for the journal's position snapshots and the admin API (money as strings)."""
-        return [{"account": a, "strategy": s, "contract": c, "quantity": b.quantity, "avg_price": str(b.avg_price.quantize(COST_QUANTUM).normalize()),
+        return [{"account": a, "strategy": s, "contract": c, "quantity": b.quantity, "avg_price": format(b.avg_price.quantize(COST_QUANTUM).normalize(), "f"),
                  "realized_pnl": str(b.realized), "commissions": str(b.commissions)}
                 for (a, s, c), b in self.items()]
 

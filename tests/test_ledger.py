@@ -117,3 +117,14 @@ def test_replay_rebuilds_the_ledger_from_journal_rows() -> None:
     assert ledger.book("apex-1", "es-scalper", "MESZ6").quantity == 2
     assert ledger.book("apex-1", EXTERNAL_STRATEGY, "MESZ6").quantity == -1
     assert ledger.account_positions("apex-1") == {"MESZ6": 1}
+
+
+def test_snapshot_rows_write_prices_as_plain_decimals_never_in_exponent_form() -> None:
+    ledger = Ledger()
+    ledger.apply(fill_id="f1", account="a", strategy="s", contract="MNQZ6", signed_qty=2, price=Decimal("21000"),
+                 commission=Decimal("0.50"), point_value=Decimal(2))
+    ledger.apply(fill_id="f2", account="a", strategy="s", contract="MESZ6", signed_qty=3, price=Decimal("6001.25"),
+                 commission=Decimal("0.75"), point_value=Decimal(5))
+    rows = {r["contract"]: r for r in ledger.snapshot_rows()}
+    assert rows["MNQZ6"]["avg_price"] == "21000"  # not "2.1E+4"
+    assert rows["MESZ6"]["avg_price"] == "6001.25"
