@@ -79,6 +79,7 @@ def test_no_losing_trade_means_no_profit_factor() -> None:
 def test_max_drawdown_is_peak_to_trough() -> None:
     assert max_drawdown([D(0), D(10), D(-5), D(20), D(15)]) == D(15)
     assert max_drawdown([]) == D(0)
+    assert max_drawdown([D(-10), D(-5)]) == D(10)  # a period that opens with a loss starts in drawdown
 
 
 def test_naive_fill_time_is_refused() -> None:

@@ -9,7 +9,7 @@ Definitions (what a trader reads on a statement):
 - *trade*: a position from flat back to flat in one (account, strategy, contract); win rate and profit factor are
   over trades, net of commissions (a scratch trade that loses its commissions is a loss).
 - *gross* P&L excludes commissions, *net* includes them.
-- *max drawdown*: the largest fall of the equity curve from a previous peak, in USD (>= 0).
+- *max drawdown*: the largest fall of the equity curve from a previous peak (the start counts as one), in USD.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from decimal import Decimal
 from typing import Callable, Iterable, Mapping, Sequence
 
 from engine.catalog import Catalog
+from engine.sessions import trading_day
 
 ZERO = Decimal(0)
 
@@ -159,11 +160,13 @@ class Performance:
         }
 
 
-def max_drawdown(curve: Iterable[Decimal]) -> Decimal:
-    peak: Decimal | None = None
+def max_drawdown(curve: Iterable[Decimal], start: Decimal = ZERO) -> Decimal:
+    """Largest fall from a previous peak. The curve starts at ``start`` (no P&L at the beginning of the period), so a
+    period that opens with a losing day has that loss as a drawdown."""
+    peak = start
     worst = ZERO
     for value in curve:
-        peak = value if peak is None or value > peak else peak
+        peak = max(peak, value)
         worst = max(worst, peak - value)
     return worst
 
@@ -190,7 +193,8 @@ def performance(
 
     ``marks`` maps each trading day to the mark price of every contract at that day's 17:00 ET mark;
     ``mark_times`` gives the instant of each mark (UTC) so fills after the mark count for the next day.
-    Without marks the equity curve has one point per day on which a fill closed a trade, realized only.
+    The equity curve has one point per trading day with a mark or a fill; open positions are valued at the day's
+    mark, or at the last traded price on a day not (yet) marked.
     """
     key_of = BY[by]
     groups: dict[str, list[FillRecord]] = defaultdict(list)
@@ -208,16 +212,21 @@ def _group_performance(fills: Sequence[FillRecord], catalog: Catalog, marks: Map
     curve: list[tuple[date, Decimal]] = []
     realized_net = ZERO
     pending = list(fills)
-    days = sorted(marks) if marks else sorted({f.time.date() for f in fills})
+    # One point per CME trading day that has a mark or a fill (a day not marked yet, e.g. today, still counts).
+    days = sorted(set(marks) | {trading_day(f.time) for f in fills})
+    last_price: dict[str, Decimal] = {}
     i = 0
     for day in days:
-        cutoff = mark_times.get(day)
-        while i < len(pending) and (cutoff is None and pending[i].time.date() <= day
-                                    or cutoff is not None and pending[i].time <= cutoff):
+        cutoff = mark_times.get(day) if day in marks else None
+        while i < len(pending) and (pending[i].time <= cutoff if cutoff is not None
+                                    else trading_day(pending[i].time) <= day):
             fill = pending[i]
             realized_net += book.apply(fill) - fill.commission
+            last_price[fill.contract] = fill.price
             i += 1
-        unrealized = book.unrealized(marks.get(day, {})) if marks else ZERO
+        # Open positions at the day's 17:00 ET mark; on a day without one, at the last traded price (an estimate
+        # until the mark exists, and exact for positions opened at that price).
+        unrealized = book.unrealized({**last_price, **marks.get(day, {})})
         curve.append((day, realized_net + unrealized))
     while i < len(pending):  # fills after the last mark still count in the totals
         fill = pending[i]
