@@ -26,6 +26,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol
 
 from brokers.base import (
@@ -117,6 +118,7 @@ class Tracked:
 
 
 StatusHook = Callable[[Tracked, str], Awaitable[None] | None]
+_NO_EXPOSURE: Mapping[str, int] = MappingProxyType({})
 
 
 class OrderTracker:
@@ -128,6 +130,11 @@ class OrderTracker:
         self.by_broker_id: dict[tuple[str, str], str] = {}
         self.hooks: list[StatusHook] = []
         self._unsettled: dict[str, Tracked] = {}
+        self._exposure: dict[str, dict[str, int]] = {}
+        """Signed quantity of the unsettled orders not yet in the ledger, by account and contract: kept as orders
+        are tracked, filled and settled so that the engine's view costs O(accounts), not O(orders in flight)."""
+        self._counted: dict[str, int] = {}
+        """What each unsettled order contributes to ``_exposure`` now (client order id -> signed quantity)."""
 
     def track(self, job: Job, status: str = NEW, broker_order_id: str | None = None, filled: int = 0) -> Tracked:
         found = self.orders.get(job.client_order_id)
@@ -200,6 +207,12 @@ class OrderTracker:
         self._settle(tracked)
         return tracked
 
+    def exposure(self, account: str) -> Mapping[str, int]:
+        """Signed contracts of ``account`` still in flight or not yet booked, by contract (non-zero only); the
+        sum over ``unsettled()`` of (quantity - filled) signed by side, kept incrementally. Read-only view."""
+        book = self._exposure.get(account)
+        return _NO_EXPOSURE if book is None else MappingProxyType(book)
+
     def unsettled(self) -> list[Tracked]:
         """Orders whose quantity is not all in the ledger yet and may still be: in flight, working, or filled at
         the broker with fills still on their way. A broker's "filled" answer can arrive before its fill reports;
@@ -207,10 +220,30 @@ class OrderTracker:
         return list(self._unsettled.values())
 
     def _settle(self, tracked: Tracked) -> None:
+        """Drop a settled order from ``_unsettled`` and bring its share of ``_exposure`` up to date; every change
+        of ``status`` or ``filled`` comes through here."""
+        job = tracked.job
+        coid = job.client_order_id
         done = tracked.status in (REJECTED, CANCELLED, MISSED) or \
-            (tracked.status == FILLED and tracked.filled >= tracked.job.quantity)
+            (tracked.status == FILLED and tracked.filled >= job.quantity)
         if done:
-            self._unsettled.pop(tracked.job.client_order_id, None)
+            self._unsettled.pop(coid, None)
+        if self._unsettled.get(coid) is tracked:
+            now = (job.quantity - tracked.filled) * (1 if job.side == "buy" else -1)
+            before = self._counted.get(coid, 0)
+            self._counted[coid] = now
+        else:
+            now = 0
+            before = self._counted.pop(coid, 0)
+        if now != before:
+            book = self._exposure.setdefault(job.account, {})
+            total = book.get(job.contract, 0) + now - before
+            if total:
+                book[job.contract] = total
+            else:
+                book.pop(job.contract, None)
+                if not book:
+                    del self._exposure[job.account]
 
 
 class BrokerGate(Protocol):
@@ -234,7 +267,9 @@ class Dispatcher:
         self._queues: dict[str, asyncio.Queue[Job]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
-        self._last: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._last: dict[tuple[str, str], asyncio.Future[None]] = {}
+        """Per (broker, account): resolves when the lane's latest order has been answered by its broker (or its
+        send ended otherwise); the next order of the account waits for it, not for the journaling after it."""
         self._running: set[asyncio.Task[None]] = set()
         self._idle: dict[str, int] = defaultdict(int)
         self.sent = 0
@@ -277,31 +312,39 @@ class Dispatcher:
             await slots.acquire()
             lane = (broker, job.account)
             previous = self._last.get(lane)
-            task = asyncio.create_task(self._run(job, previous, slots), name=f"order-{job.client_order_id}")
-            self._last[lane] = task
+            answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._last[lane] = answered
+            task = asyncio.create_task(self._run(job, previous, answered, slots),
+                                       name=f"order-{job.client_order_id}")
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run(self, job: Job, previous: asyncio.Task[None] | None, slots: asyncio.Semaphore) -> None:
+    async def _run(self, job: Job, previous: asyncio.Future[None] | None, answered: asyncio.Future[None],
+                   slots: asyncio.Semaphore) -> None:
         try:
             if previous is not None and not previous.done():
                 await asyncio.wait([previous])
-            await self.send(job)
+            await self.send(job, answered=answered)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("order %s: unexpected error while dispatching", job.client_order_id)
         finally:
+            if not answered.done():
+                answered.set_result(None)
             slots.release()
             lane = (job.broker, job.account)
-            if self._last.get(lane) is asyncio.current_task():
+            if self._last.get(lane) is answered:
                 del self._last[lane]
 
-    async def send(self, job: Job, *, recovering: bool = False) -> None:
+    async def send(self, job: Job, *, recovering: bool = False, answered: asyncio.Future[None] | None = None) -> None:
         """Send one order at most once: 'sending' is on disk before the request leaves.
 
         ``recovering``: the runtime's recovery sends an order it just looked up and did not find, while the broker
         is connected but not yet open to new orders; only a lost connection makes such an order miss.
+        ``answered``: resolved as soon as the broker accepted the order, before its answer is journaled, so that
+        the account's next order may leave (the broker has this one; order per account is kept) without waiting
+        for that commit. Every other outcome resolves it when ``send`` ends (the caller's duty).
         """
         tracked = self.tracker.track(job)
         if tracked.status not in (NEW, UNKNOWN):
@@ -339,5 +382,7 @@ class Dispatcher:
                 return
             self.sent += 1
             self.pool.report_success(job.broker)
+            if answered is not None and not answered.done():
+                answered.set_result(None)
             await self.tracker.adopt(coid, order)
             return

@@ -23,6 +23,8 @@ and fills a broker confirmed but has not reported yet (``OrderTracker.unsettled`
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -110,6 +112,14 @@ class Runtime:
         self.scheduler: ScheduleExecutor | None = None
         self._snapshots: dict[str, AccountSnapshot] = {}
         self._reservations: dict[str, _Reservation] = {}
+        self._reserved_by: dict[str, tuple[Decimal, int]] = {}
+        """Per account: the sum and the number of its reservations (kept as they come and go)."""
+        self._resolved: dict[str, list[tuple[datetime, int, str, _Reservation]]] = {}
+        """Per account: a heap of resolved reservations by ``resolved_at``, for the next snapshot to release."""
+        self._ripe: dict[str, dict[str, _Reservation]] = {}
+        """Per account: resolved reservations a snapshot already passed whose order was not filled in full yet
+        (partially filled); each later snapshot checks them again."""
+        self._resolved_seq = itertools.count()
         self._snapshot_due: dict[str, asyncio.Task[None]] = {}
         self._state: EngineState | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -240,7 +250,7 @@ class Runtime:
             filled = booked.get(job.client_order_id, 0) + booked.get((job.broker, row.get("broker_order_id")), 0)
             tracked = self.tracker.track(job, row["status"], row.get("broker_order_id"), filled=filled)
             if job.margin_usd > 0 and row["status"] not in FINAL:
-                self._reservations[job.client_order_id] = _Reservation(job.account, job.margin_usd)
+                self._add_reservation(job.client_order_id, _Reservation(job.account, job.margin_usd))
             if row["status"] in IN_FLIGHT:
                 self._recovering_at_start.add(job.client_order_id)
 
@@ -325,8 +335,34 @@ class Runtime:
         return replace(state, accounts=up, paused=state.paused - brokers)
 
     def _reserve(self, job: Job) -> None:
-        if job.intent == "entry" and job.margin_usd > 0:
-            self._reservations.setdefault(job.client_order_id, _Reservation(job.account, job.margin_usd))
+        if job.intent == "entry" and job.margin_usd > 0 and job.client_order_id not in self._reservations:
+            self._add_reservation(job.client_order_id, _Reservation(job.account, job.margin_usd))
+
+    def _add_reservation(self, coid: str, reservation: _Reservation) -> None:
+        self._drop_reservation(coid)
+        self._reservations[coid] = reservation
+        total, count = self._reserved_by.get(reservation.account, (Decimal(0), 0))
+        self._reserved_by[reservation.account] = (total + reservation.margin, count + 1)
+
+    def _drop_reservation(self, coid: str) -> None:
+        """Release a reservation; its entry in the ``_resolved`` heap, if any, is skipped when it comes up."""
+        reservation = self._reservations.pop(coid, None)
+        if reservation is None:
+            return
+        account = reservation.account
+        ripe = self._ripe.get(account)
+        if ripe is not None:
+            ripe.pop(coid, None)
+        total, count = self._reserved_by[account]
+        if count <= 1:
+            del self._reserved_by[account]  # back to exactly Decimal(0), whatever the sum's exponent became
+        else:
+            self._reserved_by[account] = (total - reservation.margin, count - 1)
+
+    def _resolve_reservation(self, coid: str, reservation: _Reservation, at: datetime) -> None:
+        reservation.resolved_at = at
+        heapq.heappush(self._resolved.setdefault(reservation.account, []),
+                       (at, next(self._resolved_seq), coid, reservation))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -353,9 +389,9 @@ class Runtime:
         reservation = self._reservations.get(coid)
         if reservation is not None:
             if status in (REJECTED, CANCELLED, MISSED):
-                del self._reservations[coid]
+                self._drop_reservation(coid)
             elif status in (FILLED, PARTIALLY_FILLED) and reservation.resolved_at is None:
-                reservation.resolved_at = self.clock()
+                self._resolve_reservation(coid, reservation, self.clock())
                 self._refresh_snapshot_soon(tracked.job.broker, tracked.job.account)
         if status in (FILLED, PARTIALLY_FILLED):
             self._retry_pending_fills()
@@ -432,13 +468,32 @@ class Runtime:
         self._set_snapshot(account_name, snapshot)
 
     def _set_snapshot(self, account: str, snapshot: AccountSnapshot) -> None:
+        """Take the snapshot and release the reservations it reflects: resolved at or before its time and filled
+        in full (or no longer tracked). Costs O(released + partially filled), not O(reservations)."""
         self._snapshots[account] = snapshot
-        for coid, res in list(self._reservations.items()):
-            if res.account == account and res.resolved_at is not None and snapshot.time >= res.resolved_at:
-                tracked = self.tracker.get(coid)
-                if tracked is None or tracked.status == FILLED:
-                    del self._reservations[coid]
+        ripe = self._ripe.get(account)
+        if ripe:
+            for coid, res in list(ripe.items()):
+                if self._releasable(coid, res, snapshot):
+                    self._drop_reservation(coid)
+        heap = self._resolved.get(account)
+        while heap and heap[0][0] <= snapshot.time:
+            _, _, coid, res = heapq.heappop(heap)
+            if self._reservations.get(coid) is not res:
+                continue  # released meanwhile (rejected, cancelled, missed) or replaced
+            if self._releasable(coid, res, snapshot):
+                self._drop_reservation(coid)
+            else:
+                self._ripe.setdefault(account, {})[coid] = res
+        if heap is not None and not heap:
+            del self._resolved[account]
         self._invalidate()
+
+    def _releasable(self, coid: str, res: _Reservation, snapshot: AccountSnapshot) -> bool:
+        if res.resolved_at is None or snapshot.time < res.resolved_at:
+            return False
+        tracked = self.tracker.get(coid)
+        return tracked is None or tracked.status == FILLED
 
     # -- failover ----------------------------------------------------------------------------------------------
     async def _on_down(self, broker: str) -> None:
@@ -801,7 +856,8 @@ class Runtime:
         self._state = None
 
     def _reserved(self, account: str) -> Decimal:
-        return sum((r.margin for r in self._reservations.values() if r.account == account), Decimal(0))
+        found = self._reserved_by.get(account)
+        return Decimal(0) if found is None else found[0]
 
     def engine_state(self, now: datetime) -> EngineState:
         """The accounts as the engine must see them; rebuilt only after something changed (cheap per webhook)."""
@@ -813,16 +869,10 @@ class Runtime:
         pool = self.pool
         paused = pool.unavailable() if pool is not None else frozenset(self.ruleset.brokers)
         down = pool.disconnected() if pool is not None else paused
-        in_flight: dict[str, dict[str, int]] = {}
-        for tracked in self.tracker.unsettled():
-            job = tracked.job
-            signed = (job.quantity - tracked.filled) * (1 if job.side == "buy" else -1)
-            book = in_flight.setdefault(job.account, {})
-            book[job.contract] = book.get(job.contract, 0) + signed
         accounts = {}
         for name, account in self.ruleset.accounts.items():
             positions = dict(self.ledger.account_positions(name))
-            for contract, qty in in_flight.get(name, {}).items():
+            for contract, qty in self.tracker.exposure(name).items():
                 positions[contract] = positions.get(contract, 0) + qty
             snap = self._snapshots.get(name)
             free = (snap.free_margin if snap is not None else Decimal(0)) - self._reserved(name)
