@@ -18,15 +18,17 @@ Two halves, kept apart on purpose:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import sqlite_utils
 
@@ -138,11 +140,14 @@ class PaperBook:
         self._create_tables()
 
     # -- storage ---------------------------------------------------------------------------------------------
+    # sqlite_utils creates the tables; every call after that is plain SQL on its connection (sqlite3 keeps the
+    # statements prepared), because sqlite_utils' writes introspect the schema on every call and cost ~10x more.
     def _create_tables(self) -> None:
         db = self.db
-        if "accounts" not in db.table_names():
+        tables = set(db.table_names())
+        if "accounts" not in tables:
             db["accounts"].create({"id": str, "cash": str, "created_at": str}, pk="id")
-        if "orders" not in db.table_names():
+        if "orders" not in tables:
             db["orders"].create({
                 "broker_order_id": str, "client_order_id": str, "account": str, "contract": str, "side": str,
                 "quantity": int, "filled_quantity": int, "status": str, "order_type": str, "limit_price": str,
@@ -150,39 +155,67 @@ class PaperBook:
             }, pk="broker_order_id")
             db["orders"].create_index(["account", "client_order_id"], unique=True)
             db["orders"].create_index(["status"])
-        if "fills" not in db.table_names():
+        if "fills" not in tables:
             db["fills"].create({
                 "fill_id": str, "broker_order_id": str, "client_order_id": str, "account": str, "contract": str,
                 "side": str, "quantity": int, "price": str, "commission": str, "pnl": str, "time": str,
             }, pk="fill_id")
             db["fills"].create_index(["account", "time"])
-        if "positions" not in db.table_names():
+        if "positions" not in tables:
             db["positions"].create({"account": str, "contract": str, "quantity": int, "avg_price": str},
                                    pk=("account", "contract"))
-        if "counters" not in db.table_names():
+        if "counters" not in tables:
             db["counters"].create({"name": str, "value": int}, pk="name")
 
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        return self.db.conn
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cursor = self._conn.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def _row(self, sql: str, params: Sequence[Any]) -> dict[str, Any] | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction for the block, or part of the caller's when one is open (writes never autocommit)."""
+        if self._conn.in_transaction:
+            yield
+        else:
+            with self.db.atomic():
+                yield
+
+    def _insert(self, table: str, row: dict[str, Any]) -> None:
+        columns = ", ".join(row)
+        marks = ", ".join("?" * len(row))
+        self._conn.execute(f"insert into {table} ({columns}) values ({marks})", list(row.values()))
+
     def _next_id(self, name: str, prefix: str) -> str:
-        row = next(self.db.query("select value from counters where name = ?", [name]), None)
-        value = 1 if row is None else int(row["value"]) + 1
-        self.db["counters"].upsert({"name": name, "value": value}, pk="name")
+        with self._transaction():
+            (value,), = self._conn.execute(
+                "insert into counters (name, value) values (?, 1) "
+                "on conflict (name) do update set value = value + 1 returning value", [name]).fetchall()
         return f"{prefix}{value}"
 
     def _ensure_account(self, account: str) -> dict[str, Any]:
         if not account:
             raise OrderRejected("account id is empty")
-        row = next(self.db.query("select * from accounts where id = ?", [account]), None)
+        row = self._row("select * from accounts where id = ?", [account])
         if row is None:
             row = {"id": account, "cash": str(self.quirks.starting_cash), "created_at": _iso(self.clock())}
-            self.db["accounts"].insert(row)
+            with self._transaction():
+                self._insert("accounts", row)
         return row
 
     def _order_row(self, broker_order_id: str) -> dict[str, Any] | None:
-        return next(self.db.query("select * from orders where broker_order_id = ?", [broker_order_id]), None)
+        return self._row("select * from orders where broker_order_id = ?", [broker_order_id])
 
     def _position_row(self, account: str, contract: str) -> dict[str, Any] | None:
-        return next(self.db.query("select * from positions where account = ? and contract = ?",
-                                  [account, contract]), None)
+        return self._row("select * from positions where account = ? and contract = ?", [account, contract])
 
     # -- wire format -----------------------------------------------------------------------------------------
     def _wire_time(self, stored: str) -> str | int:
@@ -271,11 +304,12 @@ class PaperBook:
         added = abs(held_qty + request.side.sign * request.quantity) - abs(held_qty)
         if added > 0:
             need = (self.margin(instrument.root) or Decimal(0)) * added
-            free = self.snapshot_values(request.account)["free_margin"]
+            cash, margin_used, unrealized = self._margin_state(request.account)
+            free = cash + unrealized - margin_used
             if need > free:
                 raise self._rejected(request, f"insufficient margin: {need} needed, {free} free")
         now = _iso(self.clock())
-        with self.db.atomic():
+        with self._transaction():
             row = {
                 "broker_order_id": self._next_id("orders", "P"), "client_order_id": request.client_order_id,
                 "account": request.account, "contract": request.contract.upper(), "side": request.side.value,
@@ -284,9 +318,11 @@ class PaperBook:
                 "stop_price": _str(request.stop_price), "avg_fill_price": None, "reason": None,
                 "created_at": now, "updated_at": now,
             }
-            self.db["orders"].insert(row)
-        self._publish("order", self.wire_order(row))
-        return self.wire_order(row)
+            self._insert("orders", row)
+        wire = self.wire_order(row)
+        answer = dict(wire)  # the caller's own copy, whatever a listener does with the published one
+        self._publish("order", wire)
+        return answer
 
     def fill_plan(self, broker_order_id: str) -> list[int]:
         """How a market order will fill: injected parts, a random split (partial_fill_rate), or all at once."""
@@ -326,22 +362,21 @@ class PaperBook:
         avg = (previous_avg * int(row["filled_quantity"]) + price * quantity) / filled
         status = OrderStatus.FILLED if filled == int(row["quantity"]) else OrderStatus.PARTIALLY_FILLED
         now = _iso(self.clock())
-        with self.db.atomic():  # position, cash, fill and order move together or not at all
+        with self._transaction():  # position, cash, fill and order move together or not at all
             pnl = self._apply_position(account, contract, side.sign * quantity, price, instrument.point_value)
             account_row = self._ensure_account(account)
             cash = Decimal(account_row["cash"]) + pnl - commission
-            self.db["accounts"].update(account, {"cash": str(cash)})
+            self._conn.execute("update accounts set cash = ? where id = ?", [str(cash), account])
             fill = {
                 "fill_id": self._next_id("fills", "F"), "broker_order_id": broker_order_id,
                 "client_order_id": row["client_order_id"], "account": account, "contract": contract,
                 "side": side.value, "quantity": quantity, "price": str(price), "commission": str(commission),
                 "pnl": str(pnl), "time": now,
             }
-            self.db["fills"].insert(fill)
-            self.db["orders"].update(broker_order_id, {
-                "filled_quantity": filled, "avg_fill_price": str(_tidy(avg)), "status": status.value,
-                "updated_at": now,
-            })
+            self._insert("fills", fill)
+            self._conn.execute(
+                "update orders set filled_quantity = ?, avg_fill_price = ?, status = ?, updated_at = ? "
+                "where broker_order_id = ?", [filled, str(_tidy(avg)), status.value, now, broker_order_id])
         wire_fill = self.wire_fill(fill)
         self._publish("fill", wire_fill)
         updated = self._order_row(broker_order_id)
@@ -366,10 +401,12 @@ class PaperBook:
             new_qty = qty + signed_qty
             new_avg = avg if new_qty and (new_qty > 0) == (qty > 0) else price
         if new_qty == 0:
-            self.db["positions"].delete_where("account = ? and contract = ?", [account, contract])
+            self._conn.execute("delete from positions where account = ? and contract = ?", [account, contract])
         else:
-            self.db["positions"].upsert({"account": account, "contract": contract, "quantity": new_qty,
-                                         "avg_price": str(_tidy(new_avg))}, pk=("account", "contract"))
+            self._conn.execute(
+                "insert into positions (account, contract, quantity, avg_price) values (?, ?, ?, ?) "
+                "on conflict (account, contract) do update set quantity = excluded.quantity, "
+                "avg_price = excluded.avg_price", [account, contract, new_qty, str(_tidy(new_avg))])
         return realized
 
     def cancel(self, account: str, broker_order_id: str) -> dict[str, Any]:
@@ -381,8 +418,10 @@ class PaperBook:
         if row["status"] not in OPEN_STATUSES:
             raise OrderRejected(f"paper broker {self.broker_name}: order {broker_order_id} is already "
                                 f"{row['status']}, cannot cancel")
-        self.db["orders"].update(broker_order_id, {"status": OrderStatus.CANCELLED.value,
-                                                   "reason": "cancelled by request", "updated_at": _iso(self.clock())})
+        with self._transaction():
+            self._conn.execute("update orders set status = ?, reason = ?, updated_at = ? where broker_order_id = ?",
+                               [OrderStatus.CANCELLED.value, "cancelled by request", _iso(self.clock()),
+                                broker_order_id])
         updated = self.wire_order(self._order_row(broker_order_id) or {})
         self._publish("order", updated)
         return updated
@@ -390,9 +429,9 @@ class PaperBook:
     def check_resting(self, root: str | None = None) -> list[dict[str, Any]]:
         """Fill resting limit/stop orders the current price has crossed (all roots, or one)."""
         fills = []
-        rows = list(self.db.query(
+        rows = self._rows(
             "select * from orders where status in (?, ?, ?) and order_type != ? order by broker_order_id",
-            [*OPEN_STATUSES, OrderType.MARKET.value]))
+            [*OPEN_STATUSES, OrderType.MARKET.value])
         for row in rows:
             contract = row["contract"]
             if root is not None and root_of(contract, self.feed.catalog) != root:
@@ -412,14 +451,13 @@ class PaperBook:
         return fills
 
     def open_market_orders(self) -> list[str]:
-        return [r["broker_order_id"] for r in self.db.query(
+        return [r["broker_order_id"] for r in self._rows(
             "select broker_order_id from orders where status in (?, ?, ?) and order_type = ?",
             [*OPEN_STATUSES, OrderType.MARKET.value])]
 
     # -- queries ---------------------------------------------------------------------------------------------
     def find(self, account: str, client_order_id: str) -> dict[str, Any] | None:
-        row = next(self.db.query("select * from orders where account = ? and client_order_id = ?",
-                                 [account, client_order_id]), None)
+        row = self._row("select * from orders where account = ? and client_order_id = ?", [account, client_order_id])
         return None if row is None else self.wire_order(row)
 
     def order(self, broker_order_id: str) -> dict[str, Any] | None:
@@ -427,28 +465,29 @@ class PaperBook:
         return None if row is None else self.wire_order(row)
 
     def order_count(self, account: str, client_order_id: str) -> int:
-        return self.db.execute("select count(*) from orders where account = ? and client_order_id = ?",
-                               [account, client_order_id]).fetchone()[0]
+        return self._conn.execute("select count(*) from orders where account = ? and client_order_id = ?",
+                                  [account, client_order_id]).fetchone()[0]
 
     def working(self, account: str) -> list[dict[str, Any]]:
-        return [self.wire_order(r) for r in self.db.query(
+        return [self.wire_order(r) for r in self._rows(
             "select * from orders where account = ? and status in (?, ?, ?) order by broker_order_id",
             [account, *OPEN_STATUSES])]
 
     def fills_since(self, account: str, since: datetime) -> list[dict[str, Any]]:
-        return [self.wire_fill(r) for r in self.db.query(
+        return [self.wire_fill(r) for r in self._rows(
             "select * from fills where account = ? and time >= ? order by time, fill_id", [account, _iso(since)])]
 
     def positions(self, account: str) -> list[dict[str, Any]]:
         out = []
-        for row in self.db.query("select * from positions where account = ? order by contract", [account]):
+        for row in self._rows("select * from positions where account = ? order by contract", [account]):
             instrument = self.feed.instrument(row["contract"])
             mark = self.feed.price(row["contract"])
             unrealized = (mark - Decimal(row["avg_price"])) * int(row["quantity"]) * instrument.point_value
             out.append({**row, "mark": str(mark), "unrealized": str(unrealized)})
         return out
 
-    def snapshot_values(self, account: str) -> dict[str, Decimal]:
+    def _margin_state(self, account: str) -> tuple[Decimal, Decimal, Decimal]:
+        """Cash, margin used and unrealized P&L: what a margin check needs, without the day's fills."""
         account_row = self._ensure_account(account)
         cash = Decimal(account_row["cash"])
         unrealized = Decimal(0)
@@ -457,11 +496,15 @@ class PaperBook:
             unrealized += Decimal(pos["unrealized"])
             root = root_of(pos["contract"], self.feed.catalog)
             margin_used += (self.margin(root) or Decimal(0)) * abs(int(pos["quantity"]))
+        return cash, margin_used, unrealized
+
+    def snapshot_values(self, account: str) -> dict[str, Decimal]:
+        cash, margin_used, unrealized = self._margin_state(account)
         day_start = _iso(trading_day_start(self.clock()))
         realized = Decimal(0)
-        for fill in self.db.query("select pnl, commission from fills where account = ? and time >= ?",
-                                  [account, day_start]):
-            realized += Decimal(fill["pnl"]) - Decimal(fill["commission"])
+        for pnl, commission in self._conn.execute("select pnl, commission from fills where account = ? and time >= ?",
+                                                  [account, day_start]).fetchall():
+            realized += Decimal(pnl) - Decimal(commission)
         return {"cash": cash, "margin_used": margin_used, "free_margin": cash + unrealized - margin_used,
                 "realized": realized, "unrealized": unrealized}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -58,6 +59,78 @@ def _schema_validator() -> jsonschema.Draft7Validator:
     return _validator
 
 
+# The fast check below restates schemas/signal.schema.json by hand (tests/test_signal_fastpath.py proves it agrees
+# with the schema and pins these constants to it). It only ever says "certainly valid"; anything else goes to
+# jsonschema, which decides and words the error, so a gap here can cost speed but never change an answer.
+_TICKER = re.compile(r"^([A-Z0-9_]+:)?[A-Z0-9]+!?$")
+_QUANTITY = re.compile(r"^[1-9][0-9]{0,5}$")
+_PRICE = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+_SIZE = re.compile(r"^[0-9]{1,6}$")
+_TIME = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})$")
+_ACTIONS = frozenset(("buy", "sell", "exit", "cancel"))
+_ORDER_TYPES = frozenset(("market", "limit", "stop"))
+_POSITIONS = frozenset(("long", "short", "flat"))
+_MAX_CONTRACTS = 100000
+
+
+def _ok_quantity(v: Any) -> bool:
+    t = type(v)  # exact types: bool is an int subclass and must not pass as one
+    if t is int:
+        return 1 <= v <= _MAX_CONTRACTS
+    return t is str and _QUANTITY.search(v) is not None
+
+
+def _ok_price(v: Any) -> bool:
+    t = type(v)
+    if t is int or t is float:
+        return v > 0
+    return t is str and _PRICE.search(v) is not None
+
+
+def _ok_size(v: Any) -> bool:
+    t = type(v)
+    if t is int:
+        return 0 <= v <= _MAX_CONTRACTS
+    return t is str and _SIZE.search(v) is not None
+
+
+_FIELD_OK: dict[str, Any] = {
+    "strategy": lambda v: type(v) is str and 1 <= len(v) <= 64,
+    "ticker": lambda v: type(v) is str and 2 <= len(v) <= 40 and _TICKER.search(v) is not None,
+    "action": lambda v: type(v) is str and v in _ACTIONS,
+    "quantity": _ok_quantity,
+    "order_type": lambda v: type(v) is str and v in _ORDER_TYPES,
+    "price": _ok_price,
+    "position": lambda v: type(v) is str and v in _POSITIONS,
+    "position_size": _ok_size,
+    "id": lambda v: type(v) is str and 1 <= len(v) <= 128,
+    "time": lambda v: type(v) is str and _TIME.search(v) is not None,
+    "comment": lambda v: type(v) is str and len(v) <= 500,
+}
+
+
+def _certainly_valid(body: dict[str, Any]) -> bool:
+    """The schema check for bodies that pass, in microseconds (jsonschema: 60-150 us); False: "ask jsonschema"."""
+    for key, value in body.items():
+        ok = _FIELD_OK.get(key)
+        if ok is None or not ok(value):
+            return False
+    if "strategy" not in body or "ticker" not in body or "action" not in body:
+        return False
+    if body["action"] in ("buy", "sell") and "quantity" not in body:
+        return False
+    if body.get("order_type") in ("limit", "stop") and "price" not in body:
+        return False
+    if body.get("position") in ("long", "short") and "position_size" not in body:
+        return False
+    return True
+
+
+def schema_errors(body: dict[str, Any]) -> list[jsonschema.ValidationError]:
+    """Every schema violation of a (secret-free, normalized) body, from jsonschema itself."""
+    return list(_schema_validator().iter_errors(body))
+
+
 def _json_path(path: Any) -> str:
     out = "$"
     for part in path:
@@ -82,7 +155,7 @@ def parse_signal(obj: Any) -> Signal:
             body[key] = body[key].strip().lower()
     if isinstance(body.get("ticker"), str):
         body["ticker"] = body["ticker"].strip().upper()
-    errors = list(_schema_validator().iter_errors(body))
+    errors = [] if _certainly_valid(body) else schema_errors(body)
     if errors:
         best = jsonschema.exceptions.best_match(errors)
         path = _json_path(best.absolute_path)

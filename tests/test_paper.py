@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -266,6 +267,63 @@ async def test_state_survives_a_restart(tmp_path: Path, feed: PriceFeed) -> None
         # Ids keep counting: a new order never reuses an old broker id.
         new = await second.place_order(buy(1))
         assert new.broker_order_id not in {market_order.broker_order_id, resting.broker_order_id}
+
+
+async def test_every_step_is_committed_where_another_connection_sees_it(tmp_path: Path, feed: PriceFeed) -> None:
+    """The book writes with plain SQL: each broker step must still end committed (a crash loses nothing it
+    answered), seen from a separate connection as a restarted process would see it."""
+    async with connector(tmp_path, feed, paper={"starting_cash": 1000}) as conn:
+        other = sqlite3.connect(tmp_path / "paper-paper-test.db")
+        try:
+            def one(sql: str, *params: Any) -> Any:
+                return other.execute(sql, params).fetchone()
+
+            filled = await conn.place_order(buy(2))
+            assert one("select status, filled_quantity from orders where broker_order_id = ?",
+                       filled.broker_order_id) == ("filled", 2)
+            quantity, avg_price = one("select quantity, avg_price from positions where account = ?", ACCOUNT)
+            assert (quantity, Decimal(avg_price)) == (2, Decimal(6000))
+            assert one("select cash from accounts where id = ?", ACCOUNT) == ("999.50",)
+            assert one("select count(*), sum(quantity) from fills where account = ?", ACCOUNT) == (1, 2)
+            resting = await conn.place_order(sell(1, order_type=OrderType.LIMIT, limit_price=Decimal("6050")))
+            await conn.cancel_order(ACCOUNT, resting.broker_order_id)
+            assert one("select status from orders where broker_order_id = ?", resting.broker_order_id) == (
+                "cancelled",)
+            with pytest.raises(OrderRejected, match="insufficient margin"):
+                await conn.place_order(buy(100))
+            await conn.account_snapshot("fresh")
+            assert one("select cash from accounts where id = 'fresh'") == ("1000",)
+            await conn.place_order(sell(2))  # closes the position: its row goes
+            assert one("select count(*) from positions") == (0,)
+            assert dict(other.execute("select name, value from counters").fetchall()) == {
+                "orders": 3, "fills": 2, "rejected": 1}
+            assert not conn.book.db.conn.in_transaction
+        finally:
+            other.close()
+
+
+async def test_a_fill_that_fails_halfway_changes_nothing(tmp_path: Path, feed: PriceFeed,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Position, cash, fill and order move together: a failure after the position moved rolls it all back."""
+    async with connector(tmp_path, feed) as conn:
+        await conn.place_order(buy(1))
+        book = conn.book
+        order = book.accept(buy(2))
+        before = (book.positions(ACCOUNT), book.snapshot_values(ACCOUNT), book.order(order["broker_order_id"]))
+
+        def broken(name: str, prefix: str) -> str:
+            raise RuntimeError("disk full")
+
+        monkeypatch.setattr(book, "_next_id", broken)  # after the position and the cash, before the fill row
+        with pytest.raises(RuntimeError, match="disk full"):
+            book.fill(order["broker_order_id"], 2)
+        monkeypatch.undo()
+        assert not book.db.conn.in_transaction
+        assert (book.positions(ACCOUNT), book.snapshot_values(ACCOUNT),
+                book.order(order["broker_order_id"])) == before
+        assert book.fill(order["broker_order_id"], 2) is not None
+        [position] = book.positions(ACCOUNT)
+        assert position["quantity"] == 3
 
 
 async def test_without_data_dir_state_lives_in_memory_for_the_connector(feed: PriceFeed) -> None:
