@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -166,6 +167,10 @@ def parse_signal(obj: Any) -> Signal:
     quantity = body.get("quantity")
     size = body.get("position_size")
     price = body.get("price")
+    if isinstance(price, float) and not math.isfinite(price):
+        # JSON Schema compares NaN with nothing, so `exclusiveMinimum: 0` lets it through; a NaN or infinite limit
+        # price must never reach a broker.
+        raise SignalError(f"$.price: {price!r} is not a finite number")
     when = body.get("time")
     time = None
     if when is not None:

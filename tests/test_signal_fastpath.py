@@ -208,3 +208,11 @@ def test_the_fast_check_restates_the_schema() -> None:
     assert conditions == [({"action": {"enum": ["buy", "sell"]}}, ["action"], ["quantity"]),
                           ({"order_type": {"enum": ["limit", "stop"]}}, ["order_type"], ["price"]),
                           ({"position": {"enum": ["long", "short"]}}, ["position"], ["position_size"])]
+
+
+@pytest.mark.parametrize("price", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_price_is_refused_although_the_schema_lets_nan_through(price: float) -> None:
+    body = {"strategy": "es-scalper", "ticker": "MES1!", "action": "buy", "quantity": 1, "order_type": "limit",
+            "price": price}
+    with pytest.raises(SignalError, match=r"^\$\.price: "):
+        parse_signal(body)
