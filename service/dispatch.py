@@ -7,17 +7,7 @@ is looked up at the broker by client order id before anything is resent.
 
 Each broker has its own queue and worker, so a broker that takes 200 ms to acknowledge never delays one that takes
 15 ms. Within a broker several orders may be in flight at once (the connector's rate limiter paces them), but the
-orders of one account go out in the order they were decided: an exit and the entry that follows it never swap, and an
-order's request leaves only after the broker answered the account's previous one.
-
-Pipelining: while an account's previous order is still at its broker, the orders waiting behind it (at most
-``concurrency`` per broker) have their ``sending`` committed already ("journaled ahead", one group commit for all), so
-that each request can leave as soon as the previous answer arrives instead of after one more fsync.
-Until its request is allowed, such an order stays ``new`` in memory (``Tracked.ahead`` holds the journaled state), so
-everything in this process treats it exactly as an order not yet sent (a reconnect's recovery sends it, a paused broker
-makes it ``missed``); the journal is only ever ahead of memory, never behind: a crash leaves it ``sending``, which a
-restart looks up at the broker before sending it once. ``sending`` followed by ``missed`` on disk is therefore an
-order whose request never left this process.
+orders of one account go out in the order they were decided: an exit and the entry that follows it never swap.
 
 State machine (``TRANSITIONS``)::
 
@@ -124,9 +114,6 @@ class Tracked:
     broker_order_id: str | None = None
     filled: int = 0
     detail: str | None = None
-    ahead: str | None = None
-    """A state already committed to the journal but not yet believed (only ``sending``, journaled while the account's
-    previous order is at the broker); the next transition to it costs no write, any other transition clears it."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
 
@@ -180,10 +167,8 @@ class OrderTracker:
                 if broker_order_id and not tracked.broker_order_id:
                     self._remember(tracked, broker_order_id)
                 return False
-            if tracked.ahead != status or broker_order_id or detail:
-                await self.journal.order_status(client_order_id, status, broker_order_id=broker_order_id,
-                                                detail=detail)
-            tracked.ahead = None
+            await self.journal.order_status(client_order_id, status, broker_order_id=broker_order_id,
+                                            detail=detail)
             tracked.status = status
             tracked.detail = detail
             self._settle(tracked)
@@ -193,18 +178,6 @@ class OrderTracker:
             result = hook(tracked, status)
             if result is not None:
                 await result
-        return True
-
-    async def journal_ahead(self, client_order_id: str, status: str) -> bool:
-        """Commit ``status`` to the journal without believing it yet (see the module docstring): the order stays in
-        its state here until ``transition`` moves it there, which then writes nothing. False (nothing written) when
-        the machine would not allow it now or something is already journaled ahead."""
-        tracked = self.orders[client_order_id]
-        async with tracked.lock:
-            if tracked.ahead is not None or status == tracked.status or not allowed(tracked.status, status):
-                return False
-            await self.journal.order_status(client_order_id, status)
-            tracked.ahead = status
         return True
 
     def _remember(self, tracked: Tracked, broker_order_id: str) -> None:
@@ -296,8 +269,7 @@ class Dispatcher:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._last: dict[tuple[str, str], asyncio.Future[None]] = {}
         """Per (broker, account): resolves when the lane's latest order has been answered by its broker (or its
-        send ended otherwise); the next order of the account journals its ``sending`` ahead meanwhile, then waits
-        for it before its request leaves, not for the journaling after it."""
+        send ended otherwise); the next order of the account waits for it, not for the journaling after it."""
         self._running: set[asyncio.Task[None]] = set()
         self._idle: dict[str, int] = defaultdict(int)
         self.sent = 0
@@ -351,9 +323,7 @@ class Dispatcher:
                    slots: asyncio.Semaphore) -> None:
         try:
             if previous is not None and not previous.done():
-                await self._journal_ahead(job)
-                if not previous.done():
-                    await asyncio.wait([previous])
+                await asyncio.wait([previous])
             await self.send(job, answered=answered)
         except asyncio.CancelledError:
             raise
@@ -367,27 +337,11 @@ class Dispatcher:
             if self._last.get(lane) is answered:
                 del self._last[lane]
 
-    async def _journal_ahead(self, job: Job) -> None:
-        """Commit the order's ``sending`` while the account's previous order is at the broker. Skipped when the
-        broker is not open now (the order's turn decides, as for any order); a failed write only loses the head
-        start: ``send`` journals ``sending`` itself, and sends nothing if that fails too."""
-        tracked = self.tracker.track(job)
-        if tracked.status != NEW or not self.pool.available(job.broker):
-            return
-        try:
-            await self.tracker.journal_ahead(job.client_order_id, SENDING)
-        except Exception as exc:
-            log.warning("order %s: could not journal 'sending' ahead (%s: %s); journaling it at its turn",
-                        job.client_order_id, type(exc).__name__, exc)
-
     async def send(self, job: Job, *, recovering: bool = False, answered: asyncio.Future[None] | None = None) -> None:
         """Send one order at most once: 'sending' is on disk before the request leaves.
 
         ``recovering``: the runtime's recovery sends an order it just looked up and did not find, while the broker
         is connected but not yet open to new orders; only a lost connection makes such an order miss.
-        An order journaled ``sending`` ahead (``Tracked.ahead``) is still ``new`` here: if the broker is not open it
-        becomes ``missed`` (``sending`` -> ``missed`` on disk: its request never left), otherwise its ``sending``
-        transition writes nothing and the request leaves at once.
         ``answered``: resolved as soon as the broker accepted the order, before its answer is journaled, so that
         the account's next order may leave (the broker has this one; order per account is kept) without waiting
         for that commit. Every other outcome resolves it when ``send`` ends (the caller's duty).
