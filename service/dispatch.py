@@ -7,7 +7,18 @@ is looked up at the broker by client order id before anything is resent.
 
 Each broker has its own queue and worker, so a broker that takes 200 ms to acknowledge never delays one that takes
 15 ms. Within a broker several orders may be in flight at once (the connector's rate limiter paces them), but the
-orders of one account go out in the order they were decided: an exit and the entry that follows it never swap.
+orders of one account go out in the order they were decided: an exit and the entry that follows it never swap, and an
+order's request leaves only after the broker answered the account's previous one.
+
+Pipelining: while an account's previous order is still at its broker, the orders waiting behind it (at most
+``ahead`` per account) have their ``sending`` committed already ("journaled ahead", group commits shared), so that each
+request can leave as soon as the previous answer arrives instead of after one more fsync: otherwise an account's
+orders leave at most one per commit latency, which is what bounded dispatch under load (benchmarks/README.md).
+Until its request is allowed, such an order stays ``new`` in memory (``Tracked.ahead`` holds the journaled state), so
+everything in this process treats it exactly as an order not yet sent (a reconnect's recovery sends it, a paused broker
+makes it ``missed``); the journal is only ever ahead of memory, never behind: a crash leaves it ``sending``, which a
+restart looks up at the broker before sending it once. ``sending`` followed by ``missed`` on disk is therefore an
+order whose request never left this process.
 
 State machine (``TRANSITIONS``)::
 
@@ -23,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
@@ -114,6 +125,9 @@ class Tracked:
     broker_order_id: str | None = None
     filled: int = 0
     detail: str | None = None
+    ahead: str | None = None
+    """A state already committed to the journal but not yet believed (only ``sending``, journaled while the account's
+    previous order is at the broker); the next transition to it costs no write, any other transition clears it."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
 
@@ -167,8 +181,10 @@ class OrderTracker:
                 if broker_order_id and not tracked.broker_order_id:
                     self._remember(tracked, broker_order_id)
                 return False
-            await self.journal.order_status(client_order_id, status, broker_order_id=broker_order_id,
-                                            detail=detail)
+            if tracked.ahead != status or broker_order_id or detail:
+                await self.journal.order_status(client_order_id, status, broker_order_id=broker_order_id,
+                                                detail=detail)
+            tracked.ahead = None
             tracked.status = status
             tracked.detail = detail
             self._settle(tracked)
@@ -178,6 +194,18 @@ class OrderTracker:
             result = hook(tracked, status)
             if result is not None:
                 await result
+        return True
+
+    async def journal_ahead(self, client_order_id: str, status: str) -> bool:
+        """Commit ``status`` to the journal without believing it yet (see the module docstring): the order stays in
+        its state here until ``transition`` moves it there, which then writes nothing. False (nothing written) when
+        the machine would not allow it now or something is already journaled ahead."""
+        tracked = self.orders[client_order_id]
+        async with tracked.lock:
+            if tracked.ahead is not None or status == tracked.status or not allowed(tracked.status, status):
+                return False
+            await self.journal.order_status(client_order_id, status)
+            tracked.ahead = status
         return True
 
     def _remember(self, tracked: Tracked, broker_order_id: str) -> None:
@@ -258,18 +286,24 @@ class BrokerGate(Protocol):
 class Dispatcher:
     """Per-broker queues and workers that move journaled orders to their brokers."""
 
-    def __init__(self, tracker: OrderTracker, pool: BrokerGate, *, concurrency: int = 8,
+    def __init__(self, tracker: OrderTracker, pool: BrokerGate, *, concurrency: int = 8, ahead: int = 16,
                  rate_limit_retries: int = 5) -> None:
         self.tracker = tracker
         self.pool = pool
         self.concurrency = concurrency
+        """Requests at one broker at once (a slot is held from the request until the broker's answer)."""
+        self.ahead = ahead
+        """How many of an account's waiting orders may have their ``sending`` journaled ahead (what a restart
+        after a crash may have to look up at the broker, per account)."""
         self.rate_limit_retries = rate_limit_retries
         self._queues: dict[str, asyncio.Queue[Job]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
-        self._last: dict[tuple[str, str], asyncio.Future[None]] = {}
-        """Per (broker, account): resolves when the lane's latest order has been answered by its broker (or its
-        send ended otherwise); the next order of the account waits for it, not for the journaling after it."""
+        self._lanes: dict[tuple[str, str], deque[asyncio.Future[None]]] = {}
+        """Per (broker, account), in decision order: one future per order not yet answered, resolved when its broker
+        answered it (or its send ended otherwise). An order waits for the one before it to be answered (not for
+        the journaling after it) and journals its ``sending`` ahead once the one ``ahead + 1`` places before it
+        was: so besides the order at the broker, at most ``ahead`` of the account's orders are journaled ahead."""
         self._running: set[asyncio.Task[None]] = set()
         self._idle: dict[str, int] = defaultdict(int)
         self.sent = 0
@@ -304,26 +338,40 @@ class Dispatcher:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._workers.clear()
         self._queues.clear()
+        self._lanes.clear()
 
     async def _worker(self, broker: str, queue: "asyncio.Queue[Job]") -> None:
+        """Chains each order behind its account's previous one; the slots are taken later, by ``_run``, so that
+        an order waiting for its turn never keeps another account's order from its broker."""
         slots = self._slots[broker]
         while True:
             job = await queue.get()
-            await slots.acquire()
-            lane = (broker, job.account)
-            previous = self._last.get(lane)
+            chain = self._lanes.setdefault((broker, job.account), deque())
+            while chain and chain[0].done():
+                chain.popleft()
+            previous = chain[-1] if chain else None
+            gate = chain[-self.ahead - 1] if len(chain) > self.ahead else None
             answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._last[lane] = answered
-            task = asyncio.create_task(self._run(job, previous, answered, slots),
+            chain.append(answered)
+            task = asyncio.create_task(self._run(job, previous, gate, answered, slots),
                                        name=f"order-{job.client_order_id}")
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run(self, job: Job, previous: asyncio.Future[None] | None, answered: asyncio.Future[None],
-                   slots: asyncio.Semaphore) -> None:
+    async def _run(self, job: Job, previous: asyncio.Future[None] | None, gate: asyncio.Future[None] | None,
+                   answered: asyncio.Future[None], slots: asyncio.Semaphore) -> None:
         try:
             if previous is not None and not previous.done():
-                await asyncio.wait([previous])
+                if gate is not None and not gate.done():
+                    await asyncio.wait([gate])
+                if not previous.done():
+                    await self._journal_ahead(job)
+                if not previous.done():
+                    await asyncio.wait([previous])
+            await slots.acquire()
+            # Released when the broker answered (``answered`` resolves exactly once, at the latest below): the
+            # commit of that answer must not hold a request slot.
+            answered.add_done_callback(lambda _answered: slots.release())
             await self.send(job, answered=answered)
         except asyncio.CancelledError:
             raise
@@ -332,16 +380,33 @@ class Dispatcher:
         finally:
             if not answered.done():
                 answered.set_result(None)
-            slots.release()
-            lane = (job.broker, job.account)
-            if self._last.get(lane) is answered:
-                del self._last[lane]
+            chain = self._lanes.get((job.broker, job.account))
+            while chain and chain[0].done():
+                chain.popleft()
+            if chain is not None and not chain:
+                del self._lanes[(job.broker, job.account)]
+
+    async def _journal_ahead(self, job: Job) -> None:
+        """Commit the order's ``sending`` while the account's previous order is at the broker. Skipped when the
+        broker is not open now (the order's turn decides, as for any order); a failed write only loses the head
+        start: ``send`` journals ``sending`` itself, and sends nothing if that fails too."""
+        tracked = self.tracker.track(job)
+        if tracked.status != NEW or not self.pool.available(job.broker):
+            return
+        try:
+            await self.tracker.journal_ahead(job.client_order_id, SENDING)
+        except Exception as exc:
+            log.warning("order %s: could not journal 'sending' ahead (%s: %s); journaling it at its turn",
+                        job.client_order_id, type(exc).__name__, exc)
 
     async def send(self, job: Job, *, recovering: bool = False, answered: asyncio.Future[None] | None = None) -> None:
         """Send one order at most once: 'sending' is on disk before the request leaves.
 
         ``recovering``: the runtime's recovery sends an order it just looked up and did not find, while the broker
         is connected but not yet open to new orders; only a lost connection makes such an order miss.
+        An order journaled ``sending`` ahead (``Tracked.ahead``) is still ``new`` here: if the broker is not open it
+        becomes ``missed`` (``sending`` -> ``missed`` on disk: its request never left), otherwise its ``sending``
+        transition writes nothing and the request leaves at once.
         ``answered``: resolved as soon as the broker accepted the order, before its answer is journaled, so that
         the account's next order may leave (the broker has this one; order per account is kept) without waiting
         for that commit. Every other outcome resolves it when ``send`` ends (the caller's duty).

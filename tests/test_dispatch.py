@@ -151,15 +151,27 @@ async def test_an_order_whose_sending_state_cannot_be_journaled_is_never_sent(tm
 
 async def test_a_slow_broker_never_delays_a_fast_one(tmp_path: Path) -> None:
     async with world(tmp_path) as w:
-        slow_open = gate(w.connector("slow"))
+        slow = w.connector("slow")
+        slow_open = gate(slow)
+        sent: list[str] = []  # requests that left for the slow broker (recorded before the gate holds them)
+        submit = slow._submit
+
+        async def watched(request: Any) -> Any:
+            sent.append(request.client_order_id)
+            return await submit(request)
+
+        slow._submit = watched
         first = await w.submit(signal("mirror", "buy", 1, sid="sig-1"))
         second = await w.submit(signal("mirror", "buy", 1, sid="sig-2"))
         # Every order at the fast broker completes while the slow broker still holds its first request.
         await wait_until(lambda: all(w.statuses(d.signal_id)[a] == FILLED for d in (first, second)
                                      for a in ("f1", "f2")), what="fast orders filled")
         assert w.statuses(first.signal_id)["s1"] == SENDING
-        assert w.statuses(second.signal_id)["s1"] == NEW  # same account: waits its turn, in decision order
+        # Same account: the next order may have its "sending" journaled ahead, but it is not sent (still "new" in
+        # the process) before the broker answered the previous one; it waits its turn, in decision order.
+        assert w.runtime.tracker.get(second.orders[2].client_order_id).status == NEW
         assert len(w.book_orders("fast", "F-1")) == 2 and w.book_orders("slow", "S-1") == []
+        assert sent == [first.orders[2].client_order_id]
         slow_open.set()
         await w.settle()
         assert [o["client_order_id"] for o in w.book_orders("slow", "S-1")] == \
