@@ -4,25 +4,49 @@ What makes Tradovate different, and how this module copes:
 
 - **Failures hide in HTTP 200.** A refused login is ``{"errorText": ...}``; a refused order is ``{failureReason,
   failureText}``; a throttled request is a *penalty ticket* ``{"p-ticket", "p-time", "p-captcha"}``: we wait
-  ``p-time`` (every request waits: the limiter is penalized) and resend the same body with the ticket, which is
-  safe because a ticketed request was not executed. ``p-captcha: true`` means a person must log in: we stop with
-  ``CaptchaRequired``. Over the hard limit the answer is HTTP 429 with an empty body: we wait (``Retry-After`` if
-  present, else ``throttle_wait_s`` doubling) and a placement surfaces ``RateLimited`` to the idempotent
-  ``place_order``.
-- **Tokens last about 80 minutes.** ``expirationTime`` is trusted; the token is renewed with
-  ``/auth/renewaccesstoken`` shortly before it (logins are limited to about ten a minute), in the background even
-  when idle. A 401 triggers one fresh login and a resend (nothing was done).
+  ``p-time`` seconds (every request waits: the limiter is penalized) and resend the same body with ``p-ticket``
+  added as a body field (Tradovate's request-limit FAQ; for a GET it goes in the query: unverified), which is safe
+  because a ticketed request was not executed. ``p-captcha: true`` means no automated retry (Tradovate says: try
+  again in an hour): we stop with ``CaptchaRequired``. HTTP 429 (empty body) is the lock-out on a rolling hour,
+  423 its warning: we wait (``Retry-After`` if present, else ``throttle_wait_s`` doubling) and a placement
+  surfaces ``RateLimited`` to the idempotent ``place_order``.
+- **Tokens expire** (``expirationTime``; about 80 minutes, 90 in the partner docs): the token is renewed with
+  ``GET /auth/renewaccesstoken`` shortly before it, which extends the session without a new login (logins are
+  limited and a new session can kick out the old one), in the background even when idle. A 401 triggers one
+  fresh login and a resend (nothing was done).
+- **The user-data socket lives on the token it was authorized with.** Tradovate does not say whether a renewal
+  carries over to a socket authorized earlier, and a socket outliving its token has been seen to stop delivering
+  events without closing (no ``c`` frame, heartbeats continue). So after every renewal (or fresh login) the socket
+  is replaced by one authorized with the current token, and at the latest a heartbeat before its token expires.
+  Only documented steps are used (open, ``authorize``, ``user/syncrequest``); the sync snapshot of the new socket
+  covers the moments between the two, and fills already reported are not reported again.
 - **clOrdId is not deduplicated by Tradovate and lives on the Command**, not the order. We send our
   ``client_order_id`` as ``clOrdId``; ``find_order`` reads ``/order/list`` and, for orders we have not seen,
   ``/command/deps?masterid=``. Any doubt about a placement (timeout, reset) is ``OutcomeUnknown`` so the base class
   looks before it resends.
 - **An order carries no quantity or price**: those live on its ``orderVersion``; filled quantity and average price
-  come from its fills. Fills carry no account (their order does) and no commission: the Broker document's
-  ``commissions`` are applied (``broker.commission(root)`` per contract per side).
-- **Events** come over the WebSocket (SockJS-like frames ``o``/``h``/``a[...]``/``c[...]``): ``authorize``, then
+  come from its fills. Fills carry no account (their order does) and no fees: the fees of a fill are its
+  ``FillFee`` (``commission``, ``clearingFee``, ``exchangeFee``, ``nfaFee``, ``brokerageFee``, ``ipFee``,
+  ``orderRoutingFee``), and ``Fill.commission`` is their sum. Events ask ``/fillFee/deps?masterid=<fill id>``
+  once per fill; ``fills_since`` reads ``/fillFee/list`` once. When Tradovate reports no fees for a fill, the
+  Broker document's ``commissions`` stand in (``broker.commission(root)`` per contract per side).
+- **Realized P&L**: ``realizedPnL`` of ``/cashBalance/getcashbalancesnapshot`` is taken as gross of fees (fees
+  are cash changes of their own, apart from the ``TradePaired`` change that carries the P&L), so today's
+  ``Fill.commission`` figures are subtracted: the same numbers ``fills_since`` reports.
+- **Events** come over the WebSocket (frames ``o``/``h``/``a[...]``/``c[...]``): ``authorize``, then
   ``user/syncrequest`` (a snapshot that also catches up after a reconnect), then pushed ``props``. We send ``[]``
   every 2.5 s and treat a socket silent for ``ws_timeout_s`` as dead. When the socket is down the connector polls
   ``/order/list`` and ``/fill/list`` instead; both paths feed one de-duplicating state.
+- **Times** are ISO-8601 UTC with ``Z`` (milliseconds in the docs' examples, none in some); ``tradeDate`` is
+  ``{year, month, day}``.
+
+Unverified (the documentation is silent; the safest reading is kept): whether ``realizedPnL`` is gross (taken as
+gross, as above); whether ``FillFee.id`` equals its fill's id (the entity has no ``fillId``; assumed, as its
+fill's 1:1 dependent, for ``/fillFee/list``; ``/fillFee/deps`` needs no such assumption); the fee currencies (all
+taken to be the account's); whether fees exist at the moment a fill is pushed (if not, the event carries the
+Broker document's figure and ``fills_since`` the broker's later); whether renewal extends an authorized socket
+(we never rely on it); whether the renewed token replaces the old one at once (we switch at once); ``clOrdId``
+deduplication (none assumed); the exact 429 wait (none documented: ``throttle_wait_s``, doubling to an hour).
 
 Options (keyword arguments): ``request_timeout_s`` (10), ``renew_before_s`` (600: renew that long before expiry,
 at most a quarter of the token's life), ``throttle_wait_s`` (60), ``heartbeat_s`` (2.5), ``ws_timeout_s`` (10),
@@ -88,6 +112,8 @@ FROM_WIRE_ORDER_TYPE = {"Market": OrderType.MARKET, "Limit": OrderType.LIMIT, "S
                         "TrailingStopLimit": OrderType.STOP, "MIT": OrderType.STOP, "QTS": OrderType.MARKET}
 """Everything that waits for a trigger is a stop in the normalized model."""
 WIRE_TIME_IN_FORCE = {"day": "Day", "gtc": "GTC", "ioc": "IOC", "fok": "FOK"}
+FEE_FIELDS = ("commission", "clearingFee", "exchangeFee", "nfaFee", "brokerageFee", "ipFee", "orderRoutingFee")
+"""The money fields of a ``FillFee``; together they are what a fill cost."""
 WIRE_ACTION = {Side.BUY: "Buy", Side.SELL: "Sell"}
 FROM_WIRE_ACTION = {"Buy": Side.BUY, "Sell": Side.SELL}
 
@@ -132,6 +158,14 @@ def place_body(request: OrderRequest, account_id: int) -> dict[str, Any]:
     if request.stop_price is not None:
         body["stopPrice"] = float(request.stop_price)
     return body
+
+
+def fill_fee_total(wire: Mapping[str, Any]) -> Decimal | None:
+    """Everything a ``FillFee`` charges (commission, clearing, exchange, NFA, brokerage, IP, routing fees), or
+    None when it states none of them (then the Broker document's figure stands in)."""
+    amounts = [dec(wire.get(name)) for name in FEE_FIELDS]
+    present = [a for a in amounts if a is not None]
+    return sum(present, Decimal(0)) if present else None
 
 
 def rejection_reason(payload: Mapping[str, Any]) -> str:
@@ -212,8 +246,14 @@ class TradovateConnector(HttpConnector):
         self._fills: dict[int, dict[int, dict[str, Any]]] = {}
         """order id -> fill id -> fill, as pushed or polled (for events; REST answers read fills afresh)."""
         self._seen_fills: set[int] = set()
+        self._fill_fees: dict[int, Decimal | None] = {}
+        """fill id -> its FillFee total (None: asked, the broker had none yet)."""
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._ws_live = asyncio.Event()
+        self._ws_token: str | None = None
+        """The token the live socket was authorized with (it lives on that token, not on later renewals)."""
+        self._ws_token_expiry: datetime | None = None
+        self.ws_rotations = 0
         self._ws_ids = itertools.count(2)
         self._last_frame = 0.0
         self._last_sent = 0.0
@@ -545,9 +585,10 @@ class TradovateConnector(HttpConnector):
         return result
 
     async def account_snapshot(self, account: str) -> AccountSnapshot:
-        """From ``/cashBalance/getcashbalancesnapshot``. Tradovate's ``realizedPnL`` is gross of commissions and
-        its fills carry none, so today's commissions (per the Broker document) are taken off: realized P&L here
-        is net, as for every other broker."""
+        """From ``/cashBalance/getcashbalancesnapshot``. Tradovate books fees as cash changes of their own, apart
+        from the ``TradePaired`` change that moves ``realizedPnL``, so that figure is taken as gross: today's fill
+        commissions (the same ``Fill.commission`` figures ``fills_since`` reports: FillFee totals, else the Broker
+        document's) are taken off, and realized P&L here is net, as for every other broker."""
         account_id = await self._account_id(account)
         payload = await self._request("POST", "/cashBalance/getcashbalancesnapshot", body={"accountId": account_id})
         if not isinstance(payload, dict) or payload.get("errorText"):
@@ -570,15 +611,36 @@ class TradovateConnector(HttpConnector):
         fills = [f for f in fills if parse_broker_time(f["timestamp"], "utc_iso") >= since]
         if any(int(f["orderId"]) not in self._order_accounts for f in fills):
             await self._order_list()
-        return [await self._fill(f) for f in fills if self._order_accounts.get(int(f["orderId"])) == account_id]
+        if fills:
+            await self._load_fill_fees()
+        return [await self._fill(f, ask_fees=False) for f in fills
+                if self._order_accounts.get(int(f["orderId"])) == account_id]
 
-    async def _fill(self, wire: Mapping[str, Any]) -> Fill:
+    async def _load_fill_fees(self) -> None:
+        """Every FillFee in one request (``/fillFee/list``); each shares its fill's id."""
+        payload = await self._request("GET", "/fillFee/list")
+        for wire in payload if isinstance(payload, list) else []:
+            self._absorb_fill_fee(wire)
+
+    async def _fill_fee(self, fill_id: int, *, ask: bool) -> Decimal | None:
+        """The broker's own fees for a fill: cached (pushed or listed), else asked once by ``/fillFee/deps``."""
+        if fill_id not in self._fill_fees and ask:
+            payload = await self._request("GET", "/fillFee/deps", params={"masterid": fill_id})
+            totals = [t for t in map(fill_fee_total, payload if isinstance(payload, list) else []) if t is not None]
+            self._fill_fees[fill_id] = sum(totals, Decimal(0)) if totals else None
+        return self._fill_fees.get(fill_id)
+
+    async def _fill(self, wire: Mapping[str, Any], *, ask_fees: bool = True) -> Fill:
+        """A normalized Fill. Its commission is the broker's FillFee total when Tradovate reports one, else the
+        Broker document's ``commissions`` (per contract per side)."""
         order_id = int(wire["orderId"])
         if order_id not in self._order_accounts:  # a pushed fill can overtake everything else we know
             await self._order_list()
         contract = await self.contract_name(int(wire["contractId"]))
         quantity = int(wire["qty"])
-        per_side = self.broker.commission(contract[:-2]) or Decimal(0)
+        fees = await self._fill_fee(int(wire["id"]), ask=ask_fees)
+        if fees is None:
+            fees = (self.broker.commission(contract[:-2]) or Decimal(0)) * quantity
         return Fill(
             fill_id=str(wire["id"]),
             broker_order_id=str(order_id),
@@ -588,7 +650,7 @@ class TradovateConnector(HttpConnector):
             side=FROM_WIRE_ACTION[str(wire["action"])],
             quantity=quantity,
             price=dec(wire["price"]) or Decimal(0),
-            commission=per_side * quantity,
+            commission=fees,
             time=parse_broker_time(wire["timestamp"], "utc_iso"),
         )
 
@@ -596,6 +658,10 @@ class TradovateConnector(HttpConnector):
     def _absorb_command(self, wire: Mapping[str, Any]) -> None:
         if wire.get("orderId") is not None and wire.get("clOrdId") is not None:
             self._cl_ord_ids[int(wire["orderId"])] = str(wire["clOrdId"])
+
+    def _absorb_fill_fee(self, wire: Mapping[str, Any]) -> None:
+        if wire.get("id") is not None:
+            self._fill_fees[int(wire["id"])] = fill_fee_total(wire)
 
     def _absorb_version(self, wire: Mapping[str, Any]) -> None:
         if wire.get("orderId") is not None:
@@ -643,6 +709,8 @@ class TradovateConnector(HttpConnector):
                 self._absorb_command(entity)
             elif entity_type == "orderVersion":
                 self._absorb_version(entity)
+            elif entity_type == "fillFee":
+                self._absorb_fill_fee(entity)
             elif entity_type == "contract" and entity.get("id") is not None and entity.get("name"):
                 self._remember_contract(int(entity["id"]), str(entity["name"]))
             elif entity_type == "fill":
@@ -660,7 +728,8 @@ class TradovateConnector(HttpConnector):
         """A ``user/syncrequest`` answer: reference data first, then fills before orders (an order's filled
         quantity comes from its fills)."""
         for plural, entity_type in (("contracts", "contract"), ("commands", "command"),
-                                    ("orderVersions", "orderVersion"), ("fills", "fill"), ("orders", "order")):
+                                    ("orderVersions", "orderVersion"), ("fillFees", "fillFee"), ("fills", "fill"),
+                                    ("orders", "order")):
             for entity in snapshot.get(plural) or []:
                 await self._absorb(entity_type, entity)
 
@@ -677,9 +746,9 @@ class TradovateConnector(HttpConnector):
         """Keep the WebSocket open (polling while it is not); a socket that lived resets the backoff, one that
         keeps failing is retried ever more slowly."""
         if self.use_websocket:
-            lived = False
+            lived = rotated = False
             try:
-                await self._ws_session()
+                rotated = await self._ws_session()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any socket failure falls back to polling
@@ -691,15 +760,27 @@ class TradovateConnector(HttpConnector):
                 self._ws = None
             if lived:
                 backoff.reset()
+            if rotated:  # straight to a socket on the current token; its user/syncrequest catches up the gap
+                return
         await self._poll_safely()  # also how a drop is noticed: REST fails too
         if self.use_websocket:
             await backoff.sleep()
         else:
             await asyncio.sleep(self.poll_interval_s)
 
-    async def _ws_session(self) -> None:
-        """One WebSocket connection: open, authorize, sync, then read and heartbeat until it dies (raises).
-        ``_ws_live`` is set once it delivers events."""
+    def _ws_rotation_due(self) -> bool:
+        """Whether the live socket must be replaced by one authorized with the current token: the token was
+        renewed (or a fresh login replaced it) since the socket was authorized, or the socket's token is about to
+        expire anyway (renewal keeps failing). A socket outliving its token may go silent without closing."""
+        if self._token is not None and self._token != self._ws_token:
+            return True
+        expiry = self._ws_token_expiry
+        return expiry is not None and (expiry - utcnow()).total_seconds() <= self.heartbeat_s
+
+    async def _ws_session(self) -> bool:
+        """One WebSocket connection: open, authorize, sync, then read and heartbeat until it dies (raises) or
+        its token was renewed (returns True: the caller opens the next one at once). ``_ws_live`` is set once it
+        delivers events."""
         assert self._session is not None
         async with self._session.ws_connect(self.ws_url, heartbeat=None, autoping=True) as ws:
             self._last_frame = self._last_sent = time.monotonic()
@@ -707,10 +788,12 @@ class TradovateConnector(HttpConnector):
             if first.kind != "open":
                 raise ConnectionError(f"expected the open frame, got {first.kind}")
             self._ws = ws
-            await ws.send_str(encode_request("authorize", 0, await self._fresh_token()))
+            token = await self._fresh_token()
+            await ws.send_str(encode_request("authorize", 0, token))
             reply = await self._ws_reply(ws, 0)
             if reply.get("s") != 200:
                 raise ConnectionError(f"authorize answered {reply.get('s')}: {reply.get('d')}")
+            self._ws_token, self._ws_token_expiry = token, self._token_expiry
             sync_id = next(self._ws_ids)
             users = [self._user_id] if self._user_id is not None else []
             await ws.send_str(encode_request("user/syncrequest", sync_id, json.dumps({"users": users})))
@@ -724,10 +807,17 @@ class TradovateConnector(HttpConnector):
             while True:
                 if not self._connected:
                     raise ConnectionError("REST connection lost; resyncing after the reconnect")
+                if self._ws_rotation_due():
+                    self.ws_rotations += 1
+                    log.info("Tradovate %s: access token renewed; moving the user-data WebSocket to it",
+                             self.broker.name)
+                    return True
                 if time.monotonic() - self._last_poll >= self.safety_poll_s:
                     self._last_poll = time.monotonic()
                     await self._poll_once()  # in case the socket lost an event; duplicates are not re-emitted
-                frame = await self._ws_frame(ws, until=self._last_poll + self.safety_poll_s)
+                # Wake at least every heartbeat to notice a renewed token (the renewal runs in another task).
+                until = min(self._last_poll + self.safety_poll_s, time.monotonic() + self.heartbeat_s)
+                frame = await self._ws_frame(ws, until=until)
                 if frame is None:
                     continue
                 if frame.kind == "close":

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
+import aiohttp
 import pytest
 
 from brokers.base import (
@@ -33,6 +34,7 @@ from brokers.tradovate import (
     Frame,
     TradovateConnector,
     encode_request,
+    fill_fee_total,
     order_status,
     parse_frame,
     penalty_ticket,
@@ -42,6 +44,10 @@ from brokers.tradovate import (
 from engine.catalog import Catalog
 from tests.harness.tradovate import ACCOUNT, ENV, FAST, TradovateHarness, broker_doc, make_emulator, make_harness, \
     wait_until
+
+FEES_MES = {"commission": Decimal("0.25"), "clearingFee": Decimal("0.19"), "exchangeFee": Decimal("0.20"),
+            "nfaFee": Decimal("0.02")}
+"""A FillFee breakdown whose total (0.66) differs from the Broker document's MES commission (0.35)."""
 
 
 def market(h: TradovateHarness, coid: str, side: Side = Side.BUY, quantity: int = 1) -> OrderRequest:
@@ -365,3 +371,106 @@ def test_login_carries_app_identity_and_sec_from_the_environment() -> None:
     without_sec = TradovateConnector(broker_doc(None, credentials={"username": "TV_TEST_USER",
                                                                    "password": "TV_TEST_PASS"}, app={}), env=ENV)
     assert without_sec._login_body() == {"name": "trader", "password": "secret"}
+
+
+# -- fees: the broker's FillFee, else the Broker document ----------------------------------------------------------
+def test_fill_fee_total_sums_every_fee_and_is_none_when_none_is_stated() -> None:
+    assert fill_fee_total({"id": 1, "commission": 0.5, "clearingFee": 0.19, "exchangeFee": 0.2, "nfaFee": 0.02,
+                           "commissionCurrencyId": 1}) == Decimal("0.91")
+    assert fill_fee_total({"id": 1, "commission": None, "orderRoutingFee": 0.1}) == Decimal("0.1")
+    assert fill_fee_total({"id": 1, "commissionCurrencyId": 1}) is None
+
+
+async def test_fill_commission_and_realized_pnl_use_the_brokers_fill_fees(tmp_path: Path) -> None:
+    async with make_harness(tmp_path, emulator_options={"fee_schedule": {"MES": FEES_MES}}) as h:
+        per_side = sum(FEES_MES.values(), Decimal(0))
+        assert per_side != h.connector.broker.commission("MES")  # otherwise this test could not tell them apart
+        queue = h.connector.subscribe()
+        h.set_price(Decimal("6000"))
+        await h.connector.place_order(market(h, "fee-buy", Side.BUY, 2))
+        event = await next_event(queue, FillEvent)
+        assert event.fill.commission == 2 * per_side
+        h.set_price(Decimal("6001"))
+        await h.connector.place_order(market(h, "fee-sell", Side.SELL, 2))
+        fills = await h.connector.fills_since(ACCOUNT, datetime.now(timezone.utc) - timedelta(minutes=5))
+        assert sorted(f.commission for f in fills) == [2 * per_side, 2 * per_side]
+        snapshot = await h.connector.account_snapshot(ACCOUNT)
+        assert snapshot.realized_pnl == 2 * h.point_value - 4 * per_side
+        assert snapshot.cash_balance == Decimal(50000) + snapshot.realized_pnl  # the broker's own books agree
+
+
+async def test_without_fill_fees_the_broker_document_commission_stands_in(tmp_path: Path) -> None:
+    async with make_harness(tmp_path, emulator_options={"fill_fees": False}) as h:
+        queue = h.connector.subscribe()
+        await h.connector.place_order(market(h, "nofee-1", Side.BUY, 3))
+        event = await next_event(queue, FillEvent)
+        assert event.fill.commission == 3 * h.connector.broker.commission("MES")
+        assert h.emulator.requests["/v1/fillFee/deps"] >= 1  # it asked before falling back
+
+
+# -- the user-data socket lives on the token it was authorized with ----------------------------------------------
+async def _raw_socket_after_expiry(expired_socket: str) -> tuple[list[str], Any]:
+    """Authorize a plain socket, let its token expire, fill an order: the frames that arrive, and the emulator."""
+    emulator = make_emulator(token_life_s=0.4, server_heartbeat_s=0.05, expired_socket=expired_socket)
+    await emulator.start()
+    frames: list[str] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(emulator.base_url + "/auth/accesstokenrequest", json={
+                    "name": ENV["TV_TEST_USER"], "password": ENV["TV_TEST_PASS"], "sec": ENV["TV_TEST_SEC"]}) as r:
+                token = (await r.json())["accessToken"]
+            async with session.ws_connect(emulator.ws_url) as ws:
+                await ws.send_str(encode_request("authorize", 0, token))
+                await ws.send_str(encode_request("user/syncrequest", 1, '{"users": [7001]}'))
+                await asyncio.sleep(0.5)  # past the token's life
+                await emulator._place({"accountId": emulator.account_id(ACCOUNT), "accountSpec": ACCOUNT,
+                                       "symbol": listed_contracts(datetime.now(timezone.utc), ["MES"])[0],
+                                       "action": "Buy", "orderQty": 1, "orderType": "Market"})
+                deadline = time.monotonic() + 0.3
+                while time.monotonic() < deadline:
+                    try:
+                        message = await ws.receive(timeout=0.1)
+                    except asyncio.TimeoutError:
+                        continue
+                    if message.type != aiohttp.WSMsgType.TEXT:
+                        frames.append(f"<{message.type.name}>")
+                        break
+                    frames.append(message.data)
+    finally:
+        await emulator.stop()
+    return frames, emulator
+
+
+async def test_emulator_silences_a_socket_whose_token_expired() -> None:
+    frames, emulator = await _raw_socket_after_expiry("silent")
+    assert "h" in frames  # it still looks alive ...
+    assert not any('"props"' in f for f in frames) and emulator.withheld_pushes >= 1  # ... but events stop
+
+
+async def test_emulator_can_close_a_socket_whose_token_expired_instead() -> None:
+    frames, _ = await _raw_socket_after_expiry("close")
+    assert any(f.startswith("c[") for f in frames)
+
+
+async def test_socket_moves_to_each_renewed_token_and_no_fill_is_missed_or_doubled(tmp_path: Path) -> None:
+    # Tokens live 1.2 s (renewed 0.3 s before expiry); the safety poll is out of reach, so every fill below
+    # must come over a socket authorized with a live token.
+    async with make_harness(tmp_path, heartbeat_s=0.05, safety_poll_s=60.0,
+                            emulator_options={"token_life_s": 1.2, "server_heartbeat_s": 0.05}) as h:
+        queue = h.connector.subscribe()
+        polls_before = h.emulator.requests["/v1/fill/list"]
+        seen = []
+        for i in range(10):
+            await h.connector.place_order(market(h, f"rot-{i}"))
+            event = await next_event(queue, FillEvent, timeout_s=1.5)
+            seen.append(event.fill.client_order_id)
+            await asyncio.sleep(0.25)
+        assert seen == [f"rot-{i}" for i in range(10)]
+        assert h.emulator.renewals >= 2 and h.emulator.logins == 1
+        assert h.connector.ws_rotations >= 2
+        assert h.emulator.withheld_pushes == 0  # no socket ever outlived its token
+        assert h.emulator.requests["/v1/fill/list"] == polls_before  # pushed, not polled
+        assert all(h.emulator.order_count(ACCOUNT, f"rot-{i}") == 1 for i in range(10))
+        await asyncio.sleep(0.3)  # the syncs after each rotation replayed every fill: none is emitted again
+        extra = [e for e in (queue.get_nowait() for _ in range(queue.qsize())) if isinstance(e, FillEvent)]
+        assert extra == []

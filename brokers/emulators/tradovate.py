@@ -17,6 +17,13 @@ What it models (see ``broker-apis.md``):
   crosses them. Commissions are charged per contract per side.
 - The user-data WebSocket ``/v1/websocket``: ``o`` on open, ``h`` heartbeats, ``a[...]`` messages, ``c[...]`` on
   close; requests are ``endpoint\\nid\\nquery\\nbody``; ``authorize``, ``user/syncrequest`` and pushed ``props``.
+- Fees: each fill has a ``FillFee`` (same id as the fill) with ``commission`` and optionally ``clearingFee``,
+  ``exchangeFee``, ``nfaFee``... (``fee_schedule`` per root, per contract per side; by default all of it is
+  ``commission``); ``/fillFee/list``, ``/fillFee/deps?masterid=<fill id>``, ``/fillFee/ldeps``, ``/fillFee/item``.
+  ``fill_fees=False`` reports none. Cash is charged the fees; ``realizedPnL`` stays gross, as fees are booked apart.
+- A socket lives on the token it was authorized with: once that token expires it is 401 for requests and, with
+  ``expired_socket="silent"`` (default), gets heartbeats but no more events (``withheld_pushes`` counts them),
+  or with ``"close"`` a ``c[...]`` frame and a close. Renewing the token does not extend an authorized socket.
 
 Fault hooks: ``set_latency``, ``reject_next`` (``failureReason``), ``partial_fill_next``, ``rate_limit_next``
 (penalty ticket for POSTs, empty 429 otherwise, or 429 for everything), ``captcha_next``, ``lose_next_place_response``
@@ -50,6 +57,9 @@ log = logging.getLogger(__name__)
 EASTERN = ZoneInfo("America/New_York")
 NO_AUTH_PATHS = {"/v1/auth/accesstokenrequest", "/v1/websocket"}
 WORKING_STATUSES = {"Working", "PendingNew", "PendingReplace", "PendingCancel", "Suspended"}
+FEE_FIELDS = ("commission", "clearingFee", "exchangeFee", "nfaFee", "brokerageFee", "ipFee", "orderRoutingFee")
+"""The money fields of Tradovate's FillFee entity (each with a ``...CurrencyId`` beside it)."""
+USD_CURRENCY_ID = 1
 DEFAULT_ROOTS = ("MES", "ES", "MNQ", "NQ", "MYM", "M2K", "MCL", "MGC")
 DEFAULT_COMMISSIONS = {"MES": Decimal("0.35"), "MNQ": Decimal("0.35"), "default": Decimal("1.29")}
 DEFAULT_MARGINS = {"MES": Decimal(50), "MNQ": Decimal(100), "ES": Decimal(500), "default": Decimal(1000)}
@@ -171,11 +181,21 @@ class _Fill:
     qty: int
     price: Decimal
     time: datetime
+    fees: dict[str, Decimal] = field(default_factory=dict)
+    """FillFee amounts for the whole fill (per contract times qty)."""
 
     def wire(self) -> dict[str, Any]:
         return {"id": self.id, "orderId": self.order_id, "contractId": self.contract_id,
                 "timestamp": wire_time(self.time), "tradeDate": _wire_trade_date(self.time), "action": self.action,
                 "qty": self.qty, "price": _num(self.price), "active": True, "finallyPaired": 0}
+
+    def wire_fee(self) -> dict[str, Any]:
+        """The FillFee entity: the fill's 1:1 dependent, so it shares the fill's id (it has no fillId field)."""
+        out: dict[str, Any] = {"id": self.id}
+        for name, amount in self.fees.items():
+            out[name] = _num(amount)
+            out[name.removesuffix("Fee") + "CurrencyId"] = USD_CURRENCY_ID  # clearingFee -> clearingCurrencyId
+        return out
 
 
 @dataclass
@@ -206,6 +226,8 @@ class _Socket:
         self.request = request
         self.ws = ws
         self.authorized = False
+        self.token: str | None = None
+        """The access token this socket was authorized with: the socket lives on it, not on later renewals."""
         self.synced = False
         self.heartbeats_received = 0
 
@@ -235,7 +257,8 @@ class TradovateEmulator(EmulatorServer):
                  accounts: Mapping[str, Decimal] | None = None, contracts: Iterable[str] | None = None,
                  commissions: Mapping[str, Decimal] | None = None, margins: Mapping[str, Decimal] | None = None,
                  token_life_s: float = 80 * 60, server_heartbeat_s: float = 2.5, port: int = 0,
-                 today: datetime | None = None) -> None:
+                 today: datetime | None = None, fee_schedule: Mapping[str, Mapping[str, Decimal]] | None = None,
+                 fill_fees: bool = True, expired_socket: str = "silent") -> None:
         super().__init__(port=port)
         self.username = username
         self.password = password
@@ -244,6 +267,15 @@ class TradovateEmulator(EmulatorServer):
         self.token_life_s = token_life_s
         self.server_heartbeat_s = server_heartbeat_s
         self.commissions = dict(commissions or DEFAULT_COMMISSIONS)
+        self.fee_schedule = {root: {k: Decimal(v) for k, v in parts.items()}
+                             for root, parts in (fee_schedule or {}).items()}
+        unknown = {k for parts in self.fee_schedule.values() for k in parts} - set(FEE_FIELDS)
+        if unknown:
+            raise ValueError(f"fee_schedule has unknown FillFee fields {sorted(unknown)}; known: {FEE_FIELDS}")
+        self.fill_fees = fill_fees
+        if expired_socket not in ("silent", "close"):
+            raise ValueError(f"expired_socket must be 'silent' or 'close', got {expired_socket!r}")
+        self.expired_socket = expired_socket
         self.margins = dict(margins or DEFAULT_MARGINS)
         self._ids = itertools.count(1001)
         self.accounts: dict[int, _Account] = {}
@@ -263,6 +295,8 @@ class TradovateEmulator(EmulatorServer):
         self.renewals = 0
         self.requests: collections.Counter[str] = collections.Counter()
         self.tickets_honoured = 0
+        self.withheld_pushes = 0
+        """Pushes not delivered because the socket's token had expired (see ``expired_socket``)."""
         # Faults.
         self.latency_s = 0.0
         self._reject: list[tuple[str, str]] = []
@@ -289,6 +323,10 @@ class TradovateEmulator(EmulatorServer):
             ("GET", "/v1/position/list"): self._position_list,
             ("GET", "/v1/fill/list"): self._fill_list,
             ("GET", "/v1/fill/deps"): self._fill_deps,
+            ("GET", "/v1/fillFee/list"): self._fill_fee_list,
+            ("GET", "/v1/fillFee/deps"): self._fill_fee_deps,
+            ("GET", "/v1/fillFee/ldeps"): self._fill_fee_ldeps,
+            ("GET", "/v1/fillFee/item"): self._fill_fee_item,
             ("POST", "/v1/cashBalance/getcashbalancesnapshot"): self._cash_snapshot,
         }
 
@@ -327,7 +365,16 @@ class TradovateEmulator(EmulatorServer):
         raise KeyError(f"emulator has no account {name!r}")
 
     def commission(self, contract_name: str) -> Decimal:
+        """What one contract is charged per side: the fee schedule's total for its root, else ``commissions``."""
+        parts = self.fee_schedule.get(_root(contract_name))
+        if parts is not None:
+            return sum(parts.values(), Decimal(0))
         return self.commissions.get(_root(contract_name), self.commissions.get("default", Decimal(0)))
+
+    def fee_parts(self, contract_name: str) -> dict[str, Decimal]:
+        """The FillFee breakdown of one contract per side (all of it ``commission`` without a schedule)."""
+        parts = self.fee_schedule.get(_root(contract_name))
+        return dict(parts) if parts is not None else {"commission": self.commission(contract_name)}
 
     def set_price(self, contract_name: str, price: Decimal) -> None:
         """Market orders fill at ``price`` from now on; resting limit/stop orders it crosses fill now."""
@@ -556,13 +603,14 @@ class TradovateEmulator(EmulatorServer):
 
     async def _fill(self, order: _Order, qty: int, price: Decimal) -> None:
         now = datetime.now(timezone.utc)
-        fill = _Fill(next(self._ids), order.id, order.contract_id, order.action, qty, price, now)
+        contract = self.contracts[order.contract_id]
+        fees = {name: per_contract * qty for name, per_contract in self.fee_parts(contract.name).items()}
+        fill = _Fill(next(self._ids), order.id, order.contract_id, order.action, qty, price, now, fees)
         self.fills[fill.id] = fill
         order.fills.append(fill.id)
         order.filled += qty
         account = self.accounts[order.account_id]
-        contract = self.contracts[order.contract_id]
-        account.fees += self.commission(contract.name) * qty
+        account.fees += sum(fees.values(), Decimal(0))
         position = self.positions.get((order.account_id, order.contract_id))
         if position is None:
             position = _Position(next(self._ids), order.account_id, order.contract_id)
@@ -657,6 +705,27 @@ class TradovateEmulator(EmulatorServer):
         order_id = _int(request.query.get("masterid"))
         return web.json_response([f.wire() for f in self.fills.values() if f.order_id == order_id])
 
+    def _fill_fees_of(self, fill_ids: Iterable[int]) -> list[dict[str, Any]]:
+        if not self.fill_fees:  # a broker (or clearing firm) that reports no per-fill fees
+            return []
+        return [self.fills[i].wire_fee() for i in fill_ids if i in self.fills]
+
+    async def _fill_fee_list(self, request: web.Request) -> web.Response:
+        return web.json_response(self._fill_fees_of(self.fills))
+
+    async def _fill_fee_deps(self, request: web.Request) -> web.Response:
+        return web.json_response(self._fill_fees_of([_int(request.query.get("masterid"))]))
+
+    async def _fill_fee_ldeps(self, request: web.Request) -> web.Response:
+        ids = [_int(part) for part in request.query.get("masterids", "").split(",") if part.strip()]
+        return web.json_response(self._fill_fees_of(ids))
+
+    async def _fill_fee_item(self, request: web.Request) -> web.StreamResponse:
+        found = self._fill_fees_of([_int(request.query.get("id"))])
+        if not found:
+            return web.Response(status=404, text="FillFee not found")
+        return web.json_response(found[0])
+
     def _open_pnl(self, account_id: int) -> Decimal:
         total = Decimal(0)
         for (aid, cid), position in self.positions.items():
@@ -716,8 +785,20 @@ class TradovateEmulator(EmulatorServer):
     async def _heartbeat(self, sock: _Socket) -> None:
         while not sock.ws.closed:
             await asyncio.sleep(self.server_heartbeat_s)
+            if sock.authorized and not self._socket_token_valid(sock) and self.expired_socket == "close":
+                await self._close_expired(sock)
+                return
             if not self._muted:
                 await sock.send("h")
+
+    def _socket_token_valid(self, sock: _Socket) -> bool:
+        """A socket lives on the token it was authorized with; renewing that token later does not extend it."""
+        return sock.token is not None and self._token_valid(sock.token)
+
+    async def _close_expired(self, sock: _Socket) -> None:
+        await sock.send('c[1008,"Access token expired"]')
+        if not sock.ws.closed:
+            await sock.ws.close()
 
     async def _ws_request(self, sock: _Socket, text: str) -> None:
         if text.strip() == "[]":
@@ -733,13 +814,15 @@ class TradovateEmulator(EmulatorServer):
         except ValueError:
             return
         if endpoint == "authorize":
-            sock.authorized = self._token_valid(body.strip())
+            token = body.strip()
+            sock.authorized = self._token_valid(token)
+            sock.token = token if sock.authorized else None
             if sock.authorized:
                 await sock.send_messages({"s": 200, "i": request_id})
             else:
                 await sock.send_messages({"s": 401, "i": request_id, "d": "Access is denied"})
             return
-        if not sock.authorized:
+        if not sock.authorized or not self._socket_token_valid(sock):
             await sock.send_messages({"s": 401, "i": request_id, "d": "Not authorized"})
             return
         if endpoint == "user/syncrequest":
@@ -764,8 +847,14 @@ class TradovateEmulator(EmulatorServer):
     async def _push(self, entity_type: str, event_type: str, entity: Mapping[str, Any]) -> None:
         message = {"e": "props", "d": {"entityType": entity_type, "eventType": event_type, "entity": entity}}
         for sock in list(self._sockets):
-            if sock.synced:
-                await sock.send_messages(message)
+            if not sock.synced:
+                continue
+            if not self._socket_token_valid(sock):
+                self.withheld_pushes += 1
+                if self.expired_socket == "close":
+                    await self._close_expired(sock)
+                continue  # "silent": heartbeats go on, events do not (the failure nobody notices)
+            await sock.send_messages(message)
 
 
 def _failure(reason: str, text: str) -> dict[str, Any]:
