@@ -33,8 +33,10 @@ Semantics chosen where the rules format is silent (a demanding trader's expectat
   would double it) and nobody else trades; if none holds it, one account chosen by ``select`` opens it.
 - ``max_contracts`` rejects (never resizes); a portfolio-scope ``max_contracts`` counts the book after this
   decision's exits and the entries it already accepted. A loss limit restricted to ``instrument`` blocks entries in
-  those roots only. An entry at a broker with no margin for the root (nor a ``default``) is refused: its margin
-  cannot be checked.
+  those roots only; so does the service's halt after such a limit breached (``AccountState.halted_instruments``,
+  root -> reason): the ``halted`` field of the entry message is computed per account and root here, in Python, so
+  the compiled rules (and the pure-Python evaluator, which sees the same message) need no change. An entry at a
+  broker with no margin for the root (nor a ``default``) is refused: its margin cannot be checked.
 - Checks are reported in this order: schedule, portfolio loss limits, broker connection, broker paused, account
   halted, allowed instruments, account loss limits, contract limits, margin. ``blocked_by`` is set when every entry
   this signal would have made was refused by one and the same schedule or risk rule.
@@ -438,7 +440,7 @@ class _Decider:
             "ppnl": self.ppnl,
             "connected": 1 if acc_state.connected else 0,
             "paused": 1 if account.broker in self.state.paused else 0,
-            "halted": 1 if acc_state.halted else 0,
+            "halted": 1 if acc_state.halted_in(self.root) else 0,
             "pnl": ceil_scaled(pnl, scale),
             "abs_after": abs(net_after),
             "pabs_after": self.portfolio_abs + self.entered + qty,
@@ -475,7 +477,9 @@ class _Decider:
         if kind == "paused":
             return f"broker {account.broker} is paused"
         if kind == "halted":
-            return f"account halted: {plan.state.halted}"
+            if plan.state.halted:
+                return f"account halted: {plan.state.halted}"
+            return f"{self.root} entries halted: {plan.state.halted_in(self.root)}"
         if kind == "instruments":
             return f"{self.root} is not among the account's instruments ({', '.join(account.instruments or ())})"
         if kind == "account_loss":

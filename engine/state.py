@@ -12,6 +12,11 @@ Document shape (``parse_state``)::
     daily_pnl: -1200                    # portfolio P&L; the sum of the accounts' when absent
     accounts:
       apex-1: {connected: true, free_margin: 5000, daily_pnl: -20.5, positions: {MESH6: 2}}
+      apex-3: {connected: true, free_margin: 9000, halted_instruments: {ES: "es-loss breached"}}
+
+``halted_instruments`` halts an account's entries in some roots only (root -> reason), as a loss limit restricted to
+``instrument`` does in the service (``service.risk``); ``halted`` halts them in every root. Neither ever blocks an
+exit.
 
 An account may also carry ``daily_pnl_at`` (when its P&L was measured): P&L measured during an earlier CME trading
 day (which begins 18:00 ET) no longer counts, so a loss halt lifts at 18:00 ET, not at midnight.
@@ -46,6 +51,13 @@ class AccountState:
     """Why entries are halted for this account (operator or reconciliation), None when not halted."""
     daily_pnl_at: datetime | None = None
     """When ``daily_pnl`` was measured (UTC); None means "now"."""
+    halted_instruments: Mapping[str, str] = field(default_factory=dict)
+    """Root -> why entries in that root alone are halted (a loss limit restricted to roots breached); the other
+    roots keep trading. ``halted`` (every root) comes first when both are set."""
+
+    def halted_in(self, root: str) -> str | None:
+        """Why entries in ``root`` are halted for this account, or None."""
+        return self.halted or self.halted_instruments.get(root)
 
     def held(self, root: str) -> dict[str, int]:
         """Non-zero positions in contracts of ``root`` (``MESH6`` belongs to ``MES``, not to ``ES``)."""
@@ -115,7 +127,8 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
 def parse_account(name: str, obj: Any, halted: str | None = None) -> AccountState:
     where = _path("accounts", name)
     data = _mapping(obj, where)
-    unknown = set(data) - {"connected", "free_margin", "daily_pnl", "positions", "halted", "daily_pnl_at"}
+    unknown = set(data) - {"connected", "free_margin", "daily_pnl", "positions", "halted", "daily_pnl_at",
+                           "halted_instruments"}
     if unknown:
         raise StateError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     for key in ("connected", "free_margin"):
@@ -133,6 +146,14 @@ def parse_account(name: str, obj: Any, halted: str | None = None) -> AccountStat
     own_halt = data.get("halted")
     if own_halt is not None and not isinstance(own_halt, str):
         raise StateError(f"{_path(where, 'halted')}: expected the reason as text")
+    halted_roots: dict[str, str] = {}
+    for root, reason in _mapping(data.get("halted_instruments") or {}, _path(where, "halted_instruments")).items():
+        code = str(root).strip().upper()
+        if not code or not code.isalnum():
+            raise StateError(f"{_path(where, 'halted_instruments', str(root))}: not an instrument root (e.g. ES)")
+        if reason is not None and reason is not True and not isinstance(reason, str):
+            raise StateError(f"{_path(where, 'halted_instruments', str(root))}: expected the reason as text")
+        halted_roots[code] = reason if isinstance(reason, str) and reason else "halted by operator"
     at = data.get("daily_pnl_at")
     return AccountState(
         connected=_bool(data["connected"], _path(where, "connected")),
@@ -141,6 +162,7 @@ def parse_account(name: str, obj: Any, halted: str | None = None) -> AccountStat
         positions=positions,
         halted=halted or own_halt or None,
         daily_pnl_at=None if at is None else _time(at, _path(where, "daily_pnl_at")),
+        halted_instruments=halted_roots,
     )
 
 

@@ -9,6 +9,14 @@ A breach (``daily_pnl <= -limit``; the limit in USD, or a percentage of the acco
 capital for the portfolio) produces a ``Breach``; the runtime journals it, halts entries, and for
 ``flatten_and_halt`` flattens. A halt lasts until the next trading day or an explicit ``clear``. Pure apart from
 the mark source: no I/O, no clock (the caller passes ``now``).
+
+A limit restricted to ``instrument: [ES, MES]`` measures the same P&L (the account's whole daily P&L, or the
+portfolio's), because that is what the engine (``engine.decide``) compares it with: the two must agree on when it
+trips. Its breach halts entries only in those roots, and ``flatten_and_halt`` closes only positions in those roots:
+flattening a CL position because an ES-only limit tripped would be a wrong trade on real money. Such a halt is kept
+under its own key, ``<account>:<ROOT>,<ROOT>`` (roots sorted, e.g. ``apex-1:ES,MES``; ``portfolio:ES,MES`` for a
+portfolio limit), next to the account-wide halt keyed by the bare name, so both can hold at once and each is
+cleared on its own.
 """
 
 from __future__ import annotations
@@ -26,6 +34,28 @@ PORTFOLIO = "portfolio"
 """The halt key of a portfolio-wide halt (it blocks every account's entries)."""
 
 
+def halt_key(name: str, instruments: Iterable[str] | None = None) -> str:
+    """``apex-1`` for an account-wide halt, ``apex-1:ES,MES`` for one restricted to roots (sorted, so the same
+    roots always give the same key, whatever order the limit lists them in). Account names cannot contain ``:``
+    (schemas/account.schema.json), so the key reads back unambiguously."""
+    roots = normalize_roots(instruments)
+    return name if roots is None else f"{name}:{','.join(roots)}"
+
+
+def normalize_roots(instruments: Iterable[str] | None) -> tuple[str, ...] | None:
+    """Sorted distinct roots, or None for "every root" (None or empty)."""
+    if instruments is None:
+        return None
+    roots = tuple(sorted({r.strip() for r in instruments if r and r.strip()}))
+    return roots or None
+
+
+def parse_halt_key(key: str) -> tuple[str, tuple[str, ...] | None]:
+    """The scope name and roots of a halt key (roots normalized: ``apex-1:MES, ES`` reads as ``apex-1:ES,MES``)."""
+    name, sep, roots = key.partition(":")
+    return (key, None) if not sep else (name, normalize_roots(roots.split(",")))
+
+
 @dataclass(frozen=True)
 class Halt:
     name: str
@@ -36,9 +66,19 @@ class Halt:
     day: date | None
     """Trading day it lifts after (None: until cleared)."""
     since: datetime
+    instruments: tuple[str, ...] | None = None
+    """Roots whose entries it halts (sorted), or None: every root."""
+
+    @property
+    def key(self) -> str:
+        """Where ``RiskMonitor.halts`` keeps it and what ``clear`` takes (see ``halt_key``)."""
+        return halt_key(self.name, self.instruments)
 
     def as_dict(self) -> dict[str, object]:
-        return {"name": self.name, "reason": self.reason, "source": self.source,
+        # "name" is the key an operator clears it by (the dashboard posts it back); "scope" the account/portfolio.
+        return {"name": self.key, "scope": self.name,
+                "instruments": None if self.instruments is None else list(self.instruments),
+                "reason": self.reason, "source": self.source,
                 "day": None if self.day is None else self.day.isoformat(),
                 "since": self.since.isoformat().replace("+00:00", "Z")}
 
@@ -51,11 +91,24 @@ class Breach:
     daily_pnl: Decimal
     threshold: Decimal
     accounts: tuple[str, ...]
-    """Accounts whose entries stop (and that are flattened for ``flatten_and_halt``)."""
+    """Accounts whose entries stop (and that are flattened for ``flatten_and_halt``), in ``instruments`` only
+    when the limit names roots."""
+
+    @property
+    def instruments(self) -> tuple[str, ...] | None:
+        """The limit's roots (sorted), or None when it covers every root."""
+        return normalize_roots(self.limit.instruments)
+
+    @property
+    def key(self) -> str:
+        """The key of the halt it triggers (``apex-1``, ``apex-1:ES,MES``, ``portfolio``, ``portfolio:ES``)."""
+        return halt_key(self.scope_name, self.limit.instruments)
 
     @property
     def reason(self) -> str:
-        return (f"{self.limit.name}: daily P&L {self.daily_pnl:.2f} USD reached the loss limit of "
+        roots = self.instruments
+        where = "" if roots is None else f" [{', '.join(roots)} entries only]"
+        return (f"{self.limit.name}{where}: daily P&L {self.daily_pnl:.2f} USD reached the loss limit of "
                 f"-{self.threshold:.2f} USD ({self.limit.on_breach})")
 
 
@@ -134,14 +187,17 @@ class RiskMonitor:
 
     # -- limits ----------------------------------------------------------------------------------------------
     def breaches(self, limits: Iterable[Limit], accounts: Mapping[str, Account]) -> list[Breach]:
-        """Loss limits breached now that have not halted their scope yet."""
+        """Loss limits breached now that have not halted their scope yet.
+
+        "Their scope" is the halt key: an account-wide halt does not suppress the breach of a limit restricted to
+        roots (its ``flatten_and_halt`` must still flatten those roots), nor does one root set suppress another."""
         found: list[Breach] = []
         for limit in limits:
             if limit.max_daily_loss is None and limit.max_daily_loss_pct is None:
                 continue
             scoped = [a for a in accounts if limit.accounts is None or a in limit.accounts]
             if limit.scope == PORTFOLIO:
-                if PORTFOLIO in self.halts:
+                if halt_key(PORTFOLIO, limit.instruments) in self.halts:
                     continue
                 threshold = loss_threshold(limit, sum((accounts[a].capital for a in scoped), Decimal(0)))
                 pnl = self.portfolio_pnl(scoped)
@@ -149,7 +205,7 @@ class RiskMonitor:
                     found.append(Breach(limit, PORTFOLIO, pnl, threshold, tuple(sorted(accounts))))
                 continue
             for name in scoped:
-                if name in self.halts:
+                if halt_key(name, limit.instruments) in self.halts:
                     continue
                 threshold = loss_threshold(limit, accounts[name].capital)
                 pnl = self.daily_pnl(name)
@@ -157,18 +213,41 @@ class RiskMonitor:
                     found.append(Breach(limit, name, pnl, threshold, (name,)))
         return found
 
-    def halt(self, name: str, reason: str, source: str, now: datetime, *, until_day_end: bool = True) -> Halt:
-        halt = Halt(name, reason, source, trading_day(now) if until_day_end else None, now)
-        self.halts[name] = halt
+    def halt(self, name: str, reason: str, source: str, now: datetime, *, until_day_end: bool = True,
+             instruments: Iterable[str] | None = None) -> Halt:
+        """Halt ``name``'s entries (in ``instruments`` only, when given); replaces a halt with the same key."""
+        halt = Halt(name, reason, source, trading_day(now) if until_day_end else None, now,
+                    normalize_roots(instruments))
+        self.halts[halt.key] = halt
         return halt
 
-    def clear(self, name: str) -> Halt | None:
-        return self.halts.pop(name, None)
+    def clear(self, key: str) -> Halt | None:
+        """Lift the halt kept under ``key`` (roots in any order: ``apex-1:MES,ES`` is ``apex-1:ES,MES``)."""
+        found = self.halts.pop(key, None)
+        if found is None:
+            found = self.halts.pop(halt_key(*parse_halt_key(key)), None)
+        return found
 
-    def halted(self, account: str) -> str | None:
-        """Why ``account``'s entries are halted (its own halt first, then the portfolio's), or None."""
-        own = self.halts.get(account)
-        if own is not None:
-            return own.reason
-        portfolio = self.halts.get(PORTFOLIO)
-        return None if portfolio is None else portfolio.reason
+    def halted(self, account: str, root: str | None = None) -> str | None:
+        """Why ``account``'s entries (in ``root``, when given) are halted, or None.
+
+        Account-wide halts first (its own, then the portfolio's), then, for ``root``, halts restricted to roots
+        that include it (its own, then the portfolio's)."""
+        for key in (account, PORTFOLIO):
+            found = self.halts.get(key)
+            if found is not None:
+                return found.reason
+        if root is not None:
+            return self.halted_instruments(account).get(root)
+        return None
+
+    def halted_instruments(self, account: str) -> dict[str, str]:
+        """Root -> why ``account``'s entries in that root are halted, from the halts restricted to roots (its own
+        before the portfolio's). Account-wide halts are not in it: ``halted(account)`` reports those."""
+        found: dict[str, str] = {}
+        for scope in (account, PORTFOLIO):
+            for halt in self.halts.values():
+                if halt.name == scope and halt.instruments is not None:
+                    for root in halt.instruments:
+                        found.setdefault(root, halt.reason)
+        return found

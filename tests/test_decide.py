@@ -95,6 +95,19 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], list[Any]
     ("a paused broker gets no entry", BUY1, ONLY_A1, {"paused": ["fast"]}, [], [("a1", "paused")], None),
     ("a halted account gets no entry", BUY1, ONLY_A1, {"halted": {"a1": "reconciliation mismatch"}}, [],
      [("a1", "halted")], None),
+    ("a halt restricted to ES leaves MES entries alone",
+     BUY1, {"a1": acct(halted_instruments={"ES": "es-loss breached"})}, {}, [("a1", "MESH6", "buy", 1, "entry")], [],
+     None),
+    ("a halt restricted to MES refuses MES entries",
+     BUY1, {"a1": acct(halted_instruments={"MES": "mes-loss breached"})}, {}, [], [("a1", "halted")], None),
+    ("a halt restricted to MES never blocks a MES exit",
+     {**BUY1, "action": "exit"}, {"a1": acct(halted_instruments={"MES": "mes-loss breached"},
+                                             positions={"MESH6": 2})}, {},
+     [("a1", "MESH6", "sell", 2, "exit")], [], None),
+    ("long 2 MES, sell 4 with MES halted: the exit goes, the opening part is refused",
+     {**BUY1, "action": "sell", "quantity": 4}, {"a1": acct(halted_instruments={"MES": "mes-loss breached"},
+                                                            positions={"MESH6": 2})}, {},
+     [("a1", "MESH6", "sell", 2, "exit")], [("a1", "halted")], None),
     ("an instrument outside the account's allow-list is refused",
      {**BUY1, "ticker": "MNQ1!"}, {"a1": RICH, "a2": RICH}, {},
      [("a2", "MNQH6", "buy", 1, "entry")], [("a1", "instruments")], None),
@@ -187,6 +200,30 @@ def test_reasons_are_in_trader_words(engine: Engine) -> None:
     assert record["skipped"][0]["reason"] == ("daily P&L -250.00 reached the limit -200.00 (2% of capital 10000.00) "
                                               "(account-loss)")
     assert record["reason"].startswith("mirror-scalp: daily P&L -250.00")
+
+
+def test_a_halt_restricted_to_a_root_names_the_root_and_the_halt(engine: Engine) -> None:
+    halted = acct(halted_instruments={"MES": "es-loss [ES, MES entries only]: daily P&L -600.00 USD reached ..."})
+    record = decide(engine, BUY1, state_doc({"a1": halted, "a2": RICH}))
+    assert legs(record) == [("a2", "MESH6", "buy", 1, "entry")]
+    assert record["skipped"][0] == {"account": "a1", "by": "halted", "reason": (
+        "MES entries halted: es-loss [ES, MES entries only]: daily P&L -600.00 USD reached ...")}
+    # The account-wide halt is the news when both hold.
+    both = acct(halted="reconciliation mismatch", halted_instruments={"MES": "es-loss"})
+    record = decide(engine, BUY1, state_doc({"a1": both}))
+    assert record["skipped"][0]["reason"] == "account halted: reconciliation mismatch"
+
+
+def test_the_state_document_takes_halted_instruments() -> None:
+    _now, state = parse_state(state_doc({"a1": acct(halted_instruments={"es": "es-loss", "MES": None})}))
+    assert dict(state.accounts["a1"].halted_instruments) == {"ES": "es-loss", "MES": "halted by operator"}
+    assert state.accounts["a1"].halted_in("ES") == "es-loss" and state.accounts["a1"].halted_in("CL") is None
+    with pytest.raises(ValueError, match=r"accounts\.a1\.halted_instruments: expected a mapping"):
+        parse_state(state_doc({"a1": acct(halted_instruments=["ES"])}))
+    with pytest.raises(ValueError, match=r"accounts\.a1\.halted_instruments\.ES: expected the reason as text"):
+        parse_state(state_doc({"a1": acct(halted_instruments={"ES": 3})}))
+    with pytest.raises(ValueError, match=r"accounts\.a1\.halted_instruments\.E-S: not an instrument root"):
+        parse_state(state_doc({"a1": acct(halted_instruments={"E-S": "x"})}))
 
 
 # --- schedule: 15:49:59 vs 15:50:00 ET, in EST and in EDT; 18:00:00 is outside ---------------------------------
