@@ -1,8 +1,11 @@
 """The aiohttp application: routes, typed app state and the lifecycle of journal, rules watcher and runtime.
 
 Start-up order is the data path's: the journal (nothing may be acknowledged before it is open), the rules (the
-initial load is journaled as a reload), then the runtime (connect brokers, recover what was in flight). Shutdown is
-the reverse, after the webhooks still being recorded have finished, so that nothing acknowledged misses the journal.
+initial load is journaled as a reload), then the runtime (its state replayed from the journal). Brokers connect and
+recover in the background: the port opens without waiting for them, because a webhook sender that meets a refused
+connection does not retry, while a signal answered during a broker's start-up is handled as if that broker were down
+(and caught up later). Shutdown is the reverse, after the webhooks still being recorded have finished, so that
+nothing acknowledged misses the journal.
 """
 
 from __future__ import annotations
@@ -74,9 +77,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[WATCHER] = watcher
     app[RUNTIME] = runtime
     app[WEBHOOK] = webhook
-    logger.info("multibroker on http://%s:%d (POST /webhook, admin API /api, /healthz): rules generation %d "
-                "from %s, journal %s", config.host, config.port, watcher.generation, config.rules_dir,
-                config.journal_path)
+    logger.info("multibroker ready to listen on http://%s:%d (POST /webhook, admin API /api, /healthz): rules "
+                "generation %d from %s, journal %s; %s", config.host, config.port, watcher.generation,
+                config.rules_dir, config.journal_path, _brokers_line(runtime))
     ticker = _paper_ticker(config, watcher, runtime)
     check = asyncio.create_task(_startup_check(watcher), name="broker-check") if config.startup_check else None
     marker = _daily_marker(journal, runtime)
@@ -99,6 +102,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await watcher.stop()
         await journal.close()
         logger.info("multibroker stopped; journal closed")
+
+
+def _brokers_line(runtime: Any) -> str:
+    """Which brokers are still coming up, for the start-up log (a stand-in runtime may not say)."""
+    states = getattr(runtime, "broker_states", None)
+    if states is None:
+        return "brokers: not reported"
+    coming = [f"{name} ({state})" for name, state in states().items() if state in ("starting", "recovering")]
+    if not coming:
+        return "all brokers up"
+    return (f"brokers still coming up: {', '.join(coming)} (webhooks are answered meanwhile; until a broker is up "
+            f"routing skips it)")
 
 
 def _paper_ticker(config: ServiceConfig, watcher: RulesWatcher, runtime: Any) -> asyncio.Task[None] | None:
@@ -205,13 +220,24 @@ async def _webhook(request: web.Request) -> web.StreamResponse:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    """Liveness for a load balancer or systemd: no auth, no secrets, no broker details."""
+    """Liveness for a load balancer or systemd: no auth, no secrets.
+
+    Brokers still starting or down do not make it fail: the service answers and journals webhooks meanwhile (a
+    restart that answered 503 here would be taken out of rotation for nothing). Each broker's state is shown by
+    name, and ``starting`` lists those whose first connect and recovery have not finished, so that a deploy script
+    or a test can wait for them.
+    """
     app = request.app
     journal = app[JOURNAL]
     watcher = app[WATCHER]
     ok = journal.running and watcher.generation > 0
-    return json_response({"status": "ok" if ok else "unavailable", "journal": journal.running,
-                          "rules_generation": watcher.generation}, status=200 if ok else 503)
+    body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "journal": journal.running,
+                            "rules_generation": watcher.generation}
+    runtime = app[RUNTIME]
+    if hasattr(runtime, "broker_states") and hasattr(runtime, "starting"):
+        body["brokers"] = runtime.broker_states()
+        body["starting"] = runtime.starting()
+    return json_response(body, status=200 if ok else 503)
 
 
 def create_app(config: ServiceConfig, *, runtime_factory: RuntimeFactory | None = None,
@@ -240,7 +266,13 @@ def create_app(config: ServiceConfig, *, runtime_factory: RuntimeFactory | None 
 def run(config: ServiceConfig) -> None:
     """Serve until interrupted (SIGINT/SIGTERM shut down cleanly: webhooks drain, then the journal closes)."""
     app = create_app(config)
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None,
+
+    def listening(_banner: str) -> None:
+        # aiohttp calls this once its sockets accept connections, whatever the brokers are doing.
+        runtime = app.get(RUNTIME)
+        logger.info("multibroker listening on http://%s:%d; %s", config.host, config.port, _brokers_line(runtime))
+
+    web.run_app(app, host=config.host, port=config.port, print=listening, access_log=None,
                 shutdown_timeout=10.0, handle_signals=True)
 
 

@@ -6,6 +6,11 @@ away, so the runtime's ``on_up`` hook (look up in-flight orders, reconcile, catc
 new orders again. Until then routing treats its accounts as disconnected (best mode picks another broker, mirror
 orders for them are recorded as missed) and positions already held stay where they are.
 
+Start-up does not wait for brokers: ``start`` begins every broker's first connect and recovery in the background
+and returns, so that the service listens (and answers webhooks) while a broker is slow to log in, rate-limited or
+unreachable. Until its first recovery finished a broker is simply not available, exactly as if it were down;
+``ready`` waits for every broker's first attempt (tests, the CLI, callers that want the brokers before they act).
+
 Drops are learned two ways: a ``ConnectionEvent(connected=False)`` from the connector, or calls that fail with
 ``BrokerUnavailable``/``OutcomeUnknown`` (``report_failure``). Reconnects back off exponentially (``backoff_s`` doubling
 up to ``backoff_max_s``); a connector that reconnects by itself (ProjectX does) is simply noticed.
@@ -23,6 +28,9 @@ from brokers.base import BrokerError, BrokerEvent, ConnectionEvent, Connector, m
 from engine.model import Broker
 
 log = logging.getLogger(__name__)
+
+STARTING, RECOVERING, UP, DOWN, PAUSED = "starting", "recovering", "up", "down", "paused"
+"""What ``BrokerSlot.state`` reports (also in ``/api/status`` and ``/healthz``)."""
 
 EventHandler = Callable[[str, BrokerEvent], Awaitable[None]]
 StateHook = Callable[[str], Awaitable[None]]
@@ -43,15 +51,35 @@ class BrokerSlot:
     failures: int = 0
     last_error: str | None = None
     recovering: bool = False
+    started: bool = False
+    """The first connect attempt has finished (and, when it connected, the recovery that followed it)."""
+    settled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    """Set while no recovery runs: the first attempt waits for a recovery the event pump may have begun."""
+
+    def __post_init__(self) -> None:
+        self.settled.set()
 
     @property
     def available(self) -> bool:
         return not self.down and not self.admin_paused and self.connector.connected
 
+    @property
+    def state(self) -> str:
+        """``paused`` (operator), ``up``, ``recovering`` (connected, lookups and reconciliation running),
+        ``starting`` (first connect not finished yet) or ``down``."""
+        if self.admin_paused:
+            return PAUSED
+        if self.available:
+            return UP
+        if self.recovering:
+            return RECOVERING
+        return DOWN if self.started else STARTING
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "type": self.connector.broker.type,
+            "state": self.state,
             "connected": self.connector.connected and not self.down,
             "paused": self.admin_paused,
             "available": self.available,
@@ -80,6 +108,7 @@ class BrokerPool:
         self.on_down: StateHook | None = None
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._reconnecting: dict[str, asyncio.Task[None]] = {}
+        self._starting: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
         for broker in brokers.values():
             self.add(broker)
@@ -112,29 +141,63 @@ class BrokerPool:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Connect every broker concurrently; one that fails to connect is retried in the background."""
-        await asyncio.gather(*(self._start_one(slot) for slot in self.slots.values()))
+        """Begin every broker's connect and recovery in the background and return at once.
+
+        Nothing here may keep the service from listening: a broker that hangs in its login would otherwise keep
+        the port closed, and a webhook sender that meets a refused connection does not retry. A broker that fails
+        to connect is retried with backoff, as after a drop.
+        """
+        for slot in self.slots.values():
+            if slot.name not in self._starting:
+                self._starting[slot.name] = asyncio.create_task(self._start_one(slot), name=f"pool-start-{slot.name}")
+
+    async def ready(self, timeout: float | None = None) -> bool:
+        """Wait until every broker's first attempt finished (up, or down and retrying); False if ``timeout``
+        (seconds) passed first or ``start`` was not called. Never cancels the attempts themselves."""
+        if self._stopping or not self._starting:
+            return False
+        pending = [task for task in self._starting.values() if not task.done()]
+        if pending:
+            _done, pending_set = await asyncio.wait(pending, timeout=timeout)
+            if pending_set:
+                return False
+        return all(slot.started for slot in self.slots.values())
+
+    def starting(self) -> list[str]:
+        """Brokers whose first connect (or the recovery after it) has not finished yet."""
+        return sorted(name for name, slot in self.slots.items() if not slot.started)
 
     async def _start_one(self, slot: BrokerSlot) -> None:
         queue = slot.connector.subscribe()
         self._tasks[slot.name] = [asyncio.create_task(self._pump(slot, queue), name=f"pool-events-{slot.name}")]
+        slot.reason = "starting: connecting"
         try:
-            await slot.connector.connect()
-        except (BrokerError, OSError) as exc:
-            slot.last_error = str(exc)
-            log.warning("broker %s: could not connect at start (%s); retrying with backoff", slot.name, exc)
-            self._schedule_reconnect(slot)
-            return
-        await self._came_up(slot, "connected")
+            try:
+                await slot.connector.connect()
+            except Exception as exc:  # noqa: BLE001 - in the background nobody else would see it; retried below
+                slot.last_error = str(exc)
+                slot.reason, slot.since = f"down: could not connect at start: {exc}", utcnow()
+                level = logging.WARNING if isinstance(exc, (BrokerError, OSError)) else logging.ERROR
+                log.log(level, "broker %s: could not connect at start (%s: %s); retrying with backoff", slot.name,
+                        type(exc).__name__, exc)
+                if not self._stopping:
+                    self._schedule_reconnect(slot)
+                return
+            await self._came_up(slot, "connected")
+            await slot.settled.wait()  # a recovery the event pump began (the connect's own event) ends first
+        finally:
+            slot.started = True
 
     async def stop(self) -> None:
         self._stopping = True
-        tasks = [t for ts in self._tasks.values() for t in ts] + list(self._reconnecting.values())
+        tasks = [t for ts in self._tasks.values() for t in ts] + list(self._reconnecting.values()) + \
+            list(self._starting.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         self._reconnecting.clear()
+        self._starting.clear()
         for slot in self.slots.values():
             try:
                 await slot.connector.close()
@@ -215,21 +278,26 @@ class BrokerPool:
         if slot.recovering:
             return
         slot.recovering = True
+        slot.settled.clear()
         try:
-            if self.on_up is not None:
-                await self.on_up(slot.name)
-        except Exception as exc:
-            slot.last_error = f"recovery failed: {exc}"
-            log.exception("broker %s: recovery after %s failed; staying paused", slot.name, reason)
+            try:
+                if self.on_up is not None:
+                    await self.on_up(slot.name)
+            except Exception as exc:
+                slot.last_error = f"recovery failed: {exc}"
+                log.exception("broker %s: recovery after %s failed; staying paused", slot.name, reason)
+                slot.recovering = False
+                if slot.connector.connected and not self._stopping:
+                    await asyncio.sleep(min(self.backoff_s, 1.0))
+                    self._schedule_reconnect(slot)
+                return
             slot.recovering = False
-            if slot.connector.connected and not self._stopping:
-                await asyncio.sleep(min(self.backoff_s, 1.0))
-                self._schedule_reconnect(slot)
-            return
-        slot.recovering = False
-        if slot.connector.connected:
-            slot.down, slot.reason, slot.since, slot.failures = False, reason, utcnow(), 0
-            log.info("broker %s available (%s)", slot.name, reason)
+            if slot.connector.connected:
+                slot.down, slot.reason, slot.since, slot.failures = False, reason, utcnow(), 0
+                log.info("broker %s available (%s)", slot.name, reason)
+        finally:
+            slot.recovering = False
+            slot.settled.set()
 
     # -- operator --------------------------------------------------------------------------------------------
     def pause(self, name: str) -> BrokerSlot:

@@ -40,7 +40,7 @@ from engine.model import Account, RuleSet
 from engine.schedule import FLATTEN, Firing, firings
 from engine.sessions import trading_day, trading_day_start
 from engine.signal import parse_signal
-from engine.state import AccountState, EngineState
+from engine.state import AccountState, EngineState, contract_root
 from service import reconcile
 from service.dispatch import (
     CANCELLED,
@@ -61,12 +61,14 @@ from service.dispatch import (
 )
 from service.ledger import EXTERNAL_STRATEGY, Ledger, replay
 from service.pool import BrokerPool
-from service.risk import PORTFOLIO, RiskMonitor
+from service.risk import PORTFOLIO, RiskMonitor, halt_key
 from service.scheduler import ScheduleExecutor
 
 log = logging.getLogger(__name__)
 
 RISK_TICK_S = 0.5
+BROKER_START_WAIT_S = 10.0
+"""How long the schedule's owed flattens and the risk monitor wait at start for brokers still connecting."""
 MISSED_BY = frozenset({"connection", "paused"})
 """Skip reasons that make a mirror order ``missed``: the account wanted it, its broker was not there."""
 SIGNAL_FIELDS = ("strategy", "ticker", "action", "quantity", "order_type", "price", "position", "position_size",
@@ -126,6 +128,7 @@ class Runtime:
         self._started_at: datetime | None = None
         self._first_up: set[str] = set()
         self._recovering_at_start: set[str] = set()
+        self._after_brokers: asyncio.Task[None] | None = None
         self._pending_fills: dict[str, tuple[str, Fill]] = {}
         """Fills of our orders that arrived before the order was tracked, by broker:fill id (reported once each)."""
         self.alerts: list[dict[str, Any]] = []
@@ -162,7 +165,14 @@ class Runtime:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Rebuild the ledger from the journal, connect (each broker recovers as it comes up), start the loops."""
+        """Rebuild the ledger, open orders and halts from the journal and start the loops; brokers connect and
+        recover in the background (``ready`` waits for them).
+
+        Returning before the brokers are up lets the service listen at once: a signal that arrives meanwhile meets
+        brokers that are simply not available yet (routing skips them, mirror orders for their accounts are
+        journaled missed, catch-up converges them). Each broker recovers its in-flight orders in ``_on_up`` before
+        the pool opens it to new orders, so nothing is sent to it ahead of its recovery.
+        """
         self._started_at = self.clock()
         ruleset = self.ruleset
         fills = self.journal.fills()
@@ -185,11 +195,57 @@ class Runtime:
         await self.pool.start()
         self.scheduler = ScheduleExecutor(lambda: self.ruleset.schedule_rules, self._fire_schedule, self.journal,
                                           clock=self.clock)
-        await self.scheduler.start()
-        self._tasks.append(asyncio.create_task(self._risk_loop(), name="risk-monitor"))
         for name in ruleset.brokers:
             self._tasks.append(asyncio.create_task(self._reconcile_loop(name), name=f"reconcile-{name}"))
+        self._after_brokers = asyncio.create_task(self._start_when_brokers_tried(), name="start-schedule-and-risk")
+        self._tasks.append(self._after_brokers)
         self._invalidate()
+
+    async def _start_when_brokers_tried(self) -> None:
+        """Start the schedule (with the flattens a restart owes) and the risk monitor once every broker had its
+        first connect and recovery, or after ``BROKER_START_WAIT_S``.
+
+        Both act on brokers: an owed flatten sent while its broker is still logging in would only be recorded as
+        missed, an exit lost for a broker that was merely slow. A broker still not there after the wait is treated
+        as down, as before.
+        """
+        assert self.pool is not None and self.scheduler is not None
+        if not await self.pool.ready(BROKER_START_WAIT_S):
+            log.warning("brokers still starting after %gs (%s): schedule and risk monitor start without them",
+                        BROKER_START_WAIT_S, ", ".join(self.pool.starting()) or "none")
+        if not self.running:
+            return
+        await self.scheduler.start()
+        if self.running:
+            self._tasks.append(asyncio.create_task(self._risk_loop(), name="risk-monitor"))
+
+    async def ready(self, timeout: float | None = None) -> bool:
+        """Wait until every broker had its first connect and recovery, and the schedule and risk monitor run.
+
+        For tests, the CLI and callers that want the brokers before they act; the service itself never waits.
+        False when ``timeout`` (seconds) passed first or the runtime was not started.
+        """
+        task = self._after_brokers
+        if self.pool is None or task is None:
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        if not await self.pool.ready(timeout):
+            return False
+        if not task.done():
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            done, _pending = await asyncio.wait([task], timeout=left)
+            if not done:
+                return False
+        return not task.cancelled() and task.exception() is None
+
+    def broker_states(self) -> dict[str, str]:
+        """Each broker's state (starting, recovering, up, down, paused): ``/healthz`` shows it without a token."""
+        return {} if self.pool is None else {name: slot.state for name, slot in sorted(self.pool.slots.items())}
+
+    def starting(self) -> list[str]:
+        """Brokers whose first connect and recovery have not finished yet."""
+        return [] if self.pool is None else self.pool.starting()
 
     def prepare(self) -> BrokerPool:
         """Build the connectors (no I/O yet), so that a harness can reach a broker before ``start`` connects it."""
@@ -255,17 +311,23 @@ class Runtime:
                 self._recovering_at_start.add(job.client_order_id)
 
     def _restore_halts(self) -> None:
-        """Halts of today survive a restart (they lift at the next trading day or by an operator)."""
+        """Halts of today survive a restart (they lift at the next trading day or by an operator).
+
+        A halt restricted to roots comes back with its roots (the event row's JSON ``instruments``) under the same
+        key (``key``; rows written before roots existed have neither and mean the bare name)."""
         now = self.clock()
         today = trading_day(now)
         cleared: set[str] = set()
         for row in self.journal.risk_events(1000):  # newest first
             name, kind = row.get("name"), row.get("kind")
+            roots = row.get("instruments") or None
+            key = str(row.get("key") or halt_key(str(name), roots))
             if kind == "clear":
-                cleared.add(str(name))
-            elif kind == "halt" and name not in cleared and name not in self.risk.halts and row.get("day"):
+                cleared.add(key)
+            elif kind == "halt" and key not in cleared and key not in self.risk.halts and row.get("day"):
                 if str(row["day"]) == today.isoformat():
-                    self.risk.halt(str(name), str(row.get("reason")), str(row.get("source")), now)
+                    self.risk.halt(str(name), str(row.get("reason")), str(row.get("source")), now,
+                                   instruments=roots)
 
     # -- dispatch ----------------------------------------------------------------------------------------------
     def dispatch(self, signal_id: str, decision: Decision) -> None:
@@ -328,10 +390,19 @@ class Runtime:
                         order.contract, reason)
 
     def _state_with_up(self, now: datetime, brokers: set[str]) -> EngineState:
-        """The engine's view with ``brokers`` connected and not paused (what they would get if they were up)."""
+        """The engine's view with ``brokers`` connected and not paused (what they would get if they were up).
+
+        An account whose broker has not reported yet in this process (it is still starting) has no known free
+        margin; its declared capital less what is reserved stands in, so that what it missed is still recorded."""
         state = self.engine_state(now)
         names = {n for n, a in self.ruleset.accounts.items() if a.broker in brokers}
-        up = {name: (replace(acct, connected=True) if name in names else acct) for name, acct in state.accounts.items()}
+        up = {}
+        for name, acct in state.accounts.items():
+            if name in names:
+                acct = replace(acct, connected=True)
+                if name not in self._snapshots:
+                    acct = replace(acct, free_margin=self.ruleset.accounts[name].capital - self._reserved(name))
+            up[name] = acct
         return replace(state, accounts=up, paused=state.paused - brokers)
 
     def _reserve(self, job: Job) -> None:
@@ -507,6 +578,9 @@ class Runtime:
         await self.reconcile_broker(broker, reason="start-up" if first else "reconnect")
         if not first:
             await self._catch_up(broker)
+        elif self._started_at is not None:
+            # The service listened before this broker came up: targets received meanwhile missed its accounts.
+            await self._catch_up(broker, since=self._started_at)
         self._invalidate()
 
     async def _recover(self, broker: str) -> None:
@@ -636,12 +710,14 @@ class Runtime:
                 found[strategy] = row
         return found
 
-    async def _catch_up(self, broker: str) -> None:
+    async def _catch_up(self, broker: str, *, since: datetime | None = None) -> None:
         """Converge ``catch_up`` accounts at ``broker`` to their strategies' last targets of this trading day.
 
         Never into a position after a flatten time: when a flatten of the strategy fired since its last target
         (while the broker was away, so its exit was missed), the target is void and the accounts converge to flat
         instead. Entries the rules block now (schedule windows, halts) stay blocked: the engine decides.
+        ``since``: only targets received from then on (a broker's first come-up after a start catches up what
+        arrived while it was connecting, not what an earlier process already handled).
         """
         now = self.clock()
         accounts = [a for a in self.ruleset.accounts.values() if a.broker == broker and a.catch_up]
@@ -653,7 +729,7 @@ class Runtime:
             if not followers:
                 continue
             received = datetime.fromisoformat(str(row["received_at"]).replace("Z", "+00:00"))
-            if trading_day(received) != trading_day(now):
+            if trading_day(received) != trading_day(now) or (since is not None and received < since):
                 continue
             body = {k: v for k, v in (row.get("signal") or {}).items() if k in SIGNAL_FIELDS}
             flat = self._flattened_since(strategy, followers, received, now)
@@ -705,9 +781,11 @@ class Runtime:
 
     # -- flatten -----------------------------------------------------------------------------------------------
     async def flatten(self, *, account: str | None = None, strategy: str | None = None, reason: str,
-                      flatten_id: str | None = None) -> dict[str, Any]:
+                      flatten_id: str | None = None, instruments: Iterable[str] | None = None) -> dict[str, Any]:
         """Close positions in scope with market orders (journaled first, like any order). Exits are never blocked;
-        a broker that is down records its orders as missed and keeps its positions."""
+        a broker that is down records its orders as missed and keeps its positions. ``instruments``: only
+        positions in these roots (a loss limit restricted to roots breached), None for all."""
+        roots = None if instruments is None else frozenset(instruments)
         now = self.clock()
         if account is not None and account not in self.ruleset.accounts:
             raise KeyError(f"no account named {account!r}")
@@ -719,6 +797,8 @@ class Runtime:
             if not book.quantity or (account is not None and acct != account):
                 continue
             if strategy is not None and strat != strategy:
+                continue
+            if roots is not None and contract_root(contract) not in roots:
                 continue
             doc = self._account(acct)
             if doc is None:
@@ -734,6 +814,8 @@ class Runtime:
                            "client_order_id": client_order_id(fid, acct, f"{strat}:{contract}"),
                            "strategy": strat})
         body = {"flatten": True, "account": account, "strategy": strategy, "reason": reason}
+        if roots is not None:
+            body["instruments"] = sorted(roots)
         decision = {"signal_id": fid, "strategy": strategy or "(flatten)", "accepted": bool(orders), "rule": None,
                     "blocked_by": None, "reason": reason, "order_type": "market", "price": None,
                     "orders": [{k: v for k, v in o.items() if k != "strategy"} for o in orders], "skipped": [],
@@ -780,26 +862,33 @@ class Runtime:
         self.risk.refresh()
         breaches = self.risk.breaches(self.ruleset.limits, self.ruleset.accounts)
         for breach in breaches:
-            self.risk.halt(breach.scope_name, breach.reason, f"risk:{breach.limit.name}", now)
+            # A limit restricted to roots halts, and flattens, those roots only (``service.risk``).
+            roots = breach.instruments
+            halt = self.risk.halt(breach.scope_name, breach.reason, f"risk:{breach.limit.name}", now,
+                                  instruments=roots)
             log.warning("risk: %s", breach.reason)
             await self._risk_event(breach.scope_name, "halt", breach.reason, f"risk:{breach.limit.name}", now,
                                    limit=breach.limit.name, daily_pnl=str(breach.daily_pnl),
-                                   action=breach.limit.on_breach)
+                                   action=breach.limit.on_breach, key=halt.key,
+                                   instruments=None if roots is None else list(roots))
             if breach.limit.on_breach == "flatten_and_halt":
                 for account in breach.accounts:
-                    await self.flatten(account=account, reason=breach.reason,
+                    await self.flatten(account=account, reason=breach.reason, instruments=roots,
                                        flatten_id=f"risk-{breach.limit.name}-{self.risk.day}-{account}")
         self._invalidate()
         return breaches
 
     def clear_halt(self, name: str) -> dict[str, Any]:
+        """Lift the halt kept under ``name``: an account (``apex-1``), ``portfolio``, or a halt restricted to roots
+        (``apex-1:ES,MES``, as ``status()`` lists it)."""
         halt = self.risk.clear(name)
         if halt is None:
             raise KeyError(f"no halt named {name!r}; halted: {', '.join(sorted(self.risk.halts)) or 'none'}")
         now = self.clock()
-        self._spawn(self._risk_event(name, "clear", "cleared by operator", "operator", now))
+        self._spawn(self._risk_event(halt.name, "clear", "cleared by operator", "operator", now, key=halt.key,
+                                     instruments=None if halt.instruments is None else list(halt.instruments)))
         self._invalidate()
-        return {"cleared": name, "halt": halt.as_dict()}
+        return {"cleared": halt.key, "halt": halt.as_dict()}
 
     # -- admin -------------------------------------------------------------------------------------------------
     async def pause_broker(self, name: str) -> dict[str, Any]:
@@ -878,6 +967,7 @@ class Runtime:
             free = (snap.free_margin if snap is not None else Decimal(0)) - self._reserved(name)
             accounts[name] = AccountState(
                 connected=account.broker not in down, free_margin=free, daily_pnl=self.risk.daily_pnl(name),
-                positions={c: q for c, q in positions.items() if q}, halted=self.risk.halted(name), daily_pnl_at=now)
+                positions={c: q for c, q in positions.items() if q}, halted=self.risk.halted(name), daily_pnl_at=now,
+                halted_instruments=self.risk.halted_instruments(name))
         self._state = EngineState(accounts=accounts, paused=paused, portfolio_daily_pnl_at=now)
         return self._state

@@ -190,6 +190,7 @@ async def test_a_signal_through_the_real_runtime_fills_on_paper_brokers(serve: A
     from service.runtime import Runtime
 
     client, app = await serve(runtime_factory=lambda c, j, w: Runtime(c, j, w, clock=lambda: NOW))
+    assert await app[RUNTIME].ready(10.0)  # the service listens before its brokers are up; this test wants them up
     async with client.post("/webhook", data=json.dumps(scalper()), headers={"Content-Type": "text/plain"}) as r:
         assert r.status == 202
         signal_id = (await r.json())["signal_id"]

@@ -49,7 +49,8 @@ class Serve:
     def _healthy(self) -> bool:
         assert self.proc.poll() is None, self.log.read_text()
         try:
-            return request(f"{self.url}/healthz")[0] == 200
+            status, body = request(f"{self.url}/healthz")
+            return status == 200 and body.get("starting") == []  # listening, and every broker had its first try
         except OSError:
             return False
 

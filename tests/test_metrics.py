@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import WATCHER, create_app
+from service.app import RUNTIME, WATCHER, create_app
 from service.config import ServiceConfig
 from tests.test_admin_api import AUTH, TOKEN, call
 from tests.test_webhook import NOW, SECRET, scalper
@@ -28,7 +28,9 @@ async def service(aiohttp_client: Any, tmp_path: Path, rules_dir: Path) -> Any:
     config = ServiceConfig(rules_dir=rules_dir, data_dir=tmp_path / "data", webhook_secret=SECRET,
                            admin_token=TOKEN, paper_tick_s=0)
     app = create_app(replace(config), runtime_factory=lambda c, j, w: Runtime(c, j, w, clock=lambda: NOW))
-    return await aiohttp_client(app), app
+    client = await aiohttp_client(app)
+    assert await app[RUNTIME].ready(10.0)  # the service listens before its brokers are up; this test wants them up
+    return client, app
 
 
 async def scrape(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -127,6 +127,7 @@ async def test_reconnects_back_off_exponentially_and_recover_before_taking_order
 
     pool.on_up, pool.on_down = on_up, on_down
     await pool.start()
+    assert await pool.ready(5.0)
     try:
         assert pool.available("p") and up_seen == [("p", False)]
         connector = pool.connector("p")
@@ -147,6 +148,7 @@ async def test_reconnects_back_off_exponentially_and_recover_before_taking_order
 async def test_an_operator_pause_holds_until_resumed_and_survives_a_reconnect(tmp_path: Path) -> None:
     pool = BrokerPool({"p": broker_doc("p")}, connector_options={"data_dir": tmp_path}, backoff_s=0.01)
     await pool.start()
+    assert await pool.ready(5.0)
     try:
         pool.pause("p")
         assert not pool.available("p") and pool.status()[0]["paused"] is True
@@ -164,6 +166,7 @@ async def test_an_operator_pause_holds_until_resumed_and_survives_a_reconnect(tm
 async def test_repeated_failures_pause_a_broker_that_still_looks_connected(tmp_path: Path) -> None:
     pool = BrokerPool({"p": broker_doc("p")}, connector_options={"data_dir": tmp_path}, backoff_s=0.01)
     await pool.start()
+    assert await pool.ready(5.0)
     try:
         for _ in range(2):
             await pool.report_failure("p", TimeoutError("slow answer"))

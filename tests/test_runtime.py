@@ -60,6 +60,7 @@ async def test_after_a_crash_in_flight_orders_are_looked_up_before_any_resend(tm
 
             w.connector(broker)._submit = watched
         await w.runtime.start()
+        assert await w.runtime.ready(10.0)
         await w.settle()
         assert w.statuses("sig-1") == {"f1": FILLED, "f2": FILLED, "s1": FILLED}
         assert sorted(sent) == sorted([coids["f1"], coids["s1"]])  # f2 was found, not sent again
@@ -91,6 +92,7 @@ async def test_a_drop_during_a_recovery_resend_leaves_the_order_to_the_next_reco
 
         connector._submit = flaky
         await w.runtime.start()
+        assert await w.runtime.ready(10.0)
         assert w.statuses("sig-1") == {"f1": UNKNOWN} and not w.runtime.pool.available("fast")
         connector._link_down = False  # the network comes back; the pool's reconnect finds it
         connector._link_up.set()
@@ -125,6 +127,7 @@ async def test_a_broker_down_at_restart_keeps_its_orders_until_it_comes_back(tmp
     async with world(tmp_path, start=False) as w:
         w.connector("slow").disconnect("down at start")
         await w.runtime.start()
+        assert await w.runtime.ready(10.0)
         await wait_until(lambda: w.statuses("sig-1")["f1"] == FILLED)
         assert w.statuses("sig-1")["s1"] == NEW
         assert w.runtime.engine_state(w.clock()).accounts["s1"].connected is False

@@ -41,22 +41,29 @@ def request(url: str, *, body: Any = None, headers: dict[str, str] | None = None
 
 
 class Server:
-    def __init__(self, tmp_path: Path, rules_dir: Path) -> None:
+    """``multibroker serve`` in a subprocess; ``brokers``: also wait until every broker had its first connect (the
+    service listens before that)."""
+
+    def __init__(self, tmp_path: Path, rules_dir: Path, *, brokers: bool = True, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data = tmp_path / "data"
         self.log = tmp_path / f"serve-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MULTIBROKER_")}
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("MULTIBROKER_")}
+        environ.update(env or {})
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "multibroker", "serve", "--rules", str(rules_dir), "--data", str(self.data),
-                 "--port", str(self.port), "--paper-tick", "0.2"],
-                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+                 "--port", str(self.port), "--paper-tick", "0.2", *args],
+                cwd=tmp_path, env=environ, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
             try:
-                if request(f"{self.url}/healthz")[0] == 200:
+                status, body = request(f"{self.url}/healthz")
+                if status == 200 and (not brokers or body.get("starting") == []):
+                    self.health = body
                     return
             except (urllib.error.URLError, ConnectionError):
                 pass
@@ -156,3 +163,65 @@ def test_serve_refuses_invalid_rules_with_their_place(tmp_path: Path, rules_dir:
                           timeout=30, cwd=tmp_path)
     assert proc.returncode == 1
     assert "zz-broken.yaml:" in proc.stderr
+
+
+def test_serve_listens_while_a_broker_hangs_in_its_login(tmp_path: Path) -> None:
+    """A ProjectX broker whose gateway accepts the connection and never answers (its login waits for the request
+    timeout, 10 s): the port opens at once, webhooks are answered, the paper broker trades and the hanging broker's
+    mirror account is journaled missed; SIGTERM still stops the service cleanly."""
+    from tests.harness.runtime import write_rules  # noqa: PLC0415 - the crash-safety rules, one broker more
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes the handshakes; nobody ever reads or answers
+    gateway = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    rules = write_rules(tmp_path / "rules")
+    with open(rules / "brokers.yaml", "a") as fh:
+        fh.write(f"""---
+kind: Broker
+name: px
+type: projectx
+credentials: {{username: "${{PX_E2E_USER}}", api_key: "${{PX_E2E_KEY}}"}}
+endpoints: {{rest: "{gateway}", hub: "{gateway}/hubs/user"}}
+commissions: {{MES: 0.10, default: 0.50}}
+margins: {{MES: 50, default: 500}}
+reconcile_every_seconds: 3600
+""")
+    with open(rules / "accounts.yaml", "a") as fh:
+        fh.write("---\nkind: Account\nname: x1\nbroker: px\nbroker_account: PX-1\ncapital: 50000\n"
+                 "strategies: [mirror]\ninstruments: [MES]\ncatch_up: true\n")
+    secret, token = "hang-secret", "hang-token"
+    env = {"PX_E2E_USER": "trader", "PX_E2E_KEY": "px-key", "MULTIBROKER_WEBHOOK_SECRET": secret,
+           "MULTIBROKER_ADMIN_TOKEN": token}
+    spawned = time.monotonic()
+    server = Server(tmp_path, rules, brokers=False, env=env, args=("--no-startup-check",))
+    try:
+        # Well inside the login's 10 s timeout, which the old start-up waited for before opening the port.
+        assert time.monotonic() - spawned < 8, "the port opened only after the hanging login gave up"
+        assert server.health["status"] == "ok" and "px" in server.health["starting"], server.health
+        admin = {"Authorization": f"Bearer {token}"}
+        assert wait_for(lambda: request(f"{server.url}/healthz")[1]["starting"] == ["px"]), server.log.read_text()
+        _s, status = request(f"{server.url}/api/status", headers=admin)
+        assert {b["name"]: b["state"] for b in status["brokers"]} == {"fast": "up", "slow": "up", "px": "starting"}
+
+        body = {"secret": secret, "strategy": "mirror", "ticker": "MES1!", "action": "buy", "quantity": 1,
+                "position": "long", "position_size": 1, "id": "hang-1"}
+        code, answer = request(f"{server.url}/webhook", body=body)
+        assert code == 202, answer
+        assert sorted(o["account"] for o in answer["decision"]["orders"]) == ["f1", "f2", "s1"]
+
+        def settled() -> Any:
+            _c, row = request(f"{server.url}/api/signals/{answer['signal_id']}", headers=admin)
+            got = {o["account"]: o["status"] for o in row["orders"]}
+            return got if got == {"f1": "filled", "f2": "filled", "s1": "filled", "x1": "missed"} else None
+
+        assert wait_for(settled), request(f"{server.url}/api/signals/{answer['signal_id']}", headers=admin)[1]
+        log = server.log.read_text()
+        listening = [line for line in log.splitlines() if "multibroker listening on http://127.0.0.1:" in line]
+        assert len(listening) == 1 and "brokers still coming up:" in listening[0], log
+        assert "px (starting)" in listening[0], log
+        assert "px-key" not in log
+    finally:
+        code = server.stop()
+        silent.close()
+    assert code == 0, server.log.read_text()

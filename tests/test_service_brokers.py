@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from brokers.emulators.projectx import ProjectXEmulator
-from service.app import create_app
+from service.app import RUNTIME, create_app
 from service.config import ServiceConfig
 from tests.harness import projectx as px_harness
 from tests.harness import tradovate as tv_harness
@@ -96,6 +96,7 @@ async def service(aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.Monke
                                admin_token=TOKEN, paper_tick_s=0)
         app = create_app(config, runtime_factory=lambda c, j, w: Runtime(c, j, w, connector_options=FAST))
         client = await aiohttp_client(app)
+        assert await app[RUNTIME].ready(10.0)  # the service listens before its brokers are up; this test wants them
         yield client, tv, px
         await client.close()
     finally:

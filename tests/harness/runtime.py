@@ -277,6 +277,8 @@ async def world(tmp_path: Path, *, clock: Clock | None = None, start: bool = Tru
     try:
         if start:
             await runtime.start()
+            # start() returns before the brokers are up (the service listens meanwhile); tests begin with them.
+            assert await runtime.ready(10.0), f"brokers still starting: {runtime.starting()}"
         else:
             runtime.prepare()
         yield w
