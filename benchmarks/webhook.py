@@ -181,7 +181,8 @@ async def wait_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
                 raise SystemExit(f"server exited:\n{log.read_text()}")
             try:
                 async with session.get(f"{url}/healthz") as r:
-                    if r.status == 200:
+                    # The port opens before the brokers are up; signals sent earlier would be journaled missed.
+                    if r.status == 200 and not (await r.json()).get("starting"):
                         return
             except aiohttp.ClientError:
                 pass
