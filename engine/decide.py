@@ -29,8 +29,9 @@ Semantics chosen where the rules format is silent (a demanding trader's expectat
   those positions, nobody gets a new entry; if it reverses them, the opening part goes to exactly one of those
   holders (the book's net position then matches the strategy's). With no opposite holder, exactly one eligible
   account gets the entry, chosen by ``select`` then account name. ``best`` mode, target signals: if any target
-  account holds the instrument, the holders converge to the target (the position lives there; opening it elsewhere
-  would double it) and nobody else trades; if none holds it, one account chosen by ``select`` opens it.
+  account holds the instrument (already at its target or not), the holders converge to the target (the position
+  lives there; opening it elsewhere would double it) and nobody else trades; if none holds it, one account chosen
+  by ``select`` opens it.
 - ``max_contracts`` rejects (never resizes); a portfolio-scope ``max_contracts`` counts the book after this
   decision's exits and the entries it already accepted. A loss limit restricted to ``instrument`` blocks entries in
   those roots only; so does the service's halt after such a limit breached (``AccountState.halted_instruments``,
@@ -545,11 +546,15 @@ class _Decider:
         if not openers:
             return
         if self.signal.is_target:
-            holders = [p for p in plans if p.net != 0]
+            # Holders are every target account that holds the root, not only those with a plan: an account already
+            # at its target has no plan ("already at target"), yet the position lives there. Counting plans only
+            # let a flat account open the same position a second time (a repeated target, or a broker's catch-up
+            # after best routing had placed the entry elsewhere while it was away).
+            holders = self._holders()
             if holders:
                 for plan in openers:
                     if plan.net == 0:
-                        where = ", ".join(p.account.name for p in holders)
+                        where = ", ".join(holders)
                         self.skip(plan.account.name, f"best mode: the {self.root} position is held at {where}",
                                   self.rule.name)
                         continue
@@ -587,6 +592,16 @@ class _Decider:
         why = self._why(winner)
         for plan, _ in eligible[1:]:
             self.skip(plan.account.name, f"eligible, but best mode chose {winner.account.name}{why}", self.rule.name)
+
+    def _holders(self) -> list[str]:
+        """Target accounts with a net position in the root (in flight included, as the state counts it); an account
+        with size multiplier 0 does not follow the strategy, so its position is not the strategy's."""
+        names = []
+        for account in self.targets:
+            acc_state = self.state.accounts.get(account.name)
+            if acc_state is not None and account.size_multiplier != 0 and sum(acc_state.held(self.root).values()):
+                names.append(account.name)
+        return names
 
     def _rank(self, plan: Plan) -> tuple[Any, ...]:
         key: list[Any] = []
