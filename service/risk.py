@@ -17,6 +17,30 @@ flattening a CL position because an ES-only limit tripped would be a wrong trade
 under its own key, ``<account>:<ROOT>,<ROOT>`` (roots sorted, e.g. ``apex-1:ES,MES``; ``portfolio:ES,MES`` for a
 portfolio limit), next to the account-wide halt keyed by the bare name, so both can hold at once and each is
 cleared on its own.
+
+**The day book survives a restart.** The runtime journals the marks each day book was opened at (a ``day_start``
+risk event) and, at start, rebuilds the book as it would be had the process never stopped: the positions held
+before the day began, valued at those marks (``open_day``), then every fill of the day (``apply_fill``). A fill of
+an earlier day that is reported after the day began (a late report) changes the day-start position at the day-start
+mark, without P&L, exactly as it would have had it been in the ledger at 18:00.
+
+**A hard limit flattens even when a softer one halted first.** ``halt_entries`` only stops entries, so it must not
+stand in the way of a ``flatten_and_halt`` limit on the same scope reaching its own (larger) loss: a limit that
+breaches flattens unless *it* already flattened that scope (its halt key) on this trading day, whatever halt holds
+the key (a softer limit's, the portfolio's, reconciliation's). Its halt then replaces the one held under the key,
+so the halt names the harder limit, and keeps the longer life of the two (a reconciliation halt lasts until cleared).
+A ``halt_entries`` breach on a key already halted does nothing new.
+
+A ``flatten_and_halt`` limit flattens at most once per limit and scope per trading day, with one exception below:
+``fired`` remembers it for the rest of the day (restored after a restart from the journaled halt events, source
+``risk:<limit>``). An operator who clears its halt while the day's P&L is still past the limit sees the halt come
+back at the next check (as for every loss limit: the breach is a fact of the day, and the engine refuses entries past
+a limit anyway) but no second flatten: clearing never makes it flatten again. The exception is the trader who clears
+a halt and loses again: they expect the hard limit to protect them a second time, so a fired limit re-arms
+(``rearm``, journaled) once its halt is gone *and* the day's P&L is back above the limit (the only way anyone trades
+again after a clear), and the next crossing flattens again (a flatten of its own id). Without a clear it never
+re-arms, so a P&L hovering around the limit while the halt holds (other roots moving, for a limit restricted to
+roots; a flatten that could not reach a broker) never flattens twice.
 """
 
 from __future__ import annotations
@@ -24,7 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from engine.model import Account, Limit
 from engine.sessions import trading_day
@@ -32,6 +56,7 @@ from service.ledger import Ledger
 
 PORTFOLIO = "portfolio"
 """The halt key of a portfolio-wide halt (it blocks every account's entries)."""
+FLATTEN_AND_HALT = "flatten_and_halt"
 
 
 def halt_key(name: str, instruments: Iterable[str] | None = None) -> str:
@@ -93,6 +118,9 @@ class Breach:
     accounts: tuple[str, ...]
     """Accounts whose entries stop (and that are flattened for ``flatten_and_halt``), in ``instruments`` only
     when the limit names roots."""
+    flatten: bool = False
+    """Close the positions in scope: a ``flatten_and_halt`` limit that has not flattened this scope yet today
+    (False for ``halt_entries``, and for a hard limit that already flattened and only halts again)."""
 
     @property
     def instruments(self) -> tuple[str, ...] | None:
@@ -108,8 +136,13 @@ class Breach:
     def reason(self) -> str:
         roots = self.instruments
         where = "" if roots is None else f" [{', '.join(roots)} entries only]"
+        again = "" if self.flatten or self.limit.on_breach != FLATTEN_AND_HALT else "; flattened earlier today"
         return (f"{self.limit.name}{where}: daily P&L {self.daily_pnl:.2f} USD reached the loss limit of "
-                f"-{self.threshold:.2f} USD ({self.limit.on_breach})")
+                f"-{self.threshold:.2f} USD ({self.limit.on_breach}{again})")
+
+
+def _hardness(breach: Breach) -> tuple[bool, bool, Decimal]:
+    return breach.flatten, breach.limit.on_breach == FLATTEN_AND_HALT, breach.threshold
 
 
 def loss_threshold(limit: Limit, capital: Decimal) -> Decimal | None:
@@ -130,26 +163,64 @@ class RiskMonitor:
         self.point_value = point_value
         self.day: date | None = None
         self.book = Ledger()
+        self.day_marks: dict[str, Decimal] = {}
+        """Contract -> the price the positions carried into the day were valued at (what the runtime journals)."""
         self.halts: dict[str, Halt] = {}
+        self.fired: set[tuple[str, str]] = set()
+        """(limit name, halt key) of the ``flatten_and_halt`` limits that flattened that scope today, not re-armed."""
+        self.fire_count: dict[tuple[str, str], int] = {}
+        """How often each (limit name, halt key) flattened today (a re-armed limit's flatten needs its own id)."""
         self._pnl: dict[str, Decimal] = {}
 
     # -- the day ---------------------------------------------------------------------------------------------
-    def roll(self, now: datetime, ledger: Ledger) -> bool:
-        """Start a new day book when ``now`` is in a new trading day; day-bound halts lift. True when rolled."""
+    def roll(self, now: datetime, ledger: Ledger, day_marks: Mapping[str, Decimal] | None = None) -> bool:
+        """Start a new day book when ``now`` is in a new trading day; day-bound halts lift. True when rolled.
+
+        ``day_marks``: the prices to value the carried positions at (a restart passes the journaled ones);
+        contracts it lacks are valued at the current mark."""
         today = trading_day(now)
         if today == self.day:
             return False
-        contracts = {key[2] for key, book in ledger.books.items() if book.quantity}
-        self.book = ledger.rebased({c: m for c in contracts if (m := self.marks(c)) is not None})
-        self.day = today
-        self.halts = {k: h for k, h in self.halts.items() if h.day is None or h.day >= today}
-        self._pnl.clear()
+        self.open_day(today, ledger, day_marks)
         return True
+
+    def open_day(self, day: date, ledger: Ledger, day_marks: Mapping[str, Decimal] | None = None) -> None:
+        """The day book of ``day``: ``ledger``'s positions (those held when the day began) at ``day_marks``, or
+        the current mark for a contract it lacks (its average price when there is no mark at all)."""
+        contracts = {key[2] for key, book in ledger.books.items() if book.quantity}
+        given = dict(day_marks or {})
+        marks: dict[str, Decimal] = {}
+        for contract in sorted(contracts):
+            mark = given.get(contract)
+            if mark is None:
+                mark = self.marks(contract)
+            if mark is not None:
+                marks[contract] = mark
+        self.book = ledger.rebased(marks)
+        self.day_marks = marks
+        if day != self.day:
+            self.fired = set()
+            self.fire_count = {}
+        self.day = day
+        self.halts = {k: h for k, h in self.halts.items() if h.day is None or h.day >= day}
+        self._pnl.clear()
 
     def apply_fill(self, *, fill_id: str, account: str, strategy: str, contract: str, signed_qty: int,
                    price: Decimal, commission: Decimal, at: datetime) -> None:
-        """Book a fill of the current trading day (an older one is already in the day-start positions)."""
+        """Book a fill of the current trading day.
+
+        A fill of an earlier day belongs to the day-start positions: one reported only after the day began (a
+        late report) moves that position at the day-start mark (its own price if the contract was not held), with
+        neither P&L nor commission today, which is what it would be had it been booked before the day began."""
         if self.day is not None and trading_day(at) < self.day:
+            if fill_id in self.book.seen_fills:
+                return
+            mark = self.day_marks.get(contract)
+            if mark is None:
+                mark = self.day_marks[contract] = price
+            self.book.apply(fill_id=fill_id, account=account, strategy=strategy, contract=contract,
+                            signed_qty=signed_qty, price=mark, commission=Decimal(0), point_value=Decimal(0))
+            self._pnl.pop(account, None)
             return
         self.book.apply(fill_id=fill_id, account=account, strategy=strategy, contract=contract,
                         signed_qty=signed_qty, price=price, commission=commission,
@@ -186,32 +257,79 @@ class RiskMonitor:
         return sum((self.daily_pnl(a) for a in accounts), Decimal(0))
 
     # -- limits ----------------------------------------------------------------------------------------------
-    def breaches(self, limits: Iterable[Limit], accounts: Mapping[str, Account]) -> list[Breach]:
-        """Loss limits breached now that have not halted their scope yet.
-
-        "Their scope" is the halt key: an account-wide halt does not suppress the breach of a limit restricted to
-        roots (its ``flatten_and_halt`` must still flatten those roots), nor does one root set suppress another."""
-        found: list[Breach] = []
+    def _measured(self, limits: Iterable[Limit], accounts: Mapping[str, Account]
+                  ) -> Iterator[tuple[Limit, str, Decimal, Decimal, tuple[str, ...]]]:
+        """(limit, scope name, daily P&L, loss threshold, accounts affected) for every loss limit and scope."""
         for limit in limits:
             if limit.max_daily_loss is None and limit.max_daily_loss_pct is None:
                 continue
             scoped = [a for a in accounts if limit.accounts is None or a in limit.accounts]
             if limit.scope == PORTFOLIO:
-                if halt_key(PORTFOLIO, limit.instruments) in self.halts:
-                    continue
                 threshold = loss_threshold(limit, sum((accounts[a].capital for a in scoped), Decimal(0)))
-                pnl = self.portfolio_pnl(scoped)
-                if threshold is not None and pnl <= -threshold:
-                    found.append(Breach(limit, PORTFOLIO, pnl, threshold, tuple(sorted(accounts))))
+                if threshold is not None:
+                    yield limit, PORTFOLIO, self.portfolio_pnl(scoped), threshold, tuple(sorted(accounts))
                 continue
             for name in scoped:
-                if halt_key(name, limit.instruments) in self.halts:
-                    continue
                 threshold = loss_threshold(limit, accounts[name].capital)
-                pnl = self.daily_pnl(name)
-                if threshold is not None and pnl <= -threshold:
-                    found.append(Breach(limit, name, pnl, threshold, (name,)))
+                if threshold is not None:
+                    yield limit, name, self.daily_pnl(name), threshold, (name,)
+
+    def breaches(self, limits: Iterable[Limit], accounts: Mapping[str, Account]) -> list[Breach]:
+        """Loss limits breached now that have something left to do; halt-only breaches before flattening ones.
+
+        A ``flatten_and_halt`` limit that has not flattened its scope today breaches whatever halt holds its key
+        (``flatten``); once it has, and any ``halt_entries`` limit, breaches only when its key is not halted.
+        "Its key" is the halt key: an account-wide halt does not suppress the breach of a limit restricted to
+        roots, nor does one root set suppress another. Breaches of one check that share a key are reduced to the
+        hardest (``_hardness``), so the halt left behind names the harder limit."""
+        found: list[Breach] = []
+        for limit, scope, pnl, threshold, affected in self._measured(limits, accounts):
+            if pnl > -threshold:
+                continue
+            key = halt_key(scope, limit.instruments)
+            if limit.on_breach == FLATTEN_AND_HALT and (limit.name, key) not in self.fired:
+                found.append(Breach(limit, scope, pnl, threshold, affected, flatten=True))
+            elif key not in self.halts:
+                found.append(Breach(limit, scope, pnl, threshold, affected))
+        # One breach per key: its halt replaces any other's, so the one kept is the hardest (a flattening one, else
+        # a flatten_and_halt limit halting again, else the largest loss), whatever order the rules list them in.
+        best: dict[str, Breach] = {}
+        for breach in found:
+            held = best.get(breach.key)
+            if held is None or _hardness(breach) > _hardness(held):
+                best[breach.key] = breach
+        kept = list(best.values())
+        return [b for b in kept if not b.flatten] + [b for b in kept if b.flatten]
+
+    def rearm(self, limits: Iterable[Limit], accounts: Mapping[str, Account]) -> list[tuple[str, str]]:
+        """Re-arm the fired ``flatten_and_halt`` limits whose halt was cleared and whose P&L is back above the
+        limit (see the module docstring); returns the (limit name, halt key) re-armed, for the journal."""
+        if not self.fired:
+            return []
+        found = []
+        for limit, scope, pnl, threshold, _ in self._measured(limits, accounts):
+            key = halt_key(scope, limit.instruments)
+            if (limit.name, key) in self.fired and key not in self.halts and pnl > -threshold:
+                self.fired.discard((limit.name, key))
+                found.append((limit.name, key))
         return found
+
+    def act(self, breach: Breach, now: datetime) -> Halt:
+        """Halt for ``breach``, replacing the halt under its key but keeping the longer life of the two (a
+        reconciliation halt lasts until cleared). A flattening breach is marked fired (``mark_fired``) by the
+        caller once its flatten is journaled: a crash in between must leave it to fire again, not forgotten."""
+        held = self.halts.get(breach.key)
+        return self.halt(breach.scope_name, breach.reason, f"risk:{breach.limit.name}", now,
+                         until_day_end=held is None or held.day is not None, instruments=breach.instruments)
+
+    def fire_number(self, breach: Breach) -> int:
+        """Which flatten of its limit and key today ``breach`` would be (1 the first time; more after a re-arm)."""
+        return self.fire_count.get((breach.limit.name, breach.key), 0) + 1
+
+    def mark_fired(self, limit: str, key: str) -> None:
+        """Remember that ``limit`` flattened ``key`` today (``fired``, ``fire_count``)."""
+        self.fired.add((limit, key))
+        self.fire_count[(limit, key)] = self.fire_count.get((limit, key), 0) + 1
 
     def halt(self, name: str, reason: str, source: str, now: datetime, *, until_day_end: bool = True,
              instruments: Iterable[str] | None = None) -> Halt:

@@ -28,7 +28,7 @@ import itertools
 import json
 import logging
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterable
@@ -38,7 +38,7 @@ from brokers.feed import PriceFeed
 from engine.decision import Decision, client_order_id
 from engine.model import Account, RuleSet
 from engine.schedule import FLATTEN, Firing, firings
-from engine.sessions import trading_day, trading_day_start
+from engine.sessions import session, trading_day, trading_day_start
 from engine.signal import parse_signal
 from engine.state import AccountState, EngineState, contract_root
 from service import reconcile
@@ -61,7 +61,7 @@ from service.dispatch import (
 )
 from service.ledger import EXTERNAL_STRATEGY, Ledger, replay
 from service.pool import BrokerPool
-from service.risk import PORTFOLIO, RiskMonitor, halt_key
+from service.risk import FLATTEN_AND_HALT, PORTFOLIO, Breach, RiskMonitor, halt_key, parse_halt_key
 from service.scheduler import ScheduleExecutor
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ MISSED_BY = frozenset({"connection", "paused"})
 SIGNAL_FIELDS = ("strategy", "ticker", "action", "quantity", "order_type", "price", "position", "position_size",
                  "comment")
 SNAPSHOT_DEBOUNCE_S = 0.05
+DAY_START = "day_start"
+"""Risk event kind: the marks a trading day's book was opened at (``Runtime._open_day_book``)."""
 
 
 def _utc(at: datetime) -> str:
@@ -111,6 +113,8 @@ class Runtime:
         self.pool: BrokerPool | None = None
         self.dispatcher: Dispatcher | None = None
         self.risk = RiskMonitor(self._mark, self._point_value)
+        self._day_start_journaled: date | None = None
+        """The trading day whose day-start marks are in the journal (``_journal_day_start``)."""
         self.scheduler: ScheduleExecutor | None = None
         self._snapshots: dict[str, AccountSnapshot] = {}
         self._reservations: dict[str, _Reservation] = {}
@@ -177,7 +181,7 @@ class Runtime:
         ruleset = self.ruleset
         fills = self.journal.fills()
         self.ledger = replay(fills, self._point_value)
-        self.risk.roll(self._started_at, self.ledger)
+        await self._open_day_book(fills, self._started_at)
         booked: dict[Any, int] = {}
         for fill in fills:
             # A broker may leave the client order id off its fill reports: count by its own order id as well.
@@ -311,23 +315,149 @@ class Runtime:
                 self._recovering_at_start.add(job.client_order_id)
 
     def _restore_halts(self) -> None:
-        """Halts of today survive a restart (they lift at the next trading day or by an operator).
+        """Halts of today survive a restart (they lift at the next trading day or by an operator), and so does
+        which ``flatten_and_halt`` limits already flattened their scope today (``RiskMonitor.fired``), so that a
+        restart neither flattens a scope twice nor forgets that a softer limit's halt must not stop a harder one.
 
         A halt restricted to roots comes back with its roots (the event row's JSON ``instruments``) under the same
-        key (``key``; rows written before roots existed have neither and mean the bare name)."""
+        key (``key``; rows written before roots existed have neither and mean the bare name). A halt event
+        flattened when it says so (``flattened``; rows written before that field: when its action was
+        ``flatten_and_halt``); a later ``rearm`` event of the same limit and key undoes it."""
         now = self.clock()
-        today = trading_day(now)
+        today = trading_day(now).isoformat()
         cleared: set[str] = set()
+        decided: set[tuple[str, str]] = set()
         for row in self.journal.risk_events(1000):  # newest first
             name, kind = row.get("name"), row.get("kind")
             roots = row.get("instruments") or None
             key = str(row.get("key") or halt_key(str(name), roots))
+            source, limit = str(row.get("source") or ""), row.get("limit")
+            mine = str(row.get("day")) == today and bool(limit) and source == f"risk:{limit}"
+            pair = (str(limit), key)
+            if mine and kind == "rearm" and pair not in decided:
+                decided.add(pair)
+            elif mine and kind == "halt" and row.get("flattened", row.get("action") == FLATTEN_AND_HALT):
+                self.risk.fire_count[pair] = self.risk.fire_count.get(pair, 0) + 1
+                if pair not in decided:
+                    decided.add(pair)
+                    self.risk.fired.add(pair)
             if kind == "clear":
                 cleared.add(key)
             elif kind == "halt" and key not in cleared and key not in self.risk.halts and row.get("day"):
-                if str(row["day"]) == today.isoformat():
+                if str(row["day"]) == today:
                     self.risk.halt(str(name), str(row.get("reason")), str(row.get("source")), now,
                                    instruments=roots)
+
+    async def _open_day_book(self, fills: list[dict[str, Any]], now: datetime) -> None:
+        """Rebuild the risk monitor's day book as it would be had the process never stopped: the positions held
+        when this trading day began, valued at the marks of that moment, then every fill of the day (realized P&L
+        and commissions). Rebasing on the positions and marks of *now* instead would forget every loss taken
+        earlier in the day, and a loss limit would allow it a second time.
+
+        The day-start mark of a carried contract is the first of:
+
+        - the one journaled when this day's book was opened (``day_start`` risk event): what the process that was
+          running at 18:00 ET used;
+        - the 17:00 ET daily mark of the previous session (``service.marks``), when the service was down at 18:00:
+          the last price taken before the day began, and the market is closed in between, so it is the day's
+          opening value but for a rare settlement adjustment;
+        - the earliest fill price of the day in that contract: the price nearest to the day start we know;
+        - the current mark, logged as a warning: the position's P&L between the day start and now is then lost
+          (the service was down at 17:00 and at 18:00, and nothing in that contract filled since).
+
+        The marks used are journaled as the day's (when none were), so that a later restart finds the same ones.
+        """
+        today = trading_day(now)
+        before: list[dict[str, Any]] = []
+        during: list[dict[str, Any]] = []
+        for fill in fills:
+            (before if trading_day(self._fill_time(fill)) < today else during).append(fill)
+        opening = replay(before, self._point_value)
+        held = sorted({key[2] for key, book in opening.books.items() if book.quantity})
+        journaled = self._journaled_day_marks(today)
+        marks: dict[str, Decimal] = {}
+        basis: dict[str, str] = {}
+        daily: dict[str, Decimal] | None = None
+        for contract in held:
+            if journaled is not None and contract in journaled:
+                marks[contract], basis[contract] = journaled[contract], "journaled day start"
+                continue
+            if daily is None:
+                daily = self._previous_daily_marks(today)
+            first = next((f for f in during if f.get("contract") == contract and f.get("price") not in (None, "")),
+                         None)
+            current = self._mark(contract)
+            if contract in daily:
+                marks[contract], basis[contract] = daily[contract], "17:00 ET daily mark"
+            elif first is not None:
+                marks[contract], basis[contract] = Decimal(str(first["price"])), "earliest fill of the day"
+            elif current is not None:
+                marks[contract], basis[contract] = current, "current mark"
+            else:
+                basis[contract] = "average price (no mark known)"
+            level = logging.INFO if contract in daily else logging.WARNING
+            log.log(level, "risk: day-start mark of %s for %s: %s (%s)%s", contract, today,
+                    marks.get(contract, "-"), basis[contract],
+                    "; its P&L since the day began is not counted" if basis[contract].startswith(("current",
+                                                                                                  "average")) else "")
+        self.risk.open_day(today, opening, marks)
+        for fill in during:
+            contract = str(fill["contract"])
+            qty = int(fill["quantity"])
+            self.risk.apply_fill(fill_id=f"{fill['broker']}:{fill['fill_id']}", account=str(fill["account"]),
+                                 strategy=str(fill.get("strategy") or EXTERNAL_STRATEGY), contract=contract,
+                                 signed_qty=qty if str(fill["side"]) == "buy" else -qty,
+                                 price=Decimal(str(fill["price"])),
+                                 commission=Decimal(str(fill.get("commission") or 0)), at=self._fill_time(fill))
+        if journaled is not None and set(held) <= set(journaled):
+            self._day_start_journaled = today
+        else:
+            await self._journal_day_start(basis)
+
+    @staticmethod
+    def _fill_time(fill: dict[str, Any]) -> datetime:
+        text = str(fill.get("at") or fill.get("recorded_at"))
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    def _journaled_day_marks(self, day: date) -> dict[str, Decimal] | None:
+        """The day-start marks journaled for ``day`` (the newest ``day_start`` event), or None."""
+        for row in self.journal.risk_events(1000):  # newest first
+            if row.get("kind") == DAY_START and str(row.get("day")) == day.isoformat():
+                found = {}
+                for contract, price in (row.get("marks") or {}).items():
+                    try:
+                        found[str(contract)] = Decimal(str(price))
+                    except ArithmeticError:
+                        log.warning("risk: journaled day-start mark %r of %s for %s unreadable", price, contract, day)
+                return found
+        return None
+
+    def _previous_daily_marks(self, day: date) -> dict[str, Decimal]:
+        """Contract prices of the 17:00 ET daily mark of the last session before trading day ``day`` began (a
+        mark of an older session is stale: the prices moved in the sessions the service missed)."""
+        previous = next((d for d in (day - timedelta(days=n) for n in range(1, 11)) if session(d) is not None),
+                        None)
+        if previous is None:
+            return {}
+        found: dict[str, Decimal] = {}
+        for row in self.journal.daily_marks(since=previous):
+            if row.get("trading_day") == previous.isoformat():
+                for contract, price in (row.get("marks") or {}).items():
+                    try:
+                        found.setdefault(str(contract), Decimal(str(price)))
+                    except ArithmeticError:
+                        log.warning("risk: daily mark %r of %s on %s unreadable", price, contract, previous)
+        return found
+
+    async def _journal_day_start(self, basis: dict[str, str]) -> None:
+        """Journal the marks the current day book was opened at, for a restart later in the day."""
+        day = self.risk.day
+        if day is None:
+            return
+        await self._risk_event(PORTFOLIO, DAY_START, f"trading day {day.isoformat()} began: positions carried in "
+                               "are valued at these marks", "risk", self.clock(), day=day.isoformat(),
+                               marks={c: str(m) for c, m in sorted(self.risk.day_marks.items())}, basis=basis)
+        self._day_start_journaled = day
 
     # -- dispatch ----------------------------------------------------------------------------------------------
     def dispatch(self, signal_id: str, decision: Decision) -> None:
@@ -389,19 +519,36 @@ class Runtime:
             log.warning("%s: %s %s %d %s missed (%s)", signal_id, order.account, order.side, order.quantity,
                         order.contract, reason)
 
-    def _state_with_up(self, now: datetime, brokers: set[str]) -> EngineState:
+    def _state_with_up(self, now: datetime, brokers: set[str], *, undispatched: bool = False) -> EngineState:
         """The engine's view with ``brokers`` connected and not paused (what they would get if they were up).
 
         An account whose broker has not reported yet in this process (it is still starting) has no known free
-        margin; its declared capital less what is reserved stands in, so that what it missed is still recorded."""
+        margin; its declared capital less what is reserved stands in, so that what it missed is still recorded.
+
+        ``undispatched`` (catch-up): orders the journal holds as ``new`` that the tracker does not know yet count
+        as positions too. The webhook commits a signal with its orders and answers before it dispatches them; a
+        catch-up deciding in between reads that signal as the strategy's last target, and without its entry in
+        view best mode would open the position a second time at the broker that just came back."""
         state = self.engine_state(now)
         names = {n for n, a in self.ruleset.accounts.items() if a.broker in brokers}
+        pending: dict[str, dict[str, int]] = {}
+        if undispatched:
+            for row in self.journal.orders(status=[NEW]):
+                if self.tracker.get(row["client_order_id"]) is None:
+                    book = pending.setdefault(row["account"], {})
+                    signed = int(row["quantity"]) * (1 if row["side"] == "buy" else -1)
+                    book[row["contract"]] = book.get(row["contract"], 0) + signed
         up = {}
         for name, acct in state.accounts.items():
             if name in names:
                 acct = replace(acct, connected=True)
                 if name not in self._snapshots:
                     acct = replace(acct, free_margin=self.ruleset.accounts[name].capital - self._reserved(name))
+            if name in pending:
+                positions = dict(acct.positions)
+                for contract, qty in pending[name].items():
+                    positions[contract] = positions.get(contract, 0) + qty
+                acct = replace(acct, positions={c: q for c, q in positions.items() if q})
             up[name] = acct
         return replace(state, accounts=up, paused=state.paused - brokers)
 
@@ -743,27 +890,43 @@ class Runtime:
             except ValueError as exc:
                 log.warning("catch-up of %s: stored signal no longer parses: %s", strategy, exc)
                 continue
-            # The broker is connected but not yet open to new orders (this is its recovery): decide as if it were.
-            decision = self.engine.decide(signal, self._state_with_up(now, {broker}), now)
-            names = {a.name for a in followers}
-            orders = tuple(o for o in decision.orders if o.account in names)
-            self.catchups.append({"strategy": strategy, "signal": sid, "flat": flat,
-                                  "orders": [o.to_json() for o in orders]})
-            if not orders:
-                continue
-            decision = Decision(signal_id=sid, strategy=strategy, rule=decision.rule, blocked_by=decision.blocked_by,
-                                reason=f"catch-up after {broker} reconnected: {decision.reason}", orders=orders)
-            await self.journal.record_signal(raw=json.dumps({**body, "catch_up": True}), remote=None,
-                                             status="accepted", reason="catch-up", key=None,
-                                             signal={**body, "catch_up": True}, decision=decision.to_json(),
-                                             orders=[{**o.to_json(), "margin_usd": o.margin_usd} for o in orders],
-                                             signal_id=sid, at=now)
-            for order in orders:
-                job = self._job(order.to_json(), strategy, sid, order.margin_usd)
-                if job is not None:
-                    self.tracker.track(job)
-                    self._reserve(job)
-                    await self._send_recovered(job)
+            # Decide, journal and track under one lock: two brokers coming back together (one network blip) must
+            # not both decide before either's orders are in view, or best mode opens the position at each. The
+            # sends happen after the lock, once the orders count as in flight.
+            async with self._catch_up_lock():
+                # The broker is connected but not yet open to new orders (its recovery): decide as if it were.
+                decision = self.engine.decide(signal, self._state_with_up(now, {broker}, undispatched=True), now)
+                names = {a.name for a in followers}
+                orders = tuple(o for o in decision.orders if o.account in names)
+                self.catchups.append({"strategy": strategy, "signal": sid, "flat": flat,
+                                      "orders": [o.to_json() for o in orders]})
+                if not orders:
+                    continue
+                decision = Decision(signal_id=sid, strategy=strategy, rule=decision.rule,
+                                    blocked_by=decision.blocked_by,
+                                    reason=f"catch-up after {broker} reconnected: {decision.reason}", orders=orders)
+                await self.journal.record_signal(raw=json.dumps({**body, "catch_up": True}), remote=None,
+                                                 status="accepted", reason="catch-up", key=None,
+                                                 signal={**body, "catch_up": True}, decision=decision.to_json(),
+                                                 orders=[{**o.to_json(), "margin_usd": o.margin_usd} for o in orders],
+                                                 signal_id=sid, at=now)
+                jobs = []
+                for order in orders:
+                    job = self._job(order.to_json(), strategy, sid, order.margin_usd)
+                    if job is not None:
+                        self.tracker.track(job)
+                        self._reserve(job)
+                        jobs.append(job)
+                self._invalidate()  # the engine's cached view must show these orders to the next decision
+            for job in jobs:
+                await self._send_recovered(job)
+
+    def _catch_up_lock(self) -> asyncio.Lock:
+        """One lock for every broker's catch-up (created on first use, inside the running loop)."""
+        lock: asyncio.Lock | None = getattr(self, "_catch_up_guard", None)
+        if lock is None:
+            lock = self._catch_up_guard = asyncio.Lock()
+        return lock
 
     def _flattened_since(self, strategy: str, accounts: Iterable[Account], since: datetime, now: datetime) -> bool:
         names = {a.name for a in accounts}
@@ -854,27 +1017,46 @@ class Runtime:
             except Exception:
                 log.exception("risk monitor: check failed")
 
-    async def check_risk(self) -> list[Any]:
-        """Re-mark, roll the day if it changed, and act on any new breach."""
+    async def check_risk(self) -> list[Breach]:
+        """Re-mark, roll the day if it changed, and act on any new breach (``service.risk``).
+
+        A flattening breach halts first (no entry slips in while its exits are journaled), then flattens, and is
+        marked fired and journaled only after its flattens are: a crash in between fires it again after the
+        restart, where the flatten's id (one per limit, day, account and firing) makes a second flatten of the
+        same firing a no-op while its journaled orders recover."""
         now = self.clock()
         if self.risk.roll(now, self.ledger):
             log.info("risk: trading day %s began; day-bound halts lifted", self.risk.day)
+        if self.risk.day != self._day_start_journaled:
+            try:
+                await self._journal_day_start({c: "mark at the day's start" for c in self.risk.day_marks})
+            except Exception:  # noqa: BLE001 - the limits must still be checked; the next tick retries
+                log.exception("risk: the day-start marks of %s could not be journaled", self.risk.day)
         self.risk.refresh()
-        breaches = self.risk.breaches(self.ruleset.limits, self.ruleset.accounts)
+        limits, accounts = self.ruleset.limits, self.ruleset.accounts
+        for name, key in self.risk.rearm(limits, accounts):
+            scope, roots = parse_halt_key(key)
+            reason = f"{name} re-armed for {key}: its halt was cleared and the daily P&L is back above the limit"
+            log.info("risk: %s", reason)
+            await self._risk_event(scope, "rearm", reason, f"risk:{name}", now, limit=name, key=key,
+                                   instruments=None if roots is None else list(roots))
+        breaches = self.risk.breaches(limits, accounts)
         for breach in breaches:
             # A limit restricted to roots halts, and flattens, those roots only (``service.risk``).
             roots = breach.instruments
-            halt = self.risk.halt(breach.scope_name, breach.reason, f"risk:{breach.limit.name}", now,
-                                  instruments=roots)
+            halt = self.risk.act(breach, now)
             log.warning("risk: %s", breach.reason)
-            await self._risk_event(breach.scope_name, "halt", breach.reason, f"risk:{breach.limit.name}", now,
-                                   limit=breach.limit.name, daily_pnl=str(breach.daily_pnl),
-                                   action=breach.limit.on_breach, key=halt.key,
-                                   instruments=None if roots is None else list(roots))
-            if breach.limit.on_breach == "flatten_and_halt":
+            if breach.flatten:
+                number = self.risk.fire_number(breach)
+                suffix = "" if number == 1 else f"-{number}"
                 for account in breach.accounts:
                     await self.flatten(account=account, reason=breach.reason, instruments=roots,
-                                       flatten_id=f"risk-{breach.limit.name}-{self.risk.day}-{account}")
+                                       flatten_id=f"risk-{breach.limit.name}-{self.risk.day}-{account}{suffix}")
+                self.risk.mark_fired(breach.limit.name, breach.key)
+            await self._risk_event(breach.scope_name, "halt", breach.reason, f"risk:{breach.limit.name}", now,
+                                   limit=breach.limit.name, daily_pnl=str(breach.daily_pnl),
+                                   action=breach.limit.on_breach, flattened=breach.flatten, key=halt.key,
+                                   instruments=None if roots is None else list(roots))
         self._invalidate()
         return breaches
 
@@ -923,7 +1105,8 @@ class Runtime:
             snap = self._snapshots.get(name)
             out.append({"name": name, "broker": account.broker, "connected": acct.connected,
                         "free_margin": str(acct.free_margin), "daily_pnl": str(acct.daily_pnl),
-                        "halted": acct.halted, "positions": dict(acct.positions),
+                        "halted": acct.halted, "halted_instruments": dict(acct.halted_instruments),
+                        "positions": dict(acct.positions),
                         "cash_balance": None if snap is None else str(snap.cash_balance),
                         "reserved_margin": str(self._reserved(name))})
         return out

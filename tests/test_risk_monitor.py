@@ -20,6 +20,7 @@ from tests.harness.runtime import Clock, signal, wait_until, world
 ET = ZoneInfo("America/New_York")
 UTC = ZoneInfo("UTC")
 POINT = Decimal(5)  # MES
+PORTFOLIO_LIMIT = "portfolio-loss"
 
 
 def et(day: int, hh: int, mm: int) -> datetime:
@@ -74,10 +75,17 @@ def test_daily_pnl_is_realized_plus_marked_minus_commissions_and_restarts_at_18_
     marks.prices["MESH6"] = Decimal("5000")
     monitor.refresh()
     assert monitor.daily_pnl("a") == Decimal(50)
-    # A fill stamped in the previous trading day is already in the day-start positions: not booked twice.
-    monitor.apply_fill(fill_id="late", account="a", strategy="s", contract="MESH6", signed_qty=1,
-                       price=Decimal("4000"), commission=Decimal(0), at=et(11, 17, 0))
+    # A fill already in the day-start positions is not booked twice.
+    book(monitor, ledger, "1", "a", 2, "5000", et(11, 10, 0))
     assert monitor.daily_pnl("a") == Decimal(50)
+    # A fill of the previous trading day reported only now joins the day-start position at the day-start mark
+    # (4990), with no P&L or commission today: the long is 2 from 4990, marked 5000.
+    monitor.apply_fill(fill_id="late", account="a", strategy="s", contract="MESH6", signed_qty=1,
+                       price=Decimal("4000"), commission=Decimal(7), at=et(11, 17, 0))
+    assert monitor.daily_pnl("a") == Decimal(100)
+    monitor.apply_fill(fill_id="late", account="a", strategy="s", contract="MESH6", signed_qty=1,
+                       price=Decimal("4000"), commission=Decimal(7), at=et(11, 17, 0))
+    assert monitor.daily_pnl("a") == Decimal(100)
 
 
 def test_breaches_halt_once_and_lift_at_the_next_trading_day_or_when_cleared() -> None:
@@ -96,7 +104,9 @@ def test_breaches_halt_once_and_lift_at_the_next_trading_day_or_when_cleared() -
     found = {(b.scope_name, b.limit.name, b.accounts) for b in monitor.breaches(limits, accounts)}
     assert found == {("a", "acct", ("a",)), ("b", "acct", ("b",)), (PORTFOLIO, "port", ("a", "b"))}
     for b in monitor.breaches(limits, accounts):
-        monitor.halt(b.scope_name, b.reason, f"risk:{b.limit.name}", et(11, 12, 0))
+        monitor.act(b, et(11, 12, 0))
+        if b.flatten:
+            monitor.mark_fired(b.limit.name, b.key)
     assert monitor.breaches(limits, accounts) == []  # halted scopes do not breach again
     assert "account-" not in (monitor.halted("a") or "") and "acct: daily P&L -101.50" in monitor.halted("a")
     assert monitor.clear("a") is not None
@@ -108,6 +118,59 @@ def test_breaches_halt_once_and_lift_at_the_next_trading_day_or_when_cleared() -
     monitor.halt("b", "reconciliation", "reconciliation", et(11, 19, 0), until_day_end=False)
     monitor.roll(et(12, 18, 0), ledger)
     assert "b" in monitor.halts  # a reconciliation halt waits for a clean pass or an operator
+
+
+def test_a_hard_limit_flattens_past_a_softer_halt_once_and_re_arms_only_after_a_clear_and_a_recovery() -> None:
+    marks, ledger = Marks(), Ledger()
+    monitor = RiskMonitor(marks, lambda c: POINT)
+    accounts = {"a": account("a")}
+    soft, hard = limit("soft", "account", usd=500), limit("hard", "account", usd=1000, on_breach="flatten_and_halt")
+    monitor.roll(et(11, 9, 0), ledger)
+    book(monitor, ledger, "1", "a", 4, "5000", et(11, 10, 0))  # 1 USD commissions
+
+    def check(price: str) -> list[tuple[str, bool]]:
+        marks.prices["MESH6"] = Decimal(price)
+        monitor.refresh()
+        found = monitor.breaches([hard, soft], accounts)  # the hard one listed first: its halt must still win
+        for b in found:
+            monitor.act(b, et(11, 12, 0))
+            if b.flatten:
+                monitor.mark_fired(b.limit.name, b.key)
+        return [(b.limit.name, b.flatten) for b in found]
+
+    assert check("4980") == []  # -401
+    assert check("4975") == [("soft", False)]  # -501
+    assert check("4970") == []  # -601: halted by the soft limit already
+    assert check("4950") == [("hard", True)]  # -1001: flattens although the key is halted
+    assert monitor.halts["a"].source == "risk:hard" and "flatten_and_halt)" in monitor.halts["a"].reason
+    assert check("4940") == []  # never twice
+    # Both at once, hard listed first: one flattening breach, the soft one adds nothing.
+    fresh = RiskMonitor(marks, lambda c: POINT)
+    fresh.roll(et(11, 9, 0), Ledger())
+    book(fresh, Ledger(), "1", "a", 4, "5000", et(11, 10, 0))
+    assert [(b.limit.name, b.flatten) for b in fresh.breaches([hard, soft], accounts)] == [("hard", True)]
+    # Cleared while still past the limit: halted again, not flattened again.
+    monitor.clear("a")
+    assert monitor.rearm([hard, soft], accounts) == []
+    assert check("4940") == [("hard", False)]
+    assert "flattened earlier today" in monitor.halts["a"].reason and ("hard", "a") in monitor.fired
+    # Cleared once the day is back above the limit: re-armed, and the next crossing flattens again.
+    monitor.clear("a")
+    marks.prices["MESH6"] = Decimal("4990")
+    monitor.refresh()
+    assert monitor.rearm([hard, soft], accounts) == [("hard", "a")]
+    assert check("4990") == []
+    assert check("4949") == [("hard", True)]  # the soft one breaches too, but the hard one's halt holds the key
+    assert monitor.fire_count[("hard", "a")] == 2
+    # A reconciliation halt (until cleared) keeps its life when a hard limit's halt replaces it.
+    other = RiskMonitor(marks, lambda c: POINT)
+    other.roll(et(11, 9, 0), Ledger())
+    book(other, Ledger(), "1", "a", 4, "5000", et(11, 10, 0))
+    other.halt("a", "reconciliation mismatch", "reconciliation", et(11, 11, 0), until_day_end=False)
+    [breach] = other.breaches([hard], accounts)
+    assert breach.flatten and other.act(breach, et(11, 12, 0)).day is None
+    other.roll(et(11, 18, 0), ledger)
+    assert other.fired == set() and "a" in other.halts
 
 
 # -- through the runtime, against paper brokers --------------------------------------------------------------------
@@ -194,10 +257,25 @@ async def test_flatten_and_halt_closes_every_position_and_the_halt_survives_a_re
         flattens = [s for s in w.journal.recent_signals(20) if s["id"].startswith("risk-portfolio-loss")]
         assert len(flattens) == 5 and all(s["reason"] for s in flattens)
     async with world(tmp_path, clock=clock, rules=rules) as w:
-        assert PORTFOLIO in w.runtime.risk.halts
+        rt = w.runtime
+        assert PORTFOLIO in rt.risk.halts
+        assert (PORTFOLIO_LIMIT, PORTFOLIO) in rt.risk.fired
+        # The day's loss (7 contracts x -15 points x 5, closed, plus commissions) survives the restart.
+        assert rt.risk.portfolio_pnl(rt.ruleset.accounts) <= -525
         refused = await w.submit(signal("mirror", "buy", 1, sid="e2"))
         assert refused.orders == ()
-        assert w.runtime.clear_halt(PORTFOLIO)["cleared"] == PORTFOLIO
-        assert len((await w.submit(signal("mirror", "buy", 1, sid="e3"))).orders) == 3
+        assert rt.clear_halt(PORTFOLIO)["cleared"] == PORTFOLIO
+        # Cleared, but the day is still past the limit: the engine refuses entries itself, and the next check
+        # halts again without a second flatten.
+        again = await w.submit(signal("mirror", "buy", 1, sid="e3"))
+        assert again.orders == () and again.blocked_by == PORTFOLIO_LIMIT
+        [breach] = await rt.check_risk()
+        assert not breach.flatten and "flattened earlier today" in rt.risk.halts[PORTFOLIO].reason
+        assert len([s for s in w.journal.recent_signals(50) if s["id"].startswith("risk-")]) == 5
+        # The next trading day starts from zero.
+        clock.set(et(11, 18, 0))
+        await rt.check_risk()
+        assert rt.risk.halts == {} and rt.risk.portfolio_pnl(rt.ruleset.accounts) == 0
+        assert len((await w.submit(signal("mirror", "buy", 1, sid="e4"))).orders) == 3
         await w.settle()
-        assert SENDING not in w.statuses("e3").values()
+        assert SENDING not in w.statuses("e4").values()

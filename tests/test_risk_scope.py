@@ -184,6 +184,12 @@ async def open_es_and_cl(w: Any) -> None:
     w.feed.set_price("ES", Decimal("5980"))
 
 
+def same_market(w: Any) -> None:
+    """After a restart (a new feed): the prices the last process left, ES 5980 and CL 74."""
+    w.feed.set_price("ES", Decimal("5980"))
+    w.feed.set_price("CL", Decimal("74"))
+
+
 def roots_held(w: Any, account: str) -> dict[str, int]:
     positions = w.runtime.engine_state(w.clock()).accounts[account].positions
     return {c[:-2]: q for c, q in positions.items() if q}
@@ -221,9 +227,13 @@ async def test_flatten_and_halt_of_an_es_limit_flattens_es_only_and_survives_a_r
         await w.settle()
     async with world(tmp_path, clock=clock, rules_dir=rules_dir) as w:
         rt = w.runtime
+        same_market(w)  # a new process, the same market (the day's P&L counts from the day's marks, not the feed's)
+        await rt.check_risk()
+        assert rt.risk.daily_pnl("a1") > 0  # the ES loss and the CL gain both survived the restart
         assert {"a1:ES,MES", "a2:ES,MES"} <= set(rt.risk.halts) and rt.risk.halts["a1:ES,MES"].instruments == (
             "ES", "MES")
         assert "a1" not in rt.risk.halts
+        assert {("es-loss", "a1:ES,MES"), ("es-loss", "a2:ES,MES")} <= rt.risk.fired
         refused = await w.submit(es("buy", 1, sid="es3"))
         assert [(s.account, s.by) for s in refused.skipped] == [("a1", "halted")]
         assert len((await w.submit(cl("buy", 1, sid="cl3"))).orders) == 1
@@ -232,8 +242,13 @@ async def test_flatten_and_halt_of_an_es_limit_flattens_es_only_and_survives_a_r
         assert [(o.account, o.intent) for o in (await w.submit(es("buy", 1, sid="es4"))).orders] == [("a1", "entry")]
         await w.settle()
     async with world(tmp_path, clock=clock, rules_dir=rules_dir) as w:
+        same_market(w)
         # Cleared stays cleared across a restart; a2's halt, never cleared, is still there.
         assert "a1:ES,MES" not in w.runtime.risk.halts and "a2:ES,MES" in w.runtime.risk.halts
+        # a1 is back above its ES limit with its halt cleared: the limit re-arms (a new crossing flattens again).
+        await w.runtime.check_risk()
+        assert ("es-loss", "a1:ES,MES") not in w.runtime.risk.fired and "a1:ES,MES" not in w.runtime.risk.halts
+        assert any(e["kind"] == "rearm" and e["key"] == "a1:ES,MES" for e in w.journal.risk_events(50))
 
 
 async def test_halt_entries_of_an_es_limit_keeps_es_exits_and_cl_and_coexists_with_an_account_halt(
@@ -245,6 +260,9 @@ async def test_halt_entries_of_an_es_limit_keeps_es_exits_and_cl_and_coexists_wi
         await rt.check_risk()
         assert {"a1:ES,MES"} <= set(rt.risk.halts) and "a1" not in rt.risk.halts
         assert roots_held(w, "a1") == {"ES": 2, "CL": 1}  # halt_entries flattens nothing
+        row = {r["name"]: r for r in rt.accounts()}["a1"]
+        reason = rt.risk.halts["a1:ES,MES"].reason
+        assert row["halted"] is None and row["halted_instruments"] == {"ES": reason, "MES": reason}
         assert len((await w.submit(cl("buy", 1, sid="cl2"))).orders) == 1
         assert [s.by for s in (await w.submit(es("buy", 1, sid="es2"))).skipped] == ["halted"]
         out = await w.submit(es("exit", sid="x1"))
