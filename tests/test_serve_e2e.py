@@ -130,6 +130,12 @@ def test_serve_with_no_secrets_set_runs_the_example_rules_and_survives_a_restart
         lines = demo.stdout.splitlines()
         assert [line.split("-> ")[1][:3] for line in lines[:3]] == ["202"] * 3
         assert "accounts (daily P&L, USD):" in demo.stdout and secret not in demo.stdout
+        # Inside a schedule block the demo says why nothing moved; outside one it has no such excuse to print.
+        hint = "no signal made an order: the rules block entries right now"
+        if answer["decision"]["blocked_by"]:
+            assert hint in demo.stdout and answer["decision"]["blocked_by"] in demo.stdout, demo.stdout
+        if accounts:
+            assert hint not in demo.stdout, demo.stdout
 
         # Hot reload: a bad edit is refused and shown with its place; the live rules keep running.
         (rules_dir / "zz-broken.yaml").write_text("kind: Account\nname: ghost\nbroker: nowhere\n")

@@ -58,6 +58,8 @@ async def _run(url: str, count: int, interval_s: float, secret: str, token: str 
     import aiohttp  # noqa: PLC0415
 
     failures = 0
+    ordered = 0
+    blocked: dict[str, str] = {}  # rule -> reason, for signals whose every entry a rule refused
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for n in range(count):
             signal = dict(SCRIPT[n % len(SCRIPT)])
@@ -69,11 +71,20 @@ async def _run(url: str, count: int, interval_s: float, secret: str, token: str 
                     body = await r.json()
                     click.echo(_line(n + 1, signal, r.status, body))
                     failures += r.status >= 400
+                    decision = body.get("decision") or {}
+                    ordered += len(decision.get("orders") or ())
+                    if decision.get("blocked_by"):
+                        blocked[str(decision["blocked_by"])] = str(decision.get("reason") or "")
             except aiohttp.ClientError as exc:
                 click.echo(f"cannot reach {url}: {exc} (is `multibroker serve` running?)", err=True)
                 return 2
             if n + 1 < count:
                 await asyncio.sleep(interval_s)
+        if not ordered and blocked:
+            # A newcomer running the demo in the evening sees nothing move and deserves to know why.
+            click.echo(f"\nno signal made an order: the rules block entries right now "
+                       f"({'; '.join(blocked.values())}). The example schedule (rules/schedule.yaml) blocks "
+                       f"entries from 15:50 to 18:00 ET; edit it while `serve` runs (it reloads) or try later.")
         if token is None:
             click.echo("(no admin token found: skipping positions and P&L)")
             return 1 if failures else 0
