@@ -80,14 +80,19 @@ MB_SERVER = textwrap.dedent("""
 
     class NullRuntime:
         # Everything before dispatch is real; dispatch drops the (journaled) orders: the answer path alone.
+        # The webhook holds a decision's orders from the decision to the dispatch (Runtime.hold): kept here as a
+        # dict entry, so that the answer path pays its hold/release calls as it does with the real runtime.
         def __init__(self, config, journal, watcher):
             self.watcher = watcher
+            self.held = {}
         async def start(self): pass
         async def stop(self): pass
         def engine_state(self, now):
             accounts = {name: AccountState(True, Decimal(10**9), Decimal(0)) for name in self.watcher.current[0].accounts}
             return EngineState(accounts=accounts)
-        def dispatch(self, signal_id, decision): pass
+        def hold(self, signal_id, decision): self.held[signal_id] = decision
+        def release(self, signal_id): self.held.pop(signal_id, None)
+        def dispatch(self, signal_id, decision): self.held.pop(signal_id, None)
 
     from datetime import datetime, timezone
     from brokers import base

@@ -6,6 +6,10 @@ check the source and the size, parse, authenticate, validate, recognise a repeat
 COMMIT, answer ``202``, and hand the orders to the runtime's dispatcher after the answer is written. A request the
 service cannot put on disk gets ``503`` and no acknowledgement; every refusal is journaled with its reason.
 
+The decided orders count as exposure from the decision on (``Runtime.hold``, in the same step as the decision),
+not from the dispatch: other signals are decided while this one awaits its commit, and each must see the orders
+before it, or two concurrent entries both pass a limit that allows one and best mode opens a position twice.
+
 Answers::
 
     202 {"signal_id", "decision": <decision record>}                 a new signal (decision may have no orders)
@@ -58,7 +62,9 @@ _SECRET_FIELD = re.compile(r'("secret"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}\]\s]+)', r
 
 
 class Dispatcher(Protocol):
-    """What the webhook needs from ``service.runtime.Runtime``."""
+    """What the webhook needs from ``service.runtime.Runtime``. Optional, used when present: ``hold(signal_id,
+    decision)``, counting a decision's orders as exposure until ``dispatch`` takes them, and ``release(signal_id)``,
+    dropping them when the signal is not acknowledged (``Runtime.hold``)."""
 
     def engine_state(self, now: datetime) -> EngineState: ...
 
@@ -191,6 +197,22 @@ class Webhook:
             logger.exception("deciding signal %s failed", key)
             refusal = Refusal(500, "decision_failed", f"the decision failed: {type(exc).__name__}: {exc}")
             return await self._refuse(request, refusal, b"", body, key=key, signal=signal)
+        # The orders count as exposure from their decision on (no await in between): a signal decided while this
+        # one's commit is under way sees them (max_contracts, margin, best mode's holder). ``dispatch`` ends the
+        # hold; leaving without it (not acknowledged, or cancelled) releases it, so nothing stays counted.
+        hold = getattr(self.runtime, "hold", None) if decision.orders else None
+        release = getattr(self.runtime, "release", None)
+        if hold is None or release is None:  # a runtime without holds (a test's or a benchmark's stub)
+            return await self._record_and_answer(request, signal, body, key, now, claim, signal_id, decision)
+        hold(signal_id, decision)
+        try:
+            return await self._record_and_answer(request, signal, body, key, now, claim, signal_id, decision)
+        finally:
+            release(signal_id)  # a no-op once dispatched
+
+    async def _record_and_answer(self, request: web.Request, signal: Signal, body: Mapping[str, Any], key: str,
+                                 now: datetime, claim: asyncio.Future[str], signal_id: str,
+                                 decision: Decision) -> web.StreamResponse:
         record = decision.to_json()
         record_text = dumps(record)  # once, for the journal and the answer alike
         orders = [{**o.to_json(), "margin_usd": o.margin_usd, "order_type": decision.order_type,

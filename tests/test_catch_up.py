@@ -6,7 +6,7 @@ the entry to ``bf`` at ``fast`` (``slow`` is cheaper, so with both up ``bs`` wou
 
 1. ``bf`` holds the position (filled): catch-up sends nothing;
 2. ``bf``'s order is still in flight (sent and unanswered, acknowledged with its fill pending, of unknown fate
-   after a drop, or journaled by the webhook and not dispatched yet): it counts as held, catch-up sends nothing;
+   after a drop, or decided by the webhook and not dispatched yet): it counts as held, catch-up sends nothing;
 3. ``bf``'s order was rejected or missed: nobody holds it, so catch-up opens it at ``slow`` (that is its point);
 4. the target was flat: only exits, each sent once;
 5. mirror: each ``catch_up`` account converges on its own.
@@ -121,10 +121,11 @@ def held(w: World) -> dict[str, int]:
 
 
 async def journal_only(w: World, body: dict[str, Any]) -> Decision:
-    """``World.submit`` up to the journal's commit: decided and journaled, not handed to the dispatcher yet."""
+    """The webhook up to the journal's commit: decided, held (as exposure) and journaled, not dispatched yet."""
     now = w.clock()
     parsed = parse_signal(body)
     decision = w.watcher.engine.decide(parsed, w.runtime.engine_state(now), now)
+    w.runtime.hold(parsed.id, decision)
     await w.journal.record_signal(
         signal_id=parsed.id, raw=str(body), remote=None, status="accepted", reason=decision.reason, key=parsed.id,
         signal={k: v for k, v in vars(parsed).items() if v is not None and k != "id_derived"},
@@ -309,7 +310,8 @@ async def test_mirror_catch_up_converges_each_account_on_its_own(w: World) -> No
 
 async def test_an_entry_journaled_but_not_yet_dispatched_counts_as_held(w: World) -> None:
     """The webhook commits a signal with its orders, answers its sender, and only then dispatches: a broker that
-    comes back in between sees the signal as the strategy's last target, while its entry is not tracked yet."""
+    comes back in between sees the signal as the strategy's last target, while its entry is not tracked yet but
+    held (``Runtime.hold``), which the catch-up's decision counts (the journal's ``new`` orders are not read)."""
     await drop(w, "slow")
     body = target("t1", "long", 2)
     decision = await journal_only(w, body)

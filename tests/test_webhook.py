@@ -41,6 +41,10 @@ class StubRuntime:
         self.watcher = watcher
         self.now = NOW
         self.dispatched: list[tuple[str, Decision, bool]] = []
+        self.held: dict[str, Decision] = {}
+        """Decisions held as exposure (``Runtime.hold``) and not dispatched or released yet."""
+        self.holds: list[tuple[str, str, bool]] = []
+        """("hold" | "release", signal id, whether the signal was on disk then), in order."""
         self.flattened: list[dict[str, Any]] = []
         self.paused: set[str] = set()
         self.halts = {"apex-1": "manual halt"}
@@ -61,9 +65,18 @@ class StubRuntime:
                     for name in ruleset.accounts}
         return EngineState(accounts=accounts, paused=frozenset(self.paused))
 
+    def hold(self, signal_id: str, decision: Decision) -> None:
+        self.held[signal_id] = decision
+        self.holds.append(("hold", signal_id, self.journal.get_signal(signal_id) is not None))
+
+    def release(self, signal_id: str) -> None:
+        if self.held.pop(signal_id, None) is not None:
+            self.holds.append(("release", signal_id, self.journal.get_signal(signal_id) is not None))
+
     def dispatch(self, signal_id: str, decision: Decision) -> None:
         on_disk = self.journal.get_signal(signal_id) is not None
         self.dispatched.append((signal_id, decision, on_disk))
+        self.held.pop(signal_id, None)  # the dispatch takes the hold over
 
     def status(self) -> dict[str, Any]:
         return {"brokers": [{"name": "paper-fast", "connected": True, "paused": "paper-fast" in self.paused,
@@ -166,6 +179,8 @@ async def test_signal_is_journaled_with_its_orders_before_the_answer_and_dispatc
     runtime = app[RUNTIME]
     assert [(sid, on_disk) for sid, _d, on_disk in runtime.dispatched] == [(signal_id, True)]
     assert runtime.dispatched[0][1].to_json() == decision
+    # Its orders counted as exposure from the decision, before the commit; the dispatch took them over.
+    assert runtime.holds == [("hold", signal_id, False)] and runtime.held == {}
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "text/plain; charset=utf-8", "application/json", ""])
@@ -189,7 +204,7 @@ async def test_a_signal_no_account_follows_is_answered_and_journaled_but_not_dis
     assert body["decision"]["accepted"] is False and "selects no account" in body["decision"]["reason"]
     assert app[JOURNAL].get_signal(body["signal_id"])["status"] == "decided"
     await asyncio.sleep(0)
-    assert app[RUNTIME].dispatched == []
+    assert app[RUNTIME].dispatched == [] and app[RUNTIME].holds == []  # no orders: nothing to hold
 
 
 # -- refused ----------------------------------------------------------------------------------------------------
@@ -395,6 +410,10 @@ async def test_a_read_only_journal_answers_503_acknowledges_nothing_and_a_resend
     assert status == 503 and body["error"]["code"] == "journal_unavailable"
     await asyncio.sleep(0)
     assert app[RUNTIME].dispatched == []
+    # Held from the decision on, released when the commit failed: nothing stays counted.
+    holds = app[RUNTIME].holds
+    assert [(kind, on_disk) for kind, _sid, on_disk in holds] == [("hold", False), ("release", False)]
+    assert holds[0][1] == holds[1][1] and app[RUNTIME].held == {}
     await journal.execute("PRAGMA query_only = 0", transaction=False)
     assert journal.recent_signals(10) == []
     status, body = await post(client, scalper(id="tv-full"))
@@ -406,7 +425,7 @@ async def test_a_closed_journal_answers_503(serve: Any) -> None:
     await app[JOURNAL].close()
     status, body = await post(client, scalper())
     assert status == 503 and "not acknowledged" in body["error"]["message"]
-    assert app[RUNTIME].dispatched == []
+    assert app[RUNTIME].dispatched == [] and app[RUNTIME].held == {}
     async with client.get("/healthz") as r:
         assert r.status == 503
 

@@ -208,14 +208,18 @@ class World:
         now = at or self.clock()
         signal = parse_signal(body)
         decision = self.watcher.engine.decide(signal, self.runtime.engine_state(now), now)
-        await self.journal.record_signal(
-            signal_id=signal.id, raw=str(body), remote=None, status="accepted" if decision.orders else "decided",
-            reason=decision.reason, key=signal.id,
-            signal={k: v for k, v in vars(signal).items() if v is not None and k != "id_derived"},
-            decision=decision.to_json(), orders=[{**o.to_json(), "margin_usd": o.margin_usd} for o in decision.orders],
-            at=now)
-        if decision.orders or decision.cancel:
-            self.runtime.dispatch(signal.id, decision)
+        self.runtime.hold(signal.id, decision)  # counted from the decision on, as the webhook does
+        try:
+            await self.journal.record_signal(
+                signal_id=signal.id, raw=str(body), remote=None, status="accepted" if decision.orders else "decided",
+                reason=decision.reason, key=signal.id,
+                signal={k: v for k, v in vars(signal).items() if v is not None and k != "id_derived"},
+                decision=decision.to_json(),
+                orders=[{**o.to_json(), "margin_usd": o.margin_usd} for o in decision.orders], at=now)
+            if decision.orders or decision.cancel:
+                self.runtime.dispatch(signal.id, decision)
+        finally:
+            self.runtime.release(signal.id)  # nothing once dispatched
         self.decisions.append(decision)
         return decision
 
