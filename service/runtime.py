@@ -14,6 +14,24 @@ last targets (or to flat, when a flatten fired meanwhile), and only then does th
 entries the engine skipped because their broker was down or paused are journaled as ``missed`` orders too (what
 the account would have received), so the journal shows which accounts fell behind their strategy.
 
+Missed flattens: a flatten (schedule, risk ``flatten_and_halt``, operator) sends its exits to every account holding
+a position in scope; an exit whose broker was down or paused becomes ``missed`` (also one whose request failed in a
+drop and that recovery then did not find at the broker). When that broker comes back (``_on_up``: after recovery
+and reconciliation, before catch-up), every flatten of the current trading day with an exit missed there is carried
+out now for those accounts, whatever their ``catch_up``: a flatten signal of its own, ``<flatten id>-redo-<broker>-
+<n>``, with exits only (never blocked by risk or schedule: exits never are) for the positions in the original's
+scope (account, strategy, roots) the account still holds after reconciliation, net of orders in flight, and never
+more than the broker holds where the two disagree. The journaled id makes a second come-up a no-op; only when the
+re-issue's own exits are missed again (the broker dropped once more) does the next come-up issue ``n + 1``. A broker
+that comes back while an operator keeps it paused gets nothing until ``resume_broker``, which does the same before
+it un-pauses. An exit the broker *rejected* is not re-issued: the broker was there and refused, and a reconnect
+later says nothing about why; it stays visible in the journal for an operator. A flatten of an earlier trading day
+is not carried out, only warned about naming each position: the day it belonged to is over (a schedule flatten
+guarded that session's close, a risk flatten that day's loss, whose halts lifted at 18:00 ET), positions carried
+into the new day are part of its book, and closing them now would act at a time and price nobody chose. Catch-up
+treats any journaled flatten after a strategy's last target (not only the schedule's) as voiding that target
+(``_flattened_since``), so it never re-opens what a risk or operator flatten closed.
+
 Exposure: an entry reserves its margin from the moment it is dispatched until the broker resolves it *and* a
 later account snapshot reflects the fill, so the free margin the engine sees never looks better than it is, even
 when one broker confirms in 15 ms and another in 200 ms. Positions the engine sees include orders still in flight
@@ -41,6 +59,7 @@ from engine.schedule import FLATTEN, Firing, firings
 from engine.sessions import session, trading_day, trading_day_start
 from engine.signal import parse_signal
 from engine.state import AccountState, EngineState, contract_root
+from engine.symbols import SymbolError, resolve
 from service import reconcile
 from service.dispatch import (
     CANCELLED,
@@ -76,10 +95,70 @@ SIGNAL_FIELDS = ("strategy", "ticker", "action", "quantity", "order_type", "pric
 SNAPSHOT_DEBOUNCE_S = 0.05
 DAY_START = "day_start"
 """Risk event kind: the marks a trading day's book was opened at (``Runtime._open_day_book``)."""
+REDO_LOOKBACK = timedelta(days=7)
+"""How far back a broker's come-up looks for flattens it missed: enough to warn about one of the previous session
+across a weekend or a holiday (only the current trading day's are carried out), without rereading all history."""
 
 
 def _utc(at: datetime) -> str:
     return at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class _FlattenScope:
+    """What a journaled flatten signal covered: None means every account / strategy / root."""
+
+    account: str | None
+    strategy: str | None
+    roots: frozenset[str] | None
+    redo_of: str | None
+    """The original flatten's id when this one re-issues a missed flatten at a broker that came back."""
+
+
+def _flatten_scope(row: dict[str, Any]) -> _FlattenScope | None:
+    """The scope of a journaled signal row if it is a flatten, else None."""
+    body = row.get("signal") or {}
+    if not isinstance(body, dict) or not body.get("flatten"):
+        return None
+    strategy = body.get("strategy")
+    roots = body.get("instruments")
+    return _FlattenScope(account=body.get("account") or None,
+                         strategy=None if strategy in (None, "", "(flatten)") else str(strategy),
+                         roots=None if roots is None else frozenset(str(r) for r in roots),
+                         redo_of=body.get("redo_of") or None)
+
+
+def _redo_id(origin: str, broker: str, attempt: int) -> str:
+    """The id of the ``attempt``-th re-issue of flatten ``origin`` at ``broker``: derived, so that a second come-up
+    finds it journaled instead of flattening again."""
+    return f"{origin}-redo-{broker}-{attempt}"
+
+
+def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Exits never larger than what the broker holds, on its side, in a contract where the reconciliation just run
+    found the ledger and the broker disagreeing (an ``on_mismatch: halt`` account keeps its ledger): a flatten
+    must close, never open or reverse. ``reconciled``: reconciliation rows by account. Other contracts agree with
+    the broker (or have orders in flight, which the exits already net out) and pass unchanged."""
+    out = []
+    left: dict[tuple[str, str], int] = {}
+    for order in orders:
+        account, contract = str(order["account"]), str(order["contract"])
+        row = reconciled.get(account)
+        if row is None or contract not in {m["contract"] for m in row.get("mismatches") or ()}:
+            out.append(order)
+            continue
+        key = (account, contract)
+        held = left.get(key, int((row.get("broker_positions") or {}).get(contract, 0)))
+        closable = held if order["side"] == "sell" else -held
+        quantity = min(int(order["quantity"]), max(closable, 0))
+        if quantity < int(order["quantity"]):
+            log.error("%s %s: the ledger wants %s %s to close it, the broker holds %+d; exiting %d only",
+                      account, contract, order["side"], order["quantity"], held, quantity)
+        if quantity <= 0:
+            continue
+        left[key] = held - quantity if order["side"] == "sell" else held + quantity
+        out.append({**order, "quantity": quantity})
+    return out
 
 
 @dataclass
@@ -87,6 +166,15 @@ class _Reservation:
     account: str
     margin: Decimal
     resolved_at: datetime | None = None
+
+
+@dataclass
+class _Hold:
+    """One signal's decided orders, counted as exposure until they are dispatched or the signal is dropped."""
+
+    jobs: list[Job]
+    reserved: list[str]
+    """Client order ids whose margin reservation the hold made (an entry's, kept when it is dispatched)."""
 
 
 class Runtime:
@@ -135,6 +223,10 @@ class Runtime:
         self._after_brokers: asyncio.Task[None] | None = None
         self._pending_fills: dict[str, tuple[str, Fill]] = {}
         """Fills of our orders that arrived before the order was tracked, by broker:fill id (reported once each)."""
+        self._holds: dict[str, _Hold] = {}
+        """Orders decided and not handed to the dispatcher yet, by signal id (``hold``)."""
+        self._held: dict[str, dict[str, int]] = {}
+        """Per account and contract: the signed quantity of every held order (kept as holds come and go)."""
         self.alerts: list[dict[str, Any]] = []
         self.catchups: list[dict[str, Any]] = []
         self.running = False
@@ -461,14 +553,17 @@ class Runtime:
 
     # -- dispatch ----------------------------------------------------------------------------------------------
     def dispatch(self, signal_id: str, decision: Decision) -> None:
-        """Hand the journaled orders of ``decision`` to their brokers' queues (returns at once)."""
+        """Hand the journaled orders of ``decision`` to their brokers' queues (returns at once). The signal's hold,
+        if any, ends here: in the same step its orders become tracked, so they never stop counting."""
         assert self.dispatcher is not None, "Runtime.start() first"
-        jobs = []
-        for order in decision.orders:
-            job = self._job(order.to_json(), decision.strategy, signal_id, order.margin_usd)
-            if job is not None:
-                jobs.append(job)
-                self._reserve(job)
+        jobs = self._take_hold(signal_id)
+        if jobs is None:
+            jobs = []
+            for order in decision.orders:
+                job = self._job(order.to_json(), decision.strategy, signal_id, order.margin_usd)
+                if job is not None:
+                    jobs.append(job)
+                    self._reserve(job)
         self.dispatcher.submit_all(jobs)
         missed = {s.account for s in decision.skipped if s.by in MISSED_BY}
         if missed and self._rule_mode(decision.rule) == "mirror":
@@ -476,6 +571,61 @@ class Runtime:
         for cancel in decision.cancel:
             self._spawn(self._cancel_working(cancel.account, cancel.broker, cancel.instrument))
         self._invalidate()
+
+    def hold(self, signal_id: str, decision: Decision) -> None:
+        """Count ``decision``'s orders as exposure from now on, before their signal is journaled.
+
+        Call it in the same synchronous step as the ``engine_state`` and ``decide`` that made them. The webhook
+        awaits its journal commit before it dispatches, and catch-up too: a signal decided in between must see
+        these orders, as positions (``max_contracts``, the portfolio's contracts, best mode's holders) and as
+        reserved margin, or two concurrent "buy 3" pass a limit of 4 and two best-mode targets open the position at
+        two accounts. The orders are not tracked yet: recovery sends the tracker's ``new`` orders, and an order
+        must never leave before its signal is on disk. ``dispatch`` ends the hold; ``release`` drops it when the
+        signal is not acknowledged. O(orders of the signal)."""
+        if not decision.orders or signal_id in self._holds:
+            return
+        jobs, reserved = [], []
+        for order in decision.orders:
+            job = self._job(order.to_json(), decision.strategy, signal_id, order.margin_usd)
+            if job is None:
+                continue
+            jobs.append(job)
+            self._count_held(job, 1)
+            if job.client_order_id not in self._reservations:
+                self._reserve(job)
+                if job.client_order_id in self._reservations:
+                    reserved.append(job.client_order_id)
+        self._holds[signal_id] = _Hold(jobs, reserved)
+        self._invalidate()
+
+    def release(self, signal_id: str) -> None:
+        """Drop a hold whose orders will not be dispatched (the signal could not be journaled); no-op without one."""
+        held = self._holds.get(signal_id)
+        if held is None:
+            return
+        self._take_hold(signal_id)
+        for coid in held.reserved:
+            self._drop_reservation(coid)
+        self._invalidate()
+
+    def _take_hold(self, signal_id: str) -> list[Job] | None:
+        """End a hold, keeping its margin reservations (the caller tracks its jobs now); None when none."""
+        held = self._holds.pop(signal_id, None)
+        if held is None:
+            return None
+        for job in held.jobs:
+            self._count_held(job, -1)
+        return held.jobs
+
+    def _count_held(self, job: Job, sign: int) -> None:
+        book = self._held.setdefault(job.account, {})
+        total = book.get(job.contract, 0) + sign * job.quantity * (1 if job.side == "buy" else -1)
+        if total:
+            book[job.contract] = total
+        else:
+            book.pop(job.contract, None)
+            if not book:
+                del self._held[job.account]
 
     def _rule_mode(self, name: str | None) -> str | None:
         return next((r.mode for r in self.ruleset.routing_rules if r.name == name), None)
@@ -519,36 +669,23 @@ class Runtime:
             log.warning("%s: %s %s %d %s missed (%s)", signal_id, order.account, order.side, order.quantity,
                         order.contract, reason)
 
-    def _state_with_up(self, now: datetime, brokers: set[str], *, undispatched: bool = False) -> EngineState:
+    def _state_with_up(self, now: datetime, brokers: set[str]) -> EngineState:
         """The engine's view with ``brokers`` connected and not paused (what they would get if they were up).
 
         An account whose broker has not reported yet in this process (it is still starting) has no known free
         margin; its declared capital less what is reserved stands in, so that what it missed is still recorded.
 
-        ``undispatched`` (catch-up): orders the journal holds as ``new`` that the tracker does not know yet count
-        as positions too. The webhook commits a signal with its orders and answers before it dispatches them; a
-        catch-up deciding in between reads that signal as the strategy's last target, and without its entry in
-        view best mode would open the position a second time at the broker that just came back."""
+        Orders decided and not dispatched yet are in view (``engine_state`` counts the holds): a webhook's signal
+        journaled and answered but not dispatched is the strategy's last target for a catch-up deciding then, and
+        without its entry in view best mode would open the position a second time at the broker just back."""
         state = self.engine_state(now)
         names = {n for n, a in self.ruleset.accounts.items() if a.broker in brokers}
-        pending: dict[str, dict[str, int]] = {}
-        if undispatched:
-            for row in self.journal.orders(status=[NEW]):
-                if self.tracker.get(row["client_order_id"]) is None:
-                    book = pending.setdefault(row["account"], {})
-                    signed = int(row["quantity"]) * (1 if row["side"] == "buy" else -1)
-                    book[row["contract"]] = book.get(row["contract"], 0) + signed
         up = {}
         for name, acct in state.accounts.items():
             if name in names:
                 acct = replace(acct, connected=True)
                 if name not in self._snapshots:
                     acct = replace(acct, free_margin=self.ruleset.accounts[name].capital - self._reserved(name))
-            if name in pending:
-                positions = dict(acct.positions)
-                for contract, qty in pending[name].items():
-                    positions[contract] = positions.get(contract, 0) + qty
-                acct = replace(acct, positions={c: q for c, q in positions.items() if q})
             up[name] = acct
         return replace(state, accounts=up, paused=state.paused - brokers)
 
@@ -718,11 +855,16 @@ class Runtime:
         self._invalidate()
 
     async def _on_up(self, broker: str) -> None:
-        """The broker (re)connected: recover in-flight orders, reconcile, catch up; then it takes orders again."""
+        """The broker (re)connected: recover in-flight orders, reconcile, carry out the flattens it missed (unless
+        an operator keeps it paused), catch up; then it takes orders again."""
         first = broker not in self._first_up
         self._first_up.add(broker)
         await self._recover(broker)
-        await self.reconcile_broker(broker, reason="start-up" if first else "reconnect")
+        reconciled = await self.reconcile_broker(broker, reason="start-up" if first else "reconnect")
+        if self.pool is not None and self.pool[broker].admin_paused:
+            log.info("broker %s is back but paused: flattens it missed are carried out when it is resumed", broker)
+        else:
+            await self._redo_missed_flattens(broker, reconciled, why="start-up" if first else "reconnect")
         if not first:
             await self._catch_up(broker)
         elif self._started_at is not None:
@@ -879,7 +1021,7 @@ class Runtime:
             if trading_day(received) != trading_day(now) or (since is not None and received < since):
                 continue
             body = {k: v for k, v in (row.get("signal") or {}).items() if k in SIGNAL_FIELDS}
-            flat = self._flattened_since(strategy, followers, received, now)
+            flat = self._flattened_since(strategy, followers, received, now, ticker=body.get("ticker"))
             if flat:
                 body.update(position="flat", position_size=0)
             sid = f"{row['id']}-catchup-{broker}-{self.pool[broker].reconnects if self.pool else 0}"
@@ -895,7 +1037,7 @@ class Runtime:
             # sends happen after the lock, once the orders count as in flight.
             async with self._catch_up_lock():
                 # The broker is connected but not yet open to new orders (its recovery): decide as if it were.
-                decision = self.engine.decide(signal, self._state_with_up(now, {broker}, undispatched=True), now)
+                decision = self.engine.decide(signal, self._state_with_up(now, {broker}), now)
                 names = {a.name for a in followers}
                 orders = tuple(o for o in decision.orders if o.account in names)
                 self.catchups.append({"strategy": strategy, "signal": sid, "flat": flat,
@@ -905,19 +1047,21 @@ class Runtime:
                 decision = Decision(signal_id=sid, strategy=strategy, rule=decision.rule,
                                     blocked_by=decision.blocked_by,
                                     reason=f"catch-up after {broker} reconnected: {decision.reason}", orders=orders)
-                await self.journal.record_signal(raw=json.dumps({**body, "catch_up": True}), remote=None,
-                                                 status="accepted", reason="catch-up", key=None,
-                                                 signal={**body, "catch_up": True}, decision=decision.to_json(),
-                                                 orders=[{**o.to_json(), "margin_usd": o.margin_usd} for o in orders],
-                                                 signal_id=sid, at=now)
-                jobs = []
-                for order in orders:
-                    job = self._job(order.to_json(), strategy, sid, order.margin_usd)
-                    if job is not None:
-                        self.tracker.track(job)
-                        self._reserve(job)
-                        jobs.append(job)
-                self._invalidate()  # the engine's cached view must show these orders to the next decision
+                # Counted from the decision on (no await since it): a webhook deciding while this commits sees it.
+                self.hold(sid, decision)
+                try:
+                    await self.journal.record_signal(
+                        raw=json.dumps({**body, "catch_up": True}), remote=None, status="accepted",
+                        reason="catch-up", key=None, signal={**body, "catch_up": True}, decision=decision.to_json(),
+                        orders=[{**o.to_json(), "margin_usd": o.margin_usd} for o in orders], signal_id=sid, at=now)
+                except BaseException:
+                    self.release(sid)
+                    raise
+                # Held -> tracked in one step: the orders never stop counting; recovery sends them below.
+                jobs = self._take_hold(sid) or []
+                for job in jobs:
+                    self.tracker.track(job)
+                self._invalidate()
             for job in jobs:
                 await self._send_recovered(job)
 
@@ -928,7 +1072,16 @@ class Runtime:
             lock = self._catch_up_guard = asyncio.Lock()
         return lock
 
-    def _flattened_since(self, strategy: str, accounts: Iterable[Account], since: datetime, now: datetime) -> bool:
+    def _flattened_since(self, strategy: str, accounts: Iterable[Account], since: datetime, now: datetime, *,
+                         ticker: str | None = None) -> bool:
+        """Did a flatten covering ``strategy`` at any of ``accounts`` happen after ``since`` (a target's arrival)?
+
+        Any flatten counts, not only the schedule's: a risk ``flatten_and_halt`` or an operator's flatten voids the
+        strategy's earlier target just as much, and catch-up must not put the position back. Both the schedule's
+        firings (a flatten time passed even if no process fired it) and the journaled flatten signals are read;
+        a redo of a missed flatten (``-redo-``) is not a flatten of its own (its original's time counts, or a
+        target received between the two would be voided). ``ticker``: the target's, so that a flatten restricted
+        to other roots does not void it (unknown: it does, the safe side)."""
         names = {a.name for a in accounts}
         for firing in firings(self.ruleset.schedule_rules, since + timedelta(microseconds=1),
                               now + timedelta(microseconds=1)):
@@ -938,6 +1091,26 @@ class Runtime:
             if rule.strategies is not None and strategy not in rule.strategies:
                 continue
             if rule.accounts is not None and not names & set(rule.accounts):
+                continue
+            return True
+        root = None
+        if ticker:
+            try:
+                root = resolve(ticker, now, self.ruleset.catalog).root
+            except SymbolError:
+                root = None
+        for row in self.journal.recent_signals(1000):  # newest first
+            received = datetime.fromisoformat(str(row["received_at"]).replace("Z", "+00:00"))
+            if received <= since:
+                break
+            scope = _flatten_scope(row)
+            if scope is None or received > now or scope.redo_of is not None:
+                continue
+            if scope.strategy is not None and scope.strategy != strategy:
+                continue
+            if scope.account is not None and scope.account not in names:
+                continue
+            if scope.roots is not None and root is not None and root not in scope.roots:
                 continue
             return True
         return False
@@ -955,9 +1128,26 @@ class Runtime:
         fid = flatten_id or f"flatten-{_utc(now)}-{account or '*'}-{strategy or '*'}"
         if self.journal.get_signal(fid) is not None:
             return {"signal_id": fid, "orders": [], "duplicate": True}
+        orders = self._flatten_orders(fid, accounts=None if account is None else {account}, strategy=strategy,
+                                      roots=roots)
+        body = {"flatten": True, "account": account, "strategy": strategy, "reason": reason}
+        if roots is not None:
+            body["instruments"] = sorted(roots)
+        decision = await self._journal_flatten(fid, body, orders, now)
+        assert self.dispatcher is not None
+        for order in orders:
+            job = self._job(order, str(order["strategy"]), fid, Decimal(0))
+            if job is not None:
+                self.dispatcher.submit(job)
+        self._invalidate()
+        return {"signal_id": fid, "orders": decision["orders"], "reason": reason}
+
+    def _flatten_orders(self, fid: str, *, accounts: set[str] | None, strategy: str | None,
+                        roots: frozenset[str] | None) -> list[dict[str, Any]]:
+        """One market exit per (account, strategy, contract) held in scope, net of orders still in flight."""
         orders = []
         for (acct, strat, contract), book in self.ledger.items():
-            if not book.quantity or (account is not None and acct != account):
+            if not book.quantity or (accounts is not None and acct not in accounts):
                 continue
             if strategy is not None and strat != strategy:
                 continue
@@ -976,25 +1166,22 @@ class Runtime:
                            "side": "sell" if remaining > 0 else "buy", "quantity": abs(remaining), "intent": "exit",
                            "client_order_id": client_order_id(fid, acct, f"{strat}:{contract}"),
                            "strategy": strat})
-        body = {"flatten": True, "account": account, "strategy": strategy, "reason": reason}
-        if roots is not None:
-            body["instruments"] = sorted(roots)
+        return orders
+
+    async def _journal_flatten(self, fid: str, body: dict[str, Any], orders: list[dict[str, Any]],
+                               now: datetime) -> dict[str, Any]:
+        """Journal a flatten signal (``body``: its scope) with its exits; a flatten with none is journaled too
+        (``decided``): its id is what makes a repeat of the same flatten a no-op."""
+        strategy, reason = body.get("strategy"), str(body.get("reason"))
+        legs = [{k: v for k, v in o.items() if k != "strategy"} for o in orders]
         decision = {"signal_id": fid, "strategy": strategy or "(flatten)", "accepted": bool(orders), "rule": None,
                     "blocked_by": None, "reason": reason, "order_type": "market", "price": None,
-                    "orders": [{k: v for k, v in o.items() if k != "strategy"} for o in orders], "skipped": [],
-                    "cancel": []}
+                    "orders": legs, "skipped": [], "cancel": []}
         await self.journal.record_signal(raw=json.dumps(body), remote=None,
                                          status="accepted" if orders else "decided", reason=reason, key=None,
                                          signal={**body, "strategy": strategy or "(flatten)"}, decision=decision,
-                                         orders=[{k: v for k, v in o.items() if k != "strategy"} for o in orders],
-                                         signal_id=fid, at=now)
-        assert self.dispatcher is not None
-        for order in orders:
-            job = self._job(order, str(order["strategy"]), fid, Decimal(0))
-            if job is not None:
-                self.dispatcher.submit(job)
-        self._invalidate()
-        return {"signal_id": fid, "orders": decision["orders"], "reason": reason}
+                                         orders=legs, signal_id=fid, at=now)
+        return decision
 
     async def _fire_schedule(self, firing: Firing) -> None:
         rule = firing.rule
@@ -1005,6 +1192,110 @@ class Runtime:
             for strategy in strategies:
                 await self.flatten(account=account, strategy=strategy, reason=f"schedule {rule.name} at {stamp}",
                                    flatten_id=f"flatten-{rule.name}-{stamp}-{account or '*'}-{strategy or '*'}")
+
+    # -- flattens a broker missed ------------------------------------------------------------------------------
+    def _redo_lock(self) -> asyncio.Lock:
+        """One lock for every re-issue of missed flattens (a come-up and an operator's resume may overlap)."""
+        lock: asyncio.Lock | None = getattr(self, "_redo_guard", None)
+        if lock is None:
+            lock = self._redo_guard = asyncio.Lock()
+        return lock
+
+    def _missed_flattens(self, broker: str, now: datetime) -> list[tuple[str, dict[str, Any], int, set[str]]]:
+        """Flattens whose exits at ``broker`` were missed and not re-issued since, oldest first: (the original
+        flatten's id, its journaled row, the next attempt number, the accounts still owed).
+
+        A re-issue is itself a flatten whose exits may be missed (the broker dropped again): then its accounts
+        are owed once more, by the next attempt. A re-issue that reached them, or found nothing left to close,
+        settles the original at this broker for good."""
+        horizon = now - REDO_LOOKBACK
+        missed: dict[str, set[str]] = {}
+        for order in self.journal.orders(status=[MISSED]):  # newest first
+            created = datetime.fromisoformat(str(order["created_at"]).replace("Z", "+00:00"))
+            if created < horizon:
+                break
+            if order["broker"] == broker and order.get("intent") == "exit":
+                missed.setdefault(str(order["signal_id"]), set()).add(str(order["account"]))
+        origins: dict[str, dict[str, Any]] = {}
+        for sid in missed:
+            row = self.journal.get_signal(sid)
+            scope = None if row is None else _flatten_scope(row)
+            if row is None or scope is None:
+                continue
+            origin = scope.redo_of or sid
+            first = row if origin == sid else self.journal.get_signal(origin)
+            if first is not None and origin not in origins:
+                origins[origin] = first
+        owed = []
+        for origin, row in origins.items():
+            attempt = 0
+            while self.journal.get_signal(_redo_id(origin, broker, attempt + 1)) is not None:
+                attempt += 1
+            accounts = missed.get(origin if attempt == 0 else _redo_id(origin, broker, attempt), set())
+            if accounts:
+                owed.append((origin, row, attempt + 1, accounts))
+        owed.sort(key=lambda found: str(found[1]["received_at"]))
+        return owed
+
+    async def _redo_missed_flattens(self, broker: str, reconciled: list[dict[str, Any]] | None = None, *,
+                                    why: str) -> list[str]:
+        """Carry out, for ``broker``'s accounts, this trading day's flattens whose exits they missed (see the
+        module docstring); returns the ids of the flatten signals journaled. The broker must be connected; its
+        recovery ran (``reconciled``: the rows of the reconciliation that followed it; None: reconcile first, as
+        after an operator's pause). Exits are sent as recovery sends (the broker is not open to new orders yet):
+        a webhook's entry cannot slip in between and be closed by them."""
+        async with self._redo_lock():
+            now = self.clock()
+            owed = self._missed_flattens(broker, now)
+            if not owed:
+                return []
+            if reconciled is None:
+                reconciled = await self.reconcile_broker(broker, reason=why)
+            by_account = {str(row["account"]): row for row in reconciled}
+            today = trading_day(now)
+            journaled: list[str] = []
+            jobs: list[Job] = []
+            for origin, row, attempt, accounts in owed:
+                scope = _flatten_scope(row)
+                assert scope is not None
+                received = datetime.fromisoformat(str(row["received_at"]).replace("Z", "+00:00"))
+                if trading_day(received) != today:
+                    for order in self._flatten_orders(origin, accounts=accounts, strategy=scope.strategy,
+                                                      roots=scope.roots):
+                        log.warning("flatten %s of trading day %s missed %s at %s, which still holds %s %+d %s "
+                                    "(strategy %s); a new trading day began, so it is not carried out now: an "
+                                    "operator decides", origin, trading_day(received).isoformat(),
+                                    order["account"], broker, "long" if order["side"] == "sell" else "short",
+                                    order["quantity"], order["contract"], order["strategy"])
+                    continue
+                rid = _redo_id(origin, broker, attempt)
+                orders = _clamp_exits(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,
+                                                           roots=scope.roots), by_account)
+                reason = (f"{origin} missed at {broker} ({why}); re-issued for {', '.join(sorted(accounts))}: "
+                          f"{row.get('reason') or 'flatten'}")
+                body: dict[str, Any] = {"flatten": True, "account": scope.account, "strategy": scope.strategy,
+                                        "reason": reason, "redo_of": origin, "broker": broker,
+                                        "accounts": sorted(accounts)}
+                if scope.roots is not None:
+                    body["instruments"] = sorted(scope.roots)
+                await self._journal_flatten(rid, body, orders, now)
+                journaled.append(rid)
+                log.warning("%s: %s", rid, reason if orders else f"{reason} (nothing left to close)")
+                for order in orders:
+                    job = self._job(order, str(order["strategy"]), rid, Decimal(0))
+                    if job is not None:
+                        self.tracker.track(job)  # counted as in flight before anything else decides
+                        jobs.append(job)
+                self._invalidate()
+            for job in jobs:
+                try:
+                    await self._send_recovered(job)
+                except BrokerError as exc:
+                    # Still ``new``: the recovery of the next come-up looks it up and sends it.
+                    log.warning("%s: exits not sent, %s dropped again (%s); the next come-up sends them",
+                                job.signal_id, broker, exc)
+                    break
+            return journaled
 
     # -- risk --------------------------------------------------------------------------------------------------
     async def _risk_loop(self) -> None:
@@ -1080,7 +1371,15 @@ class Runtime:
         return slot.as_dict()
 
     async def resume_broker(self, name: str) -> dict[str, Any]:
+        """Un-pause ``name``; first, while it still takes no new orders, carry out the flattens its accounts missed
+        (a come-up while paused leaves them to this). A broker that is down is simply un-paused: its come-up
+        does it."""
         assert self.pool is not None
+        slot = self.pool[name]
+        if slot.admin_paused and slot.recovering:
+            await slot.settled.wait()  # a come-up's recovery runs: it left the flattens to this resume
+        if slot.admin_paused and not slot.down and slot.connector.connected:
+            await self._redo_missed_flattens(name, why="resumed by an operator")
         slot = self.pool.resume(name)
         self._invalidate()
         return slot.as_dict()
@@ -1132,7 +1431,9 @@ class Runtime:
         return Decimal(0) if found is None else found[0]
 
     def engine_state(self, now: datetime) -> EngineState:
-        """The accounts as the engine must see them; rebuilt only after something changed (cheap per webhook)."""
+        """The accounts as the engine must see them; rebuilt only after something changed (cheap per webhook).
+        Orders count from their decision on: held (``hold``), then in flight, then in the ledger; an entry's margin
+        stays reserved throughout."""
         if self.risk.day is not None and trading_day(now) > self.risk.day:
             self.risk.roll(now, self.ledger)
             self._state = None
@@ -1145,6 +1446,8 @@ class Runtime:
         for name, account in self.ruleset.accounts.items():
             positions = dict(self.ledger.account_positions(name))
             for contract, qty in self.tracker.exposure(name).items():
+                positions[contract] = positions.get(contract, 0) + qty
+            for contract, qty in self._held.get(name, {}).items():  # decided, not dispatched yet (``hold``)
                 positions[contract] = positions.get(contract, 0) + qty
             snap = self._snapshots.get(name)
             free = (snap.free_margin if snap is not None else Decimal(0)) - self._reserved(name)
