@@ -20,7 +20,8 @@ the writer commits, and they only ever see committed rows.
 Tables (created and migrated by ``MIGRATIONS``, ordered and transactional, tracked in ``schema_version``)::
 
     signals            id, received_at, remote, status, reason, key, strategy, raw, signal, decision
-    orders             client_order_id, signal_id, account, broker, contract, side, quantity, intent, status, ...
+    orders             client_order_id, signal_id, account, broker, contract, side, quantity, intent, status,
+                       strategy (only when not the signal's: a flatten's exits), ...
     order_events       the status history of every order, with UTC times
     fills              (broker, fill_id) unique: a fill reported twice is recorded once
     position_snapshots, reconciliations, reloads, risk_events   time-stamped rows with their full record as JSON
@@ -202,9 +203,16 @@ def _m2_daily_marks(db: sqlite_utils.Database) -> None:
     db["daily_marks"].create_index(["at"], index_name="daily_marks_at")
 
 
+def _m3_order_strategy(db: sqlite_utils.Database) -> None:
+    # The strategy an order trades for, when it is not its signal's: a flatten's exits close the positions of
+    # several strategies at once, and a restart must book their fills back to those strategies (NULL: the signal's).
+    db.execute("ALTER TABLE orders ADD COLUMN strategy TEXT")
+
+
 MIGRATIONS: Sequence[tuple[str, Migration]] = (
     ("initial", _m1_initial),
     ("daily_marks", _m2_daily_marks),
+    ("order_strategy", _m3_order_strategy),
 )
 """Append only: version N is ``MIGRATIONS[N-1]``; each runs in its own transaction with its ``schema_version`` row."""
 
@@ -536,7 +544,7 @@ class Journal:
                 coid, sid, seq, order["account"], order["broker"], order["contract"], order["side"],
                 int(order["quantity"]), order.get("intent"), order.get("order_type") or common.get("order_type"),
                 _text(order.get("price", common.get("price"))),
-                _text(order.get("margin_usd")), "new", when, when))
+                _text(order.get("margin_usd")), "new", when, when, order.get("strategy")))
             event_rows.append((coid, "new", when))
 
         def write(conn: sqlite3.Connection) -> str:
@@ -545,8 +553,8 @@ class Journal:
             if order_rows:
                 conn.executemany(
                     "INSERT INTO orders (client_order_id, signal_id, seq, account, broker, contract, side, quantity, "
-                    "intent, order_type, price, margin_usd, status, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", order_rows)
+                    "intent, order_type, price, margin_usd, status, created_at, updated_at, strategy) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", order_rows)
                 conn.executemany("INSERT INTO order_events (client_order_id, status, at) VALUES (?, ?, ?)",
                                  event_rows)
             return sid
@@ -635,9 +643,13 @@ class Journal:
         return [{**r, "detail": _maybe_json(r["detail"])} for r in rows]
 
     def orders(self, *, status: Iterable[str] | None = None, signal_id: str | None = None,
-               account: str | None = None, limit: int | None = None, history: bool = False) -> list[dict[str, Any]]:
+               account: str | None = None, limit: int | None = None, history: bool = False,
+               updated_since: datetime | None = None) -> list[dict[str, Any]]:
         """Orders, newest first (in their signal's leg order when ``signal_id`` is given)."""
         where, params = [], []
+        if updated_since is not None:
+            where.append("updated_at >= ?")
+            params.append(utc_iso(updated_since))
         if status is not None:
             statuses = list(status)
             where.append(f"status IN ({', '.join('?' for _ in statuses)})")

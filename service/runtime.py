@@ -386,17 +386,25 @@ class Runtime:
 
     def _load_open_orders(self, booked: dict[Any, int]) -> None:
         """Every order not final in the journal becomes tracked again (in flight ones recover when their broker
-        comes up); their signals' strategies attribute the fills still to come. ``booked``: contracts per client
-        order id already in the ledger (replayed from the journal's fills)."""
+        comes up); their strategies (the order's own, for a flatten's exits, else its signal's) attribute the fills
+        still to come. ``booked``: contracts per client order id already in the ledger (replayed from the
+        journal's fills)."""
         strategies: dict[str, str] = {}
-        for row in self.journal.orders(status=[s for s in ("new", "sending", "unknown", "acknowledged",
-                                                             "partially_filled")]):
+        rows = self.journal.orders(status=["new", "sending", "unknown", "acknowledged", "partially_filled"])
+        # A broker's "filled" can be journaled before its fill report (they arrive as separate events): a crash in
+        # between leaves a filled order whose fill is not in the ledger. Tracked again, the fill still to come (an
+        # event, or reconciliation's fills_since) is booked to it instead of waiting forever as not ours yet.
+        rows += [row for row in self.journal.orders(status=["filled"],
+                                                    updated_since=self._started_at - timedelta(days=7))
+                 if booked.get(row["client_order_id"], 0)
+                 + booked.get((row.get("broker"), row.get("broker_order_id")), 0) < int(row["quantity"])]
+        for row in rows:
             sid = row["signal_id"]
             if sid not in strategies:
                 signal = self.journal.get_signal(sid) or {}
                 strategies[sid] = signal.get("strategy") or (signal.get("decision") or {}).get("strategy") or \
                     EXTERNAL_STRATEGY
-            job = self._job(row, strategies[sid], sid)
+            job = self._job(row, row.get("strategy") or strategies[sid], sid)  # a flatten's exit: its own
             if job is None:
                 continue
             filled = booked.get(job.client_order_id, 0) + booked.get((job.broker, row.get("broker_order_id")), 0)
@@ -1177,10 +1185,12 @@ class Runtime:
         decision = {"signal_id": fid, "strategy": strategy or "(flatten)", "accepted": bool(orders), "rule": None,
                     "blocked_by": None, "reason": reason, "order_type": "market", "price": None,
                     "orders": legs, "skipped": [], "cancel": []}
+        # The journaled orders keep each exit's strategy (the decision record's legs have no such field): a restart
+        # with an exit still in flight must book its fill to the strategy it closes, not to "(flatten)".
         await self.journal.record_signal(raw=json.dumps(body), remote=None,
                                          status="accepted" if orders else "decided", reason=reason, key=None,
                                          signal={**body, "strategy": strategy or "(flatten)"}, decision=decision,
-                                         orders=legs, signal_id=fid, at=now)
+                                         orders=orders, signal_id=fid, at=now)
         return decision
 
     async def _fire_schedule(self, firing: Firing) -> None:
