@@ -78,6 +78,7 @@ from service.dispatch import (
     OrderTracker,
     Tracked,
 )
+from service.journal import parse_utc
 from service.ledger import EXTERNAL_STRATEGY, Ledger, replay
 from service.pool import BrokerPool
 from service.risk import FLATTEN_AND_HALT, PORTFOLIO, Breach, RiskMonitor, halt_key, parse_halt_key
@@ -223,6 +224,11 @@ class Runtime:
         self._after_brokers: asyncio.Task[None] | None = None
         self._pending_fills: dict[str, tuple[str, Fill]] = {}
         """Fills of our orders that arrived before the order was tracked, by broker:fill id (reported once each)."""
+        self._catch_up_guard = asyncio.Lock()
+        """One lock for every broker's catch-up: two brokers back from one blip must not both decide before
+        either's orders are in view."""
+        self._redo_guard = asyncio.Lock()
+        """One lock for every re-issue of missed flattens (a come-up and an operator's resume may overlap)."""
         self._holds: dict[str, _Hold] = {}
         """Orders decided and not handed to the dispatcher yet, by signal id (``hold``)."""
         self._held: dict[str, dict[str, int]] = {}
@@ -273,14 +279,15 @@ class Runtime:
         ruleset = self.ruleset
         fills = self.journal.fills()
         self.ledger = replay(fills, self._point_value)
-        await self._open_day_book(fills, self._started_at)
+        events = self.journal.risk_events(1000)  # newest first: the day's marks, halts and firings
+        await self._open_day_book(fills, self._started_at, events)
         booked: dict[Any, int] = {}
         for fill in fills:
             # A broker may leave the client order id off its fill reports: count by its own order id as well.
             key = fill.get("client_order_id") or (fill.get("broker"), fill.get("broker_order_id"))
             booked[key] = booked.get(key, 0) + int(fill["quantity"])
         self._load_open_orders(booked)
-        self._restore_halts()
+        self._restore_halts(events)
         self.prepare()
         assert self.pool is not None
         self.pool.on_event = self._on_event
@@ -414,7 +421,7 @@ class Runtime:
             if row["status"] in IN_FLIGHT:
                 self._recovering_at_start.add(job.client_order_id)
 
-    def _restore_halts(self) -> None:
+    def _restore_halts(self, events: list[dict[str, Any]]) -> None:
         """Halts of today survive a restart (they lift at the next trading day or by an operator), and so does
         which ``flatten_and_halt`` limits already flattened their scope today (``RiskMonitor.fired``), so that a
         restart neither flattens a scope twice nor forgets that a softer limit's halt must not stop a harder one.
@@ -427,7 +434,7 @@ class Runtime:
         today = trading_day(now).isoformat()
         cleared: set[str] = set()
         decided: set[tuple[str, str]] = set()
-        for row in self.journal.risk_events(1000):  # newest first
+        for row in events:  # newest first
             name, kind = row.get("name"), row.get("kind")
             roots = row.get("instruments") or None
             key = str(row.get("key") or halt_key(str(name), roots))
@@ -448,7 +455,8 @@ class Runtime:
                     self.risk.halt(str(name), str(row.get("reason")), str(row.get("source")), now,
                                    instruments=roots)
 
-    async def _open_day_book(self, fills: list[dict[str, Any]], now: datetime) -> None:
+    async def _open_day_book(self, fills: list[dict[str, Any]], now: datetime,
+                             events: list[dict[str, Any]]) -> None:
         """Rebuild the risk monitor's day book as it would be had the process never stopped: the positions held
         when this trading day began, valued at the marks of that moment, then every fill of the day (realized P&L
         and commissions). Rebasing on the positions and marks of *now* instead would forget every loss taken
@@ -474,7 +482,7 @@ class Runtime:
             (before if trading_day(self._fill_time(fill)) < today else during).append(fill)
         opening = replay(before, self._point_value)
         held = sorted({key[2] for key, book in opening.books.items() if book.quantity})
-        journaled = self._journaled_day_marks(today)
+        journaled = self._journaled_day_marks(today, events)
         marks: dict[str, Decimal] = {}
         basis: dict[str, str] = {}
         daily: dict[str, Decimal] | None = None
@@ -516,12 +524,12 @@ class Runtime:
 
     @staticmethod
     def _fill_time(fill: dict[str, Any]) -> datetime:
-        text = str(fill.get("at") or fill.get("recorded_at"))
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_utc(str(fill.get("at") or fill.get("recorded_at")))
 
-    def _journaled_day_marks(self, day: date) -> dict[str, Decimal] | None:
-        """The day-start marks journaled for ``day`` (the newest ``day_start`` event), or None."""
-        for row in self.journal.risk_events(1000):  # newest first
+    @staticmethod
+    def _journaled_day_marks(day: date, events: list[dict[str, Any]]) -> dict[str, Decimal] | None:
+        """The day-start marks journaled for ``day`` (the newest ``day_start`` of ``events``), or None."""
+        for row in events:  # newest first
             if row.get("kind") == DAY_START and str(row.get("day")) == day.isoformat():
                 found = {}
                 for contract, price in (row.get("marks") or {}).items():
@@ -564,15 +572,9 @@ class Runtime:
         """Hand the journaled orders of ``decision`` to their brokers' queues (returns at once). The signal's hold,
         if any, ends here: in the same step its orders become tracked, so they never stop counting."""
         assert self.dispatcher is not None, "Runtime.start() first"
-        jobs = self._take_hold(signal_id)
-        if jobs is None:
-            jobs = []
-            for order in decision.orders:
-                job = self._job(order.to_json(), decision.strategy, signal_id, order.margin_usd)
-                if job is not None:
-                    jobs.append(job)
-                    self._reserve(job)
-        self.dispatcher.submit_all(jobs)
+        if signal_id not in self._holds:
+            self.hold(signal_id, decision)  # a caller that did not hold (the engine's orders, reserved the same)
+        self.dispatcher.submit_all(self._take_hold(signal_id) or [])
         missed = {s.account for s in decision.skipped if s.by in MISSED_BY}
         if missed and self._rule_mode(decision.rule) == "mirror":
             self._spawn(self._journal_missed(signal_id, decision, missed))
@@ -1025,7 +1027,7 @@ class Runtime:
             followers = [a for a in accounts if strategy in a.strategies]
             if not followers:
                 continue
-            received = datetime.fromisoformat(str(row["received_at"]).replace("Z", "+00:00"))
+            received = parse_utc(str(row["received_at"]))
             if trading_day(received) != trading_day(now) or (since is not None and received < since):
                 continue
             body = {k: v for k, v in (row.get("signal") or {}).items() if k in SIGNAL_FIELDS}
@@ -1043,7 +1045,7 @@ class Runtime:
             # Decide, journal and track under one lock: two brokers coming back together (one network blip) must
             # not both decide before either's orders are in view, or best mode opens the position at each. The
             # sends happen after the lock, once the orders count as in flight.
-            async with self._catch_up_lock():
+            async with self._catch_up_guard:
                 # The broker is connected but not yet open to new orders (its recovery): decide as if it were.
                 decision = self.engine.decide(signal, self._state_with_up(now, {broker}), now)
                 names = {a.name for a in followers}
@@ -1073,13 +1075,6 @@ class Runtime:
             for job in jobs:
                 await self._send_recovered(job)
 
-    def _catch_up_lock(self) -> asyncio.Lock:
-        """One lock for every broker's catch-up (created on first use, inside the running loop)."""
-        lock: asyncio.Lock | None = getattr(self, "_catch_up_guard", None)
-        if lock is None:
-            lock = self._catch_up_guard = asyncio.Lock()
-        return lock
-
     def _flattened_since(self, strategy: str, accounts: Iterable[Account], since: datetime, now: datetime, *,
                          ticker: str | None = None) -> bool:
         """Did a flatten covering ``strategy`` at any of ``accounts`` happen after ``since`` (a target's arrival)?
@@ -1108,7 +1103,7 @@ class Runtime:
             except SymbolError:
                 root = None
         for row in self.journal.recent_signals(1000):  # newest first
-            received = datetime.fromisoformat(str(row["received_at"]).replace("Z", "+00:00"))
+            received = parse_utc(str(row["received_at"]))
             if received <= since:
                 break
             scope = _flatten_scope(row)
@@ -1204,13 +1199,6 @@ class Runtime:
                                    flatten_id=f"flatten-{rule.name}-{stamp}-{account or '*'}-{strategy or '*'}")
 
     # -- flattens a broker missed ------------------------------------------------------------------------------
-    def _redo_lock(self) -> asyncio.Lock:
-        """One lock for every re-issue of missed flattens (a come-up and an operator's resume may overlap)."""
-        lock: asyncio.Lock | None = getattr(self, "_redo_guard", None)
-        if lock is None:
-            lock = self._redo_guard = asyncio.Lock()
-        return lock
-
     def _missed_flattens(self, broker: str, now: datetime) -> list[tuple[str, dict[str, Any], int, set[str]]]:
         """Flattens whose exits at ``broker`` were missed and not re-issued since, oldest first: (the original
         flatten's id, its journaled row, the next attempt number, the accounts still owed).
@@ -1221,7 +1209,7 @@ class Runtime:
         horizon = now - REDO_LOOKBACK
         missed: dict[str, set[str]] = {}
         for order in self.journal.orders(status=[MISSED]):  # newest first
-            created = datetime.fromisoformat(str(order["created_at"]).replace("Z", "+00:00"))
+            created = parse_utc(str(order["created_at"]))
             if created < horizon:
                 break
             if order["broker"] == broker and order.get("intent") == "exit":
@@ -1254,7 +1242,7 @@ class Runtime:
         recovery ran (``reconciled``: the rows of the reconciliation that followed it; None: reconcile first, as
         after an operator's pause). Exits are sent as recovery sends (the broker is not open to new orders yet):
         a webhook's entry cannot slip in between and be closed by them."""
-        async with self._redo_lock():
+        async with self._redo_guard:
             now = self.clock()
             owed = self._missed_flattens(broker, now)
             if not owed:
@@ -1268,7 +1256,7 @@ class Runtime:
             for origin, row, attempt, accounts in owed:
                 scope = _flatten_scope(row)
                 assert scope is not None
-                received = datetime.fromisoformat(str(row["received_at"]).replace("Z", "+00:00"))
+                received = parse_utc(str(row["received_at"]))
                 if trading_day(received) != today:
                     for order in self._flatten_orders(origin, accounts=accounts, strategy=scope.strategy,
                                                       roots=scope.roots):

@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from engine.model import ScheduleRule
 from engine.schedule import FLATTEN, Firing, firings, flatten_due, next_firing
+from service.journal import parse_utc
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class ScheduleExecutor:
                 self.done.add(str(row["key"]))
                 at = row.get("checked_at")
                 if at:
-                    seen = datetime.fromisoformat(str(at).replace("Z", "+00:00"))
+                    seen = parse_utc(str(at))
                     if self.last_checked is None or seen > self.last_checked:
                         self.last_checked = seen
 

@@ -62,11 +62,15 @@ _SECRET_FIELD = re.compile(r'("secret"\s*:\s*)("(?:[^"\\]|\\.)*"|[^,}\]\s]+)', r
 
 
 class Dispatcher(Protocol):
-    """What the webhook needs from ``service.runtime.Runtime``. Optional, used when present: ``hold(signal_id,
-    decision)``, counting a decision's orders as exposure until ``dispatch`` takes them, and ``release(signal_id)``,
-    dropping them when the signal is not acknowledged (``Runtime.hold``)."""
+    """What the webhook needs from ``service.runtime.Runtime``."""
 
     def engine_state(self, now: datetime) -> EngineState: ...
+
+    def hold(self, signal_id: str, decision: Decision) -> None:
+        """Count the decision's orders as exposure until ``dispatch`` takes them (``Runtime.hold``)."""
+
+    def release(self, signal_id: str) -> None:
+        """Drop a hold whose signal was not acknowledged; a no-op once dispatched."""
 
     def dispatch(self, signal_id: str, decision: Decision) -> None: ...
 
@@ -200,15 +204,12 @@ class Webhook:
         # The orders count as exposure from their decision on (no await in between): a signal decided while this
         # one's commit is under way sees them (max_contracts, margin, best mode's holder). ``dispatch`` ends the
         # hold; leaving without it (not acknowledged, or cancelled) releases it, so nothing stays counted.
-        hold = getattr(self.runtime, "hold", None) if decision.orders else None
-        release = getattr(self.runtime, "release", None)
-        if hold is None or release is None:  # a runtime without holds (a test's or a benchmark's stub)
-            return await self._record_and_answer(request, signal, body, key, now, claim, signal_id, decision)
-        hold(signal_id, decision)
+        if decision.orders:
+            self.runtime.hold(signal_id, decision)
         try:
             return await self._record_and_answer(request, signal, body, key, now, claim, signal_id, decision)
         finally:
-            release(signal_id)  # a no-op once dispatched
+            self.runtime.release(signal_id)  # a no-op once dispatched
 
     async def _record_and_answer(self, request: web.Request, signal: Signal, body: Mapping[str, Any], key: str,
                                  now: datetime, claim: asyncio.Future[str], signal_id: str,

@@ -135,7 +135,7 @@ async def test_without_journaled_day_start_marks_the_17_et_mark_then_the_first_f
         w.feed.set_price("NQ", Decimal("21010"))
         w.feed.set_price("MES", Decimal("4980"))
         with caplog.at_level(logging.INFO, logger="service.runtime"):
-            await w.runtime._open_day_book(fills, now)
+            await w.runtime._open_day_book(fills, now, w.journal.risk_events(1000))
         risk = w.runtime.risk
         assert risk.day_marks == {"MESH6": Decimal("4990"), "ESH6": Decimal("5980"), "NQH6": Decimal("21010")}
         # MES: 2 x -10 x 5; ES closed at its own day-start mark: 0; NQ: from the current mark: 0.
@@ -153,7 +153,7 @@ async def test_without_journaled_day_start_marks_the_17_et_mark_then_the_first_f
         # A second restart, the market moved: the journaled marks are taken, not the fallbacks again.
         w.feed.set_price("NQ", Decimal("21020"))
         w.feed.set_price("MES", Decimal("4980"))
-        await w.runtime._open_day_book(fills, now)
+        await w.runtime._open_day_book(fills, now, w.journal.risk_events(1000))
         assert w.runtime.risk.day_marks["NQH6"] == Decimal("21010")
         assert w.runtime.risk.daily_pnl("f1") == Decimal(-100) + Decimal(10) * 20  # MES at 4980; NQ +10 x 20
         assert len(day_starts(w)) == 1
