@@ -173,15 +173,14 @@ class RiskMonitor:
         self._pnl: dict[str, Decimal] = {}
 
     # -- the day ---------------------------------------------------------------------------------------------
-    def roll(self, now: datetime, ledger: Ledger, day_marks: Mapping[str, Decimal] | None = None) -> bool:
-        """Start a new day book when ``now`` is in a new trading day; day-bound halts lift. True when rolled.
-
-        ``day_marks``: the prices to value the carried positions at (a restart passes the journaled ones);
-        contracts it lacks are valued at the current mark."""
+    def roll(self, now: datetime, ledger: Ledger) -> bool:
+        """Start a new day book when ``now`` is in a new trading day, its carried positions at the current marks
+        (a restart opens the day with ``open_day`` and the journaled marks instead); day-bound halts lift. True
+        when rolled."""
         today = trading_day(now)
         if today == self.day:
             return False
-        self.open_day(today, ledger, day_marks)
+        self.open_day(today, ledger)
         return True
 
     def open_day(self, day: date, ledger: Ledger, day_marks: Mapping[str, Decimal] | None = None) -> None:
