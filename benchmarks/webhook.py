@@ -147,7 +147,7 @@ MB_SERVER = textwrap.dedent("""
     config = ServiceConfig.from_env(rules_dir=rules, data_dir=data, port=port, paper_tick_s=0)
     options = {} if mode == "disk" else {"data_dir": None}  # paper broker state in memory unless "disk"
     factory = NullRuntime if mode == "null" else (lambda c, j, w: Runtime(c, j, w, connector_options=options))
-    app = create_app(config, runtime_factory=factory)
+    app = create_app(config, runtime_factory=factory, tune_interpreter=True)  # as `multibroker serve` runs it
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 """)
 

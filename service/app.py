@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
 
 from engine.reload import Reload, RulesWatcher
+from service import tuning
 from service.admin import AdminAPI
 from service.config import ServiceConfig
 from service.journal import Journal
@@ -196,19 +197,6 @@ def _instrument(metrics: Metrics, journal: Journal, watcher: RulesWatcher, runti
                                   [(n, s.connector) for n, s in sorted(runtime.pool.slots.items())])
 
 
-@web.middleware
-async def _timing(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                  ) -> web.StreamResponse:
-    """Webhook latency as the sender sees it: from the request reaching the handler to the answer being ready."""
-    if request.path != "/webhook":
-        return await handler(request)
-    started = time.perf_counter()
-    try:
-        return await handler(request)
-    finally:
-        request.app[METRICS].webhook_latency.observe(time.perf_counter() - started)
-
-
 async def _metrics(request: web.Request) -> web.Response:
     """Prometheus text format. No token: it holds counts and P&L figures, no secrets and no controls."""
     body = request.app[METRICS].render()
@@ -216,7 +204,14 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _webhook(request: web.Request) -> web.StreamResponse:
-    return await request.app[WEBHOOK].handle(request)
+    """Observes the webhook's latency as the sender sees it: from the request reaching the handler to the answer
+    being ready (timed here rather than in a middleware, which every other route would pay for too)."""
+    app = request.app
+    started = time.perf_counter()
+    try:
+        return await app[WEBHOOK].handle(request)
+    finally:
+        app[METRICS].webhook_latency.observe(time.perf_counter() - started)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -241,18 +236,23 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 def create_app(config: ServiceConfig, *, runtime_factory: RuntimeFactory | None = None,
-               engine_builder: Callable[[Any], Any] | None = None) -> web.Application:
+               engine_builder: Callable[[Any], Any] | None = None,
+               tune_interpreter: bool = False) -> web.Application:
     """The service as an aiohttp application.
 
     ``runtime_factory`` puts something else behind the HTTP layer (a stand-in in tests, a tuned runtime in the
     benchmark); ``engine_builder`` replaces ``engine.decide.build_engine`` for every rules generation.
+    ``tune_interpreter``: once started, tune the interpreter for serving (``service.tuning``: the garbage collector
+    and the GIL switch interval), as ``run`` and the benchmark do; off by default because it is process-wide.
     """
-    app = web.Application(client_max_size=max(config.max_body_bytes, 64 * 1024), middlewares=[_timing])
+    app = web.Application(client_max_size=max(config.max_body_bytes, 64 * 1024))
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[RUNTIME_FACTORY] = runtime_factory or default_runtime
     app[ENGINE_BUILDER] = engine_builder
     app.cleanup_ctx.append(_lifecycle)
+    if tune_interpreter:
+        app.cleanup_ctx.append(tuning.serving)  # after _lifecycle: freezes what start-up built
     app.router.add_post("/webhook", _webhook)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
@@ -265,7 +265,7 @@ def create_app(config: ServiceConfig, *, runtime_factory: RuntimeFactory | None 
 
 def run(config: ServiceConfig) -> None:
     """Serve until interrupted (SIGINT/SIGTERM shut down cleanly: webhooks drain, then the journal closes)."""
-    app = create_app(config)
+    app = create_app(config, tune_interpreter=True)
 
     def listening(_banner: str) -> None:
         # aiohttp calls this once its sockets accept connections, whatever the brokers are doing.
