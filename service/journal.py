@@ -564,9 +564,15 @@ class Journal:
 
     def find_by_key(self, key: str, since: datetime) -> dict[str, Any] | None:
         """The first signal journaled under ``key`` since ``since`` that counted (accepted or decided), or None."""
-        rows = self._query(
-            "SELECT * FROM signals WHERE key = ? AND received_at >= ? AND status IN ('accepted', 'decided') "
-            "ORDER BY received_at LIMIT 1", (key, utc_iso(since)))
+        # Every signal pays this lookup and almost every one misses: the miss reads one index entry through a
+        # plain cursor (no row dicts, no decision text); only a hit reads the whole row.
+        conn = self._reader().conn
+        found = conn.execute(
+            "SELECT id FROM signals WHERE key = ? AND received_at >= ? AND status IN ('accepted', 'decided') "
+            "ORDER BY received_at LIMIT 1", (key, utc_iso(since))).fetchone()
+        if found is None:
+            return None
+        rows = self._query("SELECT * FROM signals WHERE id = ?", (found[0],))
         return _signal(rows[0]) if rows else None
 
     def get_signal(self, signal_id: str) -> dict[str, Any] | None:
