@@ -118,6 +118,30 @@ async def test_a_signal_its_decision_and_its_orders_are_one_transaction(journal:
     assert on_disk(journal.path, "SELECT COUNT(*) FROM signals") == [(2,)]
 
 
+async def test_a_batch_runs_without_savepoints_until_a_write_fails_then_write_by_write(journal: Journal) -> None:
+    await accepted(journal, "dup")
+    statements: list[str] = []
+    assert journal._conn is not None
+    journal._conn.set_trace_callback(statements.append)
+    try:
+        good = await asyncio.gather(*(accepted(journal, f"ok{i}") for i in range(5)))
+        assert len(good) == 5 and not any("SAVEPOINT" in s for s in statements)
+        statements.clear()
+        # A failing write in the middle of a batch: the batch is rolled back and run again, each write in its own
+        # savepoint; the failure reaches its caller only, every other write is committed exactly once.
+        results = await asyncio.gather(accepted(journal, "a1"), accepted(journal, "a2"), accepted(journal, "x", "dup"),
+                                       accepted(journal, "a3"), return_exceptions=True)
+    finally:
+        journal._conn.set_trace_callback(None)
+    assert [type(r).__name__ for r in results] == ["str", "str", "JournalConflict", "str"]
+    assert any("SAVEPOINT" in s for s in statements)
+    assert on_disk(journal.path, "SELECT client_order_id, COUNT(*) FROM orders WHERE client_order_id IN "
+                                 "('a1', 'a2', 'a3', 'x', 'dup') GROUP BY client_order_id ORDER BY 1") == [
+        ("a1", 1), ("a2", 1), ("a3", 1), ("dup", 1)]
+    assert on_disk(journal.path, "SELECT COUNT(*) FROM order_events WHERE client_order_id IN ('a1', 'a2', 'a3')") == [
+        (3,)]
+
+
 async def test_group_commit_batches_concurrent_writes_and_each_is_on_disk_when_it_returns(journal: Journal) -> None:
     async def one(i: int) -> None:
         sid = await accepted(journal, f"g{i}")
