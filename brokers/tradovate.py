@@ -34,7 +34,8 @@ What makes Tradovate different, and how this module copes:
   are cash changes of their own, apart from the ``TradePaired`` change that carries the P&L), so today's
   ``Fill.commission`` figures are subtracted: the same numbers ``fills_since`` reports.
 - **Events** come over the WebSocket (frames ``o``/``h``/``a[...]``/``c[...]``): ``authorize``, then
-  ``user/syncrequest`` (a snapshot that also catches up after a reconnect), then pushed ``props``. We send ``[]``
+  ``user/syncrequest`` (a snapshot that also catches up after a reconnect; a penalty ticket as its answer is waited
+  out and the request resent with the ticket), then pushed ``props``. We send ``[]``
   every 2.5 s and treat a socket silent for ``ws_timeout_s`` as dead. When the socket is down the connector polls
   ``/order/list`` and ``/fill/list`` instead; both paths feed one de-duplicating state.
 - **Times** are ISO-8601 UTC with ``Z`` (milliseconds in the docs' examples, none in some); ``tradeDate`` is
@@ -794,14 +795,8 @@ class TradovateConnector(HttpConnector):
             if reply.get("s") != 200:
                 raise ConnectionError(f"authorize answered {reply.get('s')}: {reply.get('d')}")
             self._ws_token, self._ws_token_expiry = token, self._token_expiry
-            sync_id = next(self._ws_ids)
-            users = [self._user_id] if self._user_id is not None else []
-            await ws.send_str(encode_request("user/syncrequest", sync_id, json.dumps({"users": users})))
-            reply = await self._ws_reply(ws, sync_id)
-            if reply.get("s") != 200:
-                raise ConnectionError(f"user/syncrequest answered {reply.get('s')}: {reply.get('d')}")
-            if isinstance(reply.get("d"), dict):
-                await self._absorb_snapshot(reply["d"])
+            snapshot = await self._ws_sync(ws)
+            await self._absorb_snapshot(snapshot)
             self._ws_live.set()
             self._last_poll = time.monotonic()
             while True:
@@ -823,6 +818,38 @@ class TradovateConnector(HttpConnector):
                 if frame.kind == "close":
                     raise ConnectionError(f"closed by the server: {frame.data}")
                 await self._ws_messages(frame)
+
+    async def _ws_sync(self, ws: aiohttp.ClientWebSocketResponse) -> Mapping[str, Any]:
+        """The ``user/syncrequest`` snapshot. Throttled, it answers ``s`` 200 with a penalty ticket as ``d``, which
+        read as a snapshot would look like an account with no orders and no fills: wait ``p-time`` and resend with
+        the ticket, as for REST; a captcha, or more than ``MAX_TICKETS`` tickets, gives the socket up (the caller
+        polls by REST meanwhile)."""
+        users = [self._user_id] if self._user_id is not None else []
+        body: dict[str, Any] = {"users": users}
+        for _attempt in range(MAX_TICKETS + 1):
+            sync_id = next(self._ws_ids)
+            await ws.send_str(encode_request("user/syncrequest", sync_id, json.dumps(body)))
+            reply = await self._ws_reply(ws, sync_id)
+            if reply.get("s") != 200:
+                raise ConnectionError(f"user/syncrequest answered {reply.get('s')}: {reply.get('d')}")
+            data = reply.get("d")
+            ticket = penalty_ticket(data)
+            if ticket is None:
+                if not isinstance(data, dict):
+                    raise ConnectionError(f"user/syncrequest answered no snapshot: {str(data)[:200]}")
+                return data
+            ticket_id, wait_s, captcha = ticket
+            if captcha:
+                raise ConnectionError(f"user/syncrequest needs a captcha (penalty of {wait_s:g}s); polling by REST")
+            log.warning("Tradovate %s: penalty ticket on user/syncrequest; resending in %.1fs", self.broker.name,
+                        wait_s)
+            until = time.monotonic() + wait_s  # wait on the socket: heartbeats go on, pushed events are absorbed
+            while (frame := await self._ws_frame(ws, until=until)) is not None:
+                if frame.kind == "close":
+                    raise ConnectionError(f"closed by the server: {frame.data}")
+                await self._ws_messages(frame)
+            body = {"users": users, "p-ticket": ticket_id}
+        raise ConnectionError(f"user/syncrequest: {MAX_TICKETS} penalty tickets in a row; polling by REST")
 
     @overload
     async def _ws_frame(self, ws: aiohttp.ClientWebSocketResponse) -> Frame: ...

@@ -335,6 +335,27 @@ async def test_drop_is_detected_and_reconnects_with_missed_fills_reported(tv: Tr
     assert tv.connector.reconnects == 1
 
 
+async def test_a_penalty_ticket_answering_the_socket_sync_is_waited_out_and_resent(tv: TradovateHarness) -> None:
+    queue = tv.connector.subscribe()
+    await tv.drop_connection()
+    assert (await next_event(queue, ConnectionEvent)).connected is False
+    # Filled while we are away: the new socket's snapshot must report it. Its first sync answer is a ticket.
+    await tv.emulator._place({"accountId": tv.emulator.account_id(ACCOUNT), "accountSpec": ACCOUNT,
+                              "symbol": tv.contract, "action": "Buy", "orderQty": 1, "orderType": "Market",
+                              "clOrdId": "while-throttled"})
+    tv.emulator.ticket_next_sync(1, wait_s=0.3)
+    await tv.restore_connection()
+    assert (await next_event(queue, FillEvent)).fill.client_order_id == "while-throttled"
+    await wait_until(lambda: tv.connector.websocket_live, timeout_s=3.0, what="the socket live after the penalty")
+    assert tv.emulator.tickets_honoured == 1  # resent with the ticket, after its wait
+    # Read as a snapshot, the ticket left the socket unsynced: pushes never came, only the 30 s safety poll did.
+    polls_before = tv.emulator.requests["/v1/fill/list"]
+    await tv.connector.place_order(market(tv, "pushed-after-penalty"))
+    event = await next_event(queue, FillEvent)
+    assert event.fill.client_order_id == "pushed-after-penalty"
+    assert tv.emulator.requests["/v1/fill/list"] == polls_before
+
+
 async def test_brokers_check_against_the_emulator() -> None:
     emulator = make_emulator()
     await emulator.start()

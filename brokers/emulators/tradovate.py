@@ -26,7 +26,8 @@ What it models (see ``broker-apis.md``):
   or with ``"close"`` a ``c[...]`` frame and a close. Renewing the token does not extend an authorized socket.
 
 Fault hooks: ``set_latency``, ``reject_next`` (``failureReason``), ``partial_fill_next``, ``rate_limit_next``
-(penalty ticket for POSTs, empty 429 otherwise, or 429 for everything), ``captcha_next``, ``lose_next_place_response``
+(penalty ticket for POSTs, empty 429 otherwise, or 429 for everything), ``ticket_next_sync`` (a penalty ticket
+as the socket's ``user/syncrequest`` answer), ``captcha_next``, ``lose_next_place_response``
 (accept and fill, then reset the TCP connection before answering), ``drop_connection``/``restore_connection`` (stop
 listening and reset every connection including WebSockets), ``mute_heartbeats`` (a socket that goes silent without
 closing), ``expire_tokens``.
@@ -304,6 +305,7 @@ class TradovateEmulator(EmulatorServer):
         self._rate_limit: list[tuple[str, float]] = []
         self._tickets: dict[str, float] = {}
         self._captcha = 0
+        self._sync_tickets: list[tuple[float, bool]] = []
         self._muted = False
         # Server plumbing.
         self._sockets: set[_Socket] = set()
@@ -400,6 +402,12 @@ class TradovateEmulator(EmulatorServer):
         if kind not in ("ticket", "429"):
             raise ValueError(f"rate-limit kind must be 'ticket' or '429', got {kind!r}")
         self._rate_limit.extend([(kind, retry_after_s)] * n)
+
+    def ticket_next_sync(self, n: int = 1, wait_s: float = 0.2, *, captcha: bool = False) -> None:
+        """The next ``n`` socket ``user/syncrequest`` answers are a penalty ticket (``s`` 200, ``d`` the ticket),
+        as every Tradovate request may be throttled; a resend whose body carries the ticket after its wait is
+        served."""
+        self._sync_tickets.extend([(wait_s, captcha)] * n)
 
     def captcha_next(self, n: int = 1) -> None:
         """The next ``n`` requests get a penalty ticket that demands a captcha (no automated retry possible)."""
@@ -826,6 +834,26 @@ class TradovateEmulator(EmulatorServer):
             await sock.send_messages({"s": 401, "i": request_id, "d": "Not authorized"})
             return
         if endpoint == "user/syncrequest":
+            try:
+                parsed = json.loads(body) if body.strip() else {}
+            except json.JSONDecodeError:
+                parsed = {}
+            ticket = parsed.get("p-ticket") if isinstance(parsed, dict) else None
+            penalty: tuple[float, bool] | None = None
+            if ticket is not None and ticket in self._tickets:
+                wait = self._tickets.pop(ticket) - time.monotonic()
+                if wait > 0:  # resent too early: the penalty stands
+                    penalty = (wait, False)
+                else:
+                    self.tickets_honoured += 1
+            elif self._sync_tickets:
+                penalty = self._sync_tickets.pop(0)
+            if penalty is not None:
+                ticket_id = secrets.token_urlsafe(24)
+                self._tickets[ticket_id] = time.monotonic() + penalty[0]
+                await sock.send_messages({"s": 200, "i": request_id, "d": {
+                    "p-ticket": ticket_id, "p-time": round(penalty[0], 3), "p-captcha": penalty[1]}})
+                return
             sock.synced = True
             await sock.send_messages({"s": 200, "i": request_id, "d": self._snapshot()})
             return
