@@ -132,10 +132,10 @@ def main() -> None:
     posts = 0
     real_post = engine.rules.post
 
-    def counting_post(message: Any) -> str | None:
+    def counting_post(message: Any, text: str | None = None) -> str | None:
         nonlocal posts
         posts += 1
-        return real_post(message)
+        return real_post(message, text)
 
     engine.rules.post = counting_post  # type: ignore[method-assign]
     orders = 0

@@ -24,7 +24,7 @@ comparison exact (``ceil`` for "loss <= -limit", ``floor`` for "free margin >= r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from decimal import Decimal
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 from engine.evaluator import Condition
@@ -199,11 +199,19 @@ def scaled(value: Decimal, scale: int, rounding: str) -> int:
 
 
 def ceil_scaled(value: Decimal, scale: int) -> int:
-    return scaled(value, scale, ROUND_CEILING)
+    """``scaled(value, scale, ROUND_CEILING)`` without the keyword call (the decision path scales every account's
+    P&L): ``int`` truncates towards zero, so a product with a fraction left above the integer rounds up by one.
+    Exact: the product is the same Decimal, and comparing a Decimal with an int is exact."""
+    product = value * scale
+    whole = int(product)
+    return whole + 1 if product > whole else whole
 
 
 def floor_scaled(value: Decimal, scale: int) -> int:
-    return scaled(value, scale, ROUND_FLOOR)
+    """``scaled(value, scale, ROUND_FLOOR)``, computed as ``ceil_scaled`` is."""
+    product = value * scale
+    whole = int(product)
+    return whole - 1 if product < whole else whole
 
 
 @dataclass

@@ -52,17 +52,19 @@ import itertools
 import json
 import logging
 import threading
+from json.encoder import encode_basestring
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Mapping, Protocol, Sequence
 
 from engine.compile import Check, Compiled, ceil_scaled, compile_ruleset, floor_scaled
 from engine.decision import Cancel, Decision, Order, Skip, client_order_id
-from engine.evaluator import Condition, Message, PythonRules, check_message
-from engine.model import Account, RoutingRule, RuleSet
-from engine.schedule import blocking_rule
-from engine.sessions import trading_day
+from engine.evaluator import (MAX_INT, Condition, Message, PythonRules, Template, check_message, flat_json,
+                              referenced_fields)
+from engine.model import Account, RoutingRule, RuleSet, ScheduleRule
+from engine.schedule import BLOCK, blocking_rule
+from engine.sessions import to_et, trading_day, trading_day_bounds
 from engine.signal import Signal
 from engine.state import AccountState, EngineState
 from engine.symbols import Symbol, parse_contract, resolve
@@ -77,7 +79,11 @@ class EngineError(RuntimeError):
 
 
 class Rules(Protocol):
-    def post(self, message: Message) -> str | None: ...
+    text_fields: frozenset[str] | None
+    """The fields a backend that parses JSON text reads (a caller may then pass ``post`` the text, holding only
+    these); None for backends that read the message itself."""
+
+    def post(self, message: Message, text: str | None = None) -> str | None: ...
 
     def close(self) -> None: ...
 
@@ -109,6 +115,10 @@ class DurableRules:
       rule that fired, so ``post`` asserts the event into the C core, reads the fired rule's name from the action
       it starts, and completes it: the same C calls ``Host.post`` makes, without Python actions (nothing to
       swallow) and at a third of the cost. Anything else the core reports is raised as ``EngineError``.
+    - The text posted holds only the fields some rule reads (``referenced_fields``): the core parses, stores and
+      echoes every field, and a field no condition reads cannot change which rule fires.
+    - The fired rule's name is read off the action text without ``json.loads`` when that text is exactly what one
+      rule firing on our message looks like (``_fired``); anything else is parsed in full and checked as before.
     - ``close`` deletes the ruleset (and its state) in the C core.
     """
 
@@ -130,15 +140,22 @@ class DurableRules:
         self._handle = self._host.get_ruleset(self._name)._handle
         self._closed = False
         self._state_complete = False
-        self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        self.text_fields = referenced_fields(cond for _, _, cond in rules)
+        # Names the fast path of ``_fired`` may recognise: no quote or backslash, so that '{"<name>":' cannot
+        # span two JSON members (ours are identifiers like ``route0.1``; anything else takes the json.loads path).
+        self._names = frozenset(name for name, _, _ in rules if '"' not in name and "\\" not in name)
 
-    def post(self, message: Message) -> str | None:
-        check_message(message)
+    def post(self, message: Message, text: str | None = None) -> str | None:
+        """The name of the rule that fires for ``message``, or None. ``text``, when given, must be what
+        ``flat_json(message, self.text_fields)`` returns for a message ``check_message`` accepts (the engine writes
+        its entry messages from a ``Template``); without it the message is checked and encoded here."""
+        if text is None:
+            text = flat_json(message, self.text_fields)  # refuses what check_message refuses
         core = self._core
         with self._lock:
             if self._closed:
                 raise EngineError(f"rules generation {self._name} is retired")
-            result = core.assert_event(self._handle, self._dumps(message))
+            result = core.assert_event(self._handle, text)
             if result[0] == 1:  # MessageNotHandled: no rule matches
                 return None
             if result[0] != 0:
@@ -147,12 +164,27 @@ class DurableRules:
             started = core.start_action_for_state(self._handle, state_handle)
             if not started:
                 raise EngineError(f"durable-rules matched but started no action for {message}")
-            fired = json.loads(started[1])
+            fired = self._fired(started[1], text)
             more = core.complete_and_start_action(self._handle, state_handle)
             self._state_complete = True
             if len(fired) != 1 or more:
-                raise EngineError(f"durable-rules fired more than one rule for one message: {list(fired)}")
-            return str(next(iter(fired)))
+                raise EngineError(f"durable-rules fired more than one rule for one message: {fired}")
+            return fired[0]
+
+    def _fired(self, action: str, sent: str) -> list[str]:
+        """The names of the rules in the action the core started (one, unless something is wrong).
+
+        The core writes the action as ``{"<rule>":{"m":<the message as posted>}}``. When the text is exactly that
+        for one of our rule names (which hold no quote or backslash), it is a JSON object with that single member,
+        so the name is read without parsing the echoed message; any other text (two rules, a reformatted echo) is
+        parsed in full, and the caller refuses anything but exactly one name.
+        """
+        tail = '":{"m":' + sent + "}}"
+        if action.startswith('{"') and action.endswith(tail):
+            name = action[2:len(action) - len(tail)]
+            if name in self._names:
+                return [name]
+        return [str(name) for name in json.loads(action)]
 
     def close(self) -> None:
         with self._lock:
@@ -179,7 +211,9 @@ def _never_called(c: Any) -> None:
 class _NoRules:
     """A rule set with no rules at all (nothing to route): durable-rules refuses an empty ruleset."""
 
-    def post(self, message: Message) -> str | None:
+    text_fields = None
+
+    def post(self, message: Message, text: str | None = None) -> str | None:
         check_message(message)
         return None
 
@@ -209,6 +243,9 @@ def make_rules(rules: Sequence[tuple[str, int, Condition]], backend: str = "auto
 # Quantities
 # ---------------------------------------------------------------------------------------------------------------
 
+_ZERO = Decimal(0)
+
+
 def round_half_up(value: Decimal) -> int:
     return int(value.to_integral_value(rounding=ROUND_HALF_UP))
 
@@ -217,7 +254,7 @@ def _sign(n: int) -> int:
     return (n > 0) - (n < 0)
 
 
-@dataclass
+@dataclass(slots=True)
 class Plan:
     """What one account's order becomes: exit legs (contract, signed qty) and an opening part (signed qty)."""
 
@@ -226,6 +263,11 @@ class Plan:
     net: int
     exits: list[tuple[str, int]] = field(default_factory=list)
     entry: int = 0
+
+    @property
+    def net_after(self) -> int:
+        """The account's net position in the root once the exits and the opening part are done."""
+        return self.net + sum(q for _, q in self.exits) + self.entry if self.exits else self.net + self.entry
 
 
 def _oldest_first(held: Mapping[str, int], now: datetime) -> list[str]:
@@ -274,8 +316,46 @@ def _fmt_pct(value: Decimal) -> str:
     return format(value.normalize(), "f")
 
 
+@dataclass(frozen=True)
+class _Facts:
+    """Per-generation constants of one account, computed once in ``Engine.__init__`` so that a decision spends no
+    lookups or Decimal arithmetic on them."""
+
+    account: Account
+    multiplier: tuple[int, int]
+    """The size multiplier as an exact fraction (numerator, denominator > 0): quantities are scaled in ints."""
+    names_json: tuple[str, str] | None
+    """The account's and its broker's names as JSON strings, for the entry message's text (None: not str)."""
+
+
+def _json_string(value: object) -> str | None:
+    return encode_basestring(value) if type(value) is str else None
+
+
+def _names_json(account: Account) -> tuple[str, str] | None:
+    name, broker = _json_string(account.name), _json_string(account.broker)
+    return None if name is None or broker is None else (name, broker)
+
+
+ENTRY_FIELDS = ("k", "account", "broker", "strategy", "root", "sched", "ppnl", "connected", "paused", "halted", "pnl",
+                "abs_after", "pabs_after", "qty", "mpc", "free")
+"""The entry message's fields, in the order ``_Decider.judge`` builds them (the compiled checks read them)."""
+
+
+def scale_quantity(quantity: int, multiplier: tuple[int, int]) -> int:
+    """``round_half_up(Decimal(quantity) * size_multiplier)`` in exact integer arithmetic (half away from zero)."""
+    numerator, denominator = multiplier
+    magnitude = (2 * abs(quantity * numerator) + denominator) // (2 * denominator)
+    return magnitude if quantity * numerator >= 0 else -magnitude
+
+
 class Engine:
-    """One rules generation. ``decide`` is thread-safe and pure; ``close`` retires the generation."""
+    """One rules generation. ``decide`` is thread-safe and pure; ``close`` retires the generation.
+
+    Everything that depends only on the rules is computed here, once per generation: per account facts, each
+    broker's margin per root (scaled for the margin check), the schedule's block rules and whether any of them is
+    scoped to accounts; and each resolved ticker is kept per Eastern date (``resolve`` depends on nothing else).
+    """
 
     def __init__(self, ruleset: RuleSet, backend: str = "auto") -> None:
         self.ruleset = ruleset
@@ -283,6 +363,24 @@ class Engine:
         self.rules: Rules = make_rules(self.compiled.rules, backend)
         self.backend = type(self.rules).__name__
         self._schedule_rules = ruleset.schedule_rules
+        self._block_rules = tuple(r for r in ruleset.schedule_rules if r.action == BLOCK)
+        self._block_per_account = any(r.accounts is not None for r in self._block_rules)
+        """Only then can two accounts of one decision see different schedule blocks."""
+        by_name = sorted(ruleset.accounts.values(), key=lambda a: a.name)
+        self._accounts_by_name = by_name
+        self._facts = {a.name: _Facts(a, a.size_multiplier.as_integer_ratio(), _names_json(a)) for a in by_name}
+        sent = self.rules.text_fields
+        self._entry_template = None if sent is None else Template(ENTRY_FIELDS, sent)
+        """Writes entry messages for a backend that parses text (durable-rules)."""
+        scale = self.compiled.scale
+        self._margins: dict[tuple[str, str], tuple[Decimal | None, int]] = {}
+        """(broker, root) -> (margin per contract or None, the ``mpc`` field: margin x S, -1 when unknown)."""
+        for broker in ruleset.brokers.values():
+            for root in ruleset.catalog.roots():
+                self._margins[(broker.name, root)] = self._margin_facts(broker.name, root)
+        self._free_factor = 100 * self.compiled.margin_factor_scale * scale
+        """free margin x this = the ``free`` field (a power of ten: the product is exact)."""
+        self._symbols: dict[tuple[str, date], Symbol] = {}
 
     def close(self) -> None:
         self.rules.close()
@@ -295,18 +393,34 @@ class Engine:
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
+    def _margin_facts(self, broker: str, root: str) -> tuple[Decimal | None, int]:
+        margin = self.ruleset.brokers[broker].margin(root)
+        return margin, (-1 if margin is None else int(margin * self.compiled.scale))
+
+    def margin(self, broker: str, root: str) -> tuple[Decimal | None, int]:
+        """(margin per contract, ``mpc`` field) for ``broker`` and ``root``."""
+        found = self._margins.get((broker, root))
+        return found if found is not None else self._margin_facts(broker, root)
+
     def _targets(self, rule: RoutingRule, strategy: str) -> list[Account]:
         accounts = self.ruleset.accounts
         if rule.accounts is not None:
             return [accounts[name] for name in rule.accounts if name in accounts]
         if rule.brokers is not None:
-            return sorted((a for a in accounts.values() if a.broker in rule.brokers), key=lambda a: a.name)
-        return sorted((a for a in accounts.values() if strategy in a.strategies), key=lambda a: a.name)
+            return [a for a in self._accounts_by_name if a.broker in rule.brokers]
+        return [a for a in self._accounts_by_name if strategy in a.strategies]
 
-    def _pnl(self, value: Decimal, at: datetime | None, now: datetime) -> Decimal:
-        if at is not None and trading_day(at) != trading_day(now):
-            return Decimal(0)  # measured during an earlier trading day, which has ended
-        return value
+    def _resolve(self, ticker: str, now: datetime, today: date) -> Symbol:
+        """``resolve(ticker, now, catalog)``, kept per (ticker, Eastern date ``today``): ``resolve`` reads ``now``
+        only as its Eastern date, and the catalog is the generation's. Errors are not kept (raised every time)."""
+        key = (ticker, today)
+        symbol = self._symbols.get(key)
+        if symbol is None:
+            symbol = resolve(ticker, now, self.ruleset.catalog)
+            if len(self._symbols) >= 1024:  # tickers come from signals: bounded, whatever they send
+                self._symbols.clear()
+            self._symbols[key] = symbol
+        return symbol
 
     # -- the decision ----------------------------------------------------------------------------------------
 
@@ -315,7 +429,8 @@ class Engine:
         expired instrument, which is an input error rather than a decision."""
         if now.tzinfo is None or now.utcoffset() is None:
             raise ValueError("decide: `now` must be an aware datetime")
-        symbol = resolve(signal.ticker, now, self.ruleset.catalog)
+        local = to_et(now)
+        symbol = self._resolve(signal.ticker, now, local.date())
         base: dict[str, Any] = {"signal_id": signal.id, "strategy": signal.strategy,
                                 "order_type": signal.order_type, "price": signal.price}
         fired = self.rules.post({"k": "route", "strategy": signal.strategy, "root": symbol.root})
@@ -327,14 +442,14 @@ class Engine:
         if not targets:
             return Decision(rule=rule.name, blocked_by=None, reason=(
                 f"routing rule {rule.name} selects no account for strategy '{signal.strategy}'"), **base)
-        return _Decider(self, signal, state, now, symbol, rule, targets, base).run()
+        return _Decider(self, signal, state, now, local, symbol, rule, targets, base).run()
 
 
 class _Decider:
     """The working state of one decision (kept off ``Engine`` so that ``decide`` stays re-entrant)."""
 
-    def __init__(self, engine: Engine, signal: Signal, state: EngineState, now: datetime, symbol: Symbol,
-                 rule: RoutingRule, targets: Sequence[Account], base: dict[str, Any]) -> None:
+    def __init__(self, engine: Engine, signal: Signal, state: EngineState, now: datetime, local: datetime,
+                 symbol: Symbol, rule: RoutingRule, targets: Sequence[Account], base: dict[str, Any]) -> None:
         self.engine = engine
         self.ruleset = engine.ruleset
         self.compiled = engine.compiled
@@ -354,14 +469,32 @@ class _Decider:
         """Contracts of the entries accepted so far in this decision (portfolio-wide contract limits count them)."""
         self.exited: dict[str, int] = {}
         """Account -> signed quantity of this decision's exits (all decided before any entry is judged)."""
+        # Per-decision constants, computed once rather than per account.
+        self.day_start, self.day_end = trading_day_bounds(trading_day(now))
+        self.blocking = None if engine._block_per_account else self.blocking_rule(None)
         scale = self.compiled.scale
         if state.portfolio_daily_pnl is not None:
-            self.portfolio_pnl = engine._pnl(state.portfolio_daily_pnl, state.portfolio_daily_pnl_at, now)
+            self.portfolio_pnl = self.pnl(state.portfolio_daily_pnl, state.portfolio_daily_pnl_at)
         else:
-            self.portfolio_pnl = sum((engine._pnl(a.daily_pnl, a.daily_pnl_at, now)
-                                      for a in state.accounts.values()), Decimal(0))
+            self.portfolio_pnl = sum((self.pnl(a.daily_pnl, a.daily_pnl_at) for a in state.accounts.values()),
+                                     Decimal(0))
         self.ppnl = ceil_scaled(self.portfolio_pnl, scale)
         self._portfolio_abs: int | None = None
+        self.strategy_json = _json_string(signal.strategy)
+        self.root_json = encode_basestring(self.root)
+
+    def pnl(self, value: Decimal, at: datetime | None) -> Decimal:
+        """Daily P&L as it counts now: measured during another trading day than now's, it counts as 0."""
+        if at is not None and not self.day_start <= at < self.day_end:
+            return Decimal(0)  # measured during an earlier trading day, which has ended
+        return value
+
+    def blocking_rule(self, account: str | None) -> ScheduleRule | None:
+        """The schedule rule blocking this signal's entries at ``account`` (any account, when no block rule is
+        scoped to accounts: then the answer is the same for all, computed once per decision)."""
+        if not self.engine._block_rules:
+            return None
+        return blocking_rule(self.engine._block_rules, self.now, strategy=self.signal.strategy, account=account)
 
     @property
     def portfolio_abs(self) -> int:
@@ -396,15 +529,16 @@ class _Decider:
                 return None
             plan.exits = [(c, -q) for c, q in sorted(held.items())]
             return plan
+        multiplier = self.engine._facts[account.name].multiplier
         if signal.is_target:
-            size = round_half_up(Decimal(signal.position_size or 0) * mult)
+            size = scale_quantity(signal.position_size or 0, multiplier)
             target = {"long": size, "short": -size}.get(signal.position or "flat", 0)
             delta = target - net
             if delta == 0:
                 self.skip(account.name, f"already at target {target:+d} {self.root}", "target")
                 return None
         else:
-            qty = round_half_up(Decimal(signal.quantity or 0) * mult)
+            qty = scale_quantity(signal.quantity or 0, multiplier)
             if qty == 0:
                 self.skip(account.name, f"quantity {signal.quantity} x size multiplier {_fmt_pct(mult)} rounds to 0",
                           "size_multiplier")
@@ -426,31 +560,41 @@ class _Decider:
         """(refusal or None, reserved margin, kind of the refusing check) for the plan's opening part."""
         account = plan.account
         acc_state = plan.state
-        broker = self.ruleset.brokers[account.broker]
+        engine = self.engine
         qty = abs(plan.entry)
-        scale = self.compiled.scale
-        margin = broker.margin(self.root)
-        blocking = blocking_rule(self.engine._schedule_rules, self.now, strategy=self.signal.strategy,
-                                 account=account.name)
-        net_after = plan.net + sum(q for _, q in plan.exits) + plan.entry
-        pnl = self.engine._pnl(acc_state.daily_pnl, acc_state.daily_pnl_at, self.now)
-        message = {
+        margin, mpc = engine.margin(account.broker, self.root)
+        blocking = self.blocking_rule(account.name) if engine._block_per_account else self.blocking
+        pnl = self.pnl(acc_state.daily_pnl, acc_state.daily_pnl_at)
+        sched = 1 if blocking is not None else 0
+        connected = 1 if acc_state.connected else 0
+        paused = 1 if account.broker in self.state.paused else 0
+        halted = 1 if acc_state.halted_in(self.root) else 0
+        pnl_scaled = ceil_scaled(pnl, self.compiled.scale)
+        abs_after = abs(plan.net_after)
+        pabs_after = self.portfolio_abs + self.entered + qty
+        # free margin x 100 x 10**j x S in one multiplication by that power of ten: the same exact product
+        free = floor_scaled(acc_state.free_margin, engine._free_factor)
+        message = {  # in ENTRY_FIELDS order
             "k": "entry", "account": account.name, "broker": account.broker, "strategy": self.signal.strategy,
-            "root": self.root,
-            "sched": 1 if blocking is not None else 0,
-            "ppnl": self.ppnl,
-            "connected": 1 if acc_state.connected else 0,
-            "paused": 1 if account.broker in self.state.paused else 0,
-            "halted": 1 if acc_state.halted_in(self.root) else 0,
-            "pnl": ceil_scaled(pnl, scale),
-            "abs_after": abs(net_after),
-            "pabs_after": self.portfolio_abs + self.entered + qty,
-            "qty": qty,
-            "mpc": -1 if margin is None else int(margin * scale),
-            "free": floor_scaled(acc_state.free_margin * 100 * self.compiled.margin_factor_scale, scale),
+            "root": self.root, "sched": sched, "ppnl": self.ppnl, "connected": connected, "paused": paused,
+            "halted": halted, "pnl": pnl_scaled, "abs_after": abs_after, "pabs_after": pabs_after, "qty": qty,
+            "mpc": mpc, "free": free,
         }
-        fired = self.engine.rules.post(message)
-        reserved = Decimal(qty) * (margin or Decimal(0))
+        text = None
+        names = engine._facts[account.name].names_json
+        if (engine._entry_template is not None and names is not None and self.strategy_json is not None
+                and type(qty) is int and type(abs_after) is int and type(pabs_after) is int
+                and -MAX_INT <= min(self.ppnl, pnl_scaled, abs_after, pabs_after, qty, mpc, free)
+                and max(self.ppnl, pnl_scaled, abs_after, pabs_after, qty, mpc, free) <= MAX_INT):
+            # What check_message requires holds: the names are str (checked once), the flags are the literals 0/1,
+            # ppnl/pnl/free come from int() in ceil_scaled/floor_scaled and mpc from int() or -1, the three counts
+            # derived from positions were just checked to be exact ints, and every int is within +-MAX_INT.
+            # Otherwise the backend checks and encodes the message itself (and refuses it, naming the field).
+            text = engine._entry_template.write(
+                '"entry"', names[0], names[1], self.strategy_json, self.root_json, sched, self.ppnl, connected,
+                paused, halted, pnl_scaled, abs_after, pabs_after, qty, mpc, free)
+        fired = engine.rules.post(message, text)
+        reserved = (margin or _ZERO) * qty
         if fired == "ok":
             return None, reserved, None
         if fired is None:

@@ -22,7 +22,9 @@ one rule, the matching rule with the lowest ``pri``, or none (durable-rules rais
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from functools import lru_cache
+from json.encoder import encode_basestring
+from typing import Any, Iterable, Mapping, Sequence
 
 Condition = dict[str, Any]
 Message = Mapping[str, Any]
@@ -50,6 +52,89 @@ def check_message(message: Message) -> None:
             raise MessageError(f"message field {key!r}: {type(value).__name__} is not allowed (int or str only)")
         if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
             raise MessageError(f"message field {key!r}: {value} is out of range (|value| <= 2**62)")
+
+
+@lru_cache(maxsize=1024)
+def _json_key(key: str) -> str:
+    return encode_basestring(key) + ":"
+
+
+def flat_json(message: Message, fields: frozenset[str] | None = None) -> str:
+    """The text ``json.dumps(message, ensure_ascii=False, separators=(",", ":"))`` gives, keeping only ``fields``
+    (None: every field) in the message's order; refuses what ``check_message`` refuses, every field (sent or not)
+    checked in the same pass.
+
+    Why not ``json.dumps`` after ``check_message``: two generic passes over every field cost more than the rules
+    engine's own parse of the text, and every decision posts one message per account. Strings go through
+    ``encode_basestring``, the very function ``json.dumps`` uses with ``ensure_ascii=False``; an int prints as
+    ``int.__repr__``, as in ``json``.
+    """
+    parts = []
+    for key, value in message.items():
+        kind = type(value)
+        if kind is int and -MAX_INT <= value <= MAX_INT:
+            if fields is None or key in fields:
+                parts.append(_json_key(key) + int.__repr__(value))
+        elif kind is str:
+            if fields is None or key in fields:
+                parts.append(_json_key(key) + encode_basestring(value))
+        else:
+            check_message(message)  # raises, naming the field
+            raise AssertionError(f"check_message accepted {key!r}: {value!r}")  # pragma: no cover
+    return "{" + ",".join(parts) + "}"
+
+
+class Template:
+    """Writes messages of one layout known in advance (field names in order) as ``flat_json`` writes them.
+
+    Why: the engine posts one entry message per candidate account, and a format string generated once per rules
+    generation writes one in a quarter of the time of any generic encoder. ``write`` takes every field's value in
+    layout order: strings already encoded by ``encode_basestring``, ints as they are; fields outside ``sent`` are
+    skipped. The caller guarantees what ``check_message`` would check (exact ints within +-MAX_INT, strings), or
+    posts without a text and lets the backend encode and check the message.
+    """
+
+    def __init__(self, fields: Sequence[str], sent: frozenset[str] | None = None) -> None:
+        self.fields = tuple(fields)
+        pieces = [_json_key(name).replace("{", "{{").replace("}", "}}") + f"{{{i}}}"
+                  for i, name in enumerate(self.fields) if sent is None or name in sent]
+        self.write = ("{{" + ",".join(pieces) + "}}").format
+
+
+def referenced_fields(conditions: Iterable[Condition]) -> frozenset[str]:
+    """Every message field the conditions read (compared, or referenced through ``$m``).
+
+    A field no condition reads cannot change which rule fires, so a backend may leave it out of what it sends.
+    """
+    found: set[str] = set()
+
+    def operand(spec: Any) -> None:
+        if isinstance(spec, dict):
+            if "$m" in spec:
+                found.add(spec["$m"])
+            elif "$mul" in spec:
+                operand(spec["$mul"]["$l"])
+                operand(spec["$mul"]["$r"])
+            else:
+                raise ValueError(f"unknown operand {spec!r}")
+
+    def walk(cond: Condition) -> None:
+        for op, arg in cond.items():
+            if op in ("$and", "$or"):
+                for item in arg:
+                    walk(item)
+            elif op == "$neq" or op in _CMP:
+                for field, spec in arg.items():
+                    found.add(field)
+                    operand(spec)
+            elif op.startswith("$"):
+                raise ValueError(f"unsupported operator {op!r}")
+            else:
+                found.add(op)
+
+    for cond in conditions:
+        walk(cond)
+    return frozenset(found)
 
 
 def _operand(spec: Any, message: Message) -> Any:
@@ -105,11 +190,15 @@ class PythonRules:
     behaviour of durable-rules with ``pri`` when a single event can be consumed by one rule only.
     """
 
+    text_fields = None
+    """Reads the message itself, never its text."""
+
     def __init__(self, rules: "list[tuple[str, int, Condition]]") -> None:
         ordered = sorted(enumerate(rules), key=lambda item: (item[1][1], item[0]))
         self._rules = [(name, cond) for _, (name, _pri, cond) in ordered]
 
-    def post(self, message: Message) -> str | None:
+    def post(self, message: Message, text: str | None = None) -> str | None:
+        """The rule that fires for ``message`` (``text``, its JSON, is for backends that parse text: unused)."""
         check_message(message)
         for name, cond in self._rules:
             if evaluate(cond, message):

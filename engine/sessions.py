@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
+from functools import lru_cache
 from typing import Iterable
 from zoneinfo import ZoneInfo
 
@@ -81,6 +82,18 @@ def trading_day_start(at: datetime) -> datetime:
     """When the trading day holding ``at`` began (UTC): 18:00 ET on the previous calendar day, always <= ``at``."""
     begun = et_datetime(trading_day(at) - timedelta(days=1), TRADING_DAY_START_ET)
     return begun.astimezone(timezone.utc)
+
+
+@lru_cache(maxsize=64)
+def trading_day_bounds(day: date) -> tuple[datetime, datetime]:
+    """The UTC instants [start, end) of trading day ``day``: ``trading_day(at) == day`` iff start <= at < end.
+
+    Why it exists: the decision path asks "was this P&L measured today?" for every account, and two comparisons of
+    aware datetimes cost a fraction of a time-zone conversion. Exact because the Eastern wall clock only repeats or
+    skips an hour at 01:00-03:00, never around 18:00, so wall times >= 18:00 are exactly the instants >= 18:00's.
+    """
+    return (et_datetime(day - timedelta(days=1), TRADING_DAY_START_ET).astimezone(timezone.utc),
+            et_datetime(day, TRADING_DAY_START_ET).astimezone(timezone.utc))
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,8 @@ class AccountState:
 
     def held(self, root: str) -> dict[str, int]:
         """Non-zero positions in contracts of ``root`` (``MESH6`` belongs to ``MES``, not to ``ES``)."""
+        if not self.positions:  # the common case, asked for every account of every decision
+            return {}
         return {c: q for c, q in self.positions.items() if q and contract_root(c) == root}
 
 
