@@ -80,12 +80,18 @@ class JournalConflict(JournalError):
 
 
 def utc_iso(at: datetime | None = None) -> str:
-    """``2026-03-09T14:30:00.000000Z``: fixed width so that text order is time order. Naive times are refused."""
+    """``2026-03-09T14:30:00.000000Z``: fixed width so that text order is time order. Naive times are refused.
+
+    Formatted field by field rather than with ``strftime``, which cost a fifth of every order transition's work
+    (every order status and fill row carries a time); the text is the same."""
     if at is None:
         at = datetime.now(timezone.utc)
-    elif at.tzinfo is None or at.utcoffset() is None:
-        raise ValueError(f"naive datetime {at.isoformat()} given to the journal; use an aware UTC time")
-    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    elif at.tzinfo is not timezone.utc:
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ValueError(f"naive datetime {at.isoformat()} given to the journal; use an aware UTC time")
+        at = at.astimezone(timezone.utc)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (at.year, at.month, at.day, at.hour, at.minute, at.second,
+                                                   at.microsecond)
 
 
 def parse_utc(text: str) -> datetime:

@@ -171,6 +171,8 @@ class RiskMonitor:
         self.fire_count: dict[tuple[str, str], int] = {}
         """How often each (limit name, halt key) flattened today (a re-armed limit's flatten needs its own id)."""
         self._pnl: dict[str, Decimal] = {}
+        self._in_day: datetime | None = None
+        """The earliest time seen that lies in ``day`` (``_earlier_day``); reset when the day changes."""
 
     # -- the day ---------------------------------------------------------------------------------------------
     def roll(self, now: datetime, ledger: Ledger) -> bool:
@@ -201,6 +203,7 @@ class RiskMonitor:
             self.fired = set()
             self.fire_count = {}
         self.day = day
+        self._in_day = None
         self.halts = {k: h for k, h in self.halts.items() if h.day is None or h.day >= day}
         self._pnl.clear()
 
@@ -211,7 +214,7 @@ class RiskMonitor:
         A fill of an earlier day belongs to the day-start positions: one reported only after the day began (a
         late report) moves that position at the day-start mark (its own price if the contract was not held), with
         neither P&L nor commission today, which is what it would be had it been booked before the day began."""
-        if self.day is not None and trading_day(at) < self.day:
+        if self.day is not None and (self._in_day is None or at < self._in_day) and self._earlier_day(at):
             if fill_id in self.book.seen_fills:
                 return
             mark = self.day_marks.get(contract)
@@ -225,6 +228,14 @@ class RiskMonitor:
                         signed_qty=signed_qty, price=price, commission=commission,
                         point_value=self.point_value(contract))
         self._pnl.pop(account, None)
+
+    def _earlier_day(self, at: datetime) -> bool:
+        """Is ``at`` in a trading day before the current one? Remembers the earliest time seen in the current day:
+        any later time cannot be earlier (saves the time zone conversion of ``trading_day`` for most fills)."""
+        day = trading_day(at)
+        if day == self.day and (self._in_day is None or at < self._in_day):
+            self._in_day = at
+        return self.day is not None and day < self.day
 
     def adjust(self, account: str, contract: str, to_quantity: int) -> None:
         """Follow an adopted broker position (reconciliation), measured from the current mark."""

@@ -45,6 +45,7 @@ import heapq
 import itertools
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -216,6 +217,10 @@ class Runtime:
         (partially filled); each later snapshot checks them again."""
         self._resolved_seq = itertools.count()
         self._snapshot_due: dict[str, asyncio.Task[None]] = {}
+        self._event_tasks: set[asyncio.Task[None]] = set()
+        """Broker events being handled (``_on_event``)."""
+        self._event_queues: dict[tuple[str, str], deque[BrokerEvent]] = {}
+        """Events of an order (broker, broker order id) still to handle, the first one being handled."""
         self._state: EngineState | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._started_at: datetime | None = None
@@ -361,7 +366,7 @@ class Runtime:
         self.running = False
         if self.scheduler is not None:
             await self.scheduler.stop()
-        tasks = self._tasks + list(self._snapshot_due.values())
+        tasks = self._tasks + list(self._snapshot_due.values()) + list(self._event_tasks)
         self._tasks = []
         for task in tasks:
             task.cancel()
@@ -749,7 +754,8 @@ class Runtime:
         except BrokerError as exc:
             log.warning("cancel of working %s orders in %s failed: %s", instrument, account_name, exc)
 
-    async def _on_status(self, tracked: Tracked, status: str) -> None:
+    def _on_status(self, tracked: Tracked, status: str) -> None:
+        """Synchronous (no coroutine per transition): it only updates in-memory books."""
         coid = tracked.job.client_order_id
         reservation = self._reservations.get(coid)
         if reservation is not None:
@@ -764,13 +770,50 @@ class Runtime:
 
     # -- broker events -----------------------------------------------------------------------------------------
     async def _on_event(self, broker: str, event: BrokerEvent) -> None:
+        """Handle a broker's order or fill event off the broker's event pump, so that the pump takes the next event
+        at once instead of after this one's journal commit.
+
+        Handled one after another, a broker's events were booked at most one per commit (each fill waits for its
+        row's fsync, each order event for its order's lock while the answer commits), whatever the load: fills fell
+        behind dispatch and every commit carried a handful of writes. The events of one order are still handled
+        one after another, in arrival order, exactly as before (one queue and one task per order with events
+        pending, keyed by broker order id): a fill is booked before the order event that follows it is looked at,
+        so a partial fill is journaled once. Events of different orders are independent."""
         if isinstance(event, FillEvent):
-            await self.ingest_fill(broker, event.fill)
+            key = (broker, event.fill.broker_order_id)
         elif isinstance(event, OrderEvent):
-            order = event.order
-            tracked = self.tracker.find(broker, order.client_order_id, order.broker_order_id)
-            if tracked is not None:
-                await self.tracker.adopt(tracked.job.client_order_id, order)
+            key = (broker, event.order.broker_order_id)
+        else:
+            return
+        queue = self._event_queues.get(key)
+        if queue is not None:
+            queue.append(event)
+            return
+        self._event_queues[key] = deque((event,))
+        task = asyncio.create_task(self._handle_events(broker, key))
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
+    async def _handle_events(self, broker: str, key: tuple[str, str]) -> None:
+        queue = self._event_queues[key]
+        try:
+            while queue:
+                event = queue[0]
+                try:
+                    if isinstance(event, FillEvent):
+                        await self.ingest_fill(broker, event.fill)
+                    else:
+                        order = event.order  # type: ignore[union-attr]
+                        tracked = self.tracker.find(broker, order.client_order_id, order.broker_order_id)
+                        if tracked is not None:
+                            await self.tracker.adopt(tracked.job.client_order_id, order)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("broker %s: error while handling %r", broker, event)
+                queue.popleft()
+        finally:
+            del self._event_queues[key]
 
     async def ingest_fill(self, broker: str, fill: Fill) -> bool:
         """Journal a fill (once per broker fill id) and book it in the ledger and the day book."""
