@@ -27,7 +27,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -44,8 +44,8 @@ SWITCH_S = 0.0005
 """GIL switch interval: the longest a thread ready to run (the committer after its fsync) waits for the loop."""
 
 
-async def serving(app: web.Application) -> AsyncIterator[None]:
-    """An aiohttp cleanup context; register it after the contexts that build the service, so it runs once built."""
+def tune() -> Callable[[], None]:
+    """Apply the settings now (freezing what exists); returns the function that puts the previous ones back."""
     thresholds = gc.get_threshold()
     switch = sys.getswitchinterval()
     gc.collect()
@@ -54,9 +54,19 @@ async def serving(app: web.Application) -> AsyncIterator[None]:
     sys.setswitchinterval(SWITCH_S)
     log.debug("serving: %d objects frozen after start-up; gc thresholds %s; GIL switch interval %g s",
               gc.get_freeze_count(), gc.get_threshold(), SWITCH_S)
-    try:
-        yield
-    finally:
+
+    def undo() -> None:
         sys.setswitchinterval(switch)
         gc.set_threshold(*thresholds)
         gc.unfreeze()
+
+    return undo
+
+
+async def serving(app: web.Application) -> AsyncIterator[None]:
+    """An aiohttp cleanup context; register it after the contexts that build the service, so it runs once built."""
+    undo = tune()
+    try:
+        yield
+    finally:
+        undo()
