@@ -14,6 +14,12 @@ statements on a writer thread instead looked cheaper but was not: every SQLite s
 and while the loop is busy each retake waits for it, so a batch of ten signals with their orders waited ~10 ms for
 its own statements and the service's throughput was bound by that (benchmarks/README.md).
 
+Checkpoints (copying the WAL back into the database file) run on a thread of their own with a connection of their
+own, a few times a second while there are new commits, never inside a COMMIT: SQLite's automatic checkpoint runs in
+the COMMIT that fills the WAL past 1,000 pages, which made one commit in ~150 take 5 ms (the database file's fsync)
+and every answer waiting for it too. A checkpoint does not block the writer; once it has copied everything, the next
+transaction starts the WAL over from its beginning, so the file stays small.
+
 Reads are synchronous and run on the caller's thread over a per-thread read connection; WAL lets them proceed while
 the writer commits, and they only ever see committed rows.
 
@@ -62,6 +68,9 @@ ORDER_STATUSES = ("new", "sending", "acknowledged", "partially_filled", "filled"
 FINAL_ORDER_STATUSES = frozenset({"filled", "rejected", "cancelled", "missed"})
 """No further broker event can change these; every other status means the order may still be in flight."""
 SIGNAL_STATUSES = ("accepted", "decided", "duplicate", "rejected")
+
+CHECKPOINT_EVERY_S = 0.2
+"""How often the checkpointer looks for new commits to copy into the database file."""
 
 MAX_BATCH = 256
 """Writes committed together at most: bounds how long one batch's statements hold the event loop (~90 us per signal
@@ -254,7 +263,15 @@ def _connect(path: Path) -> sqlite3.Connection:
     # kill -9 (NORMAL would be enough for the latter). Group commit keeps the fsync count per batch, not per row.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it, outside any COMMIT
     return conn
+
+
+def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """On the checkpointer thread: copy what the WAL holds into the database file without blocking the writer
+    (PASSIVE); returns SQLite's (busy, frames in the WAL, frames copied)."""
+    row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 # -- the journal ----------------------------------------------------------------------------------------------------
@@ -279,6 +296,8 @@ class Journal:
         """The writer connection: used by the event loop between commits and by the committer thread during one."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._committer: ThreadPoolExecutor | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
+        self.checkpoints = 0
         self._pending: deque[_Write] = deque()
         self._flush_scheduled = False
         self._busy = False
@@ -304,6 +323,7 @@ class Journal:
         self._loop = asyncio.get_running_loop()
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-commit")
         self._running = True
+        self._checkpointer = self._loop.create_task(self._checkpoints(), name="journal-checkpoints")
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +353,10 @@ class Journal:
             waiter = self._loop.create_future()
             self._quiet.append(waiter)
             await waiter
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None and checkpointer.get_loop() is asyncio.get_running_loop():
+            checkpointer.cancel()  # (a journal closed from another loop than its own: that loop has ended)
+            await asyncio.gather(checkpointer, return_exceptions=True)
         if self._committer is not None:
             await asyncio.to_thread(self._committer.shutdown)
             self._committer = None
@@ -361,6 +385,31 @@ class Journal:
     @property
     def running(self) -> bool:
         return self._running
+
+    async def _checkpoints(self) -> None:
+        """Copy the WAL into the database file a few times a second while there are new commits (module docstring).
+
+        A failed checkpoint is logged and tried again later: it loses nothing (the WAL holds every commit), it only
+        lets the WAL grow. The connection is closed when the journal closes; SQLite then checkpoints what is left.
+        """
+        conn = await asyncio.to_thread(_connect, self.path)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-checkpoint")
+        loop = asyncio.get_running_loop()
+        seen = self.batches
+        try:
+            while True:
+                await asyncio.sleep(CHECKPOINT_EVERY_S)
+                if self.batches == seen:
+                    continue
+                seen = self.batches
+                try:
+                    await loop.run_in_executor(pool, _checkpoint, conn)
+                    self.checkpoints += 1
+                except sqlite3.Error as exc:
+                    logger.warning("journal checkpoint failed (retried later; the WAL keeps every commit): %s", exc)
+        finally:
+            pool.shutdown(wait=True)
+            conn.close()
 
     # -- the writer -------------------------------------------------------------------------------------------
 

@@ -314,3 +314,25 @@ def test_a_journal_is_written_only_from_the_loop_that_started_it(tmp_path: Path)
             asyncio.run(accepted(j, "elsewhere"))
     finally:
         asyncio.run(j.close())  # nothing is pending, so closing needs nothing of the first loop
+
+
+async def test_checkpoints_run_off_the_commit_path_and_keep_the_wal_from_growing(journal: Journal) -> None:
+    assert journal._conn is not None
+    assert journal._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # never inside a COMMIT
+    wal = Path(str(journal.path) + "-wal")
+
+    async def burst(tag: str) -> int:
+        done = journal.checkpoints
+        await asyncio.gather(*(accepted(journal, f"{tag}{i}a", f"{tag}{i}b") for i in range(150)))
+        for _ in range(100):  # the checkpointer looks every CHECKPOINT_EVERY_S
+            if journal.checkpoints > done:
+                break
+            await asyncio.sleep(0.05)
+        assert journal.checkpoints > done, "no checkpoint after new commits"
+        return wal.stat().st_size
+
+    first = await burst("one")
+    second = await burst("two")
+    # Copied into the database file, the WAL starts over: the second burst reuses the first one's space.
+    assert second <= first * 1.25, (first, second)
+    assert on_disk(journal.path, "SELECT COUNT(*) FROM orders WHERE client_order_id LIKE 'two%'") == [(300,)]
