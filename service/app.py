@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
 
+from engine import sessions
 from engine.reload import Reload, RulesWatcher
 from service import tuning
 from service.admin import AdminAPI
@@ -73,6 +75,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await watcher.stop()
         await journal.close()
         raise
+    # Before the port opens: the first signal would otherwise import pandas' calendars and compute the CME holidays
+    # (seconds; TradingView gives up after a few and never retries).
+    this_year = datetime.now(timezone.utc).year
+    await asyncio.to_thread(sessions.preload, (this_year - 1, this_year, this_year + 1))
     webhook = Webhook(config, journal, watcher, runtime, clock=getattr(runtime, "clock", None))
     app[JOURNAL] = journal
     app[WATCHER] = watcher

@@ -437,3 +437,18 @@ async def test_healthz_needs_no_token_and_says_nothing_secret(serve: Any) -> Non
         assert await r.json() == {"status": "ok", "journal": True, "rules_generation": 1}
     assert app[WEBHOOK].config.webhook_secret == SECRET
     assert SECRET not in repr(app[WEBHOOK].config)
+
+
+async def test_the_calendars_are_read_before_the_port_opens_not_by_the_first_signal(
+        serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As in a fresh process: nothing read yet. Reading them takes seconds (pandas), longer than a sender waits.
+    from engine import sessions
+    monkeypatch.setattr(sessions, "_holidays", None)
+    monkeypatch.setattr(sessions, "_sessions", {})
+    client, _app = await serve()
+    assert sessions._holidays is not None
+    assert datetime.now(timezone.utc).year in sessions._sessions
+    read = []
+    monkeypatch.setattr(sessions, "_calendar", lambda name: read.append(name))  # would raise if used now
+    status, _answer = await post(client, scalper())
+    assert status == 202 and read == []
