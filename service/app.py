@@ -54,7 +54,8 @@ def default_runtime(config: ServiceConfig, journal: Journal, watcher: RulesWatch
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    journal = Journal(config.journal_path)
+    journal = Journal(config.journal_path,
+                      key_horizon_s=max(config.idempotency_window_s, config.content_key_window_s))
     await journal.start()
     builder = app[ENGINE_BUILDER]
     watcher = RulesWatcher(config.rules_dir) if builder is None else RulesWatcher(config.rules_dir, build=builder)

@@ -54,7 +54,7 @@ import sqlite3
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -68,6 +68,9 @@ ORDER_STATUSES = ("new", "sending", "acknowledged", "partially_filled", "filled"
 FINAL_ORDER_STATUSES = frozenset({"filled", "rejected", "cancelled", "missed"})
 """No further broker event can change these; every other status means the order may still be in flight."""
 SIGNAL_STATUSES = ("accepted", "decided", "duplicate", "rejected")
+
+KEY_INDEX_MAX = 500_000
+"""Idempotency keys kept in memory at most (~100 bytes each); past it, lookups read the database."""
 
 CHECKPOINT_EVERY_S = 0.2
 """How often the checkpointer looks for new commits to copy into the database file."""
@@ -290,8 +293,16 @@ class Journal:
     """See the module docstring. ``await start()`` before use and ``await close()`` after, on one event loop; one
     per data directory (a lock file refuses a second process on the same journal)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, key_horizon_s: float = 24 * 3600) -> None:
+        """``key_horizon_s``: the longest idempotency window the caller will ask ``find_by_key`` about; the keys of
+        that much history are kept in memory (``find_by_key``)."""
         self.path = Path(path)
+        self.key_horizon_s = key_horizon_s
+        self._keys: dict[str, str] = {}
+        """Idempotency key -> received_at of the first accepted or decided signal under it (``find_by_key``)."""
+        self._keys_floor: str | None = None
+        """Every accepted or decided signal received at or after this time has its key in ``_keys``; None: unknown
+        (the index is off and every lookup reads the database)."""
         self._conn: sqlite3.Connection | None = None
         """The writer connection: used by the event loop between commits and by the committer thread during one."""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -342,6 +353,35 @@ class Journal:
             self._release_lock()
             raise
         self._conn = conn
+        self._load_keys(conn)
+
+    def _load_keys(self, conn: sqlite3.Connection) -> None:
+        floor = utc_iso(datetime.now(timezone.utc) - timedelta(seconds=self.key_horizon_s))
+        rows = conn.execute(
+            "SELECT key, MIN(received_at) FROM signals WHERE key IS NOT NULL AND status IN ('accepted', 'decided') "
+            "AND received_at >= ? GROUP BY key LIMIT ?", (floor, KEY_INDEX_MAX + 1)).fetchall()
+        if len(rows) > KEY_INDEX_MAX:
+            logger.warning("more than %d idempotency keys in the last %g s: looked up in the database instead",
+                           KEY_INDEX_MAX, self.key_horizon_s)
+            self._keys, self._keys_floor = {}, None
+            return
+        self._keys = {key: at for key, at in rows}
+        self._keys_floor = floor
+
+    def _remember_key(self, key: str, received_at: str) -> None:
+        """After the COMMIT that holds an accepted or decided signal: its key is known from now on."""
+        if self._keys_floor is None or key in self._keys:
+            return
+        self._keys[key] = received_at
+        if len(self._keys) > KEY_INDEX_MAX:
+            # Forget what no lookup can ask about any more; everything received since the new floor is still in.
+            floor = utc_iso(datetime.now(timezone.utc) - timedelta(seconds=self.key_horizon_s))
+            self._keys = {k: at for k, at in self._keys.items() if at >= floor}
+            self._keys_floor = max(self._keys_floor, floor)
+            if len(self._keys) > KEY_INDEX_MAX:
+                logger.warning("more than %d idempotency keys in the last %g s: looked up in the database instead",
+                               KEY_INDEX_MAX, self.key_horizon_s)
+                self._keys, self._keys_floor = {}, None
 
     async def close(self) -> None:
         """Commit what is queued, stop the committer, close every connection. Later writes raise JournalError."""
@@ -639,16 +679,26 @@ class Journal:
             return sid
 
         result: str = await self._write(write)
+        if key is not None and status in ("accepted", "decided"):
+            self._remember_key(key, when)
         return result
 
     def find_by_key(self, key: str, since: datetime) -> dict[str, Any] | None:
-        """The first signal journaled under ``key`` since ``since`` that counted (accepted or decided), or None."""
-        # Every signal pays this lookup and almost every one misses: the miss reads one index entry through a
-        # plain cursor (no row dicts, no decision text); only a hit reads the whole row.
+        """The first signal journaled under ``key`` since ``since`` that counted (accepted or decided), or None.
+
+        Every signal pays this lookup and almost every one misses: the keys of the last ``key_horizon_s`` are kept
+        in memory (loaded at start, added after each commit), so a miss reads no database; a hit, or a question
+        older than what memory covers, reads the database (only the matching id through a plain cursor, then the
+        row).
+        """
+        since_text = utc_iso(since)
+        floor = self._keys_floor
+        if floor is not None and since_text >= floor and key not in self._keys:
+            return None
         conn = self._reader().conn
         found = conn.execute(
             "SELECT id FROM signals WHERE key = ? AND received_at >= ? AND status IN ('accepted', 'decided') "
-            "ORDER BY received_at LIMIT 1", (key, utc_iso(since))).fetchone()
+            "ORDER BY received_at LIMIT 1", (key, since_text)).fetchone()
         if found is None:
             return None
         rows = self._query("SELECT * FROM signals WHERE id = ?", (found[0],))

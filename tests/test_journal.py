@@ -194,6 +194,49 @@ async def test_find_by_key_only_counts_signals_that_were_taken_within_the_window
     assert journal.find_by_key("tv-8", T0 - timedelta(hours=1)) is None
 
 
+def _reads(journal: Journal) -> list[str]:
+    """Statements this thread's read connection runs from now on."""
+    seen: list[str] = []
+    journal._reader().conn.set_trace_callback(seen.append)
+    return seen
+
+
+async def test_find_by_key_answers_misses_from_memory_and_remembers_keys_across_a_restart(tmp_path: Path) -> None:
+    now = datetime.now(timezone.utc)
+    path = tmp_path / "journal.db"
+    async with Journal(path) as first:
+        taken = await accepted(first, "k1", key="tv-recent", at=now - timedelta(hours=2))
+        await accepted(first, "k2", key="tv-old", at=now - timedelta(days=3))  # before the 24 h horizon
+        await first.record_signal(raw=b"", remote=None, status="duplicate", reason="dup", key="tv-dup",
+                                  signal=None, decision=None, at=now)
+    async with Journal(path) as journal:
+        reads = _reads(journal)
+        window = timedelta(hours=23)  # within the 24 h horizon the journal was opened with
+        assert journal.find_by_key("tv-never", now - window) is None
+        assert journal.find_by_key("tv-dup", now - window) is None  # a duplicate is not an original
+        assert reads == []  # both misses answered from memory
+        assert journal.find_by_key("tv-recent", now - window)["id"] == taken  # loaded at start
+        assert reads  # a hit reads its row
+        reads.clear()
+        # Older than what memory covers: asked of the database, and found there.
+        assert journal.find_by_key("tv-old", now - timedelta(days=4)) is not None
+        assert reads
+        fresh = await accepted(journal, "k3", key="tv-new", at=now)
+        assert journal.find_by_key("tv-new", now - timedelta(minutes=5))["id"] == fresh  # remembered at commit
+
+
+async def test_find_by_key_stays_right_when_memory_overflows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_module, "KEY_INDEX_MAX", 5)
+    now = datetime.now(timezone.utc)
+    async with Journal(tmp_path / "journal.db") as journal:
+        for i in range(8):  # all within the horizon: memory cannot hold them and gives up
+            await accepted(journal, f"o{i}", key=f"tv-{i}", at=now)
+        assert journal._keys_floor is None
+        for i in range(8):
+            assert journal.find_by_key(f"tv-{i}", now - timedelta(hours=1)) is not None
+        assert journal.find_by_key("tv-none", now - timedelta(hours=1)) is None
+
+
 async def test_order_status_history_broker_id_and_errors(journal: Journal) -> None:
     await accepted(journal, "c1")
     await journal.order_status("c1", "sending", at=T0)
