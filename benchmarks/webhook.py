@@ -94,56 +94,10 @@ MB_SERVER = textwrap.dedent("""
         def release(self, signal_id): self.held.pop(signal_id, None)
         def dispatch(self, signal_id, decision): self.held.pop(signal_id, None)
 
-    from datetime import datetime, timezone
-    from brokers import base
-
-    class InstantBroker(base.Connector):
-        # Fills every market order inside place_order at a fixed price, holding its state in dicts: what is left is
-        # the service's own cost per order (journal, state machine, ledger, risk), not a broker simulation's.
-        type = "paper"
-
-        def __init__(self, broker, **options):
-            super().__init__(broker, **options)
-            self.up = False
-            self.orders, self.fills, self.pos, self.n = {}, {}, {}, 0
-
-        async def connect(self): self.up = True
-        async def close(self): self.up = False
-        @property
-        def connected(self): return self.up
-
-        async def _submit(self, request):
-            now = datetime.now(timezone.utc)
-            self.n += 1
-            order = base.Order(f"I{self.n}", request.client_order_id, request.account, request.contract,
-                               request.side, request.quantity, request.quantity, base.OrderStatus.FILLED,
-                               request.order_type, now, now, avg_fill_price=Decimal("6000"))
-            fill = base.Fill(f"F{self.n}", order.broker_order_id, order.client_order_id, order.account,
-                             order.contract, order.side, order.quantity, Decimal("6000"), Decimal("0.25"), now)
-            self.orders[(request.account, request.client_order_id)] = order
-            self.fills.setdefault(request.account, []).append(fill)
-            key = (request.account, request.contract)
-            self.pos[key] = self.pos.get(key, 0) + order.quantity * order.side.sign
-            self._emit(base.FillEvent(fill))
-            self._emit(base.OrderEvent(order))
-            return order
-
-        async def find_order(self, account, client_order_id): return self.orders.get((account, client_order_id))
-        async def cancel_order(self, account, broker_order_id): raise base.OrderRejected("nothing rests here")
-        async def working_orders(self, account): return []
-        async def positions(self, account):
-            return [base.Position(a, c, q, Decimal("6000")) for (a, c), q in sorted(self.pos.items())
-                    if a == account and q]
-        async def account_snapshot(self, account):
-            return base.AccountSnapshot(account, Decimal(10**9), Decimal(0), Decimal(10**9), Decimal(0), Decimal(0),
-                                        datetime.now(timezone.utc))
-        async def fills_since(self, account, since):
-            return [f for f in self.fills.get(account, []) if f.time >= since]
-
     rules, data, port, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     if mode == "instant":
-        base.connector_class("paper")  # registers the built-in connectors first, then this one replaces paper
-        base.register(InstantBroker)
+        from benchmarks.instant import install
+        install()  # type: paper brokers fill inside place_order (benchmarks/instant.py)
     config = ServiceConfig.from_env(rules_dir=rules, data_dir=data, port=port, paper_tick_s=0)
     options = {} if mode == "disk" else {"data_dir": None}  # paper broker state in memory unless "disk"
     factory = NullRuntime if mode == "null" else (lambda c, j, w: Runtime(c, j, w, connector_options=options))
