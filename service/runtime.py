@@ -23,14 +23,25 @@ out now for those accounts, whatever their ``catch_up``: a flatten signal of its
 scope (account, strategy, roots) the account still holds after reconciliation, net of orders in flight, and never
 more than the broker holds where the two disagree. The journaled id makes a second come-up a no-op; only when the
 re-issue's own exits are missed again (the broker dropped once more) does the next come-up issue ``n + 1``. A broker
-that comes back while an operator keeps it paused gets nothing until ``resume_broker``, which does the same before
-it un-pauses. An exit the broker *rejected* is not re-issued: the broker was there and refused, and a reconnect
-later says nothing about why; it stays visible in the journal for an operator. A flatten of an earlier trading day
-is not carried out, only warned about naming each position: the day it belonged to is over (a schedule flatten
-guarded that session's close, a risk flatten that day's loss, whose halts lifted at 18:00 ET), positions carried
-into the new day are part of its book, and closing them now would act at a time and price nobody chose. Catch-up
+that comes back while an operator keeps it paused gets nothing, neither re-issued flattens nor catch-up, until
+``resume_broker``, which does both, in that order, before it un-pauses. An exit the broker *rejected* is not
+re-issued: the broker was there and refused, and a reconnect later says nothing about why; it stays visible in the
+journal for an operator. A flatten of an earlier trading day is not carried out, only warned about naming each
+position: the day it belonged to is over (a schedule flatten guarded that session's close, a risk flatten that
+day's loss, whose halts lifted at 18:00 ET), positions carried into the new day are part of its book, and closing
+them now would act at a time and price nobody chose. Catch-up
 treats any journaled flatten after a strategy's last target (not only the schedule's) as voiding that target
 (``_flattened_since``), so it never re-opens what a risk or operator flatten closed.
+
+Decisions held when a flatten is computed: a webhook's (or catch-up's) orders count from their decision on
+(``hold``) and leave only after the signal's journal commit (``dispatch``). A flatten (operator, risk, schedule)
+supersedes every held order in its scope (account, strategy, roots): it is never sent and is journaled ``missed``
+naming the flatten, before the flatten itself is journaled, so that no restart sends it either. Without that, an
+entry decided just before the flatten would stay open after it, and a held exit would sell next to the flatten's
+own exit (the account ends short). The flatten computes its exits from the ledger, the orders in flight and the
+exits of other flattens still being journaled, and its own exits count (held) from that moment, so that a signal or
+a flatten decided during its journal commit does not exit the same position again. Held orders outside its scope
+go out as usual, and the answer the webhook gave stays as it was.
 
 Exposure: an entry reserves its margin from the moment it is dispatched until the broker resolves it *and* a
 later account snapshot reflects the fill, so the free margin the engine sees never looks better than it is, even
@@ -46,7 +57,7 @@ import itertools
 import json
 import logging
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -177,6 +188,10 @@ class _Hold:
     jobs: list[Job]
     reserved: list[str]
     """Client order ids whose margin reservation the hold made (an entry's, kept when it is dispatched)."""
+    superseded: list[tuple[str, Job]] = field(default_factory=list)
+    """(flatten id, job): orders a flatten computed while they were held took out of ``jobs``; never sent."""
+    flatten: bool = False
+    """A flatten's own exits, held while it is journaled: never superseded, and netted out by other flattens."""
 
 
 class Runtime:
@@ -234,6 +249,9 @@ class Runtime:
         either's orders are in view."""
         self._redo_guard = asyncio.Lock()
         """One lock for every re-issue of missed flattens (a come-up and an operator's resume may overlap)."""
+        self._catch_up_owed: dict[str, datetime | None] = {}
+        """Per broker that came back while an operator kept it paused: the ``since`` of the catch-up its come-up
+        left to ``resume_broker`` (None: every target of the day)."""
         self._holds: dict[str, _Hold] = {}
         """Orders decided and not handed to the dispatcher yet, by signal id (``hold``)."""
         self._held: dict[str, dict[str, int]] = {}
@@ -284,7 +302,10 @@ class Runtime:
         ruleset = self.ruleset
         fills = self.journal.fills()
         self.ledger = replay(fills, self._point_value)
-        events = self.journal.risk_events(1000)  # newest first: the day's marks, halts and firings
+        # Newest first, every one of the current trading day however busy it was: what start-up restores is of
+        # today only (its day-start marks, the halts and the limits fired journaled with today's ``day``; every
+        # halt the runtime journals carries its day, and one without a day never was restored).
+        events = self.journal.risk_events_since(trading_day_start(self._started_at))
         await self._open_day_book(fills, self._started_at, events)
         booked: dict[Any, int] = {}
         for fill in fills:
@@ -575,14 +596,15 @@ class Runtime:
     # -- dispatch ----------------------------------------------------------------------------------------------
     def dispatch(self, signal_id: str, decision: Decision) -> None:
         """Hand the journaled orders of ``decision`` to their brokers' queues (returns at once). The signal's hold,
-        if any, ends here: in the same step its orders become tracked, so they never stop counting."""
+        if any, ends here: in the same step its orders become tracked, so they never stop counting. Orders a
+        flatten superseded while they were held are not sent (``_supersede_holds``)."""
         assert self.dispatcher is not None, "Runtime.start() first"
         if signal_id not in self._holds:
             self.hold(signal_id, decision)  # a caller that did not hold (the engine's orders, reserved the same)
         self.dispatcher.submit_all(self._take_hold(signal_id) or [])
         missed = {s.account for s in decision.skipped if s.by in MISSED_BY}
         if missed and self._rule_mode(decision.rule) == "mirror":
-            self._spawn(self._journal_missed(signal_id, decision, missed))
+            self._spawn(self._journal_missed(signal_id, missed))
         for cancel in decision.cancel:
             self._spawn(self._cancel_working(cancel.account, cancel.broker, cancel.instrument))
         self._invalidate()
@@ -618,19 +640,86 @@ class Runtime:
         held = self._holds.get(signal_id)
         if held is None:
             return
-        self._take_hold(signal_id)
+        self._take_hold(signal_id, journaled=False)
         for coid in held.reserved:
             self._drop_reservation(coid)
         self._invalidate()
 
-    def _take_hold(self, signal_id: str) -> list[Job] | None:
-        """End a hold, keeping its margin reservations (the caller tracks its jobs now); None when none."""
+    def _take_hold(self, signal_id: str, *, journaled: bool = True) -> list[Job] | None:
+        """End a hold, keeping its margin reservations (the caller tracks its jobs now); None when none.
+
+        ``journaled``: the signal is on disk, so the orders a flatten superseded are journaled ``missed`` again
+        now (a no-op when the flatten's own write found their rows already; see ``_supersede_holds``)."""
         held = self._holds.pop(signal_id, None)
         if held is None:
             return None
         for job in held.jobs:
             self._count_held(job, -1)
+        if journaled and held.superseded:
+            self._spawn(self._journal_superseded(signal_id, held.superseded, raise_errors=False))
         return held.jobs
+
+    def _supersede_holds(self, fid: str, *, accounts: set[str] | None, strategy: str | None,
+                         roots: frozenset[str] | None) -> dict[str, list[tuple[str, Job]]]:
+        """Take the held orders in a flatten's scope out of their holds: they are never sent.
+
+        A decision held now was made before the flatten (its signal awaits its journal commit, or its answer is
+        being written); dispatched after it, its entry would reopen what the flatten closes, and its exit would
+        sell a second time next to the flatten's own (a double exit: the account ends short). The flatten
+        computes from the ledger and the orders in flight, never from held orders, so dropping them leaves it
+        exact. Held orders outside the scope (other accounts, strategies or roots) go out as usual; the hold
+        itself stays until ``dispatch`` or ``release`` ends it, or the dispatch would hold the decision anew.
+        Returns the superseded orders by signal id (the flatten journals them before itself)."""
+        superseded: dict[str, list[tuple[str, Job]]] = {}
+        for sid, held in self._holds.items():
+            if held.flatten:
+                continue  # another flatten's exits: they close, and this flatten nets them out
+            keep = []
+            for job in held.jobs:
+                if (accounts is not None and job.account not in accounts) or \
+                        (strategy is not None and job.strategy != strategy) or \
+                        (roots is not None and contract_root(job.contract) not in roots):
+                    keep.append(job)
+                    continue
+                self._count_held(job, -1)
+                if job.client_order_id in held.reserved:
+                    held.reserved.remove(job.client_order_id)
+                    self._drop_reservation(job.client_order_id)
+                held.superseded.append((fid, job))
+                superseded.setdefault(sid, []).append((fid, job))
+                log.warning("%s: %s %s %d %s superseded by flatten %s before it was sent; never sent", sid,
+                            job.account, job.side, job.quantity, job.contract, fid)
+            held.jobs = keep
+        if superseded:
+            self._invalidate()
+        return superseded
+
+    async def _journal_superseded(self, signal_id: str, superseded: list[tuple[str, Job]], *,
+                                  raise_errors: bool = True) -> None:
+        """Journal a signal's orders that a flatten superseded as ``missed`` (final: a restart never sends them).
+
+        Written twice: by the flatten, before its own signal, so that no crash leaves the flatten on disk and these
+        orders ``new`` (recovery would send them); and when the hold ends (``_take_hold``), because the signal's
+        own commit may land after the flatten's write (then that first write finds no rows and writes nothing).
+        The second finds them ``missed`` already and writes nothing. ``raise_errors``: False logs a failure
+        instead (the second write, which nobody awaits)."""
+        by_flatten: dict[str, list[Job]] = {}
+        for fid, job in superseded:
+            by_flatten.setdefault(fid, []).append(job)
+        at = self.clock()
+        for fid, jobs in by_flatten.items():
+            try:
+                await self.journal.record_orders(
+                    signal_id, [{"client_order_id": j.client_order_id, "account": j.account, "broker": j.broker,
+                                 "contract": j.contract, "side": j.side, "quantity": j.quantity,
+                                 "intent": j.intent, "margin_usd": j.margin_usd} for j in jobs],
+                    MISSED, detail=f"superseded by flatten {fid}, computed while this order was held: never sent",
+                    at=at)
+            except Exception:
+                if raise_errors:
+                    raise
+                log.exception("%s: orders superseded by flatten %s not journaled missed (still not sent)",
+                              signal_id, fid)
 
     def _count_held(self, job: Job, sign: int) -> None:
         book = self._held.setdefault(job.account, {})
@@ -645,7 +734,7 @@ class Runtime:
     def _rule_mode(self, name: str | None) -> str | None:
         return next((r.mode for r in self.ruleset.routing_rules if r.name == name), None)
 
-    async def _journal_missed(self, signal_id: str, decision: Decision, accounts: set[str]) -> None:
+    async def _journal_missed(self, signal_id: str, accounts: set[str]) -> None:
         """Journal, as ``missed``, the mirror orders that accounts at a down or paused broker did not get.
 
         The engine skipped them (an entry cannot go to a broker that is not there); what they would have received
@@ -667,22 +756,14 @@ class Runtime:
         orders = [o for o in would.orders if o.account in accounts]
         if not orders:
             return
-        seq = len(decision.orders)
-        stamp = _utc(self.clock())
-        for i, order in enumerate(orders):
-            reason = f"broker {order.broker} down or paused at dispatch"
-            # The event first: whoever sees the order row also sees its history.
-            await self.journal.execute(
-                "INSERT INTO order_events (client_order_id, status, at, detail) VALUES (?, 'missed', ?, ?)",
-                (order.client_order_id, stamp, reason))
-            await self.journal.execute(
-                "INSERT OR IGNORE INTO orders (client_order_id, signal_id, seq, account, broker, contract, side, "
-                "quantity, intent, order_type, status, detail, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'missed', ?, ?, ?)",
-                (order.client_order_id, signal_id, seq + i, order.account, order.broker, order.contract, order.side,
-                 order.quantity, order.intent, would.order_type, reason, stamp, stamp))
-            log.warning("%s: %s %s %d %s missed (%s)", signal_id, order.account, order.side, order.quantity,
-                        order.contract, reason)
+        # One transaction: each order row with its history (after the signal's own legs).
+        await self.journal.record_orders(
+            signal_id, [{**order.to_json(), "order_type": would.order_type,
+                         "detail": f"broker {order.broker} down or paused at dispatch"} for order in orders],
+            MISSED, at=self.clock())
+        for order in orders:
+            log.warning("%s: %s %s %d %s missed (broker %s down or paused at dispatch)", signal_id, order.account,
+                        order.side, order.quantity, order.contract, order.broker)
 
     def _state_with_up(self, now: datetime, brokers: set[str]) -> EngineState:
         """The engine's view with ``brokers`` connected and not paused (what they would get if they were up).
@@ -908,22 +989,41 @@ class Runtime:
         self._invalidate()
 
     async def _on_up(self, broker: str) -> None:
-        """The broker (re)connected: recover in-flight orders, reconcile, carry out the flattens it missed (unless
-        an operator keeps it paused), catch up; then it takes orders again."""
+        """The broker (re)connected: recover in-flight orders, reconcile, carry out the flattens it missed, catch
+        up; then it takes orders again. While an operator keeps it paused, recovery and reconciliation run but the
+        flattens and the catch-up wait for ``resume_broker``: the pause means "send nothing new there"."""
         first = broker not in self._first_up
         self._first_up.add(broker)
         await self._recover(broker)
         reconciled = await self.reconcile_broker(broker, reason="start-up" if first else "reconnect")
+        # The first come-up after a start catches up what arrived while it was connecting (the service listened
+        # meanwhile), not what an earlier process already handled; a reconnect catches up the whole day.
+        catch_up = not first or self._started_at is not None
+        since = self._started_at if first else None
         if self.pool is not None and self.pool[broker].admin_paused:
-            log.info("broker %s is back but paused: flattens it missed are carried out when it is resumed", broker)
+            log.info("broker %s is back but paused: the flattens it missed and its catch-up wait for its resume",
+                     broker)
+            if catch_up:
+                self._owe_catch_up(broker, since)
         else:
             await self._redo_missed_flattens(broker, reconciled, why="start-up" if first else "reconnect")
-        if not first:
-            await self._catch_up(broker)
-        elif self._started_at is not None:
-            # The service listened before this broker came up: targets received meanwhile missed its accounts.
-            await self._catch_up(broker, since=self._started_at)
+            if catch_up:
+                await self._catch_up(broker, since=self._owed_since(broker, since))
         self._invalidate()
+
+    def _owe_catch_up(self, broker: str, since: datetime | None) -> None:
+        """Remember a catch-up a paused come-up skipped; two of them owe the wider of the two."""
+        if broker in self._catch_up_owed:
+            earlier = self._catch_up_owed[broker]
+            since = None if earlier is None or since is None else min(earlier, since)
+        self._catch_up_owed[broker] = since
+
+    def _owed_since(self, broker: str, since: datetime | None) -> datetime | None:
+        """The ``since`` of a catch-up about to run, widened by one a paused come-up left owed (now settled)."""
+        if broker not in self._catch_up_owed:
+            return since
+        earlier = self._catch_up_owed.pop(broker)
+        return None if earlier is None or since is None else min(earlier, since)
 
     async def _recover(self, broker: str) -> None:
         assert self.pool is not None and self.dispatcher is not None
@@ -1166,7 +1266,8 @@ class Runtime:
                       flatten_id: str | None = None, instruments: Iterable[str] | None = None) -> dict[str, Any]:
         """Close positions in scope with market orders (journaled first, like any order). Exits are never blocked;
         a broker that is down records its orders as missed and keeps its positions. ``instruments``: only
-        positions in these roots (a loss limit restricted to roots breached), None for all."""
+        positions in these roots (a loss limit restricted to roots breached), None for all. Orders in scope decided
+        before and not dispatched yet (held) are superseded: never sent (``_supersede_holds``)."""
         roots = None if instruments is None else frozenset(instruments)
         now = self.clock()
         if account is not None and account not in self.ruleset.accounts:
@@ -1174,23 +1275,44 @@ class Runtime:
         fid = flatten_id or f"flatten-{_utc(now)}-{account or '*'}-{strategy or '*'}"
         if self.journal.get_signal(fid) is not None:
             return {"signal_id": fid, "orders": [], "duplicate": True}
-        orders = self._flatten_orders(fid, accounts=None if account is None else {account}, strategy=strategy,
-                                      roots=roots)
-        body = {"flatten": True, "account": account, "strategy": strategy, "reason": reason}
-        if roots is not None:
-            body["instruments"] = sorted(roots)
-        decision = await self._journal_flatten(fid, body, orders, now)
+        accounts = None if account is None else {account}
+        # One step, no await: the exits net out what is in flight, what is held in scope never leaves, and the
+        # exits count (held) from now on, so that a signal or another flatten decided while this one is journaled
+        # does not exit the same positions a second time.
+        orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots)
+        superseded = self._supersede_holds(fid, accounts=accounts, strategy=strategy, roots=roots)
+        jobs = [job for job in (self._job(o, str(o["strategy"]), fid, Decimal(0)) for o in orders) if job is not None]
+        self._holds[fid] = _Hold(jobs, [], flatten=True)
+        for job in jobs:
+            self._count_held(job, 1)
+        self._invalidate()
+        try:
+            # On disk before the flatten is (see ``_journal_superseded``); one commit for them all.
+            await asyncio.gather(*(self._journal_superseded(sid, voided) for sid, voided in superseded.items()))
+            body = {"flatten": True, "account": account, "strategy": strategy, "reason": reason}
+            if roots is not None:
+                body["instruments"] = sorted(roots)
+            decision = await self._journal_flatten(fid, body, orders, now)
+        except BaseException:
+            self.release(fid)
+            raise
         assert self.dispatcher is not None
-        for order in orders:
-            job = self._job(order, str(order["strategy"]), fid, Decimal(0))
-            if job is not None:
-                self.dispatcher.submit(job)
+        self.dispatcher.submit_all(self._take_hold(fid) or [])  # held -> tracked in one step
         self._invalidate()
         return {"signal_id": fid, "orders": decision["orders"], "reason": reason}
 
     def _flatten_orders(self, fid: str, *, accounts: set[str] | None, strategy: str | None,
                         roots: frozenset[str] | None) -> list[dict[str, Any]]:
-        """One market exit per (account, strategy, contract) held in scope, net of orders still in flight."""
+        """One market exit per (account, strategy, contract) held in scope, net of orders still in flight and of the
+        exits of other flattens being journaled (held). Other held orders do not count: those in scope are
+        superseded by this flatten (``_supersede_holds``), and the redo of a missed flatten runs for a broker that
+        takes no new orders yet."""
+        pending: dict[tuple[str, str, str], int] = {}
+        for held in self._holds.values():
+            if held.flatten:
+                for job in held.jobs:
+                    key = (job.account, job.strategy, job.contract)
+                    pending[key] = pending.get(key, 0) + job.quantity * (1 if job.side == "buy" else -1)
         orders = []
         for (acct, strat, contract), book in self.ledger.items():
             if not book.quantity or (accounts is not None and acct not in accounts):
@@ -1202,7 +1324,7 @@ class Runtime:
             doc = self._account(acct)
             if doc is None:
                 continue
-            remaining = book.quantity + sum(
+            remaining = book.quantity + pending.get((acct, strat, contract), 0) + sum(
                 (t.job.quantity - t.filled) * (1 if t.job.side == "buy" else -1)
                 for t in self.tracker.unsettled()
                 if t.job.account == acct and t.job.strategy == strat and t.job.contract == contract)
@@ -1412,15 +1534,22 @@ class Runtime:
         return slot.as_dict()
 
     async def resume_broker(self, name: str) -> dict[str, Any]:
-        """Un-pause ``name``; first, while it still takes no new orders, carry out the flattens its accounts missed
-        (a come-up while paused leaves them to this). A broker that is down is simply un-paused: its come-up
-        does it."""
+        """Un-pause ``name``; first, while it still takes no new orders, carry out the flattens its accounts missed,
+        then the catch-up a come-up while paused left to this (in that order, as a come-up does: catch-up must see
+        the flattens' exits). A broker that is down is simply un-paused: its come-up does both."""
         assert self.pool is not None
         slot = self.pool[name]
         if slot.admin_paused and slot.recovering:
             await slot.settled.wait()  # a come-up's recovery runs: it left the flattens to this resume
         if slot.admin_paused and not slot.down and slot.connector.connected:
             await self._redo_missed_flattens(name, why="resumed by an operator")
+            if name in self._catch_up_owed:
+                since = self._catch_up_owed.pop(name)
+                try:
+                    await self._catch_up(name, since=since)
+                except BaseException:
+                    self._owe_catch_up(name, since)  # still paused: the next come-up or resume owes it again
+                    raise
         slot = self.pool.resume(name)
         self._invalidate()
         return slot.as_dict()

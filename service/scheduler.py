@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from engine.model import ScheduleRule
 from engine.schedule import FLATTEN, Firing, firings, flatten_due, next_firing
+from engine.sessions import trading_day_start
 from service.journal import parse_utc
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,11 @@ class ScheduleExecutor:
         self._task: asyncio.Task[None] | None = None
 
     def _load_done(self) -> None:
-        for row in self.journal.risk_events(1000):
-            if row.get("kind") == KIND and row.get("key"):
+        """The firings already run and the last instant checked, from the journal: only the current trading day's
+        matter (``flatten_due`` looks back no further than its start), and all of them, however many other risk
+        events the day wrote."""
+        for row in self.journal.risk_events_since(trading_day_start(self.clock()), kinds=[KIND]):
+            if row.get("key"):
                 self.done.add(str(row["key"]))
                 at = row.get("checked_at")
                 if at:
@@ -111,9 +115,10 @@ class ScheduleExecutor:
             log.info("schedule: %s fires flatten (due %s%s)", firing.rule.name, firing.at.isoformat(),
                      ", late" if late else "")
             await self.fire(firing)
+        now = self.clock()
         await self.journal.record_risk_event({
             "scope": "schedule", "name": firing.rule.name, "kind": KIND, "key": key, "action": firing.action,
-            "firing_at": firing.at, "late": late, "checked_at": self.clock(),
+            "firing_at": firing.at, "late": late, "checked_at": now, "at": now,
         })
 
     async def _loop(self) -> None:

@@ -257,6 +257,91 @@ async def test_order_status_history_broker_id_and_errors(journal: Journal) -> No
     assert [o["client_order_id"] for o in journal.orders(status=["filled"])] == ["c1"]
 
 
+async def test_a_batchs_order_transitions_are_merged_and_an_unknown_order_fails_only_its_caller(
+        journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+    await accepted(journal, "m1", "m2", "m3")
+    merged: list[list[str]] = []
+    write_statuses = journal_module._write_statuses
+
+    def watched(conn: sqlite3.Connection, rows: list[Any]) -> None:
+        merged.append([f"{r.client_order_id}:{r.status}" for r in rows])
+        write_statuses(conn, rows)
+
+    monkeypatch.setattr(journal_module, "_write_statuses", watched)
+    statements: list[str] = []
+    assert journal._conn is not None
+    journal._conn.set_trace_callback(statements.append)
+    try:
+        # Queued at the call (a future, not a coroutine), so all of these join one batch: transitions, a fill
+        # between them, and an order created by another write of the batch, then moved: the merged run ends before
+        # that write, so the move sees the order.
+        def insert_m4(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO orders (client_order_id, signal_id, seq, account, broker, contract, side, "
+                         "quantity, status, created_at, updated_at) SELECT 'm4', signal_id, 9, account, broker, "
+                         "contract, side, quantity, 'new', created_at, updated_at FROM orders WHERE "
+                         "client_order_id = 'm1'")
+
+        writes = [journal.order_status("m1", "sending"), journal.order_status("m2", "sending"),
+                  journal.record_fill({"broker": "paper-fast", "fill_id": "FM", "account": "apex-1", "side": "buy",
+                                       "quantity": 2, "price": Decimal("6000"), "at": T0}),
+                  journal.order_status("m1", "filled", broker_order_id="B1"),
+                  journal._enqueue(insert_m4), journal.order_status("m4", "sending")]
+        ok = await asyncio.gather(*writes)
+        assert ok[2] is True
+        assert merged == [["m1:sending", "m2:sending", "m1:filled"], ["m4:sending"]]
+        assert not any("SAVEPOINT" in s for s in statements)
+        statements.clear()
+        results = await asyncio.gather(journal.order_status("m2", "filled"), journal.order_status("ghost", "sending"),
+                                       journal.order_status("m3", "sending"), return_exceptions=True)
+    finally:
+        journal._conn.set_trace_callback(None)
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], KeyError) and "no order ghost" in str(results[1])
+    assert any("SAVEPOINT" in s for s in statements)  # run again write by write, each error to its own caller
+    history = {coid: [(h["status"], h["broker_order_id"]) for h in journal.order_events(coid)]
+               for coid in ("m1", "m2", "m3", "m4")}
+    assert history == {"m1": [("new", None), ("sending", None), ("filled", "B1")],
+                       "m2": [("new", None), ("sending", None), ("filled", None)],
+                       "m3": [("new", None), ("sending", None)], "m4": [("sending", None)]}
+    got = {o["client_order_id"]: (o["status"], o["broker_order_id"]) for o in journal.orders()}
+    assert got == {"m1": ("filled", "B1"), "m2": ("filled", None), "m3": ("sending", None), "m4": ("sending", None)}
+
+
+async def test_fills_of_a_batch_are_merged_and_a_known_one_still_answers_false(journal: Journal) -> None:
+    def fill(fid: str) -> dict[str, Any]:
+        return {"broker": "paper-fast", "fill_id": fid, "account": "apex-1", "contract": "MESH6", "side": "buy",
+                "quantity": 1, "price": Decimal("6000"), "at": T0}
+
+    assert await asyncio.gather(*(journal.record_fill(fill(f"K{i}")) for i in range(3))) == [True, True, True]
+    # Known fills amid new ones (and one reported twice in the same batch): each caller gets its own answer.
+    answers = await asyncio.gather(journal.record_fill(fill("K9")), journal.record_fill(fill("K1")),
+                                   journal.record_fill(fill("K8")), journal.record_fill(fill("K8")))
+    assert answers == [True, False, True, False]
+    assert on_disk(journal.path, "SELECT fill_id FROM fills ORDER BY fill_id") == [
+        ("K0",), ("K1",), ("K2",), ("K8",), ("K9",)]
+
+
+async def test_order_status_refuses_a_bad_status_at_the_call_and_writes_the_calls_time(journal: Journal) -> None:
+    await accepted(journal, "t1")
+    with pytest.raises(ValueError, match="not one of"):
+        journal.order_status("t1", "done")  # before anything is queued
+    written = journal.order_status("t1", "sending", at=T0)
+    assert asyncio.isfuture(written)
+    await written
+    assert [h["at"] for h in journal.order_events("t1")][1:] == ["2026-03-10T15:00:00.000000Z"]
+
+
+async def test_a_fills_data_is_the_fill_as_dumps_writes_it(journal: Journal) -> None:
+    fill = {"broker": "paper-fast", "fill_id": "FD", "account": "apex-1", "contract": "MESH6", "side": "buy",
+            "quantity": 1, "price": Decimal("6000.25"), "commission": Decimal("0.25"),
+            "at": datetime(2026, 3, 10, 10, 0, tzinfo=timezone(timedelta(hours=-4))), "client_order_id": "c1",
+            "broker_order_id": "B1", "strategy": "es", "extra": {"n": Decimal("1.5")}}
+    await journal.record_fill(fill)
+    [(data,)] = on_disk(journal.path, "SELECT data FROM fills WHERE fill_id = 'FD'")
+    assert data == journal_module.dumps(fill)
+    assert fill["at"].tzinfo is not timezone.utc and isinstance(fill["price"], Decimal)  # the caller's is untouched
+
+
 async def test_pending_signals_are_those_with_an_order_not_yet_final(journal: Journal) -> None:
     done = await accepted(journal, "d1", "d2", at=T0)
     open_ = await accepted(journal, "o1", "o2", at=T0 + timedelta(seconds=1))

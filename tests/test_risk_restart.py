@@ -5,6 +5,7 @@ once per trading day, before and after a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import date, datetime
 from decimal import Decimal
@@ -268,3 +269,42 @@ async def test_a_restart_between_the_soft_and_the_hard_limit_still_flattens(tmp_
         assert {("account-hard", a) for a in MIRROR} <= rt.risk.fired
         assert all(rt.risk.halts[a].source == "risk:account-hard" for a in MIRROR)
         assert await rt.check_risk() == []
+
+
+# -- a busy day: what a restart restores does not depend on how many risk events the day wrote ---------------------
+
+async def noise(w: Any, count: int) -> None:
+    """``count`` risk events of no consequence (reconciliation adoptions), written after everything else today."""
+    await asyncio.gather(*(w.journal.record_risk_event({
+        "scope": "account", "name": "bf", "kind": "adopt", "reason": f"noise {n}", "source": "reconciliation",
+        "day": "2026-03-11", "at": w.clock()}) for n in range(count)))
+
+
+async def test_halts_and_day_start_marks_of_today_survive_a_restart_after_a_thousand_other_events(
+        tmp_path: Path) -> None:
+    clock = Clock(et(10, 14, 0))
+    rules = {"account_loss": 1000}
+    async with world(tmp_path, clock=clock, rules=rules) as w:
+        on_test_clock(w)
+        rt = w.runtime
+        await w.submit(signal("mirror", "buy", 2, sid="e1"))  # Tuesday, at 5000
+        await w.settle()
+        [contract] = {c for (_a, _s, c), b in rt.ledger.books.items() if b.quantity}
+        clock.set(et(10, 18, 0))  # Wednesday's trading day begins with MES at 4990
+        w.feed.set_price("MES", Decimal("4990"))
+        await rt.check_risk()
+        await wait_until(lambda: any(e["day"] == "2026-03-11" for e in day_starts(w)), what="day start journaled")
+        clock.set(et(11, 11, 0))
+        w.feed.set_price("MES", Decimal("4880"))  # 2 x -110 x 5 = -1,100 each since the day began
+        assert {b.scope_name for b in await rt.check_risk()} == set(MIRROR)
+        clock.set(et(11, 12, 0))
+        await noise(w, 1100)
+    clock.set(et(11, 13, 0))
+    async with world(tmp_path, clock=clock, rules=rules, price=Decimal("4880")) as w:
+        on_test_clock(w)
+        rt = w.runtime
+        assert rt.risk.day_marks == {contract: Decimal("4990")}  # not the restart's 4880
+        assert all(rt.risk.daily_pnl(a) == -1100 for a in MIRROR)
+        assert all((rt.risk.halted(a) or "").startswith("account-loss") for a in MIRROR)
+        assert len([e for e in w.journal.risk_events_since(et(10, 18, 0), kinds=["day_start"])
+                    if e["day"] == "2026-03-11"]) == 1  # found, not journaled again

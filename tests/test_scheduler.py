@@ -4,6 +4,7 @@ the runtime against paper brokers: the positions of the flattened strategy close
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,23 @@ async def test_the_schedule_flattens_the_strategy_through_the_runtime_once_acros
     async with world(tmp_path, clock=clock, rules={"schedule": True}) as w:
         await w.settle()
         assert len([s for s in w.journal.recent_signals(50) if s["id"].startswith("flatten-")]) == 1
+
+
+async def test_a_restart_after_a_busy_day_still_knows_the_flatten_already_fired(rules: Any, journal: Journal) -> None:
+    clock = frozen(et(11, 15, 50))
+    fired = Fired(clock)
+    first = executor(rules, journal, clock, fired)
+    first.last_checked = clock()
+    clock.set(et(11, 15, 55))
+    assert [f.rule.name for f in await first.tick()] == ["flatten-mirror"]
+    # A thousand and more risk events after the firing (reconciliations adopting, halts...): the firing is not
+    # among the newest thousand any more.
+    clock.set(et(11, 16, 0))
+    await asyncio.gather(*(journal.record_risk_event({"scope": "account", "name": "f1", "kind": "adopt",
+                                                      "reason": f"noise {n}", "source": "reconciliation"})
+                           for n in range(1100)))
+    clock.set(et(11, 16, 10))
+    second = executor(rules, journal, clock, fired)
+    await second.start()
+    await second.stop()
+    assert [name for name, _at, _now in fired.calls] == ["flatten-mirror"]  # not fired a second time
