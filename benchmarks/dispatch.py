@@ -182,7 +182,7 @@ class Bench:
         deadline = time.monotonic() + timeout_s
         # Cheap checks (this polls while the runtime works): the sizes, not copies of the collections.
         while runtime.tracker._unsettled or runtime.dispatcher._running or \
-                any(q.qsize() for q in runtime.dispatcher._queues.values()):
+                any(runtime.dispatcher.queued().values()):
             if time.monotonic() > deadline:
                 raise SystemExit(f"dispatch did not settle within {timeout_s}s: "
                                  f"{len(runtime.tracker._unsettled)} orders unsettled")
@@ -309,12 +309,13 @@ async def main(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"burst   {args.signals} signals x {ACCOUNTS} orders dispatched at once: {b['orders_s']:8.0f} orders/s, "
           f"CPU {b['cpu_us']:6.1f} us/order (event loop {b['loop_us']:6.1f} us)")
-    if f is None or p is None:
+    if f is not None:
+        print(f"floor   same 3 durable writes per order, no runtime:     {f['orders_s']:8.0f} orders/s, "
+              f"CPU {f['cpu_us']:6.1f} us/order (event loop {f['loop_us']:6.1f} us)")
+        print(f"ratio   runtime / floor CPU per order: {b['cpu_us'] / f['cpu_us']:.2f}x "
+              f"(event loop {b['loop_us'] / f['loop_us']:.2f}x)")
+    if p is None:
         return
-    print(f"floor   same 3 durable writes per order, no runtime:     {f['orders_s']:8.0f} orders/s, "
-          f"CPU {f['cpu_us']:6.1f} us/order (event loop {f['loop_us']:6.1f} us)")
-    print(f"ratio   runtime / floor CPU per order: {b['cpu_us'] / f['cpu_us']:.2f}x "
-          f"(event loop {b['loop_us'] / f['loop_us']:.2f}x)")
     sending = p["sending"]
     print(f"paced   {p['offered']:.0f} signals/s offered ({args.rate:g} target) = {p['offered'] * ACCOUNTS:.0f} "
           f"orders/s: decision -> last of {ACCOUNTS} orders 'sending' p50 {pct(sending, 50):.2f} ms, "

@@ -67,7 +67,7 @@ class Book:
             return replace(self, commissions=commissions)
         qty, cost, realized = self.quantity, self.cost, self.realized
         if qty == 0 or (qty > 0) == (signed_qty > 0):
-            return Book(qty + signed_qty, cost + price * abs(signed_qty), realized, commissions)
+            return _book(qty + signed_qty, cost + price * abs(signed_qty), realized, commissions)
         closed = min(abs(qty), abs(signed_qty))
         direction = 1 if qty > 0 else -1
         released = cost if closed == abs(qty) else (cost * closed / abs(qty)).quantize(COST_QUANTUM)
@@ -76,8 +76,22 @@ class Book:
         remaining = cost - released
         if new_qty and (new_qty > 0) != (qty > 0):
             remaining = price * abs(new_qty)  # crossed zero: the remainder opened at this fill's price
-        return Book(new_qty, remaining, realized, commissions)
+        return _book(new_qty, remaining, realized, commissions)
 
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _book(quantity: int, cost: Decimal, realized: Decimal, commissions: Decimal) -> Book:
+    """``Book(quantity, cost, realized, commissions)`` without the frozen dataclass's ``__init__`` (one
+    ``object.__setattr__`` per field): the same instance, built once per fill on the runtime's busiest path."""
+    book = _new(Book)
+    _set(book, "__dict__", {"quantity": quantity, "cost": cost, "realized": realized, "commissions": commissions})
+    return book
+
+
+_EMPTY = Book()
 
 Key = tuple[str, str, str]
 """(account, strategy, contract)."""
@@ -95,11 +109,15 @@ class Ledger:
         """Book one fill; False (and no change) when ``fill_id`` was applied before."""
         if fill_id in self.seen_fills:
             return False
-        price = _dec(price, "fill price")
-        commission = _dec(commission, "commission")
-        point_value = _dec(point_value, "point value")
+        if type(price) is not Decimal:
+            price = _dec(price, "fill price")
+        if type(commission) is not Decimal:
+            commission = _dec(commission, "commission")
+        if type(point_value) is not Decimal:
+            point_value = _dec(point_value, "point value")
         key = (account, strategy, contract)
-        self.books[key] = self.books.get(key, Book()).fill(signed_qty, price, commission, point_value)
+        book = self.books.get(key)
+        self.books[key] = (_EMPTY if book is None else book).fill(signed_qty, price, commission, point_value)
         self.seen_fills.add(fill_id)
         return True
 

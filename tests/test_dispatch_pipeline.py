@@ -354,3 +354,43 @@ async def test_no_more_than_ahead_orders_of_an_account_are_journaled_ahead_and_a
     for n in range(11):
         statuses = [status for coid, status in journal.writes if coid == f"mb-{n}"]
         assert statuses == [SENDING, FILLED], (n, statuses)
+
+
+async def test_an_order_held_at_the_broker_never_holds_back_another_accounts_orders() -> None:
+    from service.dispatch import Dispatcher, OrderTracker
+    journal, pool = Recorder(), Gate()
+    pool.held["mb-0"] = answer = asyncio.Event()
+    dispatcher = Dispatcher(OrderTracker(journal), pool, concurrency=2)  # type: ignore[arg-type]
+    try:
+        dispatcher.submit_all([unit_job(0, "a1"), unit_job(1, "a1")] + [unit_job(n, "a2") for n in (10, 11, 12)])
+        await eventually(lambda: all(dispatcher.tracker.orders[f"mb-{n}"].status == FILLED for n in (10, 11, 12)),
+                         "a2's orders filled")
+        assert pool.placed == ["mb-0", "mb-10", "mb-11", "mb-12"]  # a1's second waits for its first's answer
+        assert dispatcher.queued() == {"b": 1}  # mb-1 waits in its lane
+        answer.set()
+        await dispatcher.drain()
+    finally:
+        answer.set()
+        await dispatcher.stop()
+    assert pool.placed == ["mb-0", "mb-10", "mb-11", "mb-12", "mb-1"]
+    assert all(t.status == FILLED for t in dispatcher.tracker.orders.values())
+
+
+async def test_transitions_of_one_order_take_turns_and_a_cancelled_one_passes_its_turn_on() -> None:
+    from service.dispatch import OrderTracker
+    journal = Recorder()
+    journal.held[("mb-0", SENDING)] = commit = asyncio.Event()
+    tracker = OrderTracker(journal)  # type: ignore[arg-type]
+    tracker.track(unit_job(0, "a1"))
+    first = asyncio.create_task(tracker.transition("mb-0", SENDING))
+    await eventually(lambda: journal.writes == [("mb-0", SENDING)], "the first transition journaling")
+    cancelled = asyncio.create_task(tracker.transition("mb-0", UNKNOWN))
+    last = asyncio.create_task(tracker.transition("mb-0", FILLED))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    assert journal.writes == [("mb-0", SENDING)] and tracker.get("mb-0").status == NEW  # not believed before commit
+    commit.set()
+    assert await first is True and await last is True
+    assert cancelled.cancelled()
+    assert journal.writes == [("mb-0", SENDING), ("mb-0", FILLED)] and tracker.get("mb-0").status == FILLED
+    assert not tracker.get("mb-0").busy
