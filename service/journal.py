@@ -141,9 +141,13 @@ def _default(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in the journal")
 
 
+_encode = json.JSONEncoder(default=_default, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+"""One encoder for every call (``json.dumps`` with options builds a new one each time)."""
+
+
 def dumps(value: Any) -> str:
     """JSON as the journal stores it: Decimal as strings, times as UTC ``Z`` strings, keys sorted."""
-    return json.dumps(value, default=_default, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _encode(value)
 
 
 def _loads(text: str | None) -> Any:
@@ -267,6 +271,9 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it, outside any COMMIT
+    # 64 MiB of page cache instead of 2: the indexes every order transition updates stay in memory (a transition's
+    # statements measured 9.0 -> 7.8 us).
+    conn.execute("PRAGMA cache_size=-65536")
     return conn
 
 
@@ -1085,9 +1092,6 @@ def _order(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -- order transitions and fills as the batch executor merges them ---------------------------------------------
-
-_encode = json.JSONEncoder(default=_default, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
-"""``dumps`` with one encoder for every call (the same text)."""
 
 _UPDATE_ORDER = ("UPDATE orders SET status = ?, broker_order_id = COALESCE(?, broker_order_id), detail = ?, "
                  "updated_at = ? WHERE client_order_id = ?")
