@@ -60,6 +60,21 @@ log = logging.getLogger(__name__)
 
 OPEN_STATUSES = (OrderStatus.PENDING.value, OrderStatus.WORKING.value, OrderStatus.PARTIALLY_FILLED.value)
 
+# Columns named, not ``select *``: rows become dicts by zipping with a fixed tuple instead of reading the cursor's
+# description per query, and an order row can be kept in memory after a write instead of being selected again.
+ORDER_COLUMNS = ("broker_order_id", "client_order_id", "account", "contract", "side", "quantity", "filled_quantity",
+                 "status", "order_type", "limit_price", "stop_price", "avg_fill_price", "reason", "created_at",
+                 "updated_at")
+FILL_COLUMNS = ("fill_id", "broker_order_id", "client_order_id", "account", "contract", "side", "quantity", "price",
+                "commission", "pnl", "time")
+_SELECT_ORDER = f"select {', '.join(ORDER_COLUMNS)} from orders"
+_INSERT_ORDER = f"insert into orders ({', '.join(ORDER_COLUMNS)}) values ({', '.join('?' * len(ORDER_COLUMNS))})"
+_INSERT_FILL = f"insert into fills ({', '.join(FILL_COLUMNS)}) values ({', '.join('?' * len(FILL_COLUMNS))})"
+_NEXT_ID = ("insert into counters (name, value) values (?, 1) "
+            "on conflict (name) do update set value = value + 1 returning value")
+_WIRE_CACHE_SIZE = 4096
+_UNREAD: Any = object()
+
 
 @dataclass(frozen=True)
 class PaperQuirks:
@@ -137,6 +152,10 @@ class PaperBook:
         self.partial_fill_next: deque[list[int]] = deque()
         self.rate_limit_next: deque[float] = deque()
         self.lose_next_place_response = 0
+        self._wire_times: dict[str, str | int] = {}
+        self._roots: dict[str, str] = {}
+        self._roots_catalog: Any = None
+        self._written: dict[str, Any] | None = None  # the order row this book wrote last, as stored
         self._create_tables()
 
     # -- storage ---------------------------------------------------------------------------------------------
@@ -167,6 +186,16 @@ class PaperBook:
         if "counters" not in tables:
             db["counters"].create({"name": str, "value": int}, pk="name")
 
+    def _root(self, contract: str) -> str:
+        """``root_of`` against the feed's catalog, remembered per contract (it runs several times per order)."""
+        catalog = self.feed.catalog
+        if catalog is not self._roots_catalog:
+            self._roots, self._roots_catalog = {}, catalog
+        root = self._roots.get(contract)
+        if root is None:
+            root = self._roots[contract] = root_of(contract, catalog)  # unknown ones raise, never cached
+        return root
+
     @property
     def _conn(self) -> sqlite3.Connection:
         return self.db.conn
@@ -195,11 +224,36 @@ class PaperBook:
         self._conn.execute(f"insert into {table} ({columns}) values ({marks})", list(row.values()))
 
     def _next_id(self, name: str, prefix: str) -> str:
-        with self._transaction():
-            (value,), = self._conn.execute(
-                "insert into counters (name, value) values (?, 1) "
-                "on conflict (name) do update set value = value + 1 returning value", [name]).fetchall()
+        conn = self._conn
+        if conn.in_transaction:
+            (value,), = conn.execute(_NEXT_ID, (name,)).fetchall()
+        else:
+            with self._transaction():
+                (value,), = conn.execute(_NEXT_ID, (name,)).fetchall()
         return f"{prefix}{value}"
+
+    def _begin(self) -> bool:
+        """Open a transaction unless the caller's is open; True when this step owns it (and must commit it).
+
+        A plain BEGIN/COMMIT rather than a context manager: this runs several times per order."""
+        conn = self._conn
+        if conn.in_transaction:
+            return False
+        conn.execute("BEGIN")
+        return True
+
+    def _end(self, owned: bool, ok: bool) -> None:
+        if not owned:
+            return
+        conn = self._conn
+        if ok:
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.rollback()
+                raise
+        elif conn.in_transaction:
+            conn.rollback()
 
     def _ensure_account(self, account: str) -> dict[str, Any]:
         if not account:
@@ -212,14 +266,23 @@ class PaperBook:
         return row
 
     def _order_row(self, broker_order_id: str) -> dict[str, Any] | None:
-        return self._row("select * from orders where broker_order_id = ?", [broker_order_id])
+        row = self._conn.execute(f"{_SELECT_ORDER} where broker_order_id = ?", (broker_order_id,)).fetchone()
+        return None if row is None else dict(zip(ORDER_COLUMNS, row))
 
     def _position_row(self, account: str, contract: str) -> dict[str, Any] | None:
         return self._row("select * from positions where account = ? and contract = ?", [account, contract])
 
     # -- wire format -----------------------------------------------------------------------------------------
     def _wire_time(self, stored: str) -> str | int:
-        return format_broker_time(datetime.fromisoformat(stored), self.quirks.timestamps)
+        """Stored ISO -> the broker's convention. Pure, so cached: an order's times are rendered many times."""
+        cache = self._wire_times
+        wire = cache.get(stored)
+        if wire is None:
+            wire = format_broker_time(datetime.fromisoformat(stored), self.quirks.timestamps)
+            if len(cache) >= _WIRE_CACHE_SIZE:
+                cache.clear()
+            cache[stored] = wire
+        return wire
 
     def _wire(self, row: dict[str, Any], *time_fields: str) -> dict[str, Any]:
         out = dict(row)
@@ -286,7 +349,7 @@ class PaperBook:
         if existing is not None:
             raise DuplicateOrder(existing)
         try:
-            instrument = self.feed.instrument(request.contract)
+            instrument = self.feed.catalog[self._root(request.contract)]
         except KeyError as exc:
             raise self._rejected(request, str(exc.args[0])) from None
         for what, price in (("limit", request.limit_price), ("stop", request.stop_price)):
@@ -298,18 +361,23 @@ class PaperBook:
             raise self._rejected(request, "order rejected by risk check (injected)")
         if self.quirks.reject_rate and self.rng.random() < self.quirks.reject_rate:
             raise self._rejected(request, "order rejected (simulated reject_rate)")
-        self._ensure_account(request.account)
-        held = self._position_row(request.account, request.contract)
-        held_qty = 0 if held is None else int(held["quantity"])
+        cash, held_rows = self._account_state(request.account)
+        held_qty = 0
+        for held in held_rows:
+            if held["contract"] == request.contract:
+                held_qty = int(held["quantity"])
+                break
         added = abs(held_qty + request.side.sign * request.quantity) - abs(held_qty)
         if added > 0:
             need = (self.margin(instrument.root) or Decimal(0)) * added
-            cash, margin_used, unrealized = self._margin_state(request.account)
+            margin_used, unrealized = self._margin_of(held_rows)
             free = cash + unrealized - margin_used
             if need > free:
                 raise self._rejected(request, f"insufficient margin: {need} needed, {free} free")
         now = _iso(self.clock())
-        with self._transaction():
+        owned = self._begin()
+        ok = False
+        try:
             row = {
                 "broker_order_id": self._next_id("orders", "P"), "client_order_id": request.client_order_id,
                 "account": request.account, "contract": request.contract.upper(), "side": request.side.value,
@@ -318,7 +386,13 @@ class PaperBook:
                 "stop_price": _str(request.stop_price), "avg_fill_price": None, "reason": None,
                 "created_at": now, "updated_at": now,
             }
-            self._insert("orders", row)
+            self._conn.execute(_INSERT_ORDER, tuple(row.values()))
+            ok = True
+        finally:
+            self._written = None
+            self._end(owned, ok)
+        if owned:
+            self._written = row
         wire = self.wire_order(row)
         answer = dict(wire)  # the caller's own copy, whatever a listener does with the published one
         self._publish("order", wire)
@@ -328,6 +402,9 @@ class PaperBook:
         """How a market order will fill: injected parts, a random split (partial_fill_rate), or all at once."""
         row = self._order_row(broker_order_id)
         assert row is not None
+        return self._plan(row)
+
+    def _plan(self, row: dict[str, Any]) -> list[int]:
         remaining = int(row["quantity"]) - int(row["filled_quantity"])
         if self.partial_fill_next:
             parts = [p for p in self.partial_fill_next.popleft() if p > 0]
@@ -345,49 +422,103 @@ class PaperBook:
             plan.append(remaining - sum(plan))
         return plan
 
+    def fill_market(self, broker_order_id: str) -> dict[str, Any] | None:
+        """Fill a market order now, part by part as ``fill_plan`` says (``fill_plan`` + ``fill`` in one step).
+
+        Returns the order's wire record after its last part when that part filled (None otherwise), so a caller
+        that needs the order's state does not read it back."""
+        written = self._written
+        row = written if written is not None and written["broker_order_id"] == broker_order_id else \
+            self._order_row(broker_order_id)
+        assert row is not None
+        plan = self._plan(row)
+        last: dict[str, Any] | None = None
+        for index, part in enumerate(plan):
+            if index:  # a listener may have acted on the order between parts: start from the stored row
+                row = self._order_row(broker_order_id)  # type: ignore[assignment]
+                assert row is not None
+            done = self._fill_row(row, part, None)
+            last = None if done is None else done[1]
+        return last
+
     def fill(self, broker_order_id: str, quantity: int, price: Decimal | None = None) -> dict[str, Any] | None:
         """Fill ``quantity`` of an open order at ``price`` (default: the feed). Returns the wire fill."""
         row = self._order_row(broker_order_id)
-        if row is None or row["status"] not in OPEN_STATUSES:
+        if row is None:
+            return None
+        done = self._fill_row(row, quantity, price)
+        return None if done is None else done[0]
+
+    def _fill_row(self, row: dict[str, Any], quantity: int,
+                  price: Decimal | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Fill the order stored as ``row`` (current); returns (wire fill, a copy of the order's new wire record)."""
+        if row["status"] not in OPEN_STATUSES:
             return None
         quantity = min(quantity, int(row["quantity"]) - int(row["filled_quantity"]))
         if quantity <= 0:
             return None
+        broker_order_id = row["broker_order_id"]
         contract, account, side = row["contract"], row["account"], Side(row["side"])
-        instrument = self.feed.instrument(contract)
-        price = self.feed.price(contract) if price is None else price
+        root = self._root(contract)
+        instrument = self.feed.catalog[root]
+        price = self.feed.price(root) if price is None else price
         commission = (self.commission(instrument.root) or Decimal(0)) * quantity
         filled = int(row["filled_quantity"]) + quantity
         previous_avg = _dec(row["avg_fill_price"]) or Decimal(0)
         avg = (previous_avg * int(row["filled_quantity"]) + price * quantity) / filled
         status = OrderStatus.FILLED if filled == int(row["quantity"]) else OrderStatus.PARTIALLY_FILLED
+        avg_text = str(_tidy(avg))
         now = _iso(self.clock())
-        with self._transaction():  # position, cash, fill and order move together or not at all
-            pnl = self._apply_position(account, contract, side.sign * quantity, price, instrument.point_value)
-            account_row = self._ensure_account(account)
-            cash = Decimal(account_row["cash"]) + pnl - commission
-            self._conn.execute("update accounts set cash = ? where id = ?", [str(cash), account])
+        conn = self._conn
+        owned = self._begin()  # position, cash, fill and order move together or not at all
+        ok = False
+        try:
+            state = conn.execute(
+                "select a.cash, p.quantity, p.avg_price from accounts a left join positions p "
+                "on p.account = a.id and p.contract = ? where a.id = ?", (contract, account)).fetchone()
+            if state is None:  # no account row (not opened by accept): open it as the position moves
+                pnl = self._apply_position(account, contract, side.sign * quantity, price, instrument.point_value)
+                cash_before = Decimal(self._ensure_account(account)["cash"])
+            else:
+                held = None if state[1] is None else {"quantity": state[1], "avg_price": state[2]}
+                pnl = self._apply_position(account, contract, side.sign * quantity, price, instrument.point_value,
+                                           held=held)
+                cash_before = Decimal(state[0])
+            cash = cash_before + pnl - commission
+            conn.execute("update accounts set cash = ? where id = ?", (str(cash), account))
             fill = {
                 "fill_id": self._next_id("fills", "F"), "broker_order_id": broker_order_id,
                 "client_order_id": row["client_order_id"], "account": account, "contract": contract,
                 "side": side.value, "quantity": quantity, "price": str(price), "commission": str(commission),
                 "pnl": str(pnl), "time": now,
             }
-            self._insert("fills", fill)
-            self._conn.execute(
+            conn.execute(_INSERT_FILL, tuple(fill.values()))
+            conn.execute(
                 "update orders set filled_quantity = ?, avg_fill_price = ?, status = ?, updated_at = ? "
-                "where broker_order_id = ?", [filled, str(_tidy(avg)), status.value, now, broker_order_id])
+                "where broker_order_id = ?", (filled, avg_text, status.value, now, broker_order_id))
+            ok = True
+        finally:
+            self._written = None
+            self._end(owned, ok)
+        # The order as just written (the same values a read-back would return).
+        updated = {**row, "filled_quantity": filled, "avg_fill_price": avg_text, "status": status.value,
+                   "updated_at": now}
+        if owned:
+            self._written = updated
         wire_fill = self.wire_fill(fill)
+        answer = dict(wire_fill)
         self._publish("fill", wire_fill)
-        updated = self._order_row(broker_order_id)
-        assert updated is not None
-        self._publish("order", self.wire_order(updated))
-        return wire_fill
+        wire_order = self.wire_order(updated)
+        order_answer = dict(wire_order)
+        self._publish("order", wire_order)
+        return answer, order_answer
 
     def _apply_position(self, account: str, contract: str, signed_qty: int, price: Decimal,
-                        point_value: Decimal) -> Decimal:
-        """Net a fill into the position; returns the gross P&L it realized."""
-        held = self._position_row(account, contract)
+                        point_value: Decimal, *, held: Any = _UNREAD) -> Decimal:
+        """Net a fill into the position; returns the gross P&L it realized. ``held``: the position row when the
+        caller has just read it (None: no position), else it is read here."""
+        if held is _UNREAD:
+            held = self._position_row(account, contract)
         qty = 0 if held is None else int(held["quantity"])
         avg = Decimal(0) if held is None else Decimal(held["avg_price"])
         realized = Decimal(0)
@@ -418,6 +549,7 @@ class PaperBook:
         if row["status"] not in OPEN_STATUSES:
             raise OrderRejected(f"paper broker {self.broker_name}: order {broker_order_id} is already "
                                 f"{row['status']}, cannot cancel")
+        self._written = None
         with self._transaction():
             self._conn.execute("update orders set status = ?, reason = ?, updated_at = ? where broker_order_id = ?",
                                [OrderStatus.CANCELLED.value, "cancelled by request", _iso(self.clock()),
@@ -457,8 +589,9 @@ class PaperBook:
 
     # -- queries ---------------------------------------------------------------------------------------------
     def find(self, account: str, client_order_id: str) -> dict[str, Any] | None:
-        row = self._row("select * from orders where account = ? and client_order_id = ?", [account, client_order_id])
-        return None if row is None else self.wire_order(row)
+        row = self._conn.execute(f"{_SELECT_ORDER} where account = ? and client_order_id = ?",
+                                 (account, client_order_id)).fetchone()
+        return None if row is None else self.wire_order(dict(zip(ORDER_COLUMNS, row)))
 
     def order(self, broker_order_id: str) -> dict[str, Any] | None:
         row = self._order_row(broker_order_id)
@@ -478,24 +611,43 @@ class PaperBook:
             "select * from fills where account = ? and time >= ? order by time, fill_id", [account, _iso(since)])]
 
     def positions(self, account: str) -> list[dict[str, Any]]:
+        return self._marked(self._rows("select * from positions where account = ? order by contract", [account]))
+
+    def _marked(self, position_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
-        for row in self._rows("select * from positions where account = ? order by contract", [account]):
-            instrument = self.feed.instrument(row["contract"])
-            mark = self.feed.price(row["contract"])
+        for row in position_rows:
+            root = self._root(row["contract"])
+            instrument = self.feed.catalog[root]
+            mark = self.feed.price(root)
             unrealized = (mark - Decimal(row["avg_price"])) * int(row["quantity"]) * instrument.point_value
             out.append({**row, "mark": str(mark), "unrealized": str(unrealized)})
         return out
 
-    def _margin_state(self, account: str) -> tuple[Decimal, Decimal, Decimal]:
-        """Cash, margin used and unrealized P&L: what a margin check needs, without the day's fills."""
-        account_row = self._ensure_account(account)
-        cash = Decimal(account_row["cash"])
+    def _account_state(self, account: str) -> tuple[Decimal, list[dict[str, Any]]]:
+        """Cash and position rows (by contract) of ``account`` in one query; the account is opened if new."""
+        rows = self._conn.execute(
+            "select a.cash, p.contract, p.quantity, p.avg_price from accounts a left join positions p "
+            "on p.account = a.id where a.id = ? order by p.contract", (account,)).fetchall()
+        if not rows:
+            return Decimal(self._ensure_account(account)["cash"]), []
+        return Decimal(rows[0][0]), [{"account": account, "contract": contract, "quantity": quantity,
+                                      "avg_price": avg_price}
+                                     for _cash, contract, quantity, avg_price in rows if contract is not None]
+
+    def _margin_of(self, position_rows: list[dict[str, Any]]) -> tuple[Decimal, Decimal]:
+        """Margin used and unrealized P&L of these positions at the feed's marks."""
         unrealized = Decimal(0)
         margin_used = Decimal(0)
-        for pos in self.positions(account):
+        for pos in self._marked(position_rows):
             unrealized += Decimal(pos["unrealized"])
-            root = root_of(pos["contract"], self.feed.catalog)
+            root = self._root(pos["contract"])
             margin_used += (self.margin(root) or Decimal(0)) * abs(int(pos["quantity"]))
+        return margin_used, unrealized
+
+    def _margin_state(self, account: str) -> tuple[Decimal, Decimal, Decimal]:
+        """Cash, margin used and unrealized P&L: what a margin check needs, without the day's fills."""
+        cash, position_rows = self._account_state(account)
+        margin_used, unrealized = self._margin_of(position_rows)
         return cash, margin_used, unrealized
 
     def snapshot_values(self, account: str) -> dict[str, Decimal]:
@@ -548,6 +700,8 @@ class PaperConnector(Connector):
         self._connected = False
         self._link_down = False
         self._fill_tasks: dict[str, asyncio.Task[None]] = {}
+        self._times: dict[str | int, datetime] = {}
+        self._last_event: tuple[dict[str, Any], Order] | None = None
         self._link_up = asyncio.Event()
         self._link_up.set()
 
@@ -682,14 +836,25 @@ class PaperConnector(Connector):
     # -- conversion at the edge ------------------------------------------------------------------------------
     def _time(self, value: str | int) -> datetime:
         """Broker timestamp -> aware UTC. For naive Eastern times in the repeated November hour, the broker's
-        report is about the past or present, so take the latest reading that is not in the future."""
+        report is about the past or present, so take the latest reading that is not in the future.
+
+        Unambiguous readings are cached: one order's records repeat the same few timestamps."""
+        cache = self._times
+        parsed = cache.get(value)
+        if parsed is not None:
+            return parsed
         if self.quirks.timestamps != "eastern_naive":
-            return parse_broker_time(value, self.quirks.timestamps)
-        first = parse_broker_time(value, "eastern_naive", fold=0)
-        second = parse_broker_time(value, "eastern_naive", fold=1)
-        if second != first and second <= utcnow() + timedelta(seconds=1):
-            return second
-        return first
+            parsed = parse_broker_time(value, self.quirks.timestamps)
+        else:
+            first = parse_broker_time(value, "eastern_naive", fold=0)
+            second = parse_broker_time(value, "eastern_naive", fold=1)
+            if second != first:  # depends on the clock now: never cached
+                return second if second <= utcnow() + timedelta(seconds=1) else first
+            parsed = first
+        if len(cache) >= _WIRE_CACHE_SIZE:
+            cache.clear()
+        cache[value] = parsed
+        return parsed
 
     def _order(self, wire: Mapping[str, Any]) -> Order:
         return Order(
@@ -716,7 +881,16 @@ class PaperConnector(Connector):
         if kind == "fill":
             self._emit(FillEvent(self._fill(wire)))
         else:
-            self._emit(OrderEvent(self._order(wire)))
+            order = self._order(wire)
+            self._last_event = (dict(wire), order)
+            self._emit(OrderEvent(order))
+
+    def _order_of(self, wire: Mapping[str, Any]) -> Order:
+        """``_order(wire)``, reusing the Order of the last order event when it was built from the same record."""
+        last = self._last_event
+        if last is not None and last[0] == wire:
+            return last[1]
+        return self._order(wire)
 
     # -- orders ----------------------------------------------------------------------------------------------
     async def _submit(self, request: OrderRequest) -> Order:
@@ -747,28 +921,32 @@ class PaperConnector(Connector):
                 book.check_resting()
             raise OutcomeUnknown(f"paper broker {self.broker.name}: connection reset before the answer to "
                                  f"{request.client_order_id} arrived")
+        final: dict[str, Any] | None = None
         if request.order_type is OrderType.MARKET:
             if self.quirks.fill_latency_ms <= 0 and self.quirks.ack_latency_ms <= 0:
-                self._fill_now(order_id)
+                final = self._fill_now(order_id)
             else:
                 self._fill_tasks[order_id] = asyncio.create_task(self._fill_later(order_id))
         else:
             book.check_resting(root_of(request.contract, self.feed.catalog))
-        await self._latency(self.quirks.ack_latency_ms)
+        if self.quirks.ack_latency_ms > 0:
+            await self._latency(self.quirks.ack_latency_ms)
+            final = None  # the broker kept working meanwhile
         if not self._connected:
             raise OutcomeUnknown(f"paper broker {self.broker.name}: connection dropped while waiting for the "
                                  f"acknowledgement of {request.client_order_id}")
-        current = book.order(order_id)
+        # Zero latency and filled at once: the order as the fill left it, not read back (nothing ran in between).
+        current = final if isinstance(final, dict) else book.order(order_id)
         assert current is not None
-        return self._order(current)
+        return self._order_of(current)
 
     async def _latency(self, ms: float) -> None:
         if ms > 0:
             await asyncio.sleep(ms / 1000)
 
-    def _fill_now(self, order_id: str) -> None:
-        for part in self.book.fill_plan(order_id):
-            self.book.fill(order_id, part)
+    def _fill_now(self, order_id: str) -> dict[str, Any] | None:
+        """Fill a market order at once; the order's wire record after its last part (None if it did not fill)."""
+        return self.book.fill_market(order_id)
 
     async def _fill_later(self, order_id: str) -> None:
         """Fill a market order after the ack and fill latencies, part by part."""

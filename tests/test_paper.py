@@ -397,6 +397,47 @@ async def test_latencies_delay_the_ack_and_the_fill(tmp_path: Path, feed: PriceF
         assert (await conn.find_order(ACCOUNT, order.client_order_id)).status is OrderStatus.FILLED
 
 
+async def test_zero_latency_fast_path_matches_the_latency_path(feed: PriceFeed) -> None:
+    """Filling at once (the row kept from the write, the order not read back) books and reports exactly what the
+    latency path does, which reads every step from SQLite: same events, same stored state, and the order returned
+    is the stored one."""
+
+    async def run(paper: dict[str, Any]) -> tuple[list[Any], list[Any], Any]:
+        prices = PriceFeed(seed=1, start_prices={"MES": Decimal(6000)})
+        conn = connector(None, prices, paper={"partial_fill_rate": 0.5, "seed": 3, **paper}, rate_limit=None)
+        async with conn:
+            events = conn.subscribe()
+            seen: list[Any] = []
+            for i in range(12):
+                prices.step()  # fills at moving prices: averages and P&L differ order to order
+                if i == 4:
+                    conn.partial_fill_next([1, 1])
+                request = OrderRequest(f"eq-{i}", ("EQ-A", "EQ-B")[i % 2], "MESZ6",
+                                       Side.SELL if i % 3 == 2 else Side.BUY, 1 + i % 4)
+                returned = await conn.place_order(request)
+                if not paper:
+                    assert returned.status is OrderStatus.FILLED
+                    assert returned == conn._order(conn.book.order(returned.broker_order_id))
+                while True:  # wait for this order to fill completely before the next one
+                    event = await asyncio.wait_for(events.get(), 2)
+                    if isinstance(event, (OrderEvent, FillEvent)):
+                        value = event.order if isinstance(event, OrderEvent) else event.fill
+                        seen.append({k: v for k, v in vars(value).items()
+                                     if k not in ("created_at", "updated_at", "time")})
+                    if isinstance(event, OrderEvent) and event.order.status is OrderStatus.FILLED:
+                        break
+            book = conn.book
+            state = [(book.positions(a), {k: v for k, v in book.snapshot_values(a).items()}) for a in ("EQ-A", "EQ-B")]
+            stored = book.db.conn.execute(
+                "select broker_order_id, status, filled_quantity, avg_fill_price from orders order by 1").fetchall()
+            return seen, state, stored
+
+    fast = await run({})
+    slow = await run({"ack_latency_ms": 1, "fill_latency_ms": 1})
+    assert fast == slow
+    assert any(e.get("status") is OrderStatus.PARTIALLY_FILLED for e in fast[0])  # splits were exercised
+
+
 async def test_pending_fills_complete_on_close(tmp_path: Path, feed: PriceFeed) -> None:
     conn = connector(tmp_path, feed, paper={"fill_latency_ms": 10_000})
     async with conn:
