@@ -2,8 +2,8 @@
 
 A real ``service.runtime.Runtime`` with a real journal (``synchronous=FULL``, group commit, in a temporary
 directory) on the webhook benchmark's rules (10 accounts mirroring one strategy on two brokers) and a connector that
-fills every order inside ``_submit`` from dicts (``InstantBroker``, as in benchmarks/webhook.py). Signals are decided
-by the real engine and journaled as the webhook does (decide -> ``Runtime.hold`` -> ``Journal.record_signal`` ->
+fills every order inside ``_submit`` from dicts (``benchmarks.instant``, as in benchmarks/webhook.py). Signals are
+decided by the real engine and journaled as the webhook does (decide -> ``Runtime.hold`` -> ``Journal.record_signal`` ->
 ``Runtime.dispatch``), so what is measured after that is the runtime: state machine, journal-ahead, per-account
 ordering, the journal's order transitions, fills -> ledger -> risk, ``engine_state`` for the next decision.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import shutil
 import sqlite3
@@ -42,7 +41,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from brokers import base
 from brokers.feed import PriceFeed
 from engine.decide import build_engine
 from engine.loader import load_rules
@@ -51,68 +49,8 @@ from service import tuning
 from service.journal import Journal
 from service.runtime import Runtime
 
+from benchmarks import instant
 from benchmarks.webhook import ACCOUNTS, write_rules
-
-
-class InstantBroker(base.Connector):
-    """Fills every market order inside ``_submit`` at a fixed price, holding its state in dicts (as in
-    benchmarks/webhook.py): what is left is the service's own cost per order."""
-
-    type = "paper"
-
-    def __init__(self, broker: Any, **options: Any) -> None:
-        super().__init__(broker, **options)
-        self.up = False
-        self.orders: dict[tuple[str, str], base.Order] = {}
-        self.fills: dict[str, list[base.Fill]] = {}
-        self.pos: dict[tuple[str, str], int] = {}
-        self.n = 0
-
-    async def connect(self) -> None:
-        self.up = True
-
-    async def close(self) -> None:
-        self.up = False
-
-    @property
-    def connected(self) -> bool:
-        return self.up
-
-    async def _submit(self, request: base.OrderRequest) -> base.Order:
-        now = datetime.now(timezone.utc)
-        self.n += 1
-        order = base.Order(f"I{self.n}", request.client_order_id, request.account, request.contract,
-                           request.side, request.quantity, request.quantity, base.OrderStatus.FILLED,
-                           request.order_type, now, now, avg_fill_price=Decimal("6000"))
-        fill = base.Fill(f"F{self.n}", order.broker_order_id, order.client_order_id, order.account,
-                         order.contract, order.side, order.quantity, Decimal("6000"), Decimal("0.25"), now)
-        self.orders[(request.account, request.client_order_id)] = order
-        self.fills.setdefault(request.account, []).append(fill)
-        key = (request.account, request.contract)
-        self.pos[key] = self.pos.get(key, 0) + order.quantity * order.side.sign
-        self._emit(base.FillEvent(fill))
-        self._emit(base.OrderEvent(order))
-        return order
-
-    async def find_order(self, account: str, client_order_id: str) -> base.Order | None:
-        return self.orders.get((account, client_order_id))
-
-    async def cancel_order(self, account: str, broker_order_id: str) -> base.Order:
-        raise base.OrderRejected("nothing rests here")
-
-    async def working_orders(self, account: str) -> list[base.Order]:
-        return []
-
-    async def positions(self, account: str) -> list[base.Position]:
-        return [base.Position(a, c, q, Decimal("6000")) for (a, c), q in sorted(self.pos.items())
-                if a == account and q]
-
-    async def account_snapshot(self, account: str) -> base.AccountSnapshot:
-        return base.AccountSnapshot(account, Decimal(10**9), Decimal(0), Decimal(10**9), Decimal(0), Decimal(0),
-                                    datetime.now(timezone.utc))
-
-    async def fills_since(self, account: str, since: datetime) -> list[base.Fill]:
-        return [f for f in self.fills.get(account, []) if f.time >= since]
 
 
 class Watcher:
@@ -287,8 +225,7 @@ def handoff(journal: Path, ids: list[str]) -> dict[str, list[float]]:
 
 
 async def main(args: argparse.Namespace) -> None:
-    base.connector_class("paper")  # the built-in connectors register first; this one then replaces paper
-    base.register(InstantBroker)
+    instant.install()  # type: paper brokers fill inside place_order
     work = Path(tempfile.mkdtemp(prefix="mb-dispatch-"))
     try:
         write_rules(work / "rules")

@@ -22,7 +22,7 @@ from service.app import JOURNAL, RUNTIME, create_app
 from service.config import ServiceConfig
 from service.journal import JournalError
 from service.runtime import Runtime
-from tests.harness.runtime import NOON, ROOT, Clock, wait_until
+from tests.harness.runtime import ROOT, app_runtime, wait_until
 
 SECRET = "concurrent-secret"
 
@@ -210,14 +210,8 @@ async def app(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[App]:
     feed = PriceFeed(seed=0)
     feed.set_price(ROOT, Decimal("5000"))
 
-    def factory(config: Any, journal: Any, watcher: Any) -> Runtime:
-        runtime = Runtime(config, journal, watcher, clock=Clock(NOON), feed=feed,
-                          connector_options={"reconnect_wait_s": 0.2})
-        runtime.backoff_s, runtime.backoff_max_s = 0.02, 0.1
-        return runtime
-
     config = ServiceConfig(rules_dir=rules, data_dir=tmp_path / "data", webhook_secret=SECRET, paper_tick_s=0)
-    client = await aiohttp_client(create_app(config, runtime_factory=factory))
+    client = await aiohttp_client(create_app(config, runtime_factory=app_runtime(feed)))
     running = App(client)
     assert await running.runtime.ready(10.0), running.runtime.starting()
     try:

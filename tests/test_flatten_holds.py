@@ -29,7 +29,7 @@ from service.config import ServiceConfig
 from service.dispatch import FILLED, MISSED
 from service.journal import Journal
 from service.runtime import Runtime
-from tests.harness.runtime import NOON, ROOT, Clock, World, signal, wait_until, world, write_rules
+from tests.harness.runtime import NOON, ROOT, Clock, World, app_runtime, signal, wait_until, world, write_rules
 
 MIRROR = {"f1": ("fast", "F-1"), "f2": ("fast", "F-2"), "s1": ("slow", "S-1")}
 BOOKS = {**MIRROR, "bf": ("fast", "B-F"), "bs": ("slow", "B-S")}
@@ -240,14 +240,8 @@ async def app(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Any]:
     feed = PriceFeed(seed=0)
     feed.set_price(ROOT, Decimal("5000"))
 
-    def factory(config: Any, journal: Any, watcher: Any) -> Runtime:
-        runtime = Runtime(config, journal, watcher, clock=Clock(NOON), feed=feed,
-                          connector_options={"reconnect_wait_s": 0.2})
-        runtime.backoff_s, runtime.backoff_max_s = 0.02, 0.1
-        return runtime
-
     config = ServiceConfig(rules_dir=rules, data_dir=tmp_path / "data", webhook_secret=SECRET, paper_tick_s=0)
-    client = await aiohttp_client(create_app(config, runtime_factory=factory))
+    client = await aiohttp_client(create_app(config, runtime_factory=app_runtime(feed)))
     assert await client.server.app[RUNTIME].ready(10.0)
     commits: list[Commit] = []
     client.commits = commits

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from service.risk import PORTFOLIO
-from tests.harness.runtime import Clock, signal, wait_until, world, write_rules
+from tests.harness.runtime import Clock, World, signal, wait_until, world, write_rules
 
 ET = ZoneInfo("America/New_York")
 UTC = ZoneInfo("UTC")
@@ -89,17 +89,23 @@ async def test_a_restart_mid_day_keeps_the_days_loss_and_a_further_loss_crosses_
         assert set(event["marks"].values()) == {"4855.00"} and set(event["basis"].values()) == {"current mark"}
 
 
+async def carry_into_wednesday(w: World, clock: Clock) -> str:
+    """Buy 2 MES on Tuesday at 5000, then open Wednesday's trading day (18:00 ET) with MES at 4990; the contract."""
+    on_test_clock(w)
+    await w.submit(signal("mirror", "buy", 2, sid="e1"))
+    await w.settle()
+    [contract] = {c for (_a, _s, c), b in w.runtime.ledger.books.items() if b.quantity}
+    clock.set(et(10, 18, 0))
+    w.feed.set_price("MES", Decimal("4990"))
+    await w.runtime.check_risk()
+    return contract
+
+
 async def test_a_carried_position_counts_from_the_day_start_mark_not_the_restart_mark(tmp_path: Path) -> None:
     clock = Clock(et(10, 14, 0))
     async with world(tmp_path, clock=clock) as w:
-        on_test_clock(w)
         rt = w.runtime
-        await w.submit(signal("mirror", "buy", 2, sid="e1"))  # Tuesday, at 5000
-        await w.settle()
-        [contract] = {c for (_a, _s, c), b in rt.ledger.books.items() if b.quantity}
-        clock.set(et(10, 18, 0))  # Wednesday's trading day begins with MES at 4990
-        w.feed.set_price("MES", Decimal("4990"))
-        await rt.check_risk()
+        contract = await carry_into_wednesday(w, clock)
         assert rt.risk.day == date(2026, 3, 11) and rt.risk.day_marks == {contract: Decimal("4990")}
         await wait_until(lambda: any(e["day"] == "2026-03-11" for e in day_starts(w)), what="day start journaled")
         clock.set(et(11, 11, 0))
@@ -285,14 +291,8 @@ async def test_halts_and_day_start_marks_of_today_survive_a_restart_after_a_thou
     clock = Clock(et(10, 14, 0))
     rules = {"account_loss": 1000}
     async with world(tmp_path, clock=clock, rules=rules) as w:
-        on_test_clock(w)
         rt = w.runtime
-        await w.submit(signal("mirror", "buy", 2, sid="e1"))  # Tuesday, at 5000
-        await w.settle()
-        [contract] = {c for (_a, _s, c), b in rt.ledger.books.items() if b.quantity}
-        clock.set(et(10, 18, 0))  # Wednesday's trading day begins with MES at 4990
-        w.feed.set_price("MES", Decimal("4990"))
-        await rt.check_risk()
+        contract = await carry_into_wednesday(w, clock)
         await wait_until(lambda: any(e["day"] == "2026-03-11" for e in day_starts(w)), what="day start journaled")
         clock.set(et(11, 11, 0))
         w.feed.set_price("MES", Decimal("4880"))  # 2 x -110 x 5 = -1,100 each since the day began

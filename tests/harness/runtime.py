@@ -291,3 +291,16 @@ async def world(tmp_path: Path, *, clock: Clock | None = None, start: bool = Tru
         watcher.close()
         if own_journal:
             await journal.close()
+
+
+def app_runtime(feed: PriceFeed, start: datetime = NOON) -> Callable[[Any, Any, Any], Runtime]:
+    """A ``runtime_factory`` for ``service.app.create_app``: the real Runtime on the test clock and ``feed``, with
+    reconnects and backoff short enough for a test to watch a broker drop and come back."""
+
+    def factory(config: Any, journal: Any, watcher: Any) -> Runtime:
+        runtime = Runtime(config, journal, watcher, clock=Clock(start), feed=feed,
+                          connector_options={"reconnect_wait_s": 0.2})
+        runtime.backoff_s, runtime.backoff_max_s = 0.02, 0.1
+        return runtime
+
+    return factory
