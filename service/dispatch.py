@@ -124,6 +124,11 @@ class Job:
     intent: str
     margin_usd: Decimal = Decimal(0)
 
+    @property
+    def sign(self) -> int:
+        """+1 for a buy, -1 for a sell: what one contract of the order does to a position."""
+        return 1 if self.side == "buy" else -1
+
     def request(self) -> OrderRequest:
         return OrderRequest(client_order_id=self.client_order_id, account=self.broker_account,
                             contract=self.contract, side=Side(self.side), quantity=self.quantity)
@@ -490,7 +495,7 @@ class OrderTracker:
             now = 0
             before = self._counted.pop(coid, 0)
         elif self._unsettled.get(coid) is tracked:
-            now = (job.quantity - tracked.filled) * (1 if job.side == "buy" else -1)
+            now = (job.quantity - tracked.filled) * job.sign
             before = self._counted.get(coid, 0)
             if now == before:
                 return
@@ -499,14 +504,20 @@ class OrderTracker:
             now = 0
             before = self._counted.pop(coid, 0)
         if now != before:
-            book = self._exposure.setdefault(job.account, {})
-            total = book.get(job.contract, 0) + now - before
-            if total:
-                book[job.contract] = total
-            else:
-                book.pop(job.contract, None)
-                if not book:
-                    del self._exposure[job.account]
+            add_to_book(self._exposure, job.account, job.contract, now - before)
+
+
+def add_to_book(books: dict[str, dict[str, int]], account: str, contract: str, delta: int) -> None:
+    """Add a signed quantity to ``books[account][contract]``, keeping no zero entries (an account without any is
+    dropped): the shape the engine reads positions and exposure in."""
+    book = books.setdefault(account, {})
+    total = book.get(contract, 0) + delta
+    if total:
+        book[contract] = total
+    else:
+        book.pop(contract, None)
+        if not book:
+            del books[account]
 
 
 _DONE = frozenset({REJECTED, CANCELLED, MISSED})

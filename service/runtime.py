@@ -89,6 +89,7 @@ from service.dispatch import (
     Job,
     OrderTracker,
     Tracked,
+    add_to_book,
 )
 from service.journal import parse_utc
 from service.ledger import EXTERNAL_STRATEGY, Ledger, replay
@@ -722,14 +723,7 @@ class Runtime:
                               signal_id, fid)
 
     def _count_held(self, job: Job, sign: int) -> None:
-        book = self._held.setdefault(job.account, {})
-        total = book.get(job.contract, 0) + sign * job.quantity * (1 if job.side == "buy" else -1)
-        if total:
-            book[job.contract] = total
-        else:
-            book.pop(job.contract, None)
-            if not book:
-                del self._held[job.account]
+        add_to_book(self._held, job.account, job.contract, sign * job.quantity * job.sign)
 
     def _rule_mode(self, name: str | None) -> str | None:
         return next((r.mode for r in self.ruleset.routing_rules if r.name == name), None)
@@ -1312,7 +1306,7 @@ class Runtime:
             if held.flatten:
                 for job in held.jobs:
                     key = (job.account, job.strategy, job.contract)
-                    pending[key] = pending.get(key, 0) + job.quantity * (1 if job.side == "buy" else -1)
+                    pending[key] = pending.get(key, 0) + job.quantity * job.sign
         orders = []
         for (acct, strat, contract), book in self.ledger.items():
             if not book.quantity or (accounts is not None and acct not in accounts):
@@ -1325,7 +1319,7 @@ class Runtime:
             if doc is None:
                 continue
             remaining = book.quantity + pending.get((acct, strat, contract), 0) + sum(
-                (t.job.quantity - t.filled) * (1 if t.job.side == "buy" else -1)
+                (t.job.quantity - t.filled) * t.job.sign
                 for t in self.tracker.unsettled()
                 if t.job.account == acct and t.job.strategy == strat and t.job.contract == contract)
             if remaining == 0:

@@ -126,6 +126,7 @@ class Webhook:
         self.runtime = runtime
         self._inflight: dict[str, asyncio.Future[str]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._secrets: tuple[Any, list[str]] | None = None
 
     # -- the handler --------------------------------------------------------------------------------------------
 
@@ -361,13 +362,19 @@ class Webhook:
     # -- storage ------------------------------------------------------------------------------------------------
 
     def _known_secrets(self) -> list[str]:
-        values = [self.config.webhook_secret or ""]
+        """Every secret value that must never be stored: the global one and the strategies' of the current rules
+        (derived once per rules generation: every journaled body is masked with them)."""
         try:
             ruleset, _engine = self.watcher.current
         except RuntimeError:
-            return values
+            return [self.config.webhook_secret or ""]
+        cached = self._secrets
+        if cached is not None and cached[0] is ruleset:
+            return cached[1]
+        values = [self.config.webhook_secret or ""]
         for doc in ruleset.routing:
             values.extend(self.config.strategy_secret(name) or "" for name in doc.strategy_secrets.values())
+        self._secrets = (ruleset, values)
         return values
 
     def _stored_body(self, body: Any) -> str:
