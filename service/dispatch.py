@@ -326,26 +326,10 @@ class OrderTracker:
         self._hooks_now(tracked, status)
         return True
 
-    async def journal_ahead(self, client_order_id: str, status: str) -> bool:
-        """Commit ``status`` to the journal without believing it yet (see the module docstring): the order stays in
-        its state here until ``transition`` moves it there, which then writes nothing. False (nothing written) when
-        the machine would not allow it now or something is already journaled ahead."""
-        tracked = self.orders[client_order_id]
-        await self._take(tracked)
-        try:
-            if tracked.ahead_write is not None:
-                await self._confirmed(tracked)
-            if tracked.ahead is not None or status == tracked.status or not allowed(tracked.status, status):
-                return False
-            await self.journal.order_status(client_order_id, status)
-            tracked.ahead = status
-        finally:
-            self._give(tracked)
-        return True
-
     def journal_ahead_soon(self, tracked: Tracked, status: str) -> bool:
-        """``journal_ahead`` without waiting: the write is queued now; the order's next transition waits for its
-        commit and confirms it (``Tracked.ahead_write``), so that nothing runs when it commits. False (nothing
+        """Journal ``status`` ahead, without believing it yet (see the module docstring): the write is queued now;
+        the order's next transition waits for its commit and confirms it (``Tracked.ahead_write``), then writes
+        nothing. False (nothing
         queued) when the machine would not allow it now, something is journaled ahead already, or a transition of
         the order is under way. A write that fails is logged then and only loses the head start: the order
         journals ``sending`` itself at its turn."""

@@ -161,7 +161,8 @@ class Ledger:
         return {a for (a, _, _) in self.books}
 
     def net_pnl(self, account: str, marks: Mapping[str, Decimal], point_values: Mapping[str, Decimal]) -> Decimal:
-        """Realized + unrealized - commissions of ``account`` over all its books (marks and point values by contract)."""
+        """Realized + unrealized - commissions of ``account`` over all its books (marks and point values by
+        contract)."""
         total = Decimal(0)
         for (a, _, c), b in self.books.items():
             if a == account:
@@ -183,7 +184,8 @@ class Ledger:
 
     def snapshot_rows(self) -> list[dict[str, object]]:
         """Rows for the journal's position snapshots and the admin API (money as strings)."""
-        return [{"account": a, "strategy": s, "contract": c, "quantity": b.quantity, "avg_price": format(b.avg_price.quantize(COST_QUANTUM).normalize(), "f"),
+        return [{"account": a, "strategy": s, "contract": c, "quantity": b.quantity,
+                 "avg_price": format(b.avg_price.quantize(COST_QUANTUM).normalize(), "f"),
                  "realized_pnl": str(b.realized), "commissions": str(b.commissions)}
                 for (a, s, c), b in self.items()]
 
