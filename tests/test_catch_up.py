@@ -28,52 +28,16 @@ from brokers.base import BrokerUnavailable
 from engine.decision import Decision
 from engine.signal import parse_signal
 from service.dispatch import ACKNOWLEDGED, FILLED, MISSED, REJECTED, SENDING, UNKNOWN
-from tests.harness.runtime import NOON, Clock, World, signal, wait_until, world, write_rules
+from tests.harness.runtime import (NOON, Clock, World, account_doc, documents, signal, wait_until, world,
+                                  write_rules)
 
-ACCOUNTS = """
-kind: Account
-name: f1
-broker: fast
-broker_account: F-1
-capital: 50000
-strategies: [mirror]
-instruments: [MES]
----
-kind: Account
-name: s1
-broker: slow
-broker_account: S-1
-capital: 50000
-strategies: [mirror]
-instruments: [MES]
-catch_up: true
----
-kind: Account
-name: bf
-broker: fast
-broker_account: B-F
-capital: 50000
-strategies: [best]
-instruments: [MES]
----
-kind: Account
-name: bs
-broker: slow
-broker_account: B-S
-capital: 50000
-strategies: [best]
-instruments: [MES]
-catch_up: true
----
-kind: Account
-name: bs2
-broker: slow
-broker_account: B-S2
-capital: 50000
-strategies: [best]
-instruments: [MES]
-catch_up: true
-"""
+ACCOUNTS = documents(
+    account_doc("f1", "fast", "F-1", "mirror"),
+    account_doc("s1", "slow", "S-1", "mirror", catch_up=True),
+    account_doc("bf", "fast", "B-F", "best"),
+    account_doc("bs", "slow", "B-S", "best", catch_up=True),
+    account_doc("bs2", "slow", "B-S2", "best", catch_up=True),
+)
 
 BEST_ACCOUNTS = {"bf": ("fast", "B-F"), "bs": ("slow", "B-S"), "bs2": ("slow", "B-S2")}
 

@@ -22,7 +22,7 @@ from service.app import JOURNAL, RUNTIME, create_app
 from service.config import ServiceConfig
 from service.journal import JournalError
 from service.runtime import Runtime
-from tests.harness.runtime import ROOT, app_runtime, wait_until
+from tests.harness.runtime import ROOT, account_doc, app_runtime, documents, routing_doc, wait_until
 
 SECRET = "concurrent-secret"
 
@@ -52,56 +52,14 @@ reconcile_every_seconds: 3600
 paper: {seed: 3, ack_latency_ms: 0, fill_latency_ms: 0, starting_cash: 1000}
 """
 
-ACCOUNTS = """
-kind: Account
-name: cap
-broker: fast
-broker_account: C-1
-capital: 50000
-strategies: [capped]
-instruments: [MES]
----
-kind: Account
-name: bf
-broker: fast
-broker_account: B-F
-capital: 50000
-strategies: [best]
-instruments: [MES]
----
-kind: Account
-name: bs
-broker: slow
-broker_account: B-S
-capital: 50000
-strategies: [best]
-instruments: [MES]
-catch_up: true
----
-kind: Account
-name: t1
-broker: thin
-broker_account: T-1
-capital: 1000
-strategies: [margin]
-instruments: [MES]
-"""
+ACCOUNTS = documents(
+    account_doc("cap", "fast", "C-1", "capped"),
+    account_doc("bf", "fast", "B-F", "best"),
+    account_doc("bs", "slow", "B-S", "best", catch_up=True),
+    account_doc("t1", "thin", "T-1", "margin", capital=1000),
+)
 
-ROUTING = """
-kind: Routing
-name: main
-rules:
-  - name: capped
-    match: {strategy: capped}
-    mode: mirror
-  - name: margin
-    match: {strategy: margin}
-    mode: mirror
-  - name: best
-    match: {strategy: best}
-    mode: best
-    select: [cheapest_commission]
-"""
+ROUTING = routing_doc("capped", "margin", "best", best_select="cheapest_commission")
 
 RISK = """
 kind: Risk

@@ -22,49 +22,19 @@ import pytest
 
 from brokers.base import BrokerUnavailable
 from service.dispatch import FILLED, MISSED, REJECTED
-from tests.harness.runtime import Clock, World, wait_until, world, write_rules
+from tests.harness.runtime import (Clock, World, account_doc, documents, routing_doc, wait_until, world,
+                                  write_rules)
 
 ET = ZoneInfo("America/New_York")
 UTC = ZoneInfo("UTC")
 
-ACCOUNTS = """
-kind: Account
-name: f1
-broker: fast
-broker_account: F-1
-capital: 50000
-strategies: [mirror, trend]
-instruments: [ES, MES]
----
-kind: Account
-name: s0
-broker: slow
-broker_account: S-0
-capital: 50000
-strategies: [mirror, trend]
-instruments: [ES, MES]
----
-kind: Account
-name: s1
-broker: slow
-broker_account: S-1
-capital: 50000
-strategies: [mirror]
-instruments: [ES, MES]
-catch_up: true
-"""
+ACCOUNTS = documents(
+    account_doc("f1", "fast", "F-1", "mirror, trend", instruments="ES, MES"),
+    account_doc("s0", "slow", "S-0", "mirror, trend", instruments="ES, MES"),
+    account_doc("s1", "slow", "S-1", "mirror", instruments="ES, MES", catch_up=True),
+)
 
-ROUTING = """
-kind: Routing
-name: main
-rules:
-  - name: mirror
-    match: {strategy: mirror}
-    mode: mirror
-  - name: trend
-    match: {strategy: trend}
-    mode: mirror
-"""
+ROUTING = routing_doc("mirror", "trend")
 
 SLOW = {"s0": "S-0", "s1": "S-1"}
 

@@ -15,7 +15,8 @@ from engine.model import Account, Limit, Location
 from service.dispatch import FILLED
 from service.ledger import Ledger
 from service.risk import PORTFOLIO, RiskMonitor, halt_key
-from tests.harness.runtime import BROKERS, Clock, signal, wait_until, world
+from tests.harness.runtime import (BROKERS, Clock, account_doc, documents, routing_doc, signal, wait_until,
+                                  world)
 
 ET = ZoneInfo("America/New_York")
 UTC = ZoneInfo("UTC")
@@ -106,33 +107,12 @@ def test_a_scoped_portfolio_limit_halts_those_roots_for_every_account() -> None:
 
 # -- through the runtime, against paper brokers --------------------------------------------------------------------
 
-ACCOUNT = """
-kind: Account
-name: a1
-broker: fast
-broker_account: A-1
-capital: 50000
-strategies: [mirror]
----
-kind: Account
-name: a2
-broker: slow
-broker_account: A-2
-capital: 50000
-strategies: [other]
-"""
+ACCOUNT = documents(
+    account_doc("a1", "fast", "A-1", "mirror", instruments=None),
+    account_doc("a2", "slow", "A-2", "other", instruments=None),
+)
 
-ROUTING = """
-kind: Routing
-name: main
-rules:
-  - name: mirror
-    match: {strategy: mirror}
-    mode: mirror
-  - name: other
-    match: {strategy: other}
-    mode: mirror
-"""
+ROUTING = routing_doc("mirror", "other")
 
 RISK = """
 kind: Risk

@@ -45,62 +45,46 @@ reconcile_every_seconds: {reconcile}
 paper: {{seed: 2, ack_latency_ms: {slow_ms}, fill_latency_ms: {fill_ms}, starting_cash: 50000}}
 """
 
-ACCOUNTS = """
-kind: Account
-name: f1
-broker: fast
-broker_account: F-1
-capital: 50000
-strategies: [mirror]
-instruments: [MES]
----
-kind: Account
-name: f2
-broker: fast
-broker_account: F-2
-capital: 50000
-strategies: [mirror]
-instruments: [MES]
-on_mismatch: halt
----
-kind: Account
-name: s1
-broker: slow
-broker_account: S-1
-capital: 50000
-strategies: [mirror]
-instruments: [MES]
-catch_up: true
----
-kind: Account
-name: bf
-broker: fast
-broker_account: B-F
-capital: 50000
-strategies: [best]
-instruments: [MES]
----
-kind: Account
-name: bs
-broker: slow
-broker_account: B-S
-capital: 50000
-strategies: [best]
-instruments: [MES]
-"""
+def account_doc(name: str, broker: str, broker_account: str, strategies: str, *, capital: int = 50000,
+                instruments: str | None = "MES", **extra: Any) -> str:
+    """One ``kind: Account`` document: the test rule sets differ only in these fields (``strategies`` and
+    ``instruments`` are comma-separated; ``extra`` adds fields such as ``catch_up=True``, ``on_mismatch="halt"``)."""
+    lines = ["kind: Account", f"name: {name}", f"broker: {broker}", f"broker_account: {broker_account}",
+             f"capital: {capital}", f"strategies: [{strategies}]"]
+    if instruments is not None:
+        lines.append(f"instruments: [{instruments}]")
+    lines += [f"{key}: {str(value).lower() if isinstance(value, bool) else value}" for key, value in extra.items()]
+    return "\n".join(lines) + "\n"
 
-ROUTING = """
-kind: Routing
-name: main
-rules:
-  - name: mirror
-    match: {strategy: mirror}
-    mode: mirror
-  - name: best
-    match: {strategy: best}
-    mode: best
-    select: [cheapest_commission, most_free_margin]
-"""
+
+def routing_doc(*strategies: str, best_select: str | None = None) -> str:
+    """A ``kind: Routing`` document with one rule per strategy, named after it, in mirror mode; with
+    ``best_select`` (comma-separated criteria) a strategy named ``best`` is routed in best mode."""
+    rules = []
+    for strategy in strategies:
+        rule = f"  - name: {strategy}\n    match: {{strategy: {strategy}}}\n"
+        if strategy == "best" and best_select is not None:
+            rule += f"    mode: best\n    select: [{best_select}]\n"
+        else:
+            rule += "    mode: mirror\n"
+        rules.append(rule)
+    return "kind: Routing\nname: main\nrules:\n" + "".join(rules)
+
+
+def documents(*docs: str) -> str:
+    """Several YAML documents in one file."""
+    return "---\n".join(docs)
+
+
+ACCOUNTS = documents(
+    account_doc("f1", "fast", "F-1", "mirror"),
+    account_doc("f2", "fast", "F-2", "mirror", on_mismatch="halt"),
+    account_doc("s1", "slow", "S-1", "mirror", catch_up=True),
+    account_doc("bf", "fast", "B-F", "best"),
+    account_doc("bs", "slow", "B-S", "best"),
+)
+
+ROUTING = routing_doc("mirror", "best", best_select="cheapest_commission, most_free_margin")
 
 RISK = """
 kind: Risk
@@ -304,3 +288,4 @@ def app_runtime(feed: PriceFeed, start: datetime = NOON) -> Callable[[Any, Any, 
         return runtime
 
     return factory
+
