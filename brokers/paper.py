@@ -680,7 +680,10 @@ class PaperConnector(Connector):
 
     Options (keyword arguments): ``data_dir`` (Path: persist state in ``paper-<broker>.db``), ``feed``
     (a ``PriceFeed``; default the shared feed the Broker document names), ``reconnect_wait_s`` (how long a
-    placement whose answer was lost waits for the link to come back before giving up with OutcomeUnknown).
+    placement whose answer was lost waits for the link to come back before giving up with OutcomeUnknown),
+    ``clock`` (aware UTC ``datetime`` source, default the wall clock: the service passes its own, so that a
+    simulated broker stamps its orders and fills on the same time line as the journal, the schedule and the risk
+    monitor's trading day, also when a test or a replay moves that clock).
     """
 
     type = "paper"
@@ -695,6 +698,7 @@ class PaperConnector(Connector):
         self._rate = None if rate is None else (int(rate.requests), float(rate.per_seconds))
         self.data_dir: Path | None = None if options.get("data_dir") is None else Path(options["data_dir"])
         self.reconnect_wait_s = float(options.get("reconnect_wait_s", 5.0))
+        self.clock: Callable[[], datetime] = options.get("clock") or utcnow
         self._memory_db: sqlite_utils.Database | None = None
         self._book: PaperBook | None = None
         self._connected = False
@@ -722,7 +726,8 @@ class PaperConnector(Connector):
                     self._memory_db = sqlite_utils.Database(memory=True)
                 db = self._memory_db
             self._book = PaperBook(self.broker.name, db, self.feed, self.quirks, commission=self.broker.commission,
-                                   margin=self.broker.margin, rate_limit=self._rate)
+                                   margin=self.broker.margin, rate_limit=self._rate,
+                                   clock=self.clock)
             self._book.listeners.append(self._on_book_event)
         return self._book
 
@@ -849,7 +854,7 @@ class PaperConnector(Connector):
             first = parse_broker_time(value, "eastern_naive", fold=0)
             second = parse_broker_time(value, "eastern_naive", fold=1)
             if second != first:  # depends on the clock now: never cached
-                return second if second <= utcnow() + timedelta(seconds=1) else first
+                return second if second <= self.clock() + timedelta(seconds=1) else first
             parsed = first
         if len(cache) >= _WIRE_CACHE_SIZE:
             cache.clear()

@@ -206,7 +206,7 @@ class Runtime:
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.feed = feed or PriceFeed.shared()
         data_dir = getattr(config, "data_dir", None)
-        options: dict[str, Any] = {"feed": self.feed}
+        options: dict[str, Any] = {"feed": self.feed, "clock": self.clock}
         if data_dir is not None:
             options["data_dir"] = Path(data_dir)
         options.update(connector_options or {})

@@ -11,8 +11,8 @@ import pytest
 from brokers.base import BrokerUnavailable, OrderRequest, Side
 from engine.decision import client_order_id
 from service.dispatch import FILLED, MISSED, NEW, SENDING, UNKNOWN
-from service.journal import Journal
-from tests.harness.runtime import signal, wait_until, world
+from service.journal import Journal, parse_utc
+from tests.harness.runtime import NOON, Clock, signal, wait_until, world
 
 
 async def journal_orders(tmp_path: Path, sid: str, statuses: dict[str, str], contract: str) -> dict[str, str]:
@@ -196,3 +196,14 @@ async def test_status_accounts_and_levers(tmp_path: Path) -> None:
         assert {(p["account"], p["quantity"]) for p in w.runtime.positions()} == {("f1", 2), ("f2", 2), ("s1", 1)}
         with pytest.raises(KeyError, match="no halt named 'f1'"):
             w.runtime.clear_halt("f1")
+
+
+async def test_paper_fills_are_stamped_on_the_runtime_clock(tmp_path: Path) -> None:
+    """A simulated broker runs on the service's time line: its fills land on the trading day the schedule and the
+    risk monitor see (the test clock is March 2026), not on the wall clock's."""
+    async with world(tmp_path, clock=Clock(NOON)) as w:
+        start = w.clock()
+        await w.submit(signal("mirror", "buy", 1, sid="m1"))
+        await w.settle()
+        stamps = [parse_utc(str(f["at"])) for f in w.journal.fills()]
+        assert stamps and all(start <= at <= w.clock() for at in stamps), (start, stamps)
