@@ -72,6 +72,14 @@ def test_dashboard_shows_accounts_positions_and_updates_live(service: Server) ->
             # Controls ask for confirmation and carry the token: pause a broker from the page.
             page.click("#brokers tr[data-broker='paper-slow'] button[data-action='pause']")
             expect(page.locator("#brokers tr[data-broker='paper-slow'] .pill")).to_have_text("paused", timeout=10_000)
+            expect(page.locator("#attention")).to_contain_text("none")
+            # A signal while it is paused: its mirror order there is missed, and the page says so on top.
+            status, answer = request(f"{service.url}/webhook", body={**first, "id": "dash-3"})
+            assert status == 202, answer
+            missed = page.locator("#attention tr[data-order]")
+            expect(missed).to_have_count(1, timeout=10_000)
+            expect(missed).to_contain_text("topstep-1")
+            expect(missed).to_contain_text("behind its strategy")
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             page.set_viewport_size({"width": 390, "height": 844})  # a phone

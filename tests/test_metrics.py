@@ -87,6 +87,7 @@ async def test_metrics_count_what_happened_and_parse_as_prometheus_text(service:
     assert [(p["contract"], p["quantity"]) for p in a1["positions"]] == [("MESH6", 2)]
     shown = {sig["signal_id"]: sig for sig in dash["signals"]}
     assert shown[signal_id]["decision"]["accepted"] and len(shown) == 2  # the rejected one shows too
+    assert dash["attention"] == []  # every order went as decided (a refused webhook has no orders)
 
     # A second scrape does not count the same rows again; a failed reload shows at once.
     (rules_dir / "zz-broken.yaml").write_text("kind: Account\nname: ghost\nbroker: nowhere\n")
@@ -125,3 +126,23 @@ async def next_snapshot(response: Any) -> dict[str, Any]:
     frame = buffer.decode()
     assert frame.startswith("event: snapshot\n"), frame
     return json.loads(frame.split("data: ", 1)[1])
+
+
+async def test_the_dashboard_puts_orders_that_missed_their_broker_on_top(service: Any) -> None:
+    """A paused broker's mirror order is journaled ``missed``: the page lists it with what it means, and nothing
+    that went as decided."""
+    client, _app = service
+    status, _body = await call(client, "POST", "/api/brokers/paper-slow/pause", headers=AUTH)
+    assert status == 200
+    async with client.post("/webhook", data=json.dumps(scalper())) as r:
+        assert r.status == 202
+        signal_id = (await r.json())["signal_id"]
+    for _ in range(300):
+        _s, dash = await call(client, "GET", "/api/dashboard")
+        if dash["attention"]:
+            break
+        await asyncio.sleep(0.02)
+    rows = dash["attention"]
+    assert [(o["account"], o["broker"], o["status"], o["intent"], o["signal_id"]) for o in rows] == \
+        [("topstep-1", "paper-slow", "missed", "entry", signal_id)], rows
+    assert "behind its strategy" in rows[0]["meaning"] and "paused" in rows[0]["detail"]

@@ -18,7 +18,8 @@ from engine.loader import load_rules
 from service.ledger import Ledger
 from service.marks import mark_rows
 from tests.conftest import EXAMPLE_RULES
-from view.snapshot import account_inputs, dashboard, equity_curves, live_equity, reconciliation_rows, signal_rows
+from view.snapshot import (account_inputs, attention_rows, collect, dashboard, equity_curves, live_equity,
+                           reconciliation_rows, signal_rows)
 
 D = Decimal
 NOW = datetime(2026, 11, 24, 19, 30, tzinfo=timezone.utc)
@@ -155,3 +156,21 @@ def test_signal_and_reconciliation_rows_explain_themselves() -> None:
     assert recon[0]["ok"] is True and recon[0]["detail"] is None
     assert recon[1] == {"time": "t", "broker": "paper-slow", "account": "topstep-1", "ok": False,
                         "detail": "MESZ6: ours 2, broker 1", "policy": "halt"}
+
+
+def test_attention_rows_say_what_each_failed_order_means() -> None:
+    base = {"signal_id": "s1", "account": "apex-1", "broker": "paper-fast", "contract": "MESZ6", "side": "sell",
+            "quantity": 2, "updated_at": "2026-11-24T20:55:00.000Z"}
+    rows = attention_rows([
+        {**base, "client_order_id": "mb-1", "intent": "exit", "status": "rejected", "detail": "SessionClosed"},
+        {**base, "client_order_id": "mb-2", "intent": "entry", "status": "missed",
+         "detail": {"reason": "broker paper-fast down or paused at dispatch"}},
+        {**base, "client_order_id": "mb-3", "intent": "entry", "status": "rejected", "detail": None},
+        {**base, "client_order_id": "mb-4", "intent": "entry", "status": "unknown", "detail": None}])
+    assert [(r["client_order_id"], r["exit"]) for r in rows] == [("mb-1", True), ("mb-2", False), ("mb-3", False),
+                                                                  ("mb-4", False)]
+    assert "position may still be open" in rows[0]["meaning"] and rows[0]["detail"] == "SessionClosed"
+    assert "behind its strategy" in rows[1]["meaning"] and "down or paused" in rows[1]["detail"]
+    assert "refused by the broker" in rows[2]["meaning"] and rows[2]["detail"] is None
+    assert rows[3]["meaning"].startswith("outcome unknown")
+    assert rows[0]["time"] == "2026-11-24T20:55:00.000Z" and rows[0]["quantity"] == 2

@@ -20,12 +20,16 @@ from decimal import Decimal
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from engine.model import RuleSet
+from engine.sessions import trading_day_start
 from view.aggregate import ZERO, AccountInput, PortfolioView, PositionView, portfolio_view, to_jsonable
 
 PRICE_QUANTUM = Decimal("0.0001")
 CENT = Decimal("0.01")
 MAX_SIGNALS = 20
 MAX_RECONCILIATIONS = 20
+MAX_ATTENTION = 50
+ATTENTION_STATUSES = ("rejected", "missed", "unknown")
+"""Order statuses a trader must act on or at least know about: the order did not do what the decision wanted."""
 
 
 def _utc(at: datetime) -> str:
@@ -119,11 +123,39 @@ def reconciliation_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
     return out
 
 
+def attention_rows(orders: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The trading day's orders that did not reach their broker as decided, each with what it means for the account.
+
+    Every one is in the journal already, but nobody reads the journal during a session: a rejected exit leaves a
+    position open, a missed mirror entry leaves an account behind its strategy, an unknown outcome waits for its
+    broker. The page shows them on top so that they are seen while there is still time to act."""
+    out = []
+    for o in orders:
+        status, exit_ = o.get("status"), o.get("intent") == "exit"
+        if status == "unknown":
+            meaning = "outcome unknown: looked up at the broker by client order id before anything is resent"
+        elif exit_:
+            meaning = "exit not done: the position may still be open"
+        elif status == "missed":
+            meaning = "entry missed: the account is behind its strategy"
+        else:
+            meaning = "entry refused by the broker: the account is behind its strategy"
+        detail = o.get("detail")
+        out.append({"time": o.get("updated_at"), "signal_id": o.get("signal_id"),
+                    "client_order_id": o.get("client_order_id"), "account": o.get("account"),
+                    "broker": o.get("broker"), "contract": o.get("contract"), "side": o.get("side"),
+                    "quantity": o.get("quantity"), "intent": o.get("intent"), "status": status,
+                    "detail": None if detail is None else detail if isinstance(detail, str) else str(detail),
+                    "meaning": meaning, "exit": exit_})
+    return out
+
+
 def dashboard(rules: RuleSet, inputs: Sequence[AccountInput], *, realized_by_strategy: Mapping[str, Decimal],
               brokers: Sequence[Mapping[str, Any]], halts: Sequence[Mapping[str, Any]],
               signals: Iterable[Mapping[str, Any]], reconciliations: Iterable[Mapping[str, Any]],
               marks: Iterable[Mapping[str, Any]], live_equity: Mapping[str, Decimal],
-              rules_info: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+              rules_info: Mapping[str, Any], now: datetime,
+              attention: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The whole page's data in one dict (Decimals as strings)."""
     view: PortfolioView = portfolio_view(rules, inputs, realized_by_strategy)
     return {
@@ -134,6 +166,7 @@ def dashboard(rules: RuleSet, inputs: Sequence[AccountInput], *, realized_by_str
         "equity": equity_curves(marks, live_equity, now),
         "signals": signal_rows(signals),
         "reconciliations": reconciliation_rows(reconciliations),
+        "attention": attention_rows(attention),
         "rules": dict(rules_info),
     }
 
@@ -179,8 +212,9 @@ def collect(runtime: Any, journal: Any, watcher: Any, now: datetime | None = Non
         halts=status.get("halts", []), signals=journal.recent_signals(MAX_SIGNALS),
         reconciliations=journal.reconciliations(MAX_RECONCILIATIONS), marks=journal.daily_marks(),
         live_equity=live_equity(rules, runtime.ledger, risk.marks, risk.point_value), rules_info=rules_info,
-        now=now)
+        now=now, attention=journal.orders(status=ATTENTION_STATUSES, updated_since=trading_day_start(now),
+                                          limit=MAX_ATTENTION))
 
 
-__all__ = ["account_inputs", "collect", "dashboard", "equity_curves", "live_equity", "reconciliation_rows",
+__all__ = ["account_inputs", "attention_rows", "collect", "dashboard", "equity_curves", "live_equity", "reconciliation_rows",
            "signal_rows"]
