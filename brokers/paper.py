@@ -165,26 +165,26 @@ class PaperBook:
         db = self.db
         tables = set(db.table_names())
         if "accounts" not in tables:
-            db["accounts"].create({"id": str, "cash": str, "created_at": str}, pk="id")
+            db.table("accounts").create({"id": str, "cash": str, "created_at": str}, pk="id")
         if "orders" not in tables:
-            db["orders"].create({
+            db.table("orders").create({
                 "broker_order_id": str, "client_order_id": str, "account": str, "contract": str, "side": str,
                 "quantity": int, "filled_quantity": int, "status": str, "order_type": str, "limit_price": str,
                 "stop_price": str, "avg_fill_price": str, "reason": str, "created_at": str, "updated_at": str,
             }, pk="broker_order_id")
-            db["orders"].create_index(["account", "client_order_id"], unique=True)
-            db["orders"].create_index(["status"])
+            db.table("orders").create_index(["account", "client_order_id"], unique=True)
+            db.table("orders").create_index(["status"])
         if "fills" not in tables:
-            db["fills"].create({
+            db.table("fills").create({
                 "fill_id": str, "broker_order_id": str, "client_order_id": str, "account": str, "contract": str,
                 "side": str, "quantity": int, "price": str, "commission": str, "pnl": str, "time": str,
             }, pk="fill_id")
-            db["fills"].create_index(["account", "time"])
+            db.table("fills").create_index(["account", "time"])
         if "positions" not in tables:
-            db["positions"].create({"account": str, "contract": str, "quantity": int, "avg_price": str},
+            db.table("positions").create({"account": str, "contract": str, "quantity": int, "avg_price": str},
                                    pk=("account", "contract"))
         if "counters" not in tables:
-            db["counters"].create({"name": str, "value": int}, pk="name")
+            db.table("counters").create({"name": str, "value": int}, pk="name")
 
     def _root(self, contract: str) -> str:
         """``root_of`` against the feed's catalog, remembered per contract (it runs several times per order)."""
@@ -771,7 +771,7 @@ class PaperConnector(Connector):
 
     async def close(self) -> None:
         self.feed.unsubscribe(self._on_price)
-        for order_id, task in list(self._fill_tasks.items()):
+        for task in list(self._fill_tasks.values()):
             task.cancel()
         tasks = list(self._fill_tasks.values())
         if tasks:

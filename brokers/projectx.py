@@ -187,8 +187,8 @@ def code_from_contract(contract: Mapping[str, Any], catalog: Catalog,
             return f"{root}{suffix}"
     reverse = {v: k for k, v in (products or {}).items()}
     product = match["product"]
-    root = reverse.get(product) or (product if product in catalog else KNOWN_PRODUCTS.get(product))
-    return f"{root}{suffix}" if root else contract_id
+    known = reverse.get(product) or (product if product in catalog else KNOWN_PRODUCTS.get(product))
+    return f"{known}{suffix}" if known else contract_id
 
 
 def trading_day_start(now: datetime) -> datetime:
@@ -467,6 +467,7 @@ class ProjectXConnector(HttpConnector):
         if not payload.get("success"):
             raise BrokerError(f"ProjectX {self.broker.name}: cancel of {broker_order_id} refused: errorCode "
                               f"{payload.get('errorCode')}: {payload.get('errorMessage')}")
+        assert order is not None  # every attempt above returns, raises, or found the order
         return order
 
     async def working_orders(self, account: str) -> list[Order]:

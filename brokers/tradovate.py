@@ -514,7 +514,7 @@ class TradovateConnector(HttpConnector):
         version = await self._version(order_id, kind=kind)
         fills = await self._order_fills(order_id, kind=kind) if fresh else list(self._fills.get(order_id, {}).values())
         filled = sum(int(f["qty"]) for f in fills)
-        notional = sum((dec(f["price"]) or Decimal(0)) * int(f["qty"]) for f in fills)
+        notional = sum(((dec(f["price"]) or Decimal(0)) * int(f["qty"]) for f in fills), Decimal(0))
         created = parse_broker_time(wire["timestamp"], "utc_iso")
         updated = max([created, *(parse_broker_time(f["timestamp"], "utc_iso") for f in fills)])
         account_id = int(wire["accountId"])

@@ -115,8 +115,8 @@ def merge_instrument(base: Instrument | None, root: str, fields: Mapping[str, ob
         updates["tick_size"] = tick
     if (value := dec("tick_value")) is not None:
         updates["tick_value"] = value
-    if fields.get("months") is not None:
-        updates["months"] = "".join(str(m) for m in fields["months"])  # type: ignore[union-attr]
+    if (months := fields.get("months")) is not None:
+        updates["months"] = "".join(str(m) for m in months) if isinstance(months, (list, tuple, str)) else str(months)
     if fields.get("expiry") is not None:
         updates["expiry"] = str(fields["expiry"])
     if fields.get("roll_days_before_expiry") is not None:

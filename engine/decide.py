@@ -79,9 +79,10 @@ class EngineError(RuntimeError):
 
 
 class Rules(Protocol):
-    text_fields: frozenset[str] | None
-    """The fields a backend that parses JSON text reads (a caller may then pass ``post`` the text, holding only
-    these); None for backends that read the message itself."""
+    @property
+    def text_fields(self) -> frozenset[str] | None:
+        """The fields a backend that parses JSON text reads (a caller may then pass ``post`` the text, holding only
+        these); None for backends that read the message itself."""
 
     def post(self, message: Message, text: str | None = None) -> str | None: ...
 
@@ -743,7 +744,8 @@ class _Decider:
         names = []
         for account in self.targets:
             acc_state = self.state.accounts.get(account.name)
-            if acc_state is not None and account.size_multiplier != 0 and sum(acc_state.held(self.root).values()):
+            if acc_state is not None and account.size_multiplier != 0 \
+                    and sum(acc_state.held(self.root).values()) != 0:
                 names.append(account.name)
         return names
 

@@ -193,7 +193,7 @@ class PythonRules:
     text_fields = None
     """Reads the message itself, never its text."""
 
-    def __init__(self, rules: "list[tuple[str, int, Condition]]") -> None:
+    def __init__(self, rules: "Sequence[tuple[str, int, Condition]]") -> None:
         ordered = sorted(enumerate(rules), key=lambda item: (item[1][1], item[0]))
         self._rules = [(name, cond) for _, (name, _pri, cond) in ordered]
 

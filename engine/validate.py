@@ -115,13 +115,13 @@ def _render(doc: SourceDoc, err: ValidationError) -> Iterator[Diagnostic]:
         for key in instance:
             if key in known:
                 continue
-            hint = difflib.get_close_matches(str(key), known, n=1)
-            suggestion = f" (did you mean '{hint[0]}'?)" if hint else f" (allowed: {', '.join(known)})"
+            near = difflib.get_close_matches(str(key), known, n=1)
+            suggestion = f" (did you mean '{near[0]}'?)" if near else f" (allowed: {', '.join(known)})"
             yield doc.diag([*path, key], f"{prefix}unknown field '{key}'{suggestion}", key=True)
     elif v == "enum":
         options = ", ".join(str(o) for o in err.validator_value)
-        hint = difflib.get_close_matches(str(err.instance), [str(o) for o in err.validator_value], n=1)
-        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        near = difflib.get_close_matches(str(err.instance), [str(o) for o in err.validator_value], n=1)
+        suggestion = f" (did you mean '{near[0]}'?)" if near else ""
         yield doc.diag(path, f"{prefix}{shown(err.instance)} is not one of: {options}{suggestion}")
     elif v == "const":
         yield doc.diag(path, f"{prefix}must be {shown(err.validator_value)}, got {shown(err.instance)}")
@@ -156,7 +156,8 @@ def _render(doc: SourceDoc, err: ValidationError) -> Iterator[Diagnostic]:
 
 def _render_alternatives(doc: SourceDoc, err: ValidationError, path: list[Any], prefix: str) -> Iterator[Diagnostic]:
     alternatives = err.validator_value
-    required_sets = [alt.get("required") for alt in alternatives if isinstance(alt, dict) and set(alt) == {"required"}]
+    required_sets: list[list[str]] = [alt["required"] for alt in alternatives
+                                      if isinstance(alt, dict) and set(alt) == {"required"}]
     if len(required_sets) == len(alternatives):
         fields = ", ".join(name for req in required_sets for name in req)
         present = [name for req in required_sets for name in req if isinstance(err.instance, dict) and name in err.instance]
@@ -167,11 +168,10 @@ def _render_alternatives(doc: SourceDoc, err: ValidationError, path: list[Any], 
             yield doc.diag(path, f"{prefix}needs {word} of: {fields}")
         return
     # "a value or a list of values" style alternatives: report the most relevant branch.
-    types = []
+    types: list[str] = []
     for alt in alternatives:
         if isinstance(alt, dict) and "type" in alt:
-            kind = {"array": "list", "object": "mapping"}.get(alt["type"], alt["type"])
-            types.append(kind)
+            types.append(str({"array": "list", "object": "mapping"}.get(alt["type"], alt["type"])))
     if err.context:
         same_type = [c for c in err.context if c.validator != "type"]
         if same_type:

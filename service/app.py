@@ -39,10 +39,10 @@ RuntimeFactory = Callable[[ServiceConfig, Journal, RulesWatcher], Any]
 CONFIG = web.AppKey("config", ServiceConfig)
 JOURNAL = web.AppKey("journal", Journal)
 WATCHER = web.AppKey("watcher", RulesWatcher)
-RUNTIME = web.AppKey("runtime", object)
+RUNTIME: "web.AppKey[Any]" = web.AppKey("runtime")  # a Runtime, or a benchmark's stand-in
 WEBHOOK = web.AppKey("webhook", Webhook)
 RUNTIME_FACTORY = web.AppKey("runtime_factory", object)
-ENGINE_BUILDER = web.AppKey("engine_builder", object)
+ENGINE_BUILDER: "web.AppKey[Any]" = web.AppKey("engine_builder")
 METRICS = web.AppKey("metrics", Metrics)
 
 

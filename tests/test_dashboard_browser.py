@@ -7,13 +7,12 @@ The schedule file is left out of the rules so the test does not depend on the ti
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.test_serve_e2e import Server, request, wait_for
+from tests.test_serve_e2e import Server, request
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

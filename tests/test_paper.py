@@ -48,7 +48,8 @@ def sell(qty: int = 1, contract: str = "MESZ6", account: str = ACCOUNT, **kw: An
 
 
 def connector(tmp_path: Path | None, feed: PriceFeed, *, paper: dict[str, Any] | None = None,
-              rate_limit: RateLimit | None = RateLimit(120, 60.0), **kw: Any) -> PaperConnector:
+              rate_limit: RateLimit | None = RateLimit(120, 60.0),  # noqa: B008 - frozen value
+              **kw: Any) -> PaperConnector:
     options: dict[str, Any] = {"feed": feed, **kw}
     if tmp_path is not None:
         options["data_dir"] = tmp_path

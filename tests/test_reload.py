@@ -160,7 +160,7 @@ async def test_invalid_rules_at_start_refuse_to_start(rules_dir: Path, builds: B
     assert builds.engines == []
     assert not w.watching
     with pytest.raises(RuntimeError, match="not started"):
-        w.current
+        _ = w.current
 
 
 async def test_missing_rules_directory_refuses_to_start(tmp_path: Path, builds: Builds) -> None:

@@ -18,7 +18,7 @@ from engine.loader import load_rules
 from service.ledger import Ledger
 from service.marks import mark_rows
 from tests.conftest import EXAMPLE_RULES
-from view.snapshot import (account_inputs, attention_rows, collect, dashboard, equity_curves, live_equity,
+from view.snapshot import (account_inputs, attention_rows, dashboard, equity_curves, live_equity,
                            reconciliation_rows, signal_rows)
 
 D = Decimal
@@ -91,7 +91,7 @@ def test_the_dashboard_adds_up_against_limits_and_never_pools_margin(rules) -> N
     a1 = next(a for a in out["portfolio"]["accounts"] if a["name"] == "apex-1")
     assert a1["daily_pnl"] == "30.64"
     assert a1["buffer_left"] == "49673.14"  # 49718.14 free - 30% of 150.00 margin used
-    assert [(l["limit"], l["headroom"], l["breached"]) for l in a1["limits"]] == [
+    assert [(lim["limit"], lim["headroom"], lim["breached"]) for lim in a1["limits"]] == [
         ("account-daily-loss", "1030.64", False)]  # 2% of 50,000 = 1,000
     total = out["portfolio"]["total"]
     assert (total["daily_pnl"], total["commissions"], total["open_contracts"]) == ("19.40", "3.10", 1)

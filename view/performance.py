@@ -281,8 +281,7 @@ def cost_report(fills: Sequence[FillRecord], commission_of: Callable[[str, str],
         line = totals.setdefault(key, [0, ZERO, "", ZERO])
         line[0] += fill.quantity
         line[1] += fill.commission
-        rates = [(commission_of(b, fill.root), b) for b in eligible_brokers(fill)]
-        rates = [(r, b) for r, b in rates if r is not None]
+        rates = [(r, b) for b in eligible_brokers(fill) if (r := commission_of(b, fill.root)) is not None]
         if rates:
             rate, broker = max(rates, key=lambda rb: (rb[0], rb[1]))
             line[2] = broker if not line[2] else line[2]

@@ -60,7 +60,7 @@ class EmulatorServer(abc.ABC):
     @abc.abstractmethod
     def base_url(self) -> str: ...
 
-    async def _close_streams(self) -> None:
+    async def _close_streams(self) -> None:  # noqa: B027 - optional hook: an emulator with no streams has none
         """Close (reset) every streaming client: WebSockets, hubs. Called on drop and on stop."""
 
     # -- lifecycle ------------------------------------------------------------------------------------------------

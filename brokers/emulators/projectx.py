@@ -450,8 +450,12 @@ class ProjectXEmulator(EmulatorServer):
         contract = self.contracts.get(str(body.get("contractId")))
         return {**_ok(), "contracts": [] if contract is None else [contract.wire(self.name_style)]}
 
+    def _account_of(self, body: dict[str, Any]) -> EmulatedAccount | None:
+        account_id = _int(body.get("accountId"))
+        return None if account_id is None else self.accounts.get(account_id)
+
     async def _order_place(self, body: dict[str, Any]) -> dict[str, Any]:
-        account = self.accounts.get(_int(body.get("accountId")))
+        account = self._account_of(body)
         if account is None or not account.can_trade:
             return {**_fail(PLACE_ACCOUNT_NOT_FOUND, "Account not found."), "orderId": None}
         contract = self.contracts.get(str(body.get("contractId")))
@@ -514,12 +518,12 @@ class ProjectXEmulator(EmulatorServer):
         return {**_ok(), "orders": orders}
 
     async def _position_search_open(self, body: dict[str, Any]) -> dict[str, Any]:
-        account = self.accounts.get(_int(body.get("accountId")))
+        account = self._account_of(body)
         positions = [] if account is None else [p.wire() for p in account.positions.values() if p.quantity]
         return {**_ok(), "positions": positions}
 
     async def _position_close(self, body: dict[str, Any]) -> dict[str, Any]:
-        account = self.accounts.get(_int(body.get("accountId")))
+        account = self._account_of(body)
         if account is None:
             return _fail(1, "Account not found.")
         position = account.positions.get(str(body.get("contractId")))

@@ -59,6 +59,7 @@ def command(first: date, last: date, by: str, csv_file: Path | None, data_dir: P
     with conn:
         fills = load_fills(conn, first, last)
         marks, mark_times = load_marks(conn, first, last)
+    assert loaded.ruleset is not None  # loaded.ok
     report = build_report(fills, loaded.ruleset, by=by, marks=marks, mark_times=mark_times)
     click.echo(render_table(report) if fills else f"no fills between {first} and {last}")
     if csv_file is not None:

@@ -24,7 +24,7 @@ MARGINS = {"MES": Decimal(50), "ES": Decimal(500), "default": Decimal(1000)}
 
 
 def broker_doc(name: str = "paper-test", *, paper: dict[str, Any] | None = None,
-               rate_limit: RateLimit | None = RateLimit(120, 60.0),
+               rate_limit: RateLimit | None = RateLimit(120, 60.0),  # noqa: B008 - frozen value
                commissions: dict[str, Decimal] | None = None, margins: dict[str, Decimal] | None = None) -> Broker:
     """A paper Broker document as the loader would build it from YAML."""
     return Broker(
