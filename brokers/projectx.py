@@ -36,10 +36,9 @@ import json
 import logging
 import re
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Mapping
-from zoneinfo import ZoneInfo
 
 import aiohttp
 
@@ -65,6 +64,7 @@ from brokers.http import Attempts, Backoff, HttpConnector, Known, Throttle, acce
 from brokers.ratelimit import BrokerRateLimiter
 from brokers.timeconv import format_broker_time, parse_broker_time
 from engine.catalog import Catalog
+from engine.sessions import trading_day_start
 
 if TYPE_CHECKING:
     from engine.model import Broker
@@ -76,7 +76,6 @@ DEFAULT_HUB = "https://gateway-rtc-demo.s2f.projectx.com/hubs/user"
 DOCUMENTED_RATE_LIMIT = (200, 60.0)
 """ProjectX's documented budget, used when the Broker document sets no ``rate_limit``."""
 
-EASTERN = ZoneInfo("America/New_York")
 RECORD_SEPARATOR = "\x1e"
 HUB_PING_S = 10.0
 """SignalR clients ping every 15 s by default and servers time out after 30 s; 10 s keeps well inside."""
@@ -189,15 +188,6 @@ def code_from_contract(contract: Mapping[str, Any], catalog: Catalog,
     product = match["product"]
     known = reverse.get(product) or (product if product in catalog else KNOWN_PRODUCTS.get(product))
     return f"{known}{suffix}" if known else contract_id
-
-
-def trading_day_start(now: datetime) -> datetime:
-    """Start (18:00 New York) of the CME trading day containing ``now``: realized P&L resets there."""
-    local = now.astimezone(EASTERN)
-    start = local.replace(hour=18, minute=0, second=0, microsecond=0)
-    if local < start:
-        start -= timedelta(days=1)  # wall-clock arithmetic: still 18:00 across a DST change
-    return start.astimezone(timezone.utc)
 
 
 @register
