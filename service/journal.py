@@ -182,47 +182,47 @@ Migration = Callable[[sqlite_utils.Database], None]
 
 
 def _m1_initial(db: sqlite_utils.Database) -> None:
-    db["signals"].create({
+    db.table("signals").create({
         "id": str, "received_at": str, "remote": str, "status": str, "reason": str, "key": str,
         "strategy": str, "raw": str, "signal": str, "decision": str,
     }, pk="id", not_null={"received_at", "status"})
-    db["signals"].create_index(["key", "received_at"], index_name="signals_key")
-    db["signals"].create_index(["status", "received_at"], index_name="signals_status")
-    db["orders"].create({
+    db.table("signals").create_index(["key", "received_at"], index_name="signals_key")
+    db.table("signals").create_index(["status", "received_at"], index_name="signals_status")
+    db.table("orders").create({
         "client_order_id": str, "signal_id": str, "seq": int, "account": str, "broker": str, "contract": str,
         "side": str, "quantity": int, "intent": str, "order_type": str, "price": str, "margin_usd": str,
         "status": str, "broker_order_id": str, "detail": str, "created_at": str, "updated_at": str,
     }, pk="client_order_id", not_null={"signal_id", "status", "created_at", "updated_at"},
         foreign_keys=[("signal_id", "signals", "id")])
-    db["orders"].create_index(["signal_id", "seq"], index_name="orders_signal")
-    db["orders"].create_index(["status"], index_name="orders_status")
-    db["order_events"].create({
+    db.table("orders").create_index(["signal_id", "seq"], index_name="orders_signal")
+    db.table("orders").create_index(["status"], index_name="orders_status")
+    db.table("order_events").create({
         "id": int, "client_order_id": str, "status": str, "at": str, "broker_order_id": str, "detail": str,
     }, pk="id", not_null={"client_order_id", "status", "at"})
-    db["order_events"].create_index(["client_order_id", "id"], index_name="order_events_order")
-    db["fills"].create({
+    db.table("order_events").create_index(["client_order_id", "id"], index_name="order_events_order")
+    db.table("fills").create({
         "broker": str, "fill_id": str, "account": str, "contract": str, "side": str, "quantity": int,
         "price": str, "commission": str, "at": str, "client_order_id": str, "broker_order_id": str,
         "strategy": str, "recorded_at": str, "data": str,
     }, pk=("broker", "fill_id"), not_null={"recorded_at"})
-    db["fills"].create_index(["account", "at"], index_name="fills_account")
-    db["fills"].create_index(["at"], index_name="fills_at")
+    db.table("fills").create_index(["account", "at"], index_name="fills_account")
+    db.table("fills").create_index(["at"], index_name="fills_at")
     for table, extra in (("position_snapshots", {"broker": str, "account": str}),
                          ("reconciliations", {"broker": str, "account": str, "ok": int}),
                          ("reloads", {"generation": int, "ok": int, "outcome": str}),
                          ("risk_events", {"scope": str, "name": str, "kind": str})):
-        db[table].create({"id": int, "at": str, **extra, "data": str}, pk="id", not_null={"at", "data"})
-        db[table].create_index(["at"], index_name=f"{table}_at")
+        db.table(table).create({"id": int, "at": str, **extra, "data": str}, pk="id", not_null={"at", "data"})
+        db.table(table).create_index(["at"], index_name=f"{table}_at")
 
 
 def _m2_daily_marks(db: sqlite_utils.Database) -> None:
     # One row per account per CME trading day, all taken at the same instant (17:00 ET, the end of the trading
     # day), so that equity curves and daily statements compare like with like across brokers.
-    db["daily_marks"].create({
+    db.table("daily_marks").create({
         "trading_day": str, "account": str, "at": str, "broker": str, "cash": str, "equity": str,
         "realized": str, "unrealized": str, "commissions": str, "margin_used": str, "marks": str, "data": str,
     }, pk=("trading_day", "account"), not_null={"at"})
-    db["daily_marks"].create_index(["at"], index_name="daily_marks_at")
+    db.table("daily_marks").create_index(["at"], index_name="daily_marks_at")
 
 
 def _m3_order_strategy(db: sqlite_utils.Database) -> None:
@@ -330,6 +330,9 @@ class Journal:
         self.batches = 0
         """Commits so far (with ``writes``: how well group commit is batching)."""
         self.writes = 0
+        self._superseded: dict[str, dict[str, str]] = {}
+        """Signal id -> {client order id: detail} of orders a flatten superseded before the signal was written
+        (``supersede``): its own write journals them ``missed``."""
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -649,13 +652,19 @@ class Journal:
                             key: str | None, signal: Mapping[str, Any] | None,
                             decision: Mapping[str, Any] | str | None,
                             orders: Iterable[Mapping[str, Any]] = (), signal_id: str | None = None,
-                            at: datetime | None = None) -> str:
+                            at: datetime | None = None,
+                            missed: Sequence[tuple[str, Sequence[Mapping[str, Any]], str]] = ()) -> str:
         """Journal one signal with its decision and its orders (status ``new``) in one transaction.
 
         Returns the signal id (``signal_id`` when given, as the webhook does so that client order ids derive from
         it, otherwise a new one) once the transaction is committed. ``raw`` must already be free of secrets.
         ``decision`` may come already serialized (JSON text), when the caller needs the text too; its orders then
         carry their own ``order_type`` and ``price``.
+
+        ``missed``: (signal id, orders, detail) of other signals' orders that never leave, journaled ``missed`` in
+        the same transaction exactly as ``record_orders`` does: a flatten and the held orders it superseded reach
+        the disk together or not at all. An order of this signal that a flatten declared superseded before this
+        write (``supersede``) is written ``missed`` instead of ``new``.
         """
         if status not in SIGNAL_STATUSES:
             raise ValueError(f"signal status {status!r} is not one of {', '.join(SIGNAL_STATUSES)}")
@@ -677,8 +686,11 @@ class Journal:
                 _text(order.get("price", common.get("price"))),
                 _text(order.get("margin_usd")), "new", when, when, order.get("strategy")))
             event_rows.append((coid, "new", when))
+        others = [(other, _final_rows(rows, detail), when) for other, rows, detail in missed]
 
         def write(conn: sqlite3.Connection) -> str:
+            for other, rows, stamp in others:
+                _write_final(conn, other, rows, "missed", stamp)
             conn.execute("INSERT INTO signals (id, received_at, remote, status, reason, key, strategy, raw, signal, "
                          "decision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", signal_row)
             if order_rows:
@@ -688,9 +700,21 @@ class Journal:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", order_rows)
                 conn.executemany("INSERT INTO order_events (client_order_id, status, at) VALUES (?, ?, ?)",
                                  event_rows)
+                # Read when the write runs, not when it was queued: a flatten may supersede these orders meanwhile.
+                voided = self._superseded.get(sid)
+                if voided:
+                    for coid, text in voided.items():
+                        if conn.execute("UPDATE orders SET status = 'missed', detail = ?, updated_at = ? "
+                                        "WHERE client_order_id = ? AND signal_id = ? AND status = 'new'",
+                                        (text, when, coid, sid)).rowcount:
+                            conn.execute("INSERT INTO order_events (client_order_id, status, at, detail) "
+                                         "VALUES (?, 'missed', ?, ?)", (coid, when, text))
             return sid
 
-        result: str = await self._write(write)
+        try:
+            result: str = await self._write(write)
+        finally:
+            self._superseded.pop(sid, None)  # written (its orders are final now) or not acknowledged: done either way
         if key is not None and status in ("accepted", "decided"):
             self._remember_key(key, when)
         return result
@@ -787,7 +811,8 @@ class Journal:
                account: str | None = None, limit: int | None = None, history: bool = False,
                updated_since: datetime | None = None) -> list[dict[str, Any]]:
         """Orders, newest first (in their signal's leg order when ``signal_id`` is given)."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if updated_since is not None:
             where.append("updated_at >= ?")
             params.append(utc_iso(updated_since))
@@ -830,41 +855,33 @@ class Journal:
             raise ValueError(f"record_orders journals orders that never leave; {status!r} is not one of "
                              f"{', '.join(sorted(FINAL_ORDER_STATUSES))}")
         when = utc_iso(at)
-        rows = []
-        for order in orders:
-            text = order.get("detail", detail)
-            rows.append((str(order["client_order_id"]), order["account"], order["broker"], order["contract"],
-                         order["side"], int(order["quantity"]), order.get("intent"), order.get("order_type"),
-                         _text(order.get("price")), _text(order.get("margin_usd")), order.get("strategy"),
-                         None if text is None else text if isinstance(text, str) else dumps(text)))
+        rows = _final_rows(orders, detail)
 
         def write(conn: sqlite3.Connection) -> list[str]:
-            if conn.execute("SELECT 1 FROM signals WHERE id = ?", (signal_id,)).fetchone() is None:
-                return []
-            seq = conn.execute("SELECT COALESCE(MAX(seq), -1) FROM orders WHERE signal_id = ?",
-                               (signal_id,)).fetchone()[0]
-            written = []
-            for coid, account, broker, contract, side, quantity, intent, order_type, price, margin, strategy, \
-                    text in rows:
-                inserted = conn.execute(
-                    "INSERT OR IGNORE INTO orders (client_order_id, signal_id, seq, account, broker, contract, side, "
-                    "quantity, intent, order_type, price, margin_usd, status, detail, created_at, updated_at, "
-                    "strategy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (coid, signal_id, seq + 1, account, broker, contract, side, quantity, intent, order_type, price,
-                     margin, status, text, when, when, strategy)).rowcount
-                if inserted:
-                    seq += 1
-                elif not conn.execute("UPDATE orders SET status = ?, detail = ?, updated_at = ? "
-                                      "WHERE client_order_id = ? AND signal_id = ? AND status = 'new'",
-                                      (status, text, when, coid, signal_id)).rowcount:
-                    continue
-                conn.execute("INSERT INTO order_events (client_order_id, status, at, detail) VALUES (?, ?, ?, ?)",
-                             (coid, status, when, text))
-                written.append(coid)
-            return written
+            return _write_final(conn, signal_id, rows, status, when)
 
         result: list[str] = await self._write(write)
         return result
+
+    def supersede(self, signal_id: str, orders: Mapping[str, str]) -> None:
+        """Declare orders of ``signal_id`` (client order id -> detail) superseded by a flatten: if the signal is
+        written after this (its write may be queued already), they are written ``missed``, in its own transaction.
+
+        The flatten journals them ``missed`` in its own transaction too (``record_signal``'s ``missed``), which
+        finds them only if the signal was written first; between the two, whichever order the writes land in,
+        no superseded order is ever on disk as ``new`` next to the flatten (a restart would send it). Synchronous:
+        call it in the step that supersedes them, before anything else can write the signal."""
+        self._superseded.setdefault(signal_id, {}).update(orders)
+
+    def withdraw_superseded(self, signal_id: str, client_order_ids: Iterable[str]) -> None:
+        """Undo ``supersede`` for orders whose flatten was not journaled (its write failed)."""
+        found = self._superseded.get(signal_id)
+        if found is None:
+            return
+        for coid in client_order_ids:
+            found.pop(coid, None)
+        if not found:
+            del self._superseded[signal_id]
 
     # -- fills ------------------------------------------------------------------------------------------------
 
@@ -897,7 +914,8 @@ class Journal:
     def fills(self, *, account: str | None = None, since: datetime | None = None,
               limit: int | None = None) -> list[dict[str, Any]]:
         """Fills in time order (oldest first)."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if account is not None:
             where.append("account = ?")
             params.append(account)
@@ -1047,6 +1065,44 @@ class Journal:
 
         result: int = await self._write(write, bare=not transaction)
         return result
+
+
+def _final_rows(orders: Iterable[Mapping[str, Any]], detail: Any) -> list[tuple[Any, ...]]:
+    """The rows ``_write_final`` takes, built when the write is queued (an order's own ``detail`` first)."""
+    rows = []
+    for order in orders:
+        text = order.get("detail", detail)
+        rows.append((str(order["client_order_id"]), order["account"], order["broker"], order["contract"],
+                     order["side"], int(order["quantity"]), order.get("intent"), order.get("order_type"),
+                     _text(order.get("price")), _text(order.get("margin_usd")), order.get("strategy"),
+                     None if text is None else text if isinstance(text, str) else dumps(text)))
+    return rows
+
+
+def _write_final(conn: sqlite3.Connection, signal_id: str, rows: Sequence[tuple[Any, ...]], status: str,
+                 when: str) -> list[str]:
+    """The statements of ``Journal.record_orders`` (see there), inside the caller's transaction."""
+    if conn.execute("SELECT 1 FROM signals WHERE id = ?", (signal_id,)).fetchone() is None:
+        return []
+    seq = conn.execute("SELECT COALESCE(MAX(seq), -1) FROM orders WHERE signal_id = ?", (signal_id,)).fetchone()[0]
+    written = []
+    for coid, account, broker, contract, side, quantity, intent, order_type, price, margin, strategy, text in rows:
+        inserted = conn.execute(
+            "INSERT OR IGNORE INTO orders (client_order_id, signal_id, seq, account, broker, contract, side, "
+            "quantity, intent, order_type, price, margin_usd, status, detail, created_at, updated_at, "
+            "strategy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (coid, signal_id, seq + 1, account, broker, contract, side, quantity, intent, order_type, price,
+             margin, status, text, when, when, strategy)).rowcount
+        if inserted:
+            seq += 1
+        elif not conn.execute("UPDATE orders SET status = ?, detail = ?, updated_at = ? "
+                              "WHERE client_order_id = ? AND signal_id = ? AND status = 'new'",
+                              (status, text, when, coid, signal_id)).rowcount:
+            continue
+        conn.execute("INSERT INTO order_events (client_order_id, status, at, detail) VALUES (?, ?, ?, ?)",
+                     (coid, status, when, text))
+        written.append(coid)
+    return written
 
 
 def _commit(conn: sqlite3.Connection) -> None:

@@ -25,23 +25,46 @@ more than the broker holds where the two disagree. The journaled id makes a seco
 re-issue's own exits are missed again (the broker dropped once more) does the next come-up issue ``n + 1``. A broker
 that comes back while an operator keeps it paused gets nothing, neither re-issued flattens nor catch-up, until
 ``resume_broker``, which does both, in that order, before it un-pauses. An exit the broker *rejected* is not
-re-issued: the broker was there and refused, and a reconnect later says nothing about why; it stays visible in the
-journal for an operator. A flatten of an earlier trading day is not carried out, only warned about naming each
-position: the day it belonged to is over (a schedule flatten guarded that session's close, a risk flatten that
-day's loss, whose halts lifted at 18:00 ET), positions carried into the new day are part of its book, and closing
-them now would act at a time and price nobody chose. Catch-up
-treats any journaled flatten after a strategy's last target (not only the schedule's) as voiding that target
-(``_flattened_since``), so it never re-opens what a risk or operator flatten closed.
+re-issued by a come-up (a reconnect says nothing about why the broker refused): it is retried, below. A flatten of
+an earlier trading day is not carried out, only warned about naming each position: the day it belonged to is over
+(a schedule flatten guarded that session's close, a risk flatten that day's loss, whose halts lifted at 18:00 ET),
+positions carried into the new day are part of its book, and closing them now would act at a time and price nobody
+chose. Catch-up treats any journaled flatten after a strategy's last target (not only the schedule's) as voiding
+that target (``_flattened_since``), so it never re-opens what a risk or operator flatten closed.
+
+Rejected flatten exits: an exit of a flatten (any of the above, a re-issue, or a retry) that the broker rejects, or
+cancels with quantity unfilled, is retried after a backoff (``FLATTEN_RETRY_DELAYS_S``: five attempts over about
+two minutes), while the broker is connected and not paused, and only within the original's CME trading day: many
+rejections are transient (Tradovate's TooLate or SessionClosed, a broker-side risk check timing out, a rate limit
+answered as a reject), and a flatten left open is a position nobody meant to hold. A retry is a flatten signal of
+its own, ``<flatten id>-retry-<broker>-<n>`` (``retry_of``), journaled before it is sent, its exits never blocked by
+risk or schedule and sent through the dispatcher like the original's (held and superseding what is held in scope,
+as any flatten). It never trusts the ledger alone: it reconciles the broker first, computes the exits for the
+accounts owed in the original's scope as the redo does (net of orders in flight and of other flattens' held
+exits), and never exits more than the broker holds, in any contract (``_clamp_to_broker``: a position closed by
+hand at the broker is booked to no strategy, so the strategy's book alone would sell into a short). Nothing left to
+close settles it with no order. What is owed is read from the journal (``_flatten_debts``): per account, the latest
+of the original, its re-issues and its retries decides, so an account is owed a redo (missed exits: the come-up)
+or a retry (rejected ones), never both; the two run under one lock and each nets out the other's exits in flight,
+and a retry whose own exit is lost in a drop is redone by the come-up instead of retried as well. A broker that is
+down or paused when a retry comes due gets it after its come-up (recovery, reconciliation, redo first) or resume;
+a restart resumes the retries it owes the same way, their backoff counted from the come-up. When the retries run
+out, or the trading day ends first, with something still held, the account's entries halt (exits never do): a
+``flatten_failed`` risk event names the account, broker, contracts, quantities left and the last rejection, the
+service logs it at ERROR, and the halt lasts like any other (restored after a restart, lifted by
+``POST /api/halts/{name}/clear`` or the next trading day).
 
 Decisions held when a flatten is computed: a webhook's (or catch-up's) orders count from their decision on
 (``hold``) and leave only after the signal's journal commit (``dispatch``). A flatten (operator, risk, schedule)
 supersedes every held order in its scope (account, strategy, roots): it is never sent and is journaled ``missed``
-naming the flatten, before the flatten itself is journaled, so that no restart sends it either. Without that, an
-entry decided just before the flatten would stay open after it, and a held exit would sell next to the flatten's
-own exit (the account ends short). The flatten computes its exits from the ledger, the orders in flight and the
-exits of other flattens still being journaled, and its own exits count (held) from that moment, so that a signal or
-a flatten decided during its journal commit does not exit the same position again. Held orders outside its scope
-go out as usual, and the answer the webhook gave stays as it was.
+naming the flatten, in the flatten's own transaction when its signal is on disk already, else in the signal's own
+transaction (``Journal.supersede``), so that no restart sends it either: a superseded order is never on disk as
+``new`` next to the flatten, whatever order the two commits land in and whether or not a later write fails.
+Without that, an entry decided just before the flatten would stay open after it, and a held exit would sell next
+to the flatten's own exit (the account ends short). The flatten computes its exits from the ledger, the orders in
+flight and the exits of other flattens still being journaled, and its own exits count (held) from that moment, so
+that a signal or a flatten decided during its journal commit does not exit the same position again. Held orders
+outside its scope go out as usual, and the answer the webhook gave stays as it was.
 
 Exposure: an entry reserves its margin from the moment it is dispatched until the broker resolves it *and* a
 later account snapshot reflects the fill, so the free margin the engine sees never looks better than it is, even
@@ -112,6 +135,14 @@ DAY_START = "day_start"
 REDO_LOOKBACK = timedelta(days=7)
 """How far back a broker's come-up looks for flattens it missed: enough to warn about one of the previous session
 across a weekend or a holiday (only the current trading day's are carried out), without rereading all history."""
+FLATTEN_RETRY_DELAYS_S: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0, 60.0)
+"""Seconds from a flatten exit's rejection to each retry (``Runtime.flatten_retry_delays_s``; tests shorten it):
+five attempts over about two minutes, long enough for a broker-side hiccup (a risk check timing out, a rate limit
+answered as a reject) to pass, short enough that the position does not drift far past its flatten."""
+FLATTEN_FAILED = "flatten_failed"
+"""Risk event kind: a flatten's exits were rejected until its retries ran out (or its trading day ended); the
+account's entries are halted (a halt like any other: restored after a restart, lifted by an operator or the next
+trading day)."""
 
 
 def _utc(at: datetime) -> str:
@@ -127,6 +158,13 @@ class _FlattenScope:
     roots: frozenset[str] | None
     redo_of: str | None
     """The original flatten's id when this one re-issues a missed flatten at a broker that came back."""
+    retry_of: str | None = None
+    """The original flatten's id when this one retries exits a broker rejected."""
+
+    @property
+    def origin(self) -> str | None:
+        """The original flatten this one carries out again (None: it is an original)."""
+        return self.redo_of or self.retry_of
 
 
 def _flatten_scope(row: dict[str, Any]) -> _FlattenScope | None:
@@ -139,13 +177,61 @@ def _flatten_scope(row: dict[str, Any]) -> _FlattenScope | None:
     return _FlattenScope(account=body.get("account") or None,
                          strategy=None if strategy in (None, "", "(flatten)") else str(strategy),
                          roots=None if roots is None else frozenset(str(r) for r in roots),
-                         redo_of=body.get("redo_of") or None)
+                         redo_of=body.get("redo_of") or None, retry_of=body.get("retry_of") or None)
 
 
 def _redo_id(origin: str, broker: str, attempt: int) -> str:
     """The id of the ``attempt``-th re-issue of flatten ``origin`` at ``broker``: derived, so that a second come-up
     finds it journaled instead of flattening again."""
     return f"{origin}-redo-{broker}-{attempt}"
+
+
+def _retry_id(origin: str, broker: str, attempt: int) -> str:
+    """The id of the ``attempt``-th retry of flatten ``origin``'s rejected exits at ``broker`` (derived, like
+    ``_redo_id``: the journal, not memory, says how many ran)."""
+    return f"{origin}-retry-{broker}-{attempt}"
+
+
+_MISSED_EXIT, _REJECTED_EXIT, _PENDING_EXIT, _SETTLED_EXIT = "missed", "rejected", "pending", "settled"
+
+
+def _exit_outcome(orders: Iterable[dict[str, Any]]) -> str:
+    """What one flatten signal's exits for one account at one broker came to (journaled order rows).
+
+    Missed first: a redo closes everything in scope, the rejected exits' positions too. Then rejected (or
+    cancelled with quantity unfilled, which is what a cancelled order is: a full fill ends ``filled``). Then still
+    pending (the broker has not answered yet). Otherwise settled: filled, or nothing was left to close."""
+    statuses = {str(o["status"]) for o in orders}
+    if MISSED in statuses:
+        return _MISSED_EXIT
+    if statuses & {REJECTED, CANCELLED}:
+        return _REJECTED_EXIT
+    if statuses - FINAL:
+        return _PENDING_EXIT
+    return _SETTLED_EXIT
+
+
+@dataclass
+class _Debt:
+    """What a broker's accounts are still owed of one flatten (``Runtime._flatten_debts``)."""
+
+    origin: str
+    row: dict[str, Any]
+    """The original flatten's journaled signal row (its scope and time)."""
+    missed: set[str] = field(default_factory=set)
+    """Accounts whose latest exits there were missed: a redo owes them (``_redo_missed_flattens``)."""
+    rejected: dict[str, str] = field(default_factory=dict)
+    """Account -> the id of the flatten signal whose exits there the broker rejected (or cancelled unfilled) and
+    that no retry, redo or ``flatten_failed`` settled since: a retry owes them."""
+    redos: int = 0
+    retries: int = 0
+    """How many re-issues and retries of the original are journaled at this broker."""
+    reason: str | None = None
+    """The last rejection's reason, as the broker gave it."""
+
+    def state(self, broker: str) -> tuple[Any, ...]:
+        """Changes with every attempt: what a retry's backoff counts from (``Runtime._retry_due``)."""
+        return broker, self.origin, self.retries, tuple(sorted(self.rejected.items()))
 
 
 def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -175,6 +261,39 @@ def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, A
     return out
 
 
+def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]],
+                     pending: dict[tuple[str, str], int]) -> list[dict[str, Any]]:
+    """A retry's exits, each no larger than what the broker holds on its side in every contract, net of our orders
+    there still in flight (``pending``: signed quantity left to fill, by account and contract), in exit order.
+
+    Stricter than ``_clamp_exits``, which trusts the ledger where it agrees with the broker: a retry comes seconds
+    to minutes after the rejection, time enough for someone to close the position at the broker by hand. Such a
+    close is booked to no strategy (``EXTERNAL_STRATEGY``), so the account's total agrees with the broker while the
+    strategy's book still shows the position; a sell computed from that book would open a short. ``reconciled``:
+    rows of the reconciliation just run, by account; an account without one is not exited at all."""
+    out = []
+    left: dict[tuple[str, str], int] = {}
+    for order in orders:
+        account, contract = str(order["account"]), str(order["contract"])
+        row = reconciled.get(account)
+        key = (account, contract)
+        if row is None:
+            log.error("%s %s: not reconciled, so what the broker holds is unknown; not exited", account, contract)
+            continue
+        held = left.get(key, int((row.get("broker_positions") or {}).get(contract, 0)) + pending.get(key, 0))
+        closable = held if order["side"] == "sell" else -held
+        quantity = min(int(order["quantity"]), max(closable, 0))
+        if quantity < int(order["quantity"]):
+            log.warning("%s %s: the ledger wants %s %s to close it, the broker holds %+d (orders in flight "
+                        "included); exiting %d only", account, contract, order["side"], order["quantity"], held,
+                        quantity)
+        if quantity <= 0:
+            continue
+        left[key] = held - quantity if order["side"] == "sell" else held + quantity
+        out.append({**order, "quantity": quantity})
+    return out
+
+
 @dataclass
 class _Reservation:
     account: str
@@ -189,8 +308,6 @@ class _Hold:
     jobs: list[Job]
     reserved: list[str]
     """Client order ids whose margin reservation the hold made (an entry's, kept when it is dispatched)."""
-    superseded: list[tuple[str, Job]] = field(default_factory=list)
-    """(flatten id, job): orders a flatten computed while they were held took out of ``jobs``; never sent."""
     flatten: bool = False
     """A flatten's own exits, held while it is journaled: never superseded, and netted out by other flattens."""
 
@@ -249,7 +366,17 @@ class Runtime:
         """One lock for every broker's catch-up: two brokers back from one blip must not both decide before
         either's orders are in view."""
         self._redo_guard = asyncio.Lock()
-        """One lock for every re-issue of missed flattens (a come-up and an operator's resume may overlap)."""
+        """One lock for every re-issue of missed flattens and every retry of rejected ones (a come-up, an
+        operator's resume and a retry may overlap): one computes and journals its exits before the next looks."""
+        self.flatten_retry_delays_s: tuple[float, ...] = FLATTEN_RETRY_DELAYS_S
+        self._retry_runners: dict[str, asyncio.Task[None]] = {}
+        """Per broker: the task that waits for and runs the retries of rejected flatten exits there."""
+        self._retry_wake: dict[str, asyncio.Event] = {}
+        self._retry_seen: dict[tuple[Any, ...], datetime] = {}
+        """When this process first saw each owed retry (``_Debt.state``): its backoff counts from then, on the
+        runtime's clock (the journal stamps order transitions with the wall clock, which a test or replay moving
+        the runtime's clock would not agree with)."""
+        """Per broker: set when something may have changed what is owed (a rejection, a come-up, a resume)."""
         self._catch_up_owed: dict[str, datetime | None] = {}
         """Per broker that came back while an operator kept it paused: the ``since`` of the catch-up its come-up
         left to ``resume_broker`` (None: every target of the day)."""
@@ -424,6 +551,7 @@ class Runtime:
         still to come. ``booked``: contracts per client order id already in the ledger (replayed from the
         journal's fills)."""
         strategies: dict[str, str] = {}
+        assert self._started_at is not None, "start() sets it first"
         rows = self.journal.orders(status=["new", "sending", "unknown", "acknowledged", "partially_filled"])
         # A broker's "filled" can be journaled before its fill report (they arrive as separate events): a crash in
         # between leaves a filled order whose fill is not in the ledger. Tracked again, the fill still to come (an
@@ -442,7 +570,7 @@ class Runtime:
             if job is None:
                 continue
             filled = booked.get(job.client_order_id, 0) + booked.get((job.broker, row.get("broker_order_id")), 0)
-            tracked = self.tracker.track(job, row["status"], row.get("broker_order_id"), filled=filled)
+            self.tracker.track(job, row["status"], row.get("broker_order_id"), filled=filled)
             if job.margin_usd > 0 and row["status"] not in FINAL:
                 self._add_reservation(job.client_order_id, _Reservation(job.account, job.margin_usd))
             if row["status"] in IN_FLIGHT:
@@ -456,7 +584,8 @@ class Runtime:
         A halt restricted to roots comes back with its roots (the event row's JSON ``instruments``) under the same
         key (``key``; rows written before roots existed have neither and mean the bare name). A halt event
         flattened when it says so (``flattened``; rows written before that field: when its action was
-        ``flatten_and_halt``); a later ``rearm`` event of the same limit and key undoes it."""
+        ``flatten_and_halt``); a later ``rearm`` event of the same limit and key undoes it. A ``flatten_failed``
+        event halts its account like a ``halt`` event."""
         now = self.clock()
         today = trading_day(now).isoformat()
         cleared: set[str] = set()
@@ -477,7 +606,8 @@ class Runtime:
                     self.risk.fired.add(pair)
             if kind == "clear":
                 cleared.add(key)
-            elif kind == "halt" and key not in cleared and key not in self.risk.halts and row.get("day"):
+            elif kind in ("halt", FLATTEN_FAILED) and key not in cleared and key not in self.risk.halts \
+                    and row.get("day"):
                 if str(row["day"]) == today:
                     self.risk.halt(str(name), str(row.get("reason")), str(row.get("source")), now,
                                    instruments=roots)
@@ -641,23 +771,20 @@ class Runtime:
         held = self._holds.get(signal_id)
         if held is None:
             return
-        self._take_hold(signal_id, journaled=False)
+        self._take_hold(signal_id)
         for coid in held.reserved:
             self._drop_reservation(coid)
         self._invalidate()
 
-    def _take_hold(self, signal_id: str, *, journaled: bool = True) -> list[Job] | None:
-        """End a hold, keeping its margin reservations (the caller tracks its jobs now); None when none.
-
-        ``journaled``: the signal is on disk, so the orders a flatten superseded are journaled ``missed`` again
-        now (a no-op when the flatten's own write found their rows already; see ``_supersede_holds``)."""
+    def _take_hold(self, signal_id: str) -> list[Job] | None:
+        """End a hold, keeping its margin reservations (the caller tracks its jobs now); None when none. The
+        orders a flatten superseded are on disk ``missed`` already, or will be with the signal's own commit
+        (``_issue_flatten``): nothing to write here."""
         held = self._holds.pop(signal_id, None)
         if held is None:
             return None
         for job in held.jobs:
             self._count_held(job, -1)
-        if journaled and held.superseded:
-            self._spawn(self._journal_superseded(signal_id, held.superseded, raise_errors=False))
         return held.jobs
 
     def _supersede_holds(self, fid: str, *, accounts: set[str] | None, strategy: str | None,
@@ -670,7 +797,7 @@ class Runtime:
         computes from the ledger and the orders in flight, never from held orders, so dropping them leaves it
         exact. Held orders outside the scope (other accounts, strategies or roots) go out as usual; the hold
         itself stays until ``dispatch`` or ``release`` ends it, or the dispatch would hold the decision anew.
-        Returns the superseded orders by signal id (the flatten journals them before itself)."""
+        Returns the superseded orders by signal id (the flatten journals them ``missed`` with itself)."""
         superseded: dict[str, list[tuple[str, Job]]] = {}
         for sid, held in self._holds.items():
             if held.flatten:
@@ -686,7 +813,6 @@ class Runtime:
                 if job.client_order_id in held.reserved:
                     held.reserved.remove(job.client_order_id)
                     self._drop_reservation(job.client_order_id)
-                held.superseded.append((fid, job))
                 superseded.setdefault(sid, []).append((fid, job))
                 log.warning("%s: %s %s %d %s superseded by flatten %s before it was sent; never sent", sid,
                             job.account, job.side, job.quantity, job.contract, fid)
@@ -695,32 +821,12 @@ class Runtime:
             self._invalidate()
         return superseded
 
-    async def _journal_superseded(self, signal_id: str, superseded: list[tuple[str, Job]], *,
-                                  raise_errors: bool = True) -> None:
-        """Journal a signal's orders that a flatten superseded as ``missed`` (final: a restart never sends them).
-
-        Written twice: by the flatten, before its own signal, so that no crash leaves the flatten on disk and these
-        orders ``new`` (recovery would send them); and when the hold ends (``_take_hold``), because the signal's
-        own commit may land after the flatten's write (then that first write finds no rows and writes nothing).
-        The second finds them ``missed`` already and writes nothing. ``raise_errors``: False logs a failure
-        instead (the second write, which nobody awaits)."""
-        by_flatten: dict[str, list[Job]] = {}
-        for fid, job in superseded:
-            by_flatten.setdefault(fid, []).append(job)
-        at = self.clock()
-        for fid, jobs in by_flatten.items():
-            try:
-                await self.journal.record_orders(
-                    signal_id, [{"client_order_id": j.client_order_id, "account": j.account, "broker": j.broker,
-                                 "contract": j.contract, "side": j.side, "quantity": j.quantity,
-                                 "intent": j.intent, "margin_usd": j.margin_usd} for j in jobs],
-                    MISSED, detail=f"superseded by flatten {fid}, computed while this order was held: never sent",
-                    at=at)
-            except Exception:
-                if raise_errors:
-                    raise
-                log.exception("%s: orders superseded by flatten %s not journaled missed (still not sent)",
-                              signal_id, fid)
+    @staticmethod
+    def _missed_row(job: Job) -> dict[str, Any]:
+        """A superseded order as ``Journal.record_orders`` takes it."""
+        return {"client_order_id": job.client_order_id, "account": job.account, "broker": job.broker,
+                "contract": job.contract, "side": job.side, "quantity": job.quantity, "intent": job.intent,
+                "margin_usd": job.margin_usd}
 
     def _count_held(self, job: Job, sign: int) -> None:
         add_to_book(self._held, job.account, job.contract, sign * job.quantity * job.sign)
@@ -841,6 +947,8 @@ class Runtime:
                 self._refresh_snapshot_soon(tracked.job.broker, tracked.job.account)
         if status in (FILLED, PARTIALLY_FILLED):
             self._retry_pending_fills()
+        elif status in (REJECTED, CANCELLED) and tracked.job.intent == "exit":
+            self._wake_retries(tracked.job.broker)  # a flatten's exit? the journal says (``_flatten_debts``)
         self._invalidate()
 
     # -- broker events -----------------------------------------------------------------------------------------
@@ -1003,6 +1111,7 @@ class Runtime:
             await self._redo_missed_flattens(broker, reconciled, why="start-up" if first else "reconnect")
             if catch_up:
                 await self._catch_up(broker, since=self._owed_since(broker, since))
+            self._wake_retries(broker)  # rejected flatten exits: retried once the broker is open again
         self._invalidate()
 
     def _owe_catch_up(self, broker: str, since: datetime | None) -> None:
@@ -1220,8 +1329,9 @@ class Runtime:
         strategy's earlier target just as much, and catch-up must not put the position back. Both the schedule's
         firings (a flatten time passed even if no process fired it) and the journaled flatten signals are read;
         a redo of a missed flatten (``-redo-``) is not a flatten of its own (its original's time counts, or a
-        target received between the two would be voided). ``ticker``: the target's, so that a flatten restricted
-        to other roots does not void it (unknown: it does, the safe side)."""
+        target received between the two would be voided), nor is a retry of rejected exits (``-retry-``).
+        ``ticker``: the target's, so that a flatten restricted to other roots does not void it (unknown: it does,
+        the safe side)."""
         names = {a.name for a in accounts}
         for firing in firings(self.ruleset.schedule_rules, since + timedelta(microseconds=1),
                               now + timedelta(microseconds=1)):
@@ -1244,7 +1354,7 @@ class Runtime:
             if received <= since:
                 break
             scope = _flatten_scope(row)
-            if scope is None or received > now or scope.redo_of is not None:
+            if scope is None or received > now or scope.origin is not None:
                 continue
             if scope.strategy is not None and scope.strategy != strategy:
                 continue
@@ -1270,30 +1380,50 @@ class Runtime:
         if self.journal.get_signal(fid) is not None:
             return {"signal_id": fid, "orders": [], "duplicate": True}
         accounts = None if account is None else {account}
-        # One step, no await: the exits net out what is in flight, what is held in scope never leaves, and the
-        # exits count (held) from now on, so that a signal or another flatten decided while this one is journaled
-        # does not exit the same positions a second time.
+        body: dict[str, Any] = {"flatten": True, "account": account, "strategy": strategy, "reason": reason}
+        if roots is not None:
+            body["instruments"] = sorted(roots)
         orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots)
+        decision = await self._issue_flatten(fid, body, orders, accounts=accounts, strategy=strategy, roots=roots,
+                                             now=now)
+        return {"signal_id": fid, "orders": decision["orders"], "reason": reason}
+
+    async def _issue_flatten(self, fid: str, body: dict[str, Any], orders: list[dict[str, Any]], *,
+                             accounts: set[str] | None, strategy: str | None, roots: frozenset[str] | None,
+                             now: datetime) -> dict[str, Any]:
+        """Journal flatten ``fid`` (``body``: its scope) with ``orders`` (its exits, just computed) and hand them to
+        the dispatcher; returns the decision record. The operator's, the risk monitor's and the schedule's flattens
+        come here, and so does a retry of rejected exits.
+
+        Call it in the step that computed ``orders`` (``_flatten_orders``): up to its first await it supersedes
+        the held orders in scope and holds its own exits, so that a signal or another flatten decided while this
+        one is journaled does not exit the same positions a second time, and nothing held in scope leaves.
+
+        The superseded orders reach the disk ``missed`` in the flatten's own transaction when their signal is on
+        disk already, and in the signal's transaction when it is written later (``Journal.supersede``): either way
+        never ``new`` next to the flatten, where a restart's recovery would send them (an entry reopening what the
+        flatten closed), and without waiting for a commit the flatten cannot see coming."""
         superseded = self._supersede_holds(fid, accounts=accounts, strategy=strategy, roots=roots)
         jobs = [job for job in (self._job(o, str(o["strategy"]), fid, Decimal(0)) for o in orders) if job is not None]
         self._holds[fid] = _Hold(jobs, [], flatten=True)
         for job in jobs:
             self._count_held(job, 1)
+        detail = f"superseded by flatten {fid}, computed while this order was held: never sent"
+        for sid, voided in superseded.items():
+            self.journal.supersede(sid, {job.client_order_id: detail for _fid, job in voided})
         self._invalidate()
         try:
-            # On disk before the flatten is (see ``_journal_superseded``); one commit for them all.
-            await asyncio.gather(*(self._journal_superseded(sid, voided) for sid, voided in superseded.items()))
-            body = {"flatten": True, "account": account, "strategy": strategy, "reason": reason}
-            if roots is not None:
-                body["instruments"] = sorted(roots)
-            decision = await self._journal_flatten(fid, body, orders, now)
+            decision = await self._journal_flatten(fid, body, orders, now, superseded=[
+                (sid, [self._missed_row(job) for _fid, job in voided], detail) for sid, voided in superseded.items()])
         except BaseException:
+            for sid, voided in superseded.items():
+                self.journal.withdraw_superseded(sid, [job.client_order_id for _fid, job in voided])
             self.release(fid)
             raise
         assert self.dispatcher is not None
         self.dispatcher.submit_all(self._take_hold(fid) or [])  # held -> tracked in one step
         self._invalidate()
-        return {"signal_id": fid, "orders": decision["orders"], "reason": reason}
+        return decision
 
     def _flatten_orders(self, fid: str, *, accounts: set[str] | None, strategy: str | None,
                         roots: frozenset[str] | None) -> list[dict[str, Any]]:
@@ -1331,9 +1461,11 @@ class Runtime:
         return orders
 
     async def _journal_flatten(self, fid: str, body: dict[str, Any], orders: list[dict[str, Any]],
-                               now: datetime) -> dict[str, Any]:
+                               now: datetime, *,
+                               superseded: Iterable[tuple[str, list[dict[str, Any]], str]] = ()) -> dict[str, Any]:
         """Journal a flatten signal (``body``: its scope) with its exits; a flatten with none is journaled too
-        (``decided``): its id is what makes a repeat of the same flatten a no-op."""
+        (``decided``): its id is what makes a repeat of the same flatten a no-op. ``superseded``: (signal id,
+        orders, detail) of held orders it superseded, journaled ``missed`` in the same transaction."""
         strategy, reason = body.get("strategy"), str(body.get("reason"))
         legs = [{k: v for k, v in o.items() if k != "strategy"} for o in orders]
         decision = {"signal_id": fid, "strategy": strategy or "(flatten)", "accepted": bool(orders), "rule": None,
@@ -1344,7 +1476,7 @@ class Runtime:
         await self.journal.record_signal(raw=json.dumps(body), remote=None,
                                          status="accepted" if orders else "decided", reason=reason, key=None,
                                          signal={**body, "strategy": strategy or "(flatten)"}, decision=decision,
-                                         orders=orders, signal_id=fid, at=now)
+                                         orders=orders, signal_id=fid, at=now, missed=list(superseded))
         return decision
 
     async def _fire_schedule(self, firing: Firing) -> None:
@@ -1362,37 +1494,75 @@ class Runtime:
         """Flattens whose exits at ``broker`` were missed and not re-issued since, oldest first: (the original
         flatten's id, its journaled row, the next attempt number, the accounts still owed).
 
-        A re-issue is itself a flatten whose exits may be missed (the broker dropped again): then its accounts
-        are owed once more, by the next attempt. A re-issue that reached them, or found nothing left to close,
-        settles the original at this broker for good."""
+        A re-issue (or a retry) is itself a flatten whose exits may be missed (the broker dropped again): then its
+        accounts are owed once more, by the next attempt. A re-issue that reached them, or found nothing left to
+        close, settles the original at this broker for good (``_flatten_debts``)."""
+        return [(debt.origin, debt.row, debt.redos + 1, debt.missed)
+                for debt in self._flatten_debts(broker, now) if debt.missed]
+
+    def _flatten_debts(self, broker: str, now: datetime) -> list[_Debt]:
+        """What ``broker``'s accounts are still owed of each flatten of the last ``REDO_LOOKBACK``, oldest first,
+        read from the journal (so that a restart owes exactly what the process before it did).
+
+        A flatten's family at a broker is the original and its journaled re-issues (``-redo-``) and retries
+        (``-retry-``). For each account, the latest member that covered it (had exits for it there, or listed it
+        as owed and found nothing left) decides (``_exit_outcome``): missed exits owe a redo, rejected ones a retry
+        unless a ``flatten_failed`` event already gave up on that member, anything else nothing. One account is
+        therefore owed a redo or a retry, never both, and never twice for the same outcome."""
         horizon = now - REDO_LOOKBACK
-        missed: dict[str, set[str]] = {}
-        for order in self.journal.orders(status=[MISSED]):  # newest first
-            created = parse_utc(str(order["created_at"]))
-            if created < horizon:
-                break
+        sids: set[str] = set()
+        for order in self.journal.orders(status=[MISSED, REJECTED, CANCELLED], updated_since=horizon):
             if order["broker"] == broker and order.get("intent") == "exit":
-                missed.setdefault(str(order["signal_id"]), set()).add(str(order["account"]))
+                sids.add(str(order["signal_id"]))
         origins: dict[str, dict[str, Any]] = {}
-        for sid in missed:
+        for sid in sids:
             row = self.journal.get_signal(sid)
             scope = None if row is None else _flatten_scope(row)
             if row is None or scope is None:
                 continue
-            origin = scope.redo_of or sid
-            first = row if origin == sid else self.journal.get_signal(origin)
-            if first is not None and origin not in origins:
-                origins[origin] = first
-        owed = []
-        for origin, row in origins.items():
-            attempt = 0
-            while self.journal.get_signal(_redo_id(origin, broker, attempt + 1)) is not None:
-                attempt += 1
-            accounts = missed.get(origin if attempt == 0 else _redo_id(origin, broker, attempt), set())
-            if accounts:
-                owed.append((origin, row, attempt + 1, accounts))
-        owed.sort(key=lambda found: str(found[1]["received_at"]))
-        return owed
+            origin = scope.origin or sid
+            if origin not in origins:
+                first = row if origin == sid else self.journal.get_signal(origin)
+                if first is not None:
+                    origins[origin] = first
+        failed = {(str(settled), str(row.get("name")))
+                  for row in self.journal.risk_events_since(horizon, kinds=[FLATTEN_FAILED])
+                  if row.get("broker") == broker for settled in row.get("settles") or ()}
+        debts = []
+        for origin, first in origins.items():
+            debt = _Debt(origin, first)
+            members = [(first, 0)]
+            for rank, make in ((1, _redo_id), (2, _retry_id)):
+                count = 0
+                while (member := self.journal.get_signal(make(origin, broker, count + 1))) is not None:
+                    members.append((member, rank))
+                    count += 1
+                if rank == 1:
+                    debt.redos = count
+                else:
+                    debt.retries = count
+            latest: dict[str, tuple[dict[str, Any], str, list[dict[str, Any]]]] = {}
+            for member, _rank in sorted(members, key=lambda m: (str(m[0]["received_at"]), m[1])):
+                exits: dict[str, list[dict[str, Any]]] = {}
+                for order in member.get("orders") or ():
+                    if order["broker"] == broker and order.get("intent") == "exit":
+                        exits.setdefault(str(order["account"]), []).append(order)
+                listed = (member.get("signal") or {}).get("accounts") if member is not first else None
+                for account in set(exits) | {str(a) for a in listed or ()}:
+                    mine = exits.get(account, [])
+                    latest[account] = (member, _exit_outcome(mine), mine)
+            for account, (member, outcome, mine) in sorted(latest.items()):
+                if outcome == _MISSED_EXIT:
+                    debt.missed.add(account)
+                elif outcome == _REJECTED_EXIT and (str(member["id"]), account) not in failed:
+                    debt.rejected[account] = str(member["id"])
+                    last = max((o for o in mine if o["status"] in (REJECTED, CANCELLED)),
+                               key=lambda o: str(o["updated_at"]))
+                    debt.reason = str(last.get("detail") or last["status"])
+            if debt.missed or debt.rejected:
+                debts.append(debt)
+        debts.sort(key=lambda d: str(d.row["received_at"]))
+        return debts
 
     async def _redo_missed_flattens(self, broker: str, reconciled: list[dict[str, Any]] | None = None, *,
                                     why: str) -> list[str]:
@@ -1453,6 +1623,161 @@ class Runtime:
                                 job.signal_id, broker, exc)
                     break
             return journaled
+
+    # -- flatten exits a broker rejected ----------------------------------------------------------------------
+    def _wake_retries(self, broker: str) -> None:
+        """Something may have changed what ``broker`` is owed (an exit rejected or cancelled, a come-up, a resume):
+        let its retry task look again, starting one if none runs. Synchronous: status hooks call it."""
+        if not self.running or self.pool is None or broker not in self.pool.slots:
+            return
+        wake = self._retry_wake.get(broker)
+        if wake is None:
+            wake = self._retry_wake[broker] = asyncio.Event()
+        wake.set()
+        task = self._retry_runners.get(broker)
+        if task is None or task.done():
+            task = asyncio.create_task(self._retry_loop(broker), name=f"flatten-retry-{broker}")
+            self._retry_runners[broker] = task
+            self._tasks.append(task)
+            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    def _retry_due(self, broker: str, debt: _Debt) -> datetime:
+        """When the next retry of ``debt``'s rejected exits is due: its backoff after this process first saw the
+        rejection (after a restart: after the broker's come-up); at once when the retries ran out
+        (``_retry_flattens`` then gives up, after one more look at the broker)."""
+        delays = self.flatten_retry_delays_s
+        attempt = debt.retries + 1
+        at = self._retry_seen.setdefault(debt.state(broker), self.clock())
+        return at if attempt > len(delays) else at + timedelta(seconds=delays[attempt - 1])
+
+    async def _retry_loop(self, broker: str) -> None:
+        """Wait for the next retry due at ``broker`` and run it, until nothing is owed there. A broker that is down
+        or paused ends the loop: its come-up (after recovery, reconciliation and the redo of missed exits) or its
+        resume starts a new one, so a retry never races a come-up."""
+        assert self.pool is not None
+        slot = self.pool[broker]
+        wake = self._retry_wake[broker]
+        while self.running:
+            wake.clear()  # before reading the journal: a rejection journaled from now on wakes the wait below
+            if slot.recovering:
+                await slot.settled.wait()
+                continue
+            if not slot.available:
+                return
+            try:
+                now = self.clock()
+                owed = [debt for debt in self._flatten_debts(broker, now) if debt.rejected]
+                states = {debt.state(broker) for debt in owed}
+                for state in [k for k in self._retry_seen if k[0] == broker and k not in states]:
+                    del self._retry_seen[state]  # settled (or moved on to the next attempt)
+                dues = [self._retry_due(broker, debt) for debt in owed]
+                if not dues:
+                    return
+                wait = (min(dues) - now).total_seconds()
+                if wait > 0:
+                    try:
+                        await asyncio.wait_for(wake.wait(), wait)
+                    except TimeoutError:
+                        pass
+                    continue
+                await self._retry_flattens(broker)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a broker drop or a journal error: look again shortly
+                pause = min(self.flatten_retry_delays_s or (1.0,))
+                level = logging.WARNING if isinstance(exc, BrokerError) else logging.ERROR
+                log.log(level, "flatten retries at %s failed (%s: %s); looking again in %gs", broker,
+                        type(exc).__name__, exc, pause, exc_info=level == logging.ERROR)
+                await asyncio.sleep(pause)
+
+    async def _retry_flattens(self, broker: str) -> list[str]:
+        """Retry, at ``broker``, the flatten exits it rejected whose backoff is over (see the module docstring);
+        returns the ids of the retry signals journaled.
+
+        Under the lock of the redo of missed flattens: the two never compute at once, and each nets out the
+        other's exits in flight. The broker is reconciled first (the ledger alone may be stale: the position may
+        have been closed at the broker meanwhile), and the exits never exceed what it holds (``_clamp_exits``)."""
+        assert self.pool is not None
+        async with self._redo_guard:
+            if not self.pool.available(broker):
+                return []
+            now = self.clock()
+            due = [d for d in self._flatten_debts(broker, now) if d.rejected and self._retry_due(broker, d) <= now]
+            if not due:
+                return []
+            by_account = {str(row["account"]): row
+                          for row in await self.reconcile_broker(broker, reason="flatten retry")}
+            now = self.clock()
+            journaled: list[str] = []
+            for debt in due:
+                scope = _flatten_scope(debt.row)
+                assert scope is not None
+                attempt = debt.retries + 1
+                rid = _retry_id(debt.origin, broker, attempt)
+                accounts = set(debt.rejected)
+                orders = _clamp_to_broker(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,
+                                                               roots=scope.roots), by_account, self._in_flight_by())
+                day = trading_day(parse_utc(str(debt.row["received_at"])))
+                late = day != trading_day(now)
+                if orders and (late or attempt > len(self.flatten_retry_delays_s)):
+                    why = (f"its trading day {day.isoformat()} ended before the retries closed it" if late else
+                           f"the broker rejected the exits and {attempt - 1} retries")
+                    await self._flatten_failed(debt, broker, orders, now, why=why)
+                    accounts -= {str(o["account"]) for o in orders}
+                    if not accounts:
+                        continue
+                    orders = []  # the other accounts had nothing left: settled below, with no order
+                body: dict[str, Any] = {
+                    "flatten": True, "account": scope.account, "strategy": scope.strategy, "retry_of": debt.origin,
+                    "broker": broker, "accounts": sorted(accounts),
+                    "reason": (f"{debt.origin} rejected at {broker} for {', '.join(sorted(accounts))} "
+                               f"({debt.reason or 'no reason given'}); retry {attempt}: "
+                               f"{debt.row.get('reason') or 'flatten'}")}
+                if scope.roots is not None:
+                    body["instruments"] = sorted(scope.roots)
+                if orders:
+                    # A flatten of its own: held and superseding what is held in scope, like the original.
+                    await self._issue_flatten(rid, body, orders, accounts=accounts, strategy=scope.strategy,
+                                              roots=scope.roots, now=now)
+                else:
+                    await self._journal_flatten(rid, body, [], now)  # nothing left to close: settled, no order
+                journaled.append(rid)
+                log.warning("%s: %s%s", rid, body["reason"], "" if orders else " (nothing left to close)")
+            return journaled
+
+    def _in_flight_by(self) -> dict[tuple[str, str], int]:
+        """Signed quantity our orders not final yet may still fill, by account and contract (the broker's position
+        does not show it yet; an order the broker reported filled is in that position already)."""
+        found: dict[tuple[str, str], int] = {}
+        for tracked in self.tracker.unsettled():
+            if tracked.status not in FINAL:
+                key = (tracked.job.account, tracked.job.contract)
+                found[key] = found.get(key, 0) + (tracked.job.quantity - tracked.filled) * tracked.job.sign
+        return found
+
+    async def _flatten_failed(self, debt: _Debt, broker: str, orders: list[dict[str, Any]], now: datetime, *,
+                              why: str) -> None:
+        """Give up retrying ``debt``'s rejected exits for the accounts of ``orders`` (what they still hold in
+        scope): journal a ``flatten_failed`` risk event each, log at ERROR, and halt their entries (exits stay
+        allowed) until an operator clears the halt or the next trading day, as any halt."""
+        for account in sorted({str(o["account"]) for o in orders}):
+            legs = [o for o in orders if o["account"] == account]
+            positions = [{"contract": o["contract"], "strategy": o["strategy"],
+                          "quantity": int(o["quantity"]) if o["side"] == "sell" else -int(o["quantity"])}
+                         for o in legs]
+            held = ", ".join(f"{p['contract']} {p['quantity']:+d} ({p['strategy']})" for p in positions)
+            text = (f"flatten {debt.origin} could not close {account} at {broker}: {why}; still held: {held}; "
+                    f"last rejection: {debt.reason or 'no reason given'}")
+            log.error("%s; entries halted until an operator clears the halt", text)
+            halt = self.risk.halts.get(account)
+            self.risk.halt(account, text, f"flatten:{debt.origin}", now,
+                           until_day_end=halt is None or halt.day is not None)
+            self.alerts.append({"account": account, "kind": FLATTEN_FAILED, "detail": text, "at": _utc(now)})
+            self._invalidate()
+            await self._risk_event(account, FLATTEN_FAILED, text, f"flatten:{debt.origin}", now, key=account,
+                                   origin=debt.origin, broker=broker, settles=[debt.rejected[account]],
+                                   contract=positions[0]["contract"], quantity=positions[0]["quantity"],
+                                   positions=positions, last_reason=debt.reason, retries=debt.retries)
 
     # -- risk --------------------------------------------------------------------------------------------------
     async def _risk_loop(self) -> None:
@@ -1545,6 +1870,7 @@ class Runtime:
                     self._owe_catch_up(name, since)  # still paused: the next come-up or resume owes it again
                     raise
         slot = self.pool.resume(name)
+        self._wake_retries(name)
         self._invalidate()
         return slot.as_dict()
 

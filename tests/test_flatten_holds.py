@@ -27,7 +27,7 @@ from engine.signal import parse_signal
 from service.app import JOURNAL, RUNTIME, create_app
 from service.config import ServiceConfig
 from service.dispatch import FILLED, MISSED
-from service.journal import Journal
+from service.journal import Journal, JournalConflict, JournalError
 from service.runtime import Runtime
 from tests.harness.runtime import NOON, ROOT, Clock, World, app_runtime, signal, wait_until, world, write_rules
 
@@ -410,3 +410,71 @@ async def test_mirror_orders_missed_at_a_paused_broker_are_journaled_once_each(t
         assert order["seq"] == 2 and order["broker"] == "slow" and order["order_type"] == "market"
         assert [(e["status"], e["detail"]) for e in order["history"]] == [
             (MISSED, "broker slow down or paused at dispatch")]
+
+
+# -- a flatten and the held orders it superseded reach the disk together ----------------------------------------------
+
+async def test_an_entry_committed_after_the_flatten_that_superseded_it_is_on_disk_missed(tmp_path: Path) -> None:
+    """The entry's commit lands after the flatten's (held open here), and every write the journal is asked for
+    after that fails: its orders must still be ``missed`` on disk, or the restart's recovery sends them."""
+    clock = Clock(NOON)
+    async with world(tmp_path, clock=clock) as w:
+        commit = Commit(w.journal, lambda s: s.get("id") == "e1")
+        pending = asyncio.create_task(decide_and_journal(w, signal("mirror", "buy", 2, sid="e1")))
+        await asyncio.wait_for(commit.reached.wait(), 5)  # decided and held; its commit not written yet
+        result = await w.runtime.flatten(strategy="mirror", reason="operator")
+        assert result["orders"] == [] and w.journal.get_signal("e1") is None
+
+        async def broken(*_args: Any, **_kwargs: Any) -> Any:
+            raise JournalError("journal: disk I/O error (test)")
+
+        w.journal.record_orders = broken  # type: ignore[method-assign]
+        commit.gate.set()
+        decision = await asyncio.wait_for(pending, 5)
+        w.runtime.dispatch("e1", decision)
+        await w.settle()
+        await asyncio.sleep(0.05)  # anything the dispatch started in the background has run
+        assert w.statuses("e1") == {a: MISSED for a in MIRROR}
+        assert all(result["signal_id"] in detail for detail in missed_by(w, "e1").values()), missed_by(w, "e1")
+        assert {a: sent(w, a) for a in MIRROR} == {a: [] for a in MIRROR}
+        await nothing_held(w)
+    async with world(tmp_path, clock=clock) as w:
+        await w.settle()
+        assert {a: sent(w, a) for a in MIRROR} == {a: [] for a in MIRROR}
+        assert w.statuses("e1") == {a: MISSED for a in MIRROR} and w.runtime.tracker.unsettled() == []
+
+
+async def test_a_flatten_and_the_orders_it_superseded_are_journaled_in_one_transaction(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    await journal.start()
+    try:
+        async def record(sid: str, orders: list[dict[str, Any]], **extra: Any) -> str:
+            return await journal.record_signal(signal_id=sid, raw="{}", remote=None, status="accepted", reason=None,
+                                               key=None, signal={"strategy": "mirror"}, decision=None,
+                                               orders=orders, at=NOON, **extra)
+
+        await record("s1", [leg("mb-a"), leg("mb-b", "f2")])
+        await record("flatten-1", [])
+        # The flatten's commit fails (here: its id is taken): the orders it superseded stay as they were.
+        with pytest.raises(JournalConflict):
+            await record("flatten-1", [], missed=[("s1", [leg("mb-a")], "superseded by flatten-1")])
+        assert [e["status"] for e in journal.order_events("mb-a")] == ["new"]
+        # It commits: both are on disk.
+        await record("flatten-2", [], missed=[("s1", [leg("mb-a")], "superseded by flatten-2")])
+        assert [(e["status"], e["detail"]) for e in journal.order_events("mb-a")] == [
+            ("new", None), (MISSED, "superseded by flatten-2")]
+        assert journal.get_order("mb-b")["status"] == "new"
+
+        # Superseded before its signal is written (its commit lands after the flatten's): written missed with it.
+        journal.supersede("s2", {"mb-c": "superseded by flatten-3"})
+        await record("s2", [leg("mb-c"), leg("mb-d", "f2")])
+        assert [(e["status"], e["detail"]) for e in journal.order_events("mb-c")] == [
+            ("new", None), (MISSED, "superseded by flatten-3")]
+        assert journal.get_order("mb-c")["status"] == MISSED and journal.get_order("mb-d")["status"] == "new"
+        # Withdrawn (the flatten was not journaled): written as decided.
+        journal.supersede("s3", {"mb-e": "superseded by flatten-4"})
+        journal.withdraw_superseded("s3", ["mb-e"])
+        await record("s3", [leg("mb-e")])
+        assert journal.get_order("mb-e")["status"] == "new"
+    finally:
+        await journal.close()

@@ -202,6 +202,7 @@ async def test_an_operator_flatten_voids_the_target_for_catch_up(w: World) -> No
 
 async def test_a_flatten_that_reached_the_broker_is_not_redone(w: World) -> None:
     contract = await open_mirror(w)
+    w.runtime.flatten_retry_delays_s = (1.5,)  # the rejected exit's retry (tests/test_flatten_retry.py) comes later
     w.connector("slow").reject_next(1)
     result = await w.runtime.flatten(strategy="mirror", reason="operator")
     await w.settle()
@@ -210,10 +211,15 @@ async def test_a_flatten_that_reached_the_broker_is_not_redone(w: World) -> None
     rejected = "s0" if statuses["s0"] == REJECTED else "s1"
     await drop(w, "slow")
     await come_back(w, "slow")
-    # Filled: done. Rejected: the broker was there and refused; not re-sent on an unrelated reconnect.
+    # Filled: done. Rejected: the broker was there and refused; not redone on a reconnect, but retried (once).
     assert redos(w) == []
     assert held(w, "slow", SLOW[rejected]) == {contract: 2}
     assert sum(len(orders) for orders in slow_book(w).values()) == 3
+    await wait_until(lambda: held(w, "slow", SLOW[rejected]) == {}, what="the retry closed it")
+    await w.settle()
+    assert redos(w) == [] and [s["id"] for s in w.journal.recent_signals(50) if "-retry-" in s["id"]] == [
+        f"{result['signal_id']}-retry-slow-1"]
+    assert sum(len(orders) for orders in slow_book(w).values()) == 4
 
 
 async def test_a_flatten_of_an_earlier_trading_day_is_only_warned_about(w: World,
