@@ -173,6 +173,9 @@ class OrderTracker:
         self.orders: dict[str, Tracked] = {}
         self.by_broker_id: dict[tuple[str, str], str] = {}
         self.hooks: list[StatusHook] = []
+        self.settled_hooks: list[Callable[[Tracked], None]] = []
+        """Called once per order, synchronously, when it settles: final, and all it filled booked in the ledger
+        (a broker's "filled" answer may come before its fill reports; this waits for both)."""
         self._unsettled: dict[str, Tracked] = {}
         self._exposure: dict[str, dict[str, int]] = {}
         """Signed quantity of the unsettled orders not yet in the ledger, by account and contract: kept as orders
@@ -475,7 +478,9 @@ class OrderTracker:
         coid = job.client_order_id
         status = tracked.status
         if status in _DONE or (status == FILLED and tracked.filled >= job.quantity):
-            self._unsettled.pop(coid, None)
+            if self._unsettled.pop(coid, None) is not None:
+                for settled in self.settled_hooks:
+                    settled(tracked)
             now = 0
             before = self._counted.pop(coid, 0)
         elif self._unsettled.get(coid) is tracked:

@@ -24,7 +24,8 @@ scope (account, strategy, roots) the account still holds after reconciliation, n
 more than the broker holds where the two disagree. The journaled id makes a second come-up a no-op; only when the
 re-issue's own exits are missed again (the broker dropped once more) does the next come-up issue ``n + 1``. A broker
 that comes back while an operator keeps it paused gets nothing, neither re-issued flattens nor catch-up, until
-``resume_broker``, which does both, in that order, before it un-pauses. An exit the broker *rejected* is not
+``resume_broker``, which does both, in that order, before it un-pauses. A pause is an operator's drop: what is
+decided while it lasts is missed there, so the resume catches up from the moment of the pause, drop or no drop. An exit the broker *rejected* is not
 re-issued by a come-up (a reconnect says nothing about why the broker refused): it is retried, below. A flatten of
 an earlier trading day is not carried out, only warned about naming each position: the day it belonged to is over
 (a schedule flatten guarded that session's close, a risk flatten that day's loss, whose halts lifted at 18:00 ET),
@@ -65,6 +66,17 @@ to the flatten's own exit (the account ends short). The flatten computes its exi
 flight and the exits of other flattens still being journaled, and its own exits count (held) from that moment, so
 that a signal or a flatten decided during its journal commit does not exit the same position again. Held orders
 outside its scope go out as usual, and the answer the webhook gave stays as it was.
+
+Orders in flight when a flatten is computed: the flatten counts them as if they will fill, also on a line the
+ledger holds flat (an entry sent a moment ago), and exits the result at once, as the engine counts them too: from
+that instant every decision sees the line flat, and no signal exits it a second time. An order that then does not
+do what was counted (the broker rejects it, a paused or down broker makes it ``missed``, it fills in part) leaves
+the line off flat by the difference: once the last order the flatten counted on a line settles (final, fills
+booked), a follow-up exit for that difference, ``<flatten id>-follow-<n>``, is held in that same step (the engine's
+view stays flat) and journaled and sent like the flatten's own exits (retried when rejected, re-issued when
+missed). Orders decided after the flatten are not part of it: a new signal may open the line again. The watch is in
+memory: a restart in the milliseconds between a flatten and the settling of what it counted on loses the
+follow-up (reconciliation then shows the position).
 
 Exposure: an entry reserves its margin from the moment it is dispatched until the broker resolves it *and* a
 later account snapshot reflects the fill, so the free margin the engine sees never looks better than it is, even
@@ -295,6 +307,28 @@ def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[st
 
 
 @dataclass
+class _Netted:
+    """A line (account, strategy, contract) a flatten closed while orders were still in flight on it.
+
+    The flatten's own exit counted on them to fill what they had left (``Runtime._flatten_orders``), but an order in
+    flight may yet fill in part, or never leave (rejected, or ``missed`` at a broker that is down or paused). Once
+    every one of them has settled, what they filled since (``moved``) minus what was counted (``-base``) is what the
+    flatten left open: a follow-up exit closes it (``Runtime._follow_up``). Orders decided after the flatten are not
+    watched: a new signal may open the line again."""
+
+    fid: str
+    account: str
+    strategy: str
+    contract: str
+    base: int
+    """Minus the signed quantity the flatten counted the watched orders would still fill."""
+    waiting: dict[str, int]
+    """Client order id -> its filled quantity when the flatten computed; removed once the order is final."""
+    moved: int = 0
+    """Signed quantity the watched orders filled since the flatten."""
+
+
+@dataclass
 class _Reservation:
     account: str
     margin: Decimal
@@ -333,6 +367,7 @@ class Runtime:
         self.ledger = Ledger()
         self.tracker = OrderTracker(journal)
         self.tracker.hooks.append(self._on_status)
+        self.tracker.settled_hooks.append(self._netted_settled)
         self.pool: BrokerPool | None = None
         self.dispatcher: Dispatcher | None = None
         self.risk = RiskMonitor(self._mark, self._point_value)
@@ -381,6 +416,10 @@ class Runtime:
         """Per broker that came back while an operator kept it paused: the ``since`` of the catch-up its come-up
         left to ``resume_broker`` (None: every target of the day)."""
         self._holds: dict[str, _Hold] = {}
+        self._netted: dict[str, list[_Netted]] = {}
+        """Client order id -> the flattened lines waiting for it to be final (``_Netted``)."""
+        self._follow_ups: dict[str, int] = {}
+        """Flatten id -> follow-ups issued so far (their ids: ``<flatten id>-follow-<n>``)."""
         """Orders decided and not handed to the dispatcher yet, by signal id (``hold``)."""
         self._held: dict[str, dict[str, int]] = {}
         """Per account and contract: the signed quantity of every held order (kept as holds come and go)."""
@@ -1383,14 +1422,28 @@ class Runtime:
         body: dict[str, Any] = {"flatten": True, "account": account, "strategy": strategy, "reason": reason}
         if roots is not None:
             body["instruments"] = sorted(roots)
-        orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots)
-        decision = await self._issue_flatten(fid, body, orders, accounts=accounts, strategy=strategy, roots=roots,
-                                             now=now)
+        netted: list[_Netted] = []
+        orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots, netted=netted)
+        for line in netted:  # before the first await: an order may become final at any moment after it
+            for coid in line.waiting:
+                self._netted.setdefault(coid, []).append(line)
+        try:
+            decision = await self._issue_flatten(fid, body, orders, accounts=accounts, strategy=strategy,
+                                                 roots=roots, now=now)
+        except BaseException:
+            for line in netted:
+                for coid in line.waiting:
+                    watching = self._netted.get(coid, [])
+                    if line in watching:
+                        watching.remove(line)
+                    if not watching:
+                        self._netted.pop(coid, None)
+            raise
         return {"signal_id": fid, "orders": decision["orders"], "reason": reason}
 
     async def _issue_flatten(self, fid: str, body: dict[str, Any], orders: list[dict[str, Any]], *,
                              accounts: set[str] | None, strategy: str | None, roots: frozenset[str] | None,
-                             now: datetime) -> dict[str, Any]:
+                             now: datetime, supersede: bool = True) -> dict[str, Any]:
         """Journal flatten ``fid`` (``body``: its scope) with ``orders`` (its exits, just computed) and hand them to
         the dispatcher; returns the decision record. The operator's, the risk monitor's and the schedule's flattens
         come here, and so does a retry of rejected exits.
@@ -1403,7 +1456,16 @@ class Runtime:
         disk already, and in the signal's transaction when it is written later (``Journal.supersede``): either way
         never ``new`` next to the flatten, where a restart's recovery would send them (an entry reopening what the
         flatten closed), and without waiting for a commit the flatten cannot see coming."""
-        superseded = self._supersede_holds(fid, accounts=accounts, strategy=strategy, roots=roots)
+        superseded = self._hold_flatten(fid, orders, accounts=accounts, strategy=strategy, roots=roots,
+                                        supersede=supersede)
+        return await self._send_flatten(fid, body, orders, superseded, now)
+
+    def _hold_flatten(self, fid: str, orders: list[dict[str, Any]], *, accounts: set[str] | None,
+                      strategy: str | None, roots: frozenset[str] | None,
+                      supersede: bool) -> dict[str, list[tuple[str, Job]]]:
+        """The synchronous half of ``_issue_flatten``: supersede what is held in scope, hold the exits."""
+        superseded = self._supersede_holds(fid, accounts=accounts, strategy=strategy, roots=roots) \
+            if supersede else {}
         jobs = [job for job in (self._job(o, str(o["strategy"]), fid, Decimal(0)) for o in orders) if job is not None]
         self._holds[fid] = _Hold(jobs, [], flatten=True)
         for job in jobs:
@@ -1412,6 +1474,13 @@ class Runtime:
         for sid, voided in superseded.items():
             self.journal.supersede(sid, {job.client_order_id: detail for _fid, job in voided})
         self._invalidate()
+        return superseded
+
+    async def _send_flatten(self, fid: str, body: dict[str, Any], orders: list[dict[str, Any]],
+                            superseded: dict[str, list[tuple[str, Job]]], now: datetime) -> dict[str, Any]:
+        """The asynchronous half of ``_issue_flatten``: journal the flatten with what it superseded, then hand its
+        held exits to the dispatcher."""
+        detail = f"superseded by flatten {fid}, computed while this order was held: never sent"
         try:
             decision = await self._journal_flatten(fid, body, orders, now, superseded=[
                 (sid, [self._missed_row(job) for _fid, job in voided], detail) for sid, voided in superseded.items()])
@@ -1426,20 +1495,33 @@ class Runtime:
         return decision
 
     def _flatten_orders(self, fid: str, *, accounts: set[str] | None, strategy: str | None,
-                        roots: frozenset[str] | None) -> list[dict[str, Any]]:
+                        roots: frozenset[str] | None, netted: list[_Netted] | None = None) -> list[dict[str, Any]]:
         """One market exit per (account, strategy, contract) held in scope, net of orders still in flight and of the
         exits of other flattens being journaled (held). Other held orders do not count: those in scope are
         superseded by this flatten (``_supersede_holds``), and the redo of a missed flatten runs for a broker that
-        takes no new orders yet."""
+        takes no new orders yet.
+
+        Orders in flight count as if they will fill, also on a line the ledger holds flat (an entry the broker has
+        not filled yet): that is what the engine counts too, so from this instant every decision sees the line
+        flat, and no signal decided meanwhile exits it a second time. ``netted``, when given, receives every line
+        with orders in flight: an order that then does not fill as counted (rejected, or ``missed`` at a broker that
+        is down or paused) leaves the line off flat by its difference, which a follow-up exit closes, held in the
+        step the last of them settles, so that the engine's view stays flat throughout (``_Netted``)."""
         pending: dict[tuple[str, str, str], int] = {}
         for held in self._holds.values():
             if held.flatten:
                 for job in held.jobs:
                     key = (job.account, job.strategy, job.contract)
                     pending[key] = pending.get(key, 0) + job.quantity * job.sign
+        in_flight: dict[tuple[str, str, str], list[Tracked]] = {}
+        for t in self.tracker.unsettled():
+            in_flight.setdefault((t.job.account, t.job.strategy, t.job.contract), []).append(t)
+        lines = {key: book.quantity for key, book in self.ledger.items() if book.quantity}
+        for key in in_flight:
+            lines.setdefault(key, 0)
         orders = []
-        for (acct, strat, contract), book in self.ledger.items():
-            if not book.quantity or (accounts is not None and acct not in accounts):
+        for (acct, strat, contract), quantity in lines.items():
+            if accounts is not None and acct not in accounts:
                 continue
             if strategy is not None and strat != strategy:
                 continue
@@ -1448,10 +1530,13 @@ class Runtime:
             doc = self._account(acct)
             if doc is None:
                 continue
-            remaining = book.quantity + pending.get((acct, strat, contract), 0) + sum(
-                (t.job.quantity - t.filled) * t.job.sign
-                for t in self.tracker.unsettled()
-                if t.job.account == acct and t.job.strategy == strat and t.job.contract == contract)
+            key = (acct, strat, contract)
+            flying = in_flight.get(key, [])
+            counted = sum((t.job.quantity - t.filled) * t.job.sign for t in flying)
+            remaining = quantity + pending.get(key, 0) + counted
+            if netted is not None and flying:
+                netted.append(_Netted(fid, acct, strat, contract, base=-counted,
+                                      waiting={t.job.client_order_id: t.filled for t in flying}))
             if remaining == 0:
                 continue
             orders.append({"account": acct, "broker": doc.broker, "contract": contract,
@@ -1459,6 +1544,53 @@ class Runtime:
                            "client_order_id": client_order_id(fid, acct, f"{strat}:{contract}"),
                            "strategy": strat})
         return orders
+
+    def _netted_settled(self, tracked: Tracked) -> None:
+        """An order settled (``OrderTracker.settled_hooks``). One a flatten counted on: book what it filled since;
+        the line's last one issues the follow-up if the line is not where the flatten left it to be (flat)."""
+        coid = tracked.job.client_order_id
+        if coid not in self._netted:
+            return
+        for line in self._netted.pop(coid, []):
+            line.moved += (tracked.filled - line.waiting.pop(coid, tracked.filled)) * tracked.job.sign
+            if not line.waiting and line.base + line.moved != 0:
+                self._follow_up(line)
+
+    def _follow_up(self, line: _Netted) -> None:
+        """Close what a flatten left open on ``line`` because orders in flight did not do what it counted on (an
+        exit rejected or missed, an entry that filled after it): a flatten signal of its own, ``<flatten
+        id>-follow-<n>``, scoped to the line, journaled and sent like the flatten's exits (a rejected or missed one
+        is retried or re-issued like theirs). It supersedes nothing: orders held now were decided after the
+        flatten, and a new signal may open the line again."""
+        left = line.base + line.moved
+        doc = self._account(line.account)
+        if doc is None or left == 0:
+            return
+        n = self._follow_ups[line.fid] = self._follow_ups.get(line.fid, 0) + 1
+        fid = f"{line.fid}-follow-{n}"
+        root = contract_root(line.contract)
+        reason = (f"follow-up of {line.fid}: orders in flight on {line.account} {line.contract} ({line.strategy}) "
+                  f"ended {line.moved:+d} where the flatten counted on {-line.base:+d}; "
+                  f"closing {left:+d}")
+        body: dict[str, Any] = {"flatten": True, "account": line.account, "strategy": line.strategy,
+                                "instruments": [root], "reason": reason, "follow_of": line.fid}
+        order = {"account": line.account, "broker": doc.broker, "contract": line.contract,
+                 "side": "sell" if left > 0 else "buy", "quantity": abs(left), "intent": "exit",
+                 "client_order_id": client_order_id(fid, line.account, f"{line.strategy}:{line.contract}"),
+                 "strategy": line.strategy}
+        log.warning("%s: %s", fid, reason)
+        # Held now, in the step that settled the line's last order: the engine sees the exit from this instant.
+        self._hold_flatten(fid, [order], accounts={line.account}, strategy=line.strategy, roots=frozenset({root}),
+                           supersede=False)
+
+        async def send() -> None:
+            try:
+                await self._send_flatten(fid, body, [order], {}, self.clock())
+            except Exception:
+                log.exception("%s: follow-up of flatten %s not journaled; %s %s still holds %+d", fid, line.fid,
+                              line.account, line.contract, left)
+
+        self._spawn(send())
 
     async def _journal_flatten(self, fid: str, body: dict[str, Any], orders: list[dict[str, Any]],
                                now: datetime, *,
@@ -1847,7 +1979,12 @@ class Runtime:
 
     # -- admin -------------------------------------------------------------------------------------------------
     async def pause_broker(self, name: str) -> dict[str, Any]:
+        """Send nothing new to ``name`` until ``resume_broker``. Its accounts miss what is decided meanwhile, as at
+        a broker that is down, so the resume owes them a catch-up from now on (``catch_up`` accounts), as a
+        come-up does; a pause of a broker already paused changes nothing."""
         assert self.pool is not None
+        if not self.pool[name].admin_paused:
+            self._owe_catch_up(name, self.clock())
         slot = self.pool.pause(name)
         self._invalidate()
         return slot.as_dict()

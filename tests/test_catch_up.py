@@ -270,6 +270,24 @@ async def test_mirror_catch_up_converges_each_account_on_its_own(w: World) -> No
     assert [(o["side"], o["quantity"]) for o in w.book_orders("fast", "F-1")] == [("buy", 2)]
 
 
+async def test_a_resume_catches_up_what_an_operator_pause_made_the_account_miss(w: World) -> None:
+    """A pause is an operator's drop: orders decided meanwhile are missed there, and the resume converges the
+    ``catch_up`` accounts as a come-up does (before, a pause without a drop never caught up)."""
+    await w.runtime.pause_broker("slow")
+    decision = await w.submit(signal("mirror", "buy", 2, sid="m1", position="long", position_size=2))
+    assert [o.account for o in decision.orders] == ["f1"]
+    await wait_until(lambda: w.statuses("m1") == {"f1": FILLED, "s1": MISSED}, what="s1 missed")
+    await w.runtime.resume_broker("slow")
+    mirror = [c for c in w.runtime.catchups if c["strategy"] == "mirror"]
+    assert [legs(c) for c in mirror] == [[("s1", "buy", 2, "entry")]]
+    await w.settle()
+    assert [(o["side"], o["quantity"]) for o in w.book_orders("slow", "S-1")] == [("buy", 2)]
+    await w.runtime.pause_broker("slow")  # nothing missed this time: the resume has nothing to catch up
+    await w.runtime.resume_broker("slow")
+    await w.settle()
+    assert [(o["side"], o["quantity"]) for o in w.book_orders("slow", "S-1")] == [("buy", 2)]
+
+
 # -- 2b. a webhook's entry journaled but not handed to its broker yet ---------------------------------------------
 
 async def test_an_entry_journaled_but_not_yet_dispatched_counts_as_held(w: World) -> None:

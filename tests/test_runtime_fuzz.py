@@ -13,18 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.fuzz import FLAT_LINE, generate, run_scenario, tolerated
+from tests.harness.fuzz import generate, run_scenario
 from tests.harness.runtime import NOON, Clock, signal, world
 
 DEFAULT_SEEDS = list(range(40))
-"""About 0.3 s a seed. Found failing (strict, before the fixes): seeds 11, 16, 26, 35, 36, 40, 41, 46 and more
-(``FLAT_LINE``), seed 80 (the paused-broker netting below)."""
-
-TOLERATED = set() if os.environ.get("MB_FUZZ_STRICT") else (tolerated() or {FLAT_LINE})
-"""The known bug ``FLAT_LINE`` (pinned strictly by the first xfail test below) is timing-dependent: whether an
-entry is still in flight when a flatten computes varies run to run, so a strict CI seed set would be flaky. The
-tolerance is narrow (only lines the ledger held flat with an order in flight at that instant); ``MB_FUZZ_STRICT=1``
-turns it off. Remove it once the bug is fixed."""
+"""About 0.3 s a seed. Before the fixes of the two flatten bugs below, seeds 11, 16, 26, 35, 36, 40, 41, 46, 80, 114
+and more failed; 500 seeds pass since."""
 
 
 def _seeds() -> list[int]:
@@ -37,15 +31,12 @@ def _seeds() -> list[int]:
 
 @pytest.mark.parametrize("seed", _seeds())
 async def test_a_random_scenario_keeps_every_invariant(seed: int, tmp_path: Path) -> None:
-    runner = await run_scenario(tmp_path, generate(seed), tolerate=TOLERATED)
+    runner = await run_scenario(tmp_path, generate(seed))
     assert runner.checks >= 1
 
 
-# -- bugs the fuzzer found (minimal reproductions; strict xfail until fixed) ------------------------------------------
+# -- bugs the fuzzer found, as minimal reproductions ------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="Runtime._flatten_orders iterates only ledger lines with a non-zero quantity, "
-                   "so an entry still in flight on a line the ledger holds flat gets no exit: it fills after the "
-                   "flatten and the position stays open (found by seeds 26, 36)")
 async def test_a_flatten_closes_an_entry_still_in_flight_on_a_flat_line(tmp_path: Path) -> None:
     async with world(tmp_path, rules={"slow_ms": 20, "fill_ms": 20}, clock=Clock(NOON)) as w:
         opened = await w.submit(signal("mirror", "buy", 1, sid="open"))  # dispatched, not filled yet
@@ -56,10 +47,6 @@ async def test_a_flatten_closes_an_entry_still_in_flight_on_a_flat_line(tmp_path
         assert held == {}, (held, result["orders"])
 
 
-@pytest.mark.xfail(strict=True, reason="Runtime._flatten_orders nets an exit still in flight ('new') at a paused "
-                   "broker; the dispatcher then makes that exit 'missed', the flatten journaled no exit of its own for "
-                   "the account, so resume_broker has no missed flatten exit to re-issue and the position stays open "
-                   "after the flatten (found by seed 80, through the 15:55 schedule flatten)")
 async def test_a_flatten_that_nets_an_exit_later_missed_at_a_paused_broker_still_closes_on_resume(
         tmp_path: Path) -> None:
     async with world(tmp_path, clock=Clock(NOON)) as w:
@@ -76,3 +63,36 @@ async def test_a_flatten_that_nets_an_exit_later_missed_at_a_paused_broker_still
         held = {key: book.quantity for key, book in w.runtime.ledger.items() if book.quantity}
         assert held == {}, (held, result["orders"])
         assert [int(p["quantity"]) for p in w.connector("slow").book.positions("S-1") if int(p["quantity"])] == []
+
+
+async def test_a_signal_after_a_flatten_that_counted_on_an_entry_in_flight_does_not_exit_it_again(
+        tmp_path: Path) -> None:
+    """Seed 72: the flatten counts the entry in flight as filled and exits it at once, so every decision after it sees
+    the line flat; an exit signal meanwhile sends nothing (a follow-up closing it too would leave the account long)."""
+    async with world(tmp_path, rules={"slow_ms": 20, "fill_ms": 20}, clock=Clock(NOON)) as w:
+        await w.submit(signal("mirror", "sell", 2, sid="open"))  # in flight
+        result = await w.runtime.flatten(strategy="mirror", reason="operator")
+        assert sorted((o["account"], o["side"], o["quantity"]) for o in result["orders"]) == \
+            [("f1", "buy", 2), ("f2", "buy", 2), ("s1", "buy", 2)]
+        after = await w.submit(signal("mirror", "exit", sid="exit-after"))
+        assert after.orders == ()
+        await w.settle()
+        assert {k: b.quantity for k, b in w.runtime.ledger.items() if b.quantity} == {}
+        assert not any(s["id"].endswith("-follow-1") for s in w.journal.recent_signals(50))
+
+
+async def test_an_entry_the_flatten_counted_on_and_the_broker_rejected_is_bought_back(tmp_path: Path) -> None:
+    """The other way round: the broker rejects the entry the flatten exited, so the flatten's own exit opened a
+    position; the follow-up closes it once the entry settles, and the account ends flat."""
+    async with world(tmp_path, rules={"slow_ms": 20, "fill_ms": 20}, clock=Clock(NOON)) as w:
+        w.connector("slow").reject_next(1)
+        await w.submit(signal("mirror", "buy", 1, sid="open"))  # s1's entry will be rejected
+        result = await w.runtime.flatten(strategy="mirror", reason="operator")
+        assert ("s1", "sell", 1) in [(o["account"], o["side"], o["quantity"]) for o in result["orders"]]
+        await w.settle()
+        assert w.statuses("open")["s1"] == "rejected"
+        follow = w.journal.get_signal(f"{result['signal_id']}-follow-1")
+        assert follow is not None and [(o["account"], o["side"], o["quantity"], o["status"])
+                                       for o in follow["orders"]] == [("s1", "buy", 1, "filled")]
+        assert {k: b.quantity for k, b in w.runtime.ledger.items() if b.quantity} == {}
+        assert [p for p in w.connector("slow").book.positions("S-1") if int(p["quantity"])] == []

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -224,9 +223,6 @@ class FlattenRecord:
     available: set[str]
     """Brokers available when the flatten was computed."""
     bodies: list[dict[str, Any]]
-    in_flight_flat: set[tuple[str, str, str]] = field(default_factory=set)
-    """(account, strategy, contract) lines flat in the ledger with an order in flight when the flatten computed its
-    exits: the trigger of the known bug ``FLAT_LINE`` (see ``Runner.tolerate``)."""
 
 
 def reducing(body: dict[str, Any]) -> bool:
@@ -243,26 +239,10 @@ def rules_dir(tmp_path: Path, options: dict[str, Any]) -> Path:
     return rules
 
 
-FLAT_LINE = "flat-line"
-"""Known bug: ``Runtime._flatten_orders`` nets orders in flight only on ledger lines that already hold something, so
-an entry in flight on a flat line survives a flatten (tests/test_runtime_fuzz.py, the xfail test of it)."""
-
-
-def tolerated() -> set[str]:
-    """Known bugs a local exploration run looks past (``MB_FUZZ_TOLERATE=flat-line``), to find the next one."""
-    return {t for t in os.environ.get("MB_FUZZ_TOLERATE", "").split(",") if t}
-
-
 @dataclass
 class Runner:
     tmp_path: Path
     scenario: Scenario
-    tolerate: set[str] = field(default_factory=tolerated)
-    flat_line_hits: list[str] = field(default_factory=list)
-    """Flattens whose leftovers ``tolerate`` excused (reported, so an exploration run shows how often)."""
-    excused: set[tuple[str, str, str]] = field(default_factory=set)
-    """Lines a tolerated known bug left open after a flatten: the checks that follow from it skip them."""
-    _computing: list[set[tuple[str, str, str]]] = field(default_factory=list)
     answers: list[Answer] = field(default_factory=list)
     flattens: list[FlattenRecord] = field(default_factory=list)
     checks: int = 0
@@ -282,7 +262,6 @@ class Runner:
         rules = self._rules
         self.w = await stack.enter_async_context(world(self.tmp_path, rules_dir=rules, clock=self.clock,
                                                        price=self.price))
-        self._observe_flattens(self.w)
         # The webhook answers from the watcher it is given; the world's StaticWatcher has no ``acquire``.
         watcher = _Watcher(rules)
         stack.callback(watcher.close)
@@ -299,20 +278,6 @@ class Runner:
             await client.close()
 
         stack.push_async_callback(stop_http)
-
-    def _observe_flattens(self, w: World) -> None:
-        """Note, as each flatten computes its exits (operator and schedule alike: both call ``Runtime.flatten``),
-        which ledger lines are flat with an order in flight (the known bug ``FLAT_LINE``'s trigger)."""
-        rt = w.runtime
-        original = rt.flatten
-
-        async def flatten(**kwargs: Any) -> dict[str, Any]:
-            held = {key for key, book in rt.ledger.items() if book.quantity}
-            lines = {(t.job.account, t.job.strategy, t.job.contract) for t in rt.tracker.unsettled()}
-            self._computing.append(lines - held)
-            return await original(**kwargs)
-
-        rt.flatten = flatten  # type: ignore[method-assign]
 
     async def _close(self) -> None:
         if self._stack is not None:
@@ -369,12 +334,9 @@ class Runner:
         elif do == "advance":
             self.clock.advance(timedelta(seconds=step["seconds"]))
             assert w.runtime.scheduler is not None
-            self._computing.clear()
             fired = await w.runtime.scheduler.tick()
             if any(f.action == "flatten" for f in fired):
                 self.schedule_flattened = True
-                if FLAT_LINE in self.tolerate:
-                    self.excused.update(*self._computing)
         elif do == "restart":
             await self._close()
             await self._open()
@@ -402,13 +364,12 @@ class Runner:
                                                   reason=f"fuzz step {self.step_index}"))
 
         # The flatten goes among the signals at a random place (from the step's index: replayable).
-        self._computing.clear()
         jobs = [self._post(b) for b in step["bodies"]]
         at = random.Random(self.step_index).randint(0, len(jobs))
         jobs.insert(at, flatten())
         await asyncio.gather(*jobs)
         record = FlattenRecord(self.step_index, result["signal_id"], step["account"], step["strategy"], available,
-                               list(step["bodies"]), self._computing[-1] if self._computing else set())
+                               list(step["bodies"]))
         self.flattens.append(record)
         await self.soft_settle()
         self.check_flatten(record)
@@ -433,6 +394,8 @@ class Runner:
 
         def quiet() -> bool:
             if rt.dispatcher._running or any(rt.dispatcher.queued().values()):  # type: ignore[union-attr]
+                return False
+            if any(h.flatten for h in rt._holds.values()):  # a flatten or its follow-up being journaled
                 return False
             return all(not pool.available(t.job.broker) for t in rt.tracker.unsettled())  # type: ignore[union-attr]
 
@@ -484,11 +447,6 @@ class Runner:
                 if record.strategy not in (None, strategy) or strategy in openers:
                     continue
                 held = {c: q for (a, s, c), q in self.ledger_lines().items() if a == account and s == strategy}
-                if held and FLAT_LINE in self.tolerate and \
-                        all((account, strategy, c) in record.in_flight_flat for c in held):
-                    self.flat_line_hits.append(record.signal_id)
-                    self.excused.update((account, strategy, c) for c in held)
-                    continue
                 if held:
                     self.fail(f"flatten {record.signal_id} ({record.account or '*'}/{record.strategy or '*'}): "
                               f"{account}/{strategy} still holds {held} after its exits filled "
@@ -551,7 +509,7 @@ class Runner:
         # The schedule's 15:55 flatten of mirror (entries blocked from 15:50): mirror is flat at every quiescence
         #    point after it, missed exits included (re-issued on the come-up, catch-up converges to flat).
         if self.schedule_flattened:
-            mirror = {k: q for k, q in self.ledger_lines().items() if k[1] == "mirror" and k not in self.excused}
+            mirror = {k: q for k, q in self.ledger_lines().items() if k[1] == "mirror"}
             if mirror:
                 self.fail(f"mirror still holds {mirror} after the schedule's flatten")
 
@@ -591,8 +549,8 @@ class Runner:
             self.fail(f"keys accepted more than once: {keyed}")
 
 
-async def run_scenario(tmp_path: Path, scenario: Scenario, *, tolerate: set[str] | None = None) -> Runner:
-    runner = Runner(tmp_path, scenario) if tolerate is None else Runner(tmp_path, scenario, tolerate=set(tolerate))
+async def run_scenario(tmp_path: Path, scenario: Scenario) -> Runner:
+    runner = Runner(tmp_path, scenario)
     started = time.monotonic()
     try:
         await runner.run()

@@ -208,8 +208,10 @@ class World:
         return decision
 
     async def settle(self, timeout_s: float = 5.0) -> None:
-        """Until every order the runtime tracks is final with its fills booked, and every queue is empty."""
+        """Until every order the runtime tracks is final with its fills booked, every queue is empty, and no flatten's
+        exits are held (a flatten or its follow-up waiting for its journal commit; a signal's hold is the test's)."""
         await wait_until(lambda: not self.runtime.tracker.unsettled()
+                         and not any(h.flatten for h in self.runtime._holds.values())
                          and not any(self.runtime.dispatcher.queued().values())
                          and not self.runtime.dispatcher._running, timeout_s)
 
