@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import RUNTIME, WATCHER, create_app
+from service.app import JOURNAL, RUNTIME, WATCHER, create_app
 from service.config import ServiceConfig
 from tests.test_admin_api import AUTH, TOKEN, call
 from tests.test_webhook import NOW, SECRET, scalper
@@ -146,3 +147,19 @@ async def test_the_dashboard_puts_orders_that_missed_their_broker_on_top(service
     assert [(o["account"], o["broker"], o["status"], o["intent"], o["signal_id"]) for o in rows] == \
         [("topstep-1", "paper-slow", "missed", "entry", signal_id)], rows
     assert "behind its strategy" in rows[0]["meaning"] and "paused" in rows[0]["detail"]
+
+
+async def test_the_dashboard_lists_the_days_alerts_and_not_bookkeeping(service: Any) -> None:
+    """Risk events of the trading day that a trader must see (a flatten that could not close, a halt) are listed;
+    bookkeeping (day-start marks) and earlier days are not."""
+    client, app = service
+    journal = app[JOURNAL]
+    base = {"scope": "account", "name": "apex-1", "source": "test"}
+    await journal.record_risk_event({**base, "kind": "flatten_failed", "reason": "flatten f1 could not close apex-1",
+                                     "at": NOW})
+    await journal.record_risk_event({**base, "kind": "day_start", "reason": "marks", "at": NOW})
+    await journal.record_risk_event({**base, "kind": "halt", "reason": "yesterday's halt",
+                                     "at": NOW - timedelta(days=1)})
+    _s, dash = await call(client, "GET", "/api/dashboard")
+    assert [(a["kind"], a["name"], a["reason"]) for a in dash["alerts"]] == \
+        [("flatten_failed", "apex-1", "flatten f1 could not close apex-1")]

@@ -18,7 +18,7 @@ from engine.loader import load_rules
 from service.ledger import Ledger
 from service.marks import mark_rows
 from tests.conftest import EXAMPLE_RULES
-from view.snapshot import (account_inputs, attention_rows, dashboard, equity_curves, live_equity,
+from view.snapshot import (account_inputs, alert_rows, attention_rows, dashboard, equity_curves, live_equity,
                            reconciliation_rows, signal_rows)
 
 D = Decimal
@@ -174,3 +174,11 @@ def test_attention_rows_say_what_each_failed_order_means() -> None:
     assert "refused by the broker" in rows[2]["meaning"] and rows[2]["detail"] is None
     assert rows[3]["meaning"].startswith("outcome unknown")
     assert rows[0]["time"] == "2026-11-24T20:55:00.000Z" and rows[0]["quantity"] == 2
+
+
+def test_alert_rows_keep_what_a_trader_must_see() -> None:
+    rows = alert_rows([{"at": "t2", "kind": "flatten_failed", "name": "apex-1", "reason": "r", "source": "flatten:f"},
+                       {"at": "t1", "kind": "day_start", "name": "portfolio", "reason": "marks", "source": "risk"},
+                       {"at": "t0", "kind": "adopt", "name": "apex-2", "reason": "adopted", "source": "recon"}])
+    assert [(r["kind"], r["name"], r["time"]) for r in rows] == [("flatten_failed", "apex-1", "t2"),
+                                                                  ("adopt", "apex-2", "t0")]

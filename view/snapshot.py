@@ -30,6 +30,9 @@ MAX_RECONCILIATIONS = 20
 MAX_ATTENTION = 50
 ATTENTION_STATUSES = ("rejected", "missed", "unknown")
 """Order statuses a trader must act on or at least know about: the order did not do what the decision wanted."""
+ALERT_KINDS = ("flatten_failed", "halt", "adopt", "clear")
+"""Risk events of the day a trader should see as they happen: a flatten that could not close, a halt, positions
+adopted from a broker after a mismatch, a halt cleared (day-start marks and re-arms are bookkeeping)."""
 
 
 def _utc(at: datetime) -> str:
@@ -150,12 +153,19 @@ def attention_rows(orders: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def alert_rows(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The day's alert-worthy risk events (``ALERT_KINDS``), newest first, as the page lists them."""
+    return [{"time": e.get("at"), "kind": e.get("kind"), "name": e.get("name"), "reason": e.get("reason"),
+             "source": e.get("source")} for e in events if e.get("kind") in ALERT_KINDS][:MAX_ATTENTION]
+
+
 def dashboard(rules: RuleSet, inputs: Sequence[AccountInput], *, realized_by_strategy: Mapping[str, Decimal],
               brokers: Sequence[Mapping[str, Any]], halts: Sequence[Mapping[str, Any]],
               signals: Iterable[Mapping[str, Any]], reconciliations: Iterable[Mapping[str, Any]],
               marks: Iterable[Mapping[str, Any]], live_equity: Mapping[str, Decimal],
               rules_info: Mapping[str, Any], now: datetime,
-              attention: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
+              attention: Iterable[Mapping[str, Any]] = (),
+              alerts: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The whole page's data in one dict (Decimals as strings)."""
     view: PortfolioView = portfolio_view(rules, inputs, realized_by_strategy)
     return {
@@ -167,6 +177,7 @@ def dashboard(rules: RuleSet, inputs: Sequence[AccountInput], *, realized_by_str
         "signals": signal_rows(signals),
         "reconciliations": reconciliation_rows(reconciliations),
         "attention": attention_rows(attention),
+        "alerts": alert_rows(alerts),
         "rules": dict(rules_info),
     }
 
@@ -213,8 +224,9 @@ def collect(runtime: Any, journal: Any, watcher: Any, now: datetime | None = Non
         reconciliations=journal.reconciliations(MAX_RECONCILIATIONS), marks=journal.daily_marks(),
         live_equity=live_equity(rules, runtime.ledger, risk.marks, risk.point_value), rules_info=rules_info,
         now=now, attention=journal.orders(status=ATTENTION_STATUSES, updated_since=trading_day_start(now),
-                                          limit=MAX_ATTENTION))
+                                          limit=MAX_ATTENTION),
+        alerts=journal.risk_events_since(trading_day_start(now), kinds=ALERT_KINDS))
 
 
-__all__ = ["account_inputs", "attention_rows", "collect", "dashboard", "equity_curves", "live_equity", "reconciliation_rows",
+__all__ = ["account_inputs", "alert_rows", "attention_rows", "collect", "dashboard", "equity_curves", "live_equity", "reconciliation_rows",
            "signal_rows"]
