@@ -181,9 +181,11 @@ async def test_bad_login_is_http_200_with_error_text_and_an_auth_error(tmp_path:
 
 
 async def test_token_is_renewed_before_expiry_without_a_new_login(tmp_path: Path) -> None:
-    async with make_harness(tmp_path, emulator_options={"token_life_s": 1.0}) as h:
+    # A 2 s life renews 0.5 s before expiry: room for a loaded machine's loop delays (at 1 s, a quarter-second
+    # stall let the token expire first and cost a second login).
+    async with make_harness(tmp_path, emulator_options={"token_life_s": 2.0}) as h:
         assert h.emulator.logins == 1
-        await wait_until(lambda: h.emulator.renewals >= 2, timeout_s=4.0, what="two token renewals")
+        await wait_until(lambda: h.emulator.renewals >= 2, timeout_s=8.0, what="two token renewals")
         assert h.emulator.logins == 1
         assert await h.connector.positions(h.account) == []  # the renewed token works
         assert h.emulator.requests["/v1/auth/accesstokenrequest"] == 1
