@@ -74,7 +74,9 @@ do what was counted (the broker rejects it, a paused or down broker makes it ``m
 the line off flat by the difference: once the last order the flatten counted on a line settles (final, fills
 booked), a follow-up exit for that difference, ``<flatten id>-follow-<n>``, is held in that same step (the engine's
 view stays flat) and journaled and sent like the flatten's own exits (retried when rejected, re-issued when
-missed). Orders decided after the flatten are not part of it: a new signal may open the line again. The watch is in
+missed). When the flatten's own exit on the line does not fill either, there is no follow-up: the retry or re-issue
+of that exit recomputes the line from the ledger and the broker, which by then include what the orders in flight
+really did. Orders decided after the flatten are not part of it: a new signal may open the line again. The watch is in
 memory: a restart in the milliseconds between a flatten and the settling of what it counted on loses the
 follow-up (reconciliation then shows the position).
 
@@ -326,6 +328,12 @@ class _Netted:
     """Client order id -> its filled quantity when the flatten computed; removed once the order is final."""
     moved: int = 0
     """Signed quantity the watched orders filled since the flatten."""
+    own: str | None = None
+    """The flatten's own exit on the line, if it has one: the follow-up is for what the orders in flight did
+    differently, which assumes that exit filled. One that did not (rejected, cancelled, missed) is retried or
+    re-issued from the ledger and the broker, which then include what the watched orders really did: no
+    follow-up as well, or the two would close the same difference twice."""
+    own_filled: bool | None = None
 
 
 @dataclass
@@ -1425,14 +1433,14 @@ class Runtime:
         netted: list[_Netted] = []
         orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots, netted=netted)
         for line in netted:  # before the first await: an order may become final at any moment after it
-            for coid in line.waiting:
+            for coid in [*line.waiting, *([line.own] if line.own else [])]:
                 self._netted.setdefault(coid, []).append(line)
         try:
             decision = await self._issue_flatten(fid, body, orders, accounts=accounts, strategy=strategy,
                                                  roots=roots, now=now)
         except BaseException:
             for line in netted:
-                for coid in line.waiting:
+                for coid in [*line.waiting, *([line.own] if line.own else [])]:
                     watching = self._netted.get(coid, [])
                     if line in watching:
                         watching.remove(line)
@@ -1534,15 +1542,16 @@ class Runtime:
             flying = in_flight.get(key, [])
             counted = sum((t.job.quantity - t.filled) * t.job.sign for t in flying)
             remaining = quantity + pending.get(key, 0) + counted
+            coid = client_order_id(fid, acct, f"{strat}:{contract}")
             if netted is not None and flying:
                 netted.append(_Netted(fid, acct, strat, contract, base=-counted,
-                                      waiting={t.job.client_order_id: t.filled for t in flying}))
+                                      waiting={t.job.client_order_id: t.filled for t in flying},
+                                      own=coid if remaining else None))
             if remaining == 0:
                 continue
             orders.append({"account": acct, "broker": doc.broker, "contract": contract,
                            "side": "sell" if remaining > 0 else "buy", "quantity": abs(remaining), "intent": "exit",
-                           "client_order_id": client_order_id(fid, acct, f"{strat}:{contract}"),
-                           "strategy": strat})
+                           "client_order_id": coid, "strategy": strat})
         return orders
 
     def _netted_settled(self, tracked: Tracked) -> None:
@@ -1552,8 +1561,16 @@ class Runtime:
         if coid not in self._netted:
             return
         for line in self._netted.pop(coid, []):
-            line.moved += (tracked.filled - line.waiting.pop(coid, tracked.filled)) * tracked.job.sign
-            if not line.waiting and line.base + line.moved != 0:
+            if coid == line.own:
+                line.own_filled = tracked.status == FILLED
+            else:
+                line.moved += (tracked.filled - line.waiting.pop(coid, tracked.filled)) * tracked.job.sign
+            if line.waiting or (line.own is not None and line.own_filled is None):
+                continue
+            if line.own_filled is False:
+                log.info("%s: its exit on %s %s did not fill: retried or re-issued from the ledger, no follow-up",
+                         line.fid, line.account, line.contract)
+            elif line.base + line.moved != 0:
                 self._follow_up(line)
 
     def _follow_up(self, line: _Netted) -> None:

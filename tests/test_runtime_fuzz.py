@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.fuzz import generate, run_scenario
-from tests.harness.runtime import NOON, Clock, signal, world
+from tests.harness.runtime import NOON, Clock, signal, wait_until, world
 
 DEFAULT_SEEDS = list(range(40))
 """About 0.3 s a seed. Before the fixes of the two flatten bugs below, seeds 11, 16, 26, 35, 36, 40, 41, 46, 80, 114
@@ -96,3 +96,25 @@ async def test_an_entry_the_flatten_counted_on_and_the_broker_rejected_is_bought
                                        for o in follow["orders"]] == [("s1", "buy", 1, "filled")]
         assert {k: b.quantity for k, b in w.runtime.ledger.items() if b.quantity} == {}
         assert [p for p in w.connector("slow").book.positions("S-1") if int(p["quantity"])] == []
+
+
+async def test_no_follow_up_when_the_flattens_own_exit_was_rejected_the_retry_closes_the_line(tmp_path: Path) -> None:
+    """The flatten counted on an entry in flight and its own exit was rejected too: the retry recomputes the line
+    from the ledger and the broker (which include what the entry really did); a follow-up as well would buy back a
+    rejected entry's difference on top of a position that is still open."""
+    async with world(tmp_path, rules={"slow_ms": 100}, clock=Clock(NOON)) as w:
+        w.runtime.flatten_retry_delays_s = (0.05, 0.05)
+        await w.submit(signal("mirror", "buy", 1, sid="open"))
+        await w.settle()
+        w.connector("slow").reject_next(2)  # s1's next entry, then the flatten's exit
+        await w.submit(signal("mirror", "buy", 1, sid="more"))  # in flight at slow for 100 ms
+        result = await w.runtime.flatten(strategy="mirror", reason="operator")
+        assert ("s1", "sell", 2) in [(o["account"], o["side"], o["quantity"]) for o in result["orders"]]
+        await wait_until(lambda: w.journal.get_signal(f"{result['signal_id']}-retry-slow-1") is not None, 5)
+        await w.settle()
+        assert w.statuses("more")["s1"] == "rejected" and w.statuses(result["signal_id"])["s1"] == "rejected"
+        assert w.journal.get_signal(f"{result['signal_id']}-follow-1") is None
+        # What the broker took (it keeps no rejected orders): the first entry, then only the retry's exit.
+        assert [(o["side"], int(o["quantity"]), o["status"]) for o in w.book_orders("slow", "S-1")] == \
+            [("buy", 1, "filled"), ("sell", 1, "filled")]
+        assert {k: b.quantity for k, b in w.runtime.ledger.items() if b.quantity} == {}
