@@ -69,6 +69,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await watcher.start()
         factory: RuntimeFactory = app[RUNTIME_FACTORY]  # type: ignore[assignment]
         runtime = factory(config, journal, watcher)
+        if getattr(runtime, "clock", None) is not None:
+            journal.clock = runtime.clock  # one clock: rows stamped by the journal line up with the runtime's
         await runtime.start()
     except BaseException:
         if runtime is not None:

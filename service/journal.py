@@ -162,6 +162,10 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
+def _wall_clock() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 def _at(value: Any) -> str:
     """A time given as an aware datetime or an ISO-8601 string with an offset, as the journal stores it."""
     if value is None:
@@ -300,10 +304,15 @@ class Journal:
     """See the module docstring. ``await start()`` before use and ``await close()`` after, on one event loop; one
     per data directory (a lock file refuses a second process on the same journal)."""
 
-    def __init__(self, path: str | Path, *, key_horizon_s: float = 24 * 3600) -> None:
+    def __init__(self, path: str | Path, *, key_horizon_s: float = 24 * 3600,
+                 clock: Callable[[], datetime] | None = None) -> None:
         """``key_horizon_s``: the longest idempotency window the caller will ask ``find_by_key`` about; the keys of
-        that much history are kept in memory (``find_by_key``)."""
+        that much history are kept in memory (``find_by_key``). ``clock``: what a row written without a time of
+        its own is stamped with (an order's status change, a fill's arrival); the service gives the journal its
+        one clock, so that every row of a replay or of a test with a moved clock lines up with the signals and
+        decisions it belongs to."""
         self.path = Path(path)
+        self.clock: Callable[[], datetime] = clock or _wall_clock
         self.key_horizon_s = key_horizon_s
         self._keys: dict[str, str] = {}
         """Idempotency key -> received_at of the first accepted or decided signal under it (``find_by_key``)."""
@@ -366,7 +375,7 @@ class Journal:
         self._load_keys(conn)
 
     def _load_keys(self, conn: sqlite3.Connection) -> None:
-        floor = utc_iso(datetime.now(timezone.utc) - timedelta(seconds=self.key_horizon_s))
+        floor = utc_iso(self.clock() - timedelta(seconds=self.key_horizon_s))
         rows = conn.execute(
             "SELECT key, MIN(received_at) FROM signals WHERE key IS NOT NULL AND status IN ('accepted', 'decided') "
             "AND received_at >= ? GROUP BY key LIMIT ?", (floor, KEY_INDEX_MAX + 1)).fetchall()
@@ -385,7 +394,7 @@ class Journal:
         self._keys[key] = received_at
         if len(self._keys) > KEY_INDEX_MAX:
             # Forget what no lookup can ask about any more; everything received since the new floor is still in.
-            floor = utc_iso(datetime.now(timezone.utc) - timedelta(seconds=self.key_horizon_s))
+            floor = utc_iso(self.clock() - timedelta(seconds=self.key_horizon_s))
             self._keys = {k: at for k, at in self._keys.items() if at >= floor}
             self._keys_floor = max(self._keys_floor, floor)
             if len(self._keys) > KEY_INDEX_MAX:
@@ -669,7 +678,7 @@ class Journal:
         if status not in SIGNAL_STATUSES:
             raise ValueError(f"signal status {status!r} is not one of {', '.join(SIGNAL_STATUSES)}")
         sid = signal_id or new_signal_id(at)
-        when = utc_iso(at)
+        when = utc_iso(at or self.clock())
         raw_text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         strategy = (signal or {}).get("strategy") if signal else None
         decision_text = decision if decision is None or isinstance(decision, str) else dumps(decision)
@@ -750,11 +759,13 @@ class Journal:
         return out
 
     def recent_signals(self, limit: int = 100, *, status: str | None = None) -> list[dict[str, Any]]:
+        # Newest first; signals received at the same instant (a clock that stands still in a replay) in the order
+        # they were written.
         if status is None:
-            rows = self._query("SELECT * FROM signals ORDER BY received_at DESC LIMIT ?", (limit,))
+            rows = self._query("SELECT * FROM signals ORDER BY received_at DESC, rowid DESC LIMIT ?", (limit,))
         else:
-            rows = self._query("SELECT * FROM signals WHERE status = ? ORDER BY received_at DESC LIMIT ?",
-                               (status, limit))
+            rows = self._query("SELECT * FROM signals WHERE status = ? ORDER BY received_at DESC, rowid DESC "
+                               "LIMIT ?", (status, limit))
         return [_signal(r) for r in rows]
 
     def pending_signals(self) -> list[dict[str, Any]]:
@@ -792,7 +803,7 @@ class Journal:
         if status not in ORDER_STATUSES:
             raise ValueError(f"order status {status!r} is not one of {', '.join(ORDER_STATUSES)}")
         detail_text = None if detail is None else (detail if isinstance(detail, str) else dumps(detail))
-        return self._enqueue(_StatusRow(client_order_id, status, broker_order_id, detail_text, utc_iso(at)))
+        return self._enqueue(_StatusRow(client_order_id, status, broker_order_id, detail_text, utc_iso(at or self.clock())))
 
     def get_order(self, client_order_id: str) -> dict[str, Any] | None:
         rows = self._query("SELECT * FROM orders WHERE client_order_id = ?", (client_order_id,))
@@ -854,7 +865,7 @@ class Journal:
         if status not in FINAL_ORDER_STATUSES:
             raise ValueError(f"record_orders journals orders that never leave; {status!r} is not one of "
                              f"{', '.join(sorted(FINAL_ORDER_STATUSES))}")
-        when = utc_iso(at)
+        when = utc_iso(at or self.clock())
         rows = _final_rows(orders, detail)
 
         def write(conn: sqlite3.Connection) -> list[str]:
@@ -906,7 +917,7 @@ class Journal:
             data["commission"] = commission_text
         row = (data["broker"], str(data["fill_id"]), data.get("account"), data.get("contract"), data.get("side"),
                None if quantity is None else int(quantity), price_text, commission_text, at_text,
-               data.get("client_order_id"), data.get("broker_order_id"), data.get("strategy"), utc_iso(),
+               data.get("client_order_id"), data.get("broker_order_id"), data.get("strategy"), utc_iso(self.clock()),
                _encode(data))
         result: bool = await self._enqueue(_FillRow(row))
         return result
@@ -937,7 +948,7 @@ class Journal:
             for col in columns:
                 value = row.get(col)
                 extra.append(None if value is None else int(value) if isinstance(value, bool) else value)
-            values.append((_at(row.get("at")), *extra, dumps(dict(row))))
+            values.append((_at(row.get("at") or self.clock()), *extra, dumps(dict(row))))
         cols = ", ".join(("at", *columns, "data"))
         marks = ", ".join("?" for _ in range(len(columns) + 2))
 
@@ -958,8 +969,9 @@ class Journal:
         return self._recent_rows("reconciliations", limit)
 
     async def record_reload(self, row: Mapping[str, Any]) -> None:
-        """One rules reload attempt (``engine.reload.Reload.as_dict()``)."""
-        await self._record_rows("reloads", ("generation", "ok", "outcome"), [row])
+        """One rules reload attempt (``engine.reload.Reload.as_dict()``), at its own ``time``."""
+        await self._record_rows("reloads", ("generation", "ok", "outcome"),
+                                [{**row, "at": row.get("at") or row.get("time")}])
 
     def reloads(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._recent_rows("reloads", limit)
@@ -1001,7 +1013,7 @@ class Journal:
         for a day never changes. Returns how many accounts were newly marked.
         """
         day = trading_day.isoformat()
-        when = _at(at)
+        when = _at(at or self.clock())
         prices = dumps({k: str(v) for k, v in sorted(marks.items())})
         money = ("cash", "equity", "realized", "unrealized", "commissions", "margin_used")
         values = [(day, row["account"], when, row.get("broker"), *(_text(row.get(k)) for k in money), prices,

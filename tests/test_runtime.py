@@ -198,7 +198,7 @@ async def test_status_accounts_and_levers(tmp_path: Path) -> None:
             w.runtime.clear_halt("f1")
 
 
-async def test_paper_fills_are_stamped_on_the_runtime_clock(tmp_path: Path) -> None:
+async def test_paper_fills_and_journal_rows_are_stamped_on_the_runtime_clock(tmp_path: Path) -> None:
     """A simulated broker runs on the service's time line: its fills land on the trading day the schedule and the
     risk monitor see (the test clock is March 2026), not on the wall clock's."""
     async with world(tmp_path, clock=Clock(NOON)) as w:
@@ -207,3 +207,7 @@ async def test_paper_fills_are_stamped_on_the_runtime_clock(tmp_path: Path) -> N
         await w.settle()
         stamps = [parse_utc(str(f["at"])) for f in w.journal.fills()]
         assert stamps and all(start <= at <= w.clock() for at in stamps), (start, stamps)
+        # The journal's own stamps (an order's status changes, a fill's arrival) are on the same time line.
+        journal_stamps = [parse_utc(str(o["updated_at"])) for o in w.journal.orders()] + \
+            [parse_utc(str(f["recorded_at"])) for f in w.journal.fills()]
+        assert all(start <= at <= w.clock() for at in journal_stamps), (start, journal_stamps)

@@ -253,13 +253,13 @@ async def world(tmp_path: Path, *, clock: Clock | None = None, start: bool = Tru
     data_dir = tmp_path / "data"
     data_dir.mkdir(exist_ok=True)
     own_journal = journal is None
+    clock = clock or Clock()
     if journal is None:
-        journal = Journal(data_dir / "journal.db")
+        journal = Journal(data_dir / "journal.db", clock=clock)
         await journal.start()
     watcher = StaticWatcher(rules_dir)
     feed = PriceFeed(seed=0)
     feed.set_price(ROOT, price)
-    clock = clock or Clock()
     config = SimpleNamespace(data_dir=data_dir, reconnect_backoff_s=0.02, reconnect_backoff_max_s=0.1)
     runtime = Runtime(config, journal, watcher, clock=clock, feed=feed,
                       connector_options={"reconnect_wait_s": 0.2, **(connector_options or {})})
