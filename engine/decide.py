@@ -10,17 +10,30 @@ entry is allowed, and if not, which check refuses it first (one ``entry`` messag
 Python, and why:
 
 - quantities (multiplier rounding, target convergence, splitting a zero-crossing order into exit + entry, which
-  held contracts an exit closes): arithmetic over the account's holdings, not a condition;
+  held contracts an exit closes): arithmetic over the strategy's holdings, not a condition;
 - picking one account in ``best`` mode: "the cheapest of several candidates" compares messages with each other,
   which would need joins, and durable-rules' joins are unsafe (out-of-bounds reads, a ``$not`` join segfaults);
 - schedule windows (``engine.schedule``): wall-clock and calendar logic; the engine sees "blocked" as a field.
 
 Semantics chosen where the rules format is silent (a demanding trader's expectations):
 
+- A signal of strategy S acts on S's own position in each account (``AccountState.strategy_held``: S's ledger
+  book, its orders in flight and its decided orders, per contract), never on another strategy's that the account
+  also follows, nor on contracts booked to no strategy (a manual trade reconciliation adopted; reconciliation
+  reports them, no strategy's target or exit touches them). Targets, exits, reversals, which held contracts an
+  order closes (oldest first) and best mode's holders all read S's position; an order's ``intent`` says what it
+  does to S's position (``exit``: reduces it). A state that does not know positions per strategy (a document
+  giving only ``positions``) stands for the signal's strategy's.
+- Account-wide checks stay account-wide: margin (the account's free margin), loss limits and halts (the account's
+  and the portfolio's), and contract limits. An account's ``max_contracts`` reads the absolute value of the
+  account's net position in the root (every strategy's, plus contracts booked to no strategy, in flight included)
+  after every leg of this order; a portfolio ``max_contracts`` reads the sum over accounts of those absolute nets.
+  Only entries are judged: a strategy's exit that leaves the account's net larger (another strategy held the
+  opposite side) is never blocked, like every exit.
 - Exits are never blocked: not by risk, schedule, margin, a paused or disconnected broker (the service queues the
   order until the connection is back), nor by ``mode``/``select``. A size multiplier of 0 excludes the account
   entirely, exits included ("size multiplier 0").
-- ``action: exit`` closes every contract of the instrument the account holds (after a roll, the old contract).
+- ``action: exit`` closes every contract of the instrument the strategy holds (after a roll, the old contract).
   ``buy``/``sell`` that reduce a position close the oldest held contracts first; the opening part of a
   zero-crossing order goes into the contract the ticker resolves to now.
 - Target signals (``position``/``position_size``): target = round_half_up(size x multiplier), signed; the order is
@@ -28,10 +41,13 @@ Semantics chosen where the rules format is silent (a demanding trader's expectat
 - ``best`` mode, buy/sell: every account holding an opposite position gets its exit. If the signal only reduces
   those positions, nobody gets a new entry; if it reverses them, the opening part goes to exactly one of those
   holders (the book's net position then matches the strategy's). With no opposite holder, exactly one eligible
-  account gets the entry, chosen by ``select`` then account name. ``best`` mode, target signals: if any target
-  account holds the instrument (already at its target or not), the holders converge to the target (the position
-  lives there; opening it elsewhere would double it) and nobody else trades; if none holds it, one account chosen
-  by ``select`` opens it.
+  account gets the entry, chosen by ``select`` then account name. ``best`` mode, target signals: if the strategy
+  holds the instrument at a target account (already at its target or not), the position lives there: that holder
+  converges to the target and nobody else opens it (that would double it); if none holds it, one account chosen by
+  ``select`` opens it. With several holders (after a failover), one keeps the position (a holder already at its
+  target, else the one with the fewest contracts to trade to reach it, ties by the rule's account order) and
+  converges; every other holder is closed to flat, its line saying so ("the MES position is kept at bf; closing 1
+  here"). A flat target closes every holder.
 - ``max_contracts`` rejects (never resizes); a portfolio-scope ``max_contracts`` counts the book after this
   decision's exits and the entries it already accepted. A loss limit restricted to ``instrument`` blocks entries in
   those roots only; so does the service's halt after such a limit breached (``AccountState.halted_instruments``,
@@ -257,18 +273,19 @@ def _sign(n: int) -> int:
 
 @dataclass(slots=True)
 class Plan:
-    """What one account's order becomes: exit legs (contract, signed qty) and an opening part (signed qty)."""
+    """What one account's order becomes: exit legs (contract, signed qty) and an opening part (signed qty), computed
+    from the signal's strategy's own position there (``net``); the account's net over every strategy
+    (``account_net``) is what account-wide limits judge the opening part against."""
 
     account: Account
     state: AccountState
     net: int
+    """The signal's strategy's net position in the root at this account."""
+    account_net: int | None
+    """The account's net position in the root: every strategy's and the contracts booked to no strategy (None: not
+    computed yet; ``_Decider.net_after`` computes it for the plans whose opening part is judged)."""
     exits: list[tuple[str, int]] = field(default_factory=list)
     entry: int = 0
-
-    @property
-    def net_after(self) -> int:
-        """The account's net position in the root once the exits and the opening part are done."""
-        return self.net + sum(q for _, q in self.exits) + self.entry if self.exits else self.net + self.entry
 
 
 def _oldest_first(held: Mapping[str, int], now: datetime) -> list[str]:
@@ -470,6 +487,10 @@ class _Decider:
         """Contracts of the entries accepted so far in this decision (portfolio-wide contract limits count them)."""
         self.exited: dict[str, int] = {}
         """Account -> signed quantity of this decision's exits (all decided before any entry is judged)."""
+        self.holders: list[str] = []
+        """Best mode, target signals: the target accounts where the strategy holds the root."""
+        self.keeper: str | None = None
+        """Best mode, target signals with several holders: the one that keeps the position."""
         # Per-decision constants, computed once rather than per account.
         self.day_start, self.day_end = trading_day_bounds(trading_day(now))
         self.blocking = None if engine._block_per_account else self.blocking_rule(None)
@@ -511,6 +532,24 @@ class _Decider:
     def skip(self, account: str, reason: str, by: str) -> None:
         self.skipped.append(Skip(account, reason, by))
 
+    def _new_plan(self, account: Account, acc_state: AccountState, held: Mapping[str, int]) -> Plan:
+        net = sum(held.values())
+        # Positions not known per strategy are the signal's: the account's net is the strategy's.
+        return Plan(account, acc_state, net, net if acc_state.strategy_positions is None else None)
+
+    def net_after(self, plan: Plan) -> int:
+        """The account's net position in the root once the plan's exits and opening part are done: what an
+        account's ``max_contracts`` reads (every strategy's position and the contracts booked to no strategy)."""
+        net = plan.account_net
+        if net is None:
+            net = plan.account_net = sum(plan.state.held(self.root).values())
+        return net + sum(q for _, q in plan.exits) + plan.entry if plan.exits else net + plan.entry
+
+    def target(self, account: Account) -> int:
+        """The signed target of a target signal at ``account``: position_size x multiplier, rounded half up."""
+        size = scale_quantity(self.signal.position_size or 0, self.engine._facts[account.name].multiplier)
+        return {"long": size, "short": -size}.get(self.signal.position or "flat", 0)
+
     def plan(self, account: Account) -> Plan | None:
         acc_state = self.state.accounts.get(account.name)
         if acc_state is None:
@@ -519,10 +558,15 @@ class _Decider:
         if account.size_multiplier == 0:
             self.skip(account.name, "size multiplier 0", "size_multiplier")
             return None
-        held = acc_state.held(self.root)
-        net = sum(held.values())
-        plan = Plan(account, acc_state, net)
         signal = self.signal
+        if acc_state.strategy_positions is None:  # positions not known per strategy: they are the signal's
+            held = acc_state.held(self.root)
+            net = sum(held.values())
+            plan = Plan(account, acc_state, net, net)
+        else:
+            held = acc_state.strategy_held(signal.strategy, self.root)
+            plan = Plan(account, acc_state, sum(held.values()), None)
+            net = plan.net
         mult = account.size_multiplier
         if signal.action == "exit":
             if not held:
@@ -532,8 +576,7 @@ class _Decider:
             return plan
         multiplier = self.engine._facts[account.name].multiplier
         if signal.is_target:
-            size = scale_quantity(signal.position_size or 0, multiplier)
-            target = {"long": size, "short": -size}.get(signal.position or "flat", 0)
+            target = self.target(account)
             delta = target - net
             if delta == 0:
                 self.skip(account.name, f"already at target {target:+d} {self.root}", "target")
@@ -571,7 +614,7 @@ class _Decider:
         paused = 1 if account.broker in self.state.paused else 0
         halted = 1 if acc_state.halted_in(self.root) else 0
         pnl_scaled = ceil_scaled(pnl, self.compiled.scale)
-        abs_after = abs(plan.net_after)
+        abs_after = abs(self.net_after(plan))
         pabs_after = self.portfolio_abs + self.entered + qty
         # free margin x 100 x 10**j x S in one multiplication by that power of ten: the same exact product
         free = floor_scaled(acc_state.free_margin, engine._free_factor)
@@ -667,7 +710,10 @@ class _Decider:
     def run(self) -> Decision:
         if self.signal.action == "cancel":
             return self.cancel()
-        plans = [p for a in self.targets if (p := self.plan(a)) is not None]
+        if self.rule.mode == "best" and self.signal.is_target:
+            plans = self.best_target_plans()
+        else:
+            plans = [p for a in self.targets if (p := self.plan(a)) is not None]
         for plan in plans:
             self.add_exits(plan)
         if self.rule.mode == "mirror":
@@ -691,15 +737,15 @@ class _Decider:
         if not openers:
             return
         if self.signal.is_target:
-            # Holders are every target account that holds the root, not only those with a plan: an account already
-            # at its target has no plan ("already at target"), yet the position lives there. Counting plans only
-            # let a flat account open the same position a second time (a repeated target, or a broker's catch-up
-            # after best routing had placed the entry elsewhere while it was away).
-            holders = self._holders()
+            # Holders are every target account where the strategy holds the root, not only those with a plan: an
+            # account already at its target has no plan ("already at target"), yet the position lives there.
+            # Counting plans only let a flat account open the same position a second time (a repeated target, or a
+            # broker's catch-up after best routing had placed the entry elsewhere while it was away).
+            holders = self.holders
             if holders:
+                where = self.keeper or ", ".join(holders)
                 for plan in openers:
                     if plan.net == 0:
-                        where = ", ".join(holders)
                         self.skip(plan.account.name, f"best mode: the {self.root} position is held at {where}",
                                   self.rule.name)
                         continue
@@ -738,16 +784,53 @@ class _Decider:
         for plan, _ in eligible[1:]:
             self.skip(plan.account.name, f"eligible, but best mode chose {winner.account.name}{why}", self.rule.name)
 
-    def _holders(self) -> list[str]:
-        """Target accounts with a net position in the root (in flight included, as the state counts it); an account
-        with size multiplier 0 does not follow the strategy, so its position is not the strategy's."""
-        names = []
+    def best_target_plans(self) -> list[Plan]:
+        """Plans of a target signal in ``best`` mode: the strategy's position lives at one account.
+
+        With the position at several holders (after a failover: an exit missed at a paused broker while a later
+        target opened the position elsewhere), one holder keeps it and converges to the target, and every other
+        holder is closed to flat (exits: never blocked; at a broker that is down or paused the runtime records them
+        missed and re-issues or catches up as usual). Converging every holder would hold the position once per
+        holder. The keeper: a holder already at its target, else the one with the fewest contracts to trade to reach
+        it, ties by the rule's account order (what a repeated target keeps choosing). A flat target has nothing to
+        keep: every holder converges to flat."""
+        holders = self._holders()
+        self.holders = [a.name for a, _, _ in holders]
+        keeper = None
+        if len(holders) > 1 and self.signal.position in ("long", "short") and self.signal.position_size:
+            keeper = min(holders, key=lambda h: abs(self.target(h[0]) - h[2]))[0]  # min keeps the first of ties
+            self.keeper = keeper.name
+        plans = []
+        for account in self.targets:
+            holder = next((h for h in holders if h[0] is account), None) if keeper is not None else None
+            if holder is None or holder[0] is keeper:
+                plan = self.plan(account)
+                if plan is not None:
+                    plans.append(plan)
+                continue
+            _, acc_state, _ = holder
+            held = acc_state.strategy_held(self.signal.strategy, self.root)
+            plan = self._new_plan(account, acc_state, held)
+            plan.exits = [(c, -q) for c, q in sorted(held.items())]
+            self.skip(account.name, f"best mode: the {self.root} position is kept at {self.keeper}; closing "
+                                    f"{abs(plan.net)} here", self.rule.name)
+            plans.append(plan)
+        return plans
+
+    def _holders(self) -> list[tuple[Account, AccountState, int]]:
+        """(account, state, the strategy's net) of the target accounts where the signal's strategy holds a net
+        position in the root (in flight included, as the state counts it), in the rule's account order; an account
+        with size multiplier 0 does not follow the strategy, so its position is not the strategy's. Another
+        strategy's position in the same account, or contracts booked to no strategy, do not make a holder."""
+        found = []
+        strategy = self.signal.strategy
         for account in self.targets:
             acc_state = self.state.accounts.get(account.name)
-            if acc_state is not None and account.size_multiplier != 0 \
-                    and sum(acc_state.held(self.root).values()) != 0:
-                names.append(account.name)
-        return names
+            if acc_state is not None and account.size_multiplier != 0:
+                net = sum(acc_state.strategy_held(strategy, self.root).values())
+                if net != 0:
+                    found.append((account, acc_state, net))
+        return found
 
     def _rank(self, plan: Plan) -> tuple[Any, ...]:
         key: list[Any] = []

@@ -13,6 +13,21 @@ Document shape (``parse_state``)::
     accounts:
       apex-1: {connected: true, free_margin: 5000, daily_pnl: -20.5, positions: {MESH6: 2}}
       apex-3: {connected: true, free_margin: 9000, halted_instruments: {ES: "es-loss breached"}}
+      apex-4:                           # follows two strategies: what each holds, and the account's net
+        connected: true
+        free_margin: 9000
+        strategies: {es-scalper: {MESH6: 1}, micro-trend: {MESH6: -1, MESM6: 2}}
+        positions: {MESH6: 3, MESM6: 2} # optional: the sum of the strategies' when absent; here +3 is external
+
+Positions, per strategy and per account. An account may follow several strategies, and each strategy trades its own
+position there: a signal of strategy S acts on S's position (``strategies.S``: its book plus its orders in flight
+and decided), never on another strategy's, so a ``flat`` target or an ``exit`` of S leaves the others' contracts
+alone. ``positions`` is the account's net (every strategy's, plus contracts booked to no strategy, e.g. a manual
+trade reconciliation adopted): what the broker holds, and what account-wide checks (``max_contracts``, the
+portfolio's contracts) count. Contracts in ``positions`` beyond the strategies' sum belong to no strategy: no
+strategy's target or exit touches them. A document that gives only ``positions`` (no ``strategies``) describes an
+account whose positions are the signal's strategy's, as every account following one strategy has (and as decision
+tables and ``multibroker decide`` examples written before per-strategy positions mean).
 
 ``halted_instruments`` halts an account's entries in some roots only (root -> reason), as a loss limit restricted to
 ``instrument`` does in the service (``service.risk``); ``halted`` halts them in every root. Neither ever blocks an
@@ -46,7 +61,8 @@ class AccountState:
     daily_pnl: Decimal
     """Realized + unrealized USD since the trading day began."""
     positions: Mapping[str, int] = field(default_factory=dict)
-    """Contract code -> signed quantity (long > 0)."""
+    """Contract code -> signed quantity (long > 0): the account's net over every strategy and the contracts booked
+    to no strategy (what the broker holds, orders in flight and decided included). Account-wide limits read it."""
     halted: str | None = None
     """Why entries are halted for this account (operator or reconciliation), None when not halted."""
     daily_pnl_at: datetime | None = None
@@ -54,6 +70,11 @@ class AccountState:
     halted_instruments: Mapping[str, str] = field(default_factory=dict)
     """Root -> why entries in that root alone are halted (a loss limit restricted to roots breached); the other
     roots keep trading. ``halted`` (every root) comes first when both are set."""
+    strategy_positions: Mapping[str, Mapping[str, int]] | None = None
+    """Strategy -> contract code -> signed quantity: each strategy's own position in this account (its ledger book,
+    its orders in flight, its decided orders not sent yet). A strategy absent holds nothing here. None: not known
+    per strategy (a state document giving only ``positions``), and the account's positions are taken as the
+    signal's strategy's. Positions booked to no strategy are in ``positions`` only."""
 
     def halted_in(self, root: str) -> str | None:
         """Why entries in ``root`` are halted for this account, or None."""
@@ -64,6 +85,15 @@ class AccountState:
         if not self.positions:  # the common case, asked for every account of every decision
             return {}
         return {c: q for c, q in self.positions.items() if q and contract_root(c) == root}
+
+    def strategy_held(self, strategy: str, root: str) -> dict[str, int]:
+        """Non-zero positions of ``strategy`` in contracts of ``root``: what a signal of that strategy acts on."""
+        if self.strategy_positions is None:
+            return self.held(root)
+        own = self.strategy_positions.get(strategy)
+        if not own:
+            return {}
+        return {c: q for c, q in own.items() if q and contract_root(c) == root}
 
 
 @dataclass(frozen=True)
@@ -130,21 +160,27 @@ def parse_account(name: str, obj: Any, halted: str | None = None) -> AccountStat
     where = _path("accounts", name)
     data = _mapping(obj, where)
     unknown = set(data) - {"connected", "free_margin", "daily_pnl", "positions", "halted", "daily_pnl_at",
-                           "halted_instruments"}
+                           "halted_instruments", "strategies"}
     if unknown:
         raise StateError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     for key in ("connected", "free_margin"):
         if key not in data:
             raise StateError(f"{where}: '{key}' is required")
-    positions: dict[str, int] = {}
-    for contract, qty in _mapping(data.get("positions") or {}, _path(where, "positions")).items():
-        if isinstance(qty, bool) or not isinstance(qty, int) or abs(qty) > MAX_CONTRACTS:
-            raise StateError(f"{_path(where, 'positions', str(contract))}: expected a signed integer "
-                             f"(|qty| <= {MAX_CONTRACTS:,}), got {qty!r}")
-        code = str(contract).strip().upper()
-        if len(code) < 3 or not code[-1].isdigit():
-            raise StateError(f"{_path(where, 'positions', str(contract))}: not a contract code (e.g. MESH6)")
-        positions[code] = positions.get(code, 0) + qty
+    positions = _positions(data.get("positions"), _path(where, "positions"))
+    by_strategy: dict[str, dict[str, int]] | None = None
+    if data.get("strategies") is not None:
+        by_strategy = {}
+        for strategy, book in _mapping(data["strategies"], _path(where, "strategies")).items():
+            if not isinstance(strategy, str) or not strategy.strip():
+                raise StateError(f"{_path(where, 'strategies')}: {strategy!r} is not a strategy name")
+            held = _positions(book, _path(where, "strategies", strategy))
+            if held:
+                by_strategy[strategy] = held
+        if data.get("positions") is None:  # the account holds what its strategies hold
+            for held in by_strategy.values():
+                for code, qty in held.items():
+                    positions[code] = positions.get(code, 0) + qty
+            positions = {c: q for c, q in positions.items() if q}
     own_halt = data.get("halted")
     if own_halt is not None and not isinstance(own_halt, str):
         raise StateError(f"{_path(where, 'halted')}: expected the reason as text")
@@ -165,7 +201,22 @@ def parse_account(name: str, obj: Any, halted: str | None = None) -> AccountStat
         halted=halted or own_halt or None,
         daily_pnl_at=None if at is None else _time(at, _path(where, "daily_pnl_at")),
         halted_instruments=halted_roots,
+        strategy_positions=by_strategy,
     )
+
+
+def _positions(obj: Any, where: str) -> dict[str, int]:
+    """Contract code -> signed quantity from a document's mapping (codes upper-cased; repeats add up)."""
+    positions: dict[str, int] = {}
+    for contract, qty in _mapping(obj or {}, where).items():
+        if isinstance(qty, bool) or not isinstance(qty, int) or abs(qty) > MAX_CONTRACTS:
+            raise StateError(f"{_path(where, str(contract))}: expected a signed integer "
+                             f"(|qty| <= {MAX_CONTRACTS:,}), got {qty!r}")
+        code = str(contract).strip().upper()
+        if len(code) < 3 or not code[-1].isdigit():
+            raise StateError(f"{_path(where, str(contract))}: not a contract code (e.g. MESH6)")
+        positions[code] = positions.get(code, 0) + qty
+    return positions
 
 
 def parse_state(obj: Any) -> tuple[datetime, EngineState]:

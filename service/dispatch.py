@@ -158,6 +158,7 @@ class Tracked:
 
 StatusHook = Callable[[Tracked, str], Awaitable[None] | None]
 _NO_EXPOSURE: Mapping[str, int] = MappingProxyType({})
+_NO_STRATEGY_EXPOSURE: Mapping[str, Mapping[str, int]] = MappingProxyType({})
 
 
 def _written(result: Awaitable[None]) -> asyncio.Future[None]:
@@ -180,6 +181,9 @@ class OrderTracker:
         self._exposure: dict[str, dict[str, int]] = {}
         """Signed quantity of the unsettled orders not yet in the ledger, by account and contract: kept as orders
         are tracked, filled and settled so that the engine's view costs O(accounts), not O(orders in flight)."""
+        self._strategy_exposure: dict[str, dict[str, dict[str, int]]] = {}
+        """The same by account, strategy and contract, kept in the same step: each strategy trades its own
+        position in an account, so the engine reads what each strategy has in flight (``strategy_exposure``)."""
         self._counted: dict[str, int] = {}
         """What each unsettled order contributes to ``_exposure`` now (client order id -> signed quantity)."""
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -465,6 +469,12 @@ class OrderTracker:
         book = self._exposure.get(account)
         return _NO_EXPOSURE if book is None else MappingProxyType(book)
 
+    def strategy_exposure(self, account: str) -> Mapping[str, Mapping[str, int]]:
+        """``exposure`` split by strategy: strategy -> contract -> signed contracts in flight or not yet booked
+        (non-zero only; a strategy with none is absent). Read-only view, kept incrementally."""
+        books = self._strategy_exposure.get(account)
+        return _NO_STRATEGY_EXPOSURE if books is None else MappingProxyType(books)
+
     def unsettled(self) -> list[Tracked]:
         """Orders whose quantity is not all in the ledger yet and may still be: in flight, working, or filled at
         the broker with fills still on their way. A broker's "filled" answer can arrive before its fill reports;
@@ -494,6 +504,7 @@ class OrderTracker:
             before = self._counted.pop(coid, 0)
         if now != before:
             add_to_book(self._exposure, job.account, job.contract, now - before)
+            add_to_strategy_book(self._strategy_exposure, job.account, job.strategy, job.contract, now - before)
 
 
 def add_to_book(books: dict[str, dict[str, int]], account: str, contract: str, delta: int) -> None:
@@ -507,6 +518,15 @@ def add_to_book(books: dict[str, dict[str, int]], account: str, contract: str, d
         book.pop(contract, None)
         if not book:
             del books[account]
+
+
+def add_to_strategy_book(books: dict[str, dict[str, dict[str, int]]], account: str, strategy: str, contract: str,
+                         delta: int) -> None:
+    """``add_to_book`` one level deeper: ``books[account][strategy][contract]``, no zero entries, no empty levels."""
+    by_strategy = books.setdefault(account, {})
+    add_to_book(by_strategy, strategy, contract, delta)
+    if not by_strategy:
+        del books[account]
 
 
 _DONE = frozenset({REJECTED, CANCELLED, MISSED})

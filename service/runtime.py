@@ -127,6 +127,7 @@ from service.dispatch import (
     OrderTracker,
     Tracked,
     add_to_book,
+    add_to_strategy_book,
 )
 from service.journal import parse_utc
 from service.ledger import EXTERNAL_STRATEGY, Ledger, replay
@@ -431,6 +432,8 @@ class Runtime:
         """Orders decided and not handed to the dispatcher yet, by signal id (``hold``)."""
         self._held: dict[str, dict[str, int]] = {}
         """Per account and contract: the signed quantity of every held order (kept as holds come and go)."""
+        self._held_by_strategy: dict[str, dict[str, dict[str, int]]] = {}
+        """The same per account, strategy and contract (each strategy's decided orders, for its own position)."""
         self.alerts: list[dict[str, Any]] = []
         self.catchups: list[dict[str, Any]] = []
         self.running = False
@@ -876,7 +879,9 @@ class Runtime:
                 "margin_usd": job.margin_usd}
 
     def _count_held(self, job: Job, sign: int) -> None:
-        add_to_book(self._held, job.account, job.contract, sign * job.quantity * job.sign)
+        delta = sign * job.quantity * job.sign
+        add_to_book(self._held, job.account, job.contract, delta)
+        add_to_strategy_book(self._held_by_strategy, job.account, job.strategy, job.contract, delta)
 
     def _rule_mode(self, name: str | None) -> str | None:
         return next((r.mode for r in self.ruleset.routing_rules if r.name == name), None)
@@ -2077,7 +2082,14 @@ class Runtime:
     def engine_state(self, now: datetime) -> EngineState:
         """The accounts as the engine must see them; rebuilt only after something changed (cheap per webhook).
         Orders count from their decision on: held (``hold``), then in flight, then in the ledger; an entry's margin
-        stays reserved throughout."""
+        stays reserved throughout.
+
+        Positions twice over: the account's net (``positions``: every line, what the broker holds and what
+        account-wide limits, risk and the dashboard read) and each strategy's own (``strategy_positions``: its ledger
+        books, its orders in flight and its held orders), which is what a signal of that strategy acts on. Lines
+        booked to no strategy (``EXTERNAL_STRATEGY``: fills we did not order, adopted by reconciliation) count in
+        the net only: no strategy's target or exit is computed from them. One pass over the ledger's books, and
+        the tracker's and the holds' views are kept per strategy as orders come and go: O(lines + accounts)."""
         if self.risk.day is not None and trading_day(now) > self.risk.day:
             self.risk.roll(now, self.ledger)
             self._state = None
@@ -2086,18 +2098,38 @@ class Runtime:
         pool = self.pool
         paused = pool.unavailable() if pool is not None else frozenset(self.ruleset.brokers)
         down = pool.disconnected() if pool is not None else paused
+        nets: dict[str, dict[str, int]] = {}
+        own: dict[str, dict[str, dict[str, int]]] = {}
+        for (acct, strategy, contract), book in self.ledger.books.items():
+            qty = book.quantity
+            if qty:
+                net = nets.setdefault(acct, {})
+                net[contract] = net.get(contract, 0) + qty
+                if strategy != EXTERNAL_STRATEGY:
+                    line = own.setdefault(acct, {}).setdefault(strategy, {})
+                    line[contract] = line.get(contract, 0) + qty
         accounts = {}
         for name, account in self.ruleset.accounts.items():
-            positions = dict(self.ledger.account_positions(name))
+            positions = nets.get(name, {})
             for contract, qty in self.tracker.exposure(name).items():
                 positions[contract] = positions.get(contract, 0) + qty
             for contract, qty in self._held.get(name, {}).items():  # decided, not dispatched yet (``hold``)
                 positions[contract] = positions.get(contract, 0) + qty
+            by_strategy = own.get(name, {})
+            for extra in (self.tracker.strategy_exposure(name), self._held_by_strategy.get(name, {})):
+                for strategy, lines in extra.items():
+                    if strategy == EXTERNAL_STRATEGY:
+                        continue
+                    line = by_strategy.setdefault(strategy, {})
+                    for contract, qty in lines.items():
+                        line[contract] = line.get(contract, 0) + qty
             snap = self._snapshots.get(name)
             free = (snap.free_margin if snap is not None else Decimal(0)) - self._reserved(name)
             accounts[name] = AccountState(
                 connected=account.broker not in down, free_margin=free, daily_pnl=self.risk.daily_pnl(name),
                 positions={c: q for c, q in positions.items() if q}, halted=self.risk.halted(name), daily_pnl_at=now,
-                halted_instruments=self.risk.halted_instruments(name))
+                halted_instruments=self.risk.halted_instruments(name),
+                strategy_positions={s: held for s, lines in by_strategy.items()
+                                    if (held := {c: q for c, q in lines.items() if q})})
         self._state = EngineState(accounts=accounts, paused=paused, portfolio_daily_pnl_at=now)
         return self._state

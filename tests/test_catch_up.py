@@ -339,3 +339,37 @@ async def test_two_brokers_back_at_once_open_the_position_once(tmp_path: Path) -
         positions = held(w)
         assert sorted(positions.values()) == [0, 0, 2], positions
         assert sum(len(orders) for orders in book(w).values()) == 1
+
+
+# -- 6. the position at two accounts after a failover: one keeps it, the other is closed ---------------------------
+
+async def test_a_holder_left_behind_by_a_missed_exit_is_closed_not_topped_up(w: World) -> None:
+    """Fuzzer seed 425: ``bs`` holds 1; with ``slow`` paused, a flat target's exit to ``bs`` is decided (so the next
+    target sees ``bs`` flat and opens 2 at ``bf``) and then missed at the paused broker. The position now sits at two
+    accounts. On the resume, catch-up re-decides the last target (long 2): ``bf`` is at the target and keeps it;
+    ``bs`` is closed. Before, every holder converged to the target: ``bs`` bought 1 more (4 held for a target of 2)."""
+    opened = await w.submit(target("t1", "long", 1))
+    assert [(o.account, o.quantity) for o in opened.orders] == [("bs", 1)]  # slow is up and cheaper
+    await w.settle()
+    await w.runtime.pause_broker("slow")
+    flat = await journal_only(w, target("t2", "flat", 0))  # decided and held: bs counts as flat from now on
+    assert [(o.account, o.side, o.quantity) for o in flat.orders] == [("bs", "sell", 1)]
+    reopened = await w.submit(target("t3", "long", 2))
+    assert [(o.account, o.quantity) for o in reopened.orders] == [("bf", 2)]
+    w.runtime.dispatch(flat.signal_id, flat)  # the exit reaches the paused broker: missed
+    await wait_until(lambda: w.statuses("t2") == {"bs": MISSED}, what="bs's exit missed")
+    await w.settle()
+    assert held(w) == {"bf": 2, "bs": 1, "bs2": 0}
+
+    before = len(w.runtime.catchups)
+    await w.runtime.resume_broker("slow")
+    caught = [c for c in w.runtime.catchups[before:] if c["strategy"] == "best"]
+    assert [legs(c) for c in caught] == [[("bs", "sell", 1, "exit")]]
+    await w.settle()
+    assert held(w) == {"bf": 2, "bs": 0, "bs2": 0}
+    assert book(w) == {"bf": [("buy", 2, "filled")], "bs": [("buy", 1, "filled"), ("sell", 1, "filled")], "bs2": []}
+    # Converged: the next pause and resume sends nothing more.
+    await w.runtime.pause_broker("slow")
+    await w.runtime.resume_broker("slow")
+    await w.settle()
+    assert held(w) == {"bf": 2, "bs": 0, "bs2": 0}

@@ -120,9 +120,21 @@ def random_state(rng: random.Random, ruleset: RuleSet, now: datetime) -> EngineS
         thresholds = [t for lim in ruleset.limits if (t := loss_threshold(lim, account.capital)) is not None]
         if thresholds and rng.random() < 0.4:  # exactly at a loss limit
             pnl = -rng.choice(thresholds) + rng.choice([Decimal(0), Decimal(0), Decimal("0.01")])
+        by_strategy = None
+        if rng.random() < 0.5:  # known per strategy: split the account's positions, some booked to no strategy
+            by_strategy = {}
+            for contract, qty in positions.items():
+                for part in range(rng.randint(1, 3)):
+                    owner = rng.choice(STRATEGIES + ("other", None))
+                    share = qty if part == 0 else rng.randint(-3, 3)
+                    if owner is not None:
+                        book = by_strategy.setdefault(owner, {})
+                        book[contract] = book.get(contract, 0) + share
+                    if part:
+                        positions[contract] += share
         accounts[name] = AccountState(
             connected=rng.random() < 0.85, free_margin=free, daily_pnl=pnl, positions=positions,
-            halted="halted by operator" if rng.random() < 0.1 else None)
+            halted="halted by operator" if rng.random() < 0.1 else None, strategy_positions=by_strategy)
     paused = frozenset(b for b in ruleset.brokers if rng.random() < 0.1)
     portfolio = _money(rng, -3000, 500) if rng.random() < 0.2 else None
     total_capital = sum((a.capital for a in ruleset.accounts.values()), Decimal(0))
@@ -159,8 +171,8 @@ def check_invariants(ruleset: RuleSet, state: EngineState, signal: Signal, now: 
         assert order.quantity > 0 and order.side in ("buy", "sell")
         assert account.size_multiplier != 0
         signed = order.quantity if order.side == "buy" else -order.quantity
-        if order.intent == "exit":
-            held = acc.positions.get(order.contract, 0)
+        if order.intent == "exit":  # closes the signal's strategy's own position, never another's
+            held = acc.strategy_held(signal.strategy, root).get(order.contract, 0)
             assert held != 0 and (held > 0) != (signed > 0) and order.quantity <= abs(held), order
             continue
         assert order.contract == resolve(signal.ticker, now, ruleset.catalog).contract
@@ -190,6 +202,23 @@ def check_invariants(ruleset: RuleSet, state: EngineState, signal: Signal, now: 
                     (o.quantity if o.side == "buy" else -o.quantity) for o in decision.orders if o.account == name))
                     for name, a in state.accounts.items())
                 assert book <= lim.max_contracts, (lim.name, book)
+    rule = next((r for r in ruleset.routing_rules if r.name == decision.rule), None)
+    if rule is not None and rule.mode == "best" and signal.is_target:
+        # Best mode: after a target signal, at most one target account holds the strategy's position.
+        if rule.accounts is not None:
+            targets = [ruleset.accounts[n] for n in rule.accounts if n in ruleset.accounts]
+        elif rule.brokers is not None:
+            targets = [a for a in ruleset.accounts.values() if a.broker in rule.brokers]
+        else:
+            targets = [a for a in ruleset.accounts.values() if signal.strategy in a.strategies]
+        after = {}
+        for account in targets:
+            acc = state.accounts.get(account.name)
+            if acc is None or account.size_multiplier == 0:
+                continue
+            after[account.name] = sum(acc.strategy_held(signal.strategy, root).values()) + sum(
+                (o.quantity if o.side == "buy" else -o.quantity) for o in decision.orders if o.account == account.name)
+        assert sum(1 for net in after.values() if net) <= 1, (after, decision.to_json())
 
 
 def run_case(rng: random.Random, ruleset: RuleSet, engine: Engine, n: int) -> Decision:
