@@ -98,7 +98,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from brokers.base import AccountSnapshot, BrokerError, BrokerEvent, Fill, FillEvent, OrderEvent
 from brokers.feed import PriceFeed
@@ -249,11 +249,27 @@ class _Debt:
         return broker, self.origin, self.retries, tuple(sorted(self.rejected.items()))
 
 
-def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def _outside(orders: list[dict[str, Any]],
+             books: Mapping[tuple[str, str], Mapping[str, int]]) -> dict[tuple[str, str], int]:
+    """Per (account, contract) of ``orders``: what the strategies that are NOT exiting it in this batch hold there
+    (``books``: by account and contract, strategy -> signed quantity, lines booked to no strategy left out). The
+    broker nets every strategy of an account; the part of its position the exiting strategies may close is its
+    position less that (a strategy never closes another's; a manual trade, booked to no strategy, still caps)."""
+    exiting: dict[tuple[str, str], set[str]] = {}
+    for order in orders:
+        exiting.setdefault((str(order["account"]), str(order["contract"])), set()).add(str(order["strategy"]))
+    return {key: sum(q for strat, q in books.get(key, {}).items() if strat not in strategies)
+            for key, strategies in exiting.items()}
+
+
+def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]],
+                 books: Mapping[tuple[str, str], Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
     """Exits never larger than what the broker holds, on its side, in a contract where the reconciliation just run
     found the ledger and the broker disagreeing (an ``on_mismatch: halt`` account keeps its ledger): a flatten
     must close, never open or reverse. ``reconciled``: reconciliation rows by account. Other contracts agree with
-    the broker (or have orders in flight, which the exits already net out) and pass unchanged."""
+    the broker (or have orders in flight, which the exits already net out) and pass unchanged. The broker's
+    position there is first less what the account's strategies outside this batch hold (``_outside``)."""
+    outside = _outside(orders, books or {})
     out = []
     left: dict[tuple[str, str], int] = {}
     for order in orders:
@@ -263,7 +279,7 @@ def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, A
             out.append(order)
             continue
         key = (account, contract)
-        held = left.get(key, int((row.get("broker_positions") or {}).get(contract, 0)))
+        held = left.get(key, int((row.get("broker_positions") or {}).get(contract, 0)) - outside.get(key, 0))
         closable = held if order["side"] == "sell" else -held
         quantity = min(int(order["quantity"]), max(closable, 0))
         if quantity < int(order["quantity"]):
@@ -277,7 +293,8 @@ def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, A
 
 
 def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]],
-                     pending: dict[tuple[str, str], int]) -> list[dict[str, Any]]:
+                     pending: dict[tuple[str, str], int],
+                     books: Mapping[tuple[str, str], Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
     """A retry's exits, each no larger than what the broker holds on its side in every contract, net of our orders
     there still in flight (``pending``: signed quantity left to fill, by account and contract), in exit order.
 
@@ -285,7 +302,10 @@ def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[st
     to minutes after the rejection, time enough for someone to close the position at the broker by hand. Such a
     close is booked to no strategy (``EXTERNAL_STRATEGY``), so the account's total agrees with the broker while the
     strategy's book still shows the position; a sell computed from that book would open a short. ``reconciled``:
-    rows of the reconciliation just run, by account; an account without one is not exited at all."""
+    rows of the reconciliation just run, by account; an account without one is not exited at all. The broker's
+    position is first less what the account's strategies outside this batch hold, their orders in flight included
+    (``_outside``: in an account that follows several strategies, each closes only its own)."""
+    outside = _outside(orders, books or {})
     out = []
     left: dict[tuple[str, str], int] = {}
     for order in orders:
@@ -295,7 +315,8 @@ def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[st
         if row is None:
             log.error("%s %s: not reconciled, so what the broker holds is unknown; not exited", account, contract)
             continue
-        held = left.get(key, int((row.get("broker_positions") or {}).get(contract, 0)) + pending.get(key, 0))
+        held = left.get(key, int((row.get("broker_positions") or {}).get(contract, 0)) + pending.get(key, 0)
+                        - outside.get(key, 0))
         closable = held if order["side"] == "sell" else -held
         quantity = min(int(order["quantity"]), max(closable, 0))
         if quantity < int(order["quantity"]):
@@ -1751,7 +1772,8 @@ class Runtime:
                     continue
                 rid = _redo_id(origin, broker, attempt)
                 orders = _clamp_exits(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,
-                                                           roots=scope.roots), by_account)
+                                                           roots=scope.roots), by_account,
+                                      self._strategy_books(in_flight=False))
                 reason = (f"{origin} missed at {broker} ({why}); re-issued for {', '.join(sorted(accounts))}: "
                           f"{row.get('reason') or 'flatten'}")
                 body: dict[str, Any] = {"flatten": True, "account": scope.account, "strategy": scope.strategy,
@@ -1870,7 +1892,8 @@ class Runtime:
                 rid = _retry_id(debt.origin, broker, attempt)
                 accounts = set(debt.rejected)
                 orders = _clamp_to_broker(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,
-                                                               roots=scope.roots), by_account, self._in_flight_by())
+                                                               roots=scope.roots), by_account, self._in_flight_by(),
+                                          self._strategy_books(in_flight=True))
                 day = trading_day(parse_utc(str(debt.row["received_at"])))
                 late = day != trading_day(now)
                 if orders and (late or attempt > len(self.flatten_retry_delays_s)):
@@ -1898,6 +1921,21 @@ class Runtime:
                 journaled.append(rid)
                 log.warning("%s: %s%s", rid, body["reason"], "" if orders else " (nothing left to close)")
             return journaled
+
+    def _strategy_books(self, *, in_flight: bool) -> dict[tuple[str, str], dict[str, int]]:
+        """By (account, contract): each strategy's ledger book there (and, ``in_flight``, its orders not settled
+        yet), never lines booked to no strategy: what ``_outside`` subtracts from a broker's position."""
+        books: dict[tuple[str, str], dict[str, int]] = {}
+        for (acct, strat, contract), book in self.ledger.books.items():
+            if book.quantity and strat != EXTERNAL_STRATEGY:
+                by = books.setdefault((acct, contract), {})
+                by[strat] = by.get(strat, 0) + book.quantity
+        if in_flight:
+            for t in self.tracker.unsettled():
+                job = t.job
+                by = books.setdefault((job.account, job.contract), {})
+                by[job.strategy] = by.get(job.strategy, 0) + (job.quantity - t.filled) * job.sign
+        return books
 
     def _in_flight_by(self) -> dict[tuple[str, str], int]:
         """Signed quantity our orders not final yet may still fill, by account and contract (the broker's position

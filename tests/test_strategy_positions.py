@@ -161,3 +161,24 @@ async def test_the_per_strategy_view_is_kept_as_orders_come_and_go(w: World) -> 
     assert w.runtime._held_by_strategy == {} and w.runtime.tracker._strategy_exposure == {}
     contract = w.decisions[0].orders[0].contract
     assert w.runtime.engine_state(w.clock()).accounts["m1"].strategy_positions == {"mirror": {contract: 1}}
+
+
+async def test_a_retried_flatten_exit_closes_its_strategys_share_of_a_broker_position_netted_with_another(
+        w: World) -> None:
+    """``mirror`` long 1 and ``trend`` short 1 in one account: the broker holds 0. A flatten of ``mirror`` whose exit
+    the broker rejects is retried against the broker's position, and ``mirror``'s share of it is 0 less ``trend``'s
+    -1: the retry sells 1 (the broker ends at ``trend``'s -1), where capping at the account's 0 sent nothing and
+    left ``mirror`` open for good."""
+    await w.submit(target("mirror", "m-long", "long", 1))
+    await w.submit(target("trend", "t-short", "short", 1))
+    await w.settle()
+    assert books(w) == {"mirror": {"MESH6": 1}, "trend": {"MESH6": -1}} and at_broker(w) == {}
+    w.runtime.flatten_retry_delays_s = (0.05, 0.05)
+    w.connector("fast").reject_next(1)
+    result = await w.runtime.flatten(account="m1", strategy="mirror", reason="operator")
+    retry = f"{result['signal_id']}-retry-fast-1"
+    await wait_until(lambda: w.journal.get_signal(retry) is not None, 5, what="the retry")
+    await w.settle()
+    assert [(o["side"], o["quantity"], o["status"]) for o in w.journal.get_signal(retry)["orders"]] == \
+        [("sell", 1, FILLED)]
+    assert books(w) == {"trend": {"MESH6": -1}} and at_broker(w) == {"MESH6": -1}
