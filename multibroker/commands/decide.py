@@ -47,8 +47,9 @@ def _read(path: str, what: str) -> Any:
 @click.option("--rules", "rules_dir", default="rules", show_default=True, type=click.Path(path_type=str),
               help="Rules directory or file.")
 @click.option("--state", "state_path", required=True, type=click.Path(path_type=str),
-              help="YAML or JSON: now, accounts {NAME: {connected, free_margin, daily_pnl, positions}}, "
-                   "optional paused, halted, daily_pnl.")
+              help="YAML or JSON: now, accounts {NAME: {connected, free_margin, daily_pnl, positions, optional "
+                   "strategies {STRATEGY: {CONTRACT: qty}}: each strategy's own position}}, optional paused, "
+                   "halted, daily_pnl.")
 @click.option("--signal", "signal_path", required=True, type=click.Path(path_type=str),
               help="The webhook JSON body (without its secret).")
 def command(rules_dir: str, state_path: str, signal_path: str) -> None:
