@@ -188,6 +188,39 @@ async def test_position_flip_realizes_only_the_closed_part(tmp_path: Path, feed:
         assert snap_.realized_pnl == Decimal(10) - 4 * Decimal("0.25")  # 2 pts * $5 on the closed lot
 
 
+async def test_the_days_realized_pnl_adds_up_fill_by_fill_and_starts_over_each_trading_day(
+        tmp_path: Path, feed: PriceFeed) -> None:
+    """The snapshot's realized P&L is a running sum (each call adds the fills since the last one), checked against
+    summing the whole day's fills at every step, with another account's fills in between and across 18:00 ET."""
+    now = [datetime(2026, 11, 24, 15, 0, tzinfo=timezone.utc)]  # 10:00 ET
+    conn = connector(tmp_path, feed, clock=lambda: now[0])
+    other = "SIM-OTHER"
+
+    def summed(account: str) -> Decimal:
+        start = "2026-11-24T23:00:00" if now[0].hour >= 23 else "2026-11-23T23:00:00"
+        return sum((Decimal(p) - Decimal(c) for p, c in conn.book.db.execute(
+            "select pnl, commission from fills where account = ? and time >= ?", [account, start]).fetchall()),
+            Decimal(0))
+
+    async with conn:
+        seen = []
+        for step, price in enumerate(("6001", "6003.25", "5999.5", "6004")):
+            feed.set_price("MES", Decimal(price))
+            await conn.place_order(buy(1) if step % 2 == 0 else sell(1))
+            await conn.place_order(buy(2, account=other) if step % 2 else sell(2, account=other))
+            snap_ = await conn.account_snapshot(ACCOUNT)
+            assert snap_.realized_pnl == summed(ACCOUNT), step
+            seen.append(snap_.realized_pnl)
+        assert seen[1] == Decimal("11.25") - 2 * Decimal("0.25")  # 2.25 pts * $5, two commissions
+        assert (await conn.account_snapshot(other)).realized_pnl == summed(other)
+        now[0] = datetime(2026, 11, 24, 23, 30, tzinfo=timezone.utc)  # 18:30 ET: the next trading day
+        assert (await conn.account_snapshot(ACCOUNT)).realized_pnl == 0
+        feed.set_price("MES", Decimal("6000"))
+        await conn.place_order(buy(1))
+        await conn.place_order(sell(1))
+        assert (await conn.account_snapshot(ACCOUNT)).realized_pnl == summed(ACCOUNT) == -2 * Decimal("0.25")
+
+
 # -- resting orders -----------------------------------------------------------------------------------------------
 
 async def test_limit_order_rests_then_fills_when_the_feed_crosses(tmp_path: Path, feed: PriceFeed) -> None:
