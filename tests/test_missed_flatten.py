@@ -274,7 +274,7 @@ async def test_a_redo_whose_exits_are_missed_again_is_reissued_on_the_next_come_
 def test_a_reissued_exit_never_exceeds_what_the_broker_holds_where_the_ledger_disagrees() -> None:
     """An ``on_mismatch: halt`` account keeps its ledger after a mismatch: where the broker holds less (or the
     other side), the exits close what it holds and never open a position."""
-    from service.runtime import _clamp_exits
+    from service.flatten import _clamp_exits
 
     def sell(strategy: str, contract: str, quantity: int, account: str = "s0") -> dict[str, Any]:
         return {"account": account, "contract": contract, "side": "sell", "quantity": quantity, "strategy": strategy}

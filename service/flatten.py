@@ -1,0 +1,876 @@
+"""Flattens: closing positions in scope, and making sure they stay closed.
+
+Missed flattens: a flatten (schedule, risk ``flatten_and_halt``, operator) sends its exits to every account holding
+a position in scope; an exit whose broker was down or paused becomes ``missed`` (also one whose request failed in a
+drop and that recovery then did not find at the broker). When that broker comes back (``_on_up``: after recovery
+and reconciliation, before catch-up), every flatten of the current trading day with an exit missed there is carried
+out now for those accounts, whatever their ``catch_up``: a flatten signal of its own, ``<flatten id>-redo-<broker>-
+<n>``, with exits only (never blocked by risk or schedule: exits never are) for the positions in the original's
+scope (account, strategy, roots) the account still holds after reconciliation, net of orders in flight, and never
+more than the broker holds where the two disagree. The journaled id makes a second come-up a no-op; only when the
+re-issue's own exits are missed again (the broker dropped once more) does the next come-up issue ``n + 1``. A broker
+that comes back while an operator keeps it paused gets nothing, neither re-issued flattens nor catch-up, until
+``resume_broker``, which does both, in that order, before it un-pauses. A pause is an operator's drop: what is
+decided while it lasts is missed there, so the resume catches up from the moment of the pause, drop or no drop. An exit the broker *rejected* is not
+re-issued by a come-up (a reconnect says nothing about why the broker refused): it is retried, below. A flatten of
+an earlier trading day is not carried out, only warned about naming each position: the day it belonged to is over
+(a schedule flatten guarded that session's close, a risk flatten that day's loss, whose halts lifted at 18:00 ET),
+positions carried into the new day are part of its book, and closing them now would act at a time and price nobody
+chose. Catch-up treats any journaled flatten after a strategy's last target (not only the schedule's) as voiding
+that target (``_flattened_since``), so it never re-opens what a risk or operator flatten closed.
+
+Rejected flatten exits: an exit of a flatten (any of the above, a re-issue, or a retry) that the broker rejects, or
+cancels with quantity unfilled, is retried after a backoff (``FLATTEN_RETRY_DELAYS_S``: five attempts over about
+two minutes), while the broker is connected and not paused, and only within the original's CME trading day: many
+rejections are transient (Tradovate's TooLate or SessionClosed, a broker-side risk check timing out, a rate limit
+answered as a reject), and a flatten left open is a position nobody meant to hold. A retry is a flatten signal of
+its own, ``<flatten id>-retry-<broker>-<n>`` (``retry_of``), journaled before it is sent, its exits never blocked by
+risk or schedule and sent through the dispatcher like the original's (held and superseding what is held in scope,
+as any flatten). It never trusts the ledger alone: it reconciles the broker first, computes the exits for the
+accounts owed in the original's scope as the redo does (net of orders in flight and of other flattens' held
+exits), and never exits more than the broker holds, in any contract (``_clamp_to_broker``: a position closed by
+hand at the broker is booked to no strategy, so the strategy's book alone would sell into a short). Nothing left to
+close settles it with no order. What is owed is read from the journal (``_flatten_debts``): per account, the latest
+of the original, its re-issues and its retries decides, so an account is owed a redo (missed exits: the come-up)
+or a retry (rejected ones), never both; the two run under one lock and each nets out the other's exits in flight,
+and a retry whose own exit is lost in a drop is redone by the come-up instead of retried as well. A broker that is
+down or paused when a retry comes due gets it after its come-up (recovery, reconciliation, redo first) or resume;
+a restart resumes the retries it owes the same way, their backoff counted from the come-up. When the retries run
+out, or the trading day ends first, with something still held, the account's entries halt (exits never do): a
+``flatten_failed`` risk event names the account, broker, contracts, quantities left and the last rejection, the
+service logs it at ERROR, and the halt lasts like any other (restored after a restart, lifted by
+``POST /api/halts/{name}/clear`` or the next trading day).
+
+Decisions held when a flatten is computed: a webhook's (or catch-up's) orders count from their decision on
+(``hold``) and leave only after the signal's journal commit (``dispatch``). A flatten (operator, risk, schedule)
+supersedes every held order in its scope (account, strategy, roots): it is never sent and is journaled ``missed``
+naming the flatten, in the flatten's own transaction when its signal is on disk already, else in the signal's own
+transaction (``Journal.supersede``), so that no restart sends it either: a superseded order is never on disk as
+``new`` next to the flatten, whatever order the two commits land in and whether or not a later write fails.
+Without that, an entry decided just before the flatten would stay open after it, and a held exit would sell next
+to the flatten's own exit (the account ends short). The flatten computes its exits from the ledger, the orders in
+flight and the exits of other flattens still being journaled, and its own exits count (held) from that moment, so
+that a signal or a flatten decided during its journal commit does not exit the same position again. Held orders
+outside its scope go out as usual, and the answer the webhook gave stays as it was.
+
+Orders in flight when a flatten is computed: the flatten counts them as if they will fill, also on a line the
+ledger holds flat (an entry sent a moment ago), and exits the result at once, as the engine counts them too: from
+that instant every decision sees the line flat, and no signal exits it a second time. An order that then does not
+do what was counted (the broker rejects it, a paused or down broker makes it ``missed``, it fills in part) leaves
+the line off flat by the difference: once the last order the flatten counted on a line settles (final, fills
+booked), a follow-up exit for that difference, ``<flatten id>-follow-<n>``, is held in that same step (the engine's
+view stays flat) and journaled and sent like the flatten's own exits (retried when rejected, re-issued when
+missed). When the flatten's own exit on the line does not fill either, there is no follow-up: the retry or re-issue
+of that exit recomputes the line from the ledger and the broker, which by then include what the orders in flight
+really did. Orders decided after the flatten are not part of it: a new signal may open the line again. The watch is in
+memory: a restart in the milliseconds between a flatten and the settling of what it counted on loses the
+follow-up (reconciliation then shows the position).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Iterable, Mapping
+
+from brokers.base import BrokerError
+from engine.decision import client_order_id
+from engine.schedule import Firing
+from engine.sessions import trading_day
+from engine.state import contract_root
+from service.dispatch import CANCELLED, FILLED, FINAL, MISSED, REJECTED, Job, Tracked
+from service.journal import parse_utc
+from service.ledger import EXTERNAL_STRATEGY
+from service.runtime_state import RuntimeState, _Hold, _utc
+
+log = logging.getLogger("service.runtime")
+"""The runtime's one logger, whichever of its modules logs (operators filter and read it by that name)."""
+
+REDO_LOOKBACK = timedelta(days=7)
+"""How far back a broker's come-up looks for flattens it missed: enough to warn about one of the previous session
+across a weekend or a holiday (only the current trading day's are carried out), without rereading all history."""
+FLATTEN_RETRY_DELAYS_S: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0, 60.0)
+"""Seconds from a flatten exit's rejection to each retry (``Runtime.flatten_retry_delays_s``; tests shorten it):
+five attempts over about two minutes, long enough for a broker-side hiccup (a risk check timing out, a rate limit
+answered as a reject) to pass, short enough that the position does not drift far past its flatten."""
+FLATTEN_FAILED = "flatten_failed"
+"""Risk event kind: a flatten's exits were rejected until its retries ran out (or its trading day ended); the
+account's entries are halted (a halt like any other: restored after a restart, lifted by an operator or the next
+trading day)."""
+
+
+@dataclass(frozen=True)
+class _FlattenScope:
+    """What a journaled flatten signal covered: None means every account / strategy / root."""
+
+    account: str | None
+    strategy: str | None
+    roots: frozenset[str] | None
+    redo_of: str | None
+    """The original flatten's id when this one re-issues a missed flatten at a broker that came back."""
+    retry_of: str | None = None
+    """The original flatten's id when this one retries exits a broker rejected."""
+
+    @property
+    def origin(self) -> str | None:
+        """The original flatten this one carries out again (None: it is an original)."""
+        return self.redo_of or self.retry_of
+
+
+def _flatten_scope(row: dict[str, Any]) -> _FlattenScope | None:
+    """The scope of a journaled signal row if it is a flatten, else None."""
+    body = row.get("signal") or {}
+    if not isinstance(body, dict) or not body.get("flatten"):
+        return None
+    strategy = body.get("strategy")
+    roots = body.get("instruments")
+    return _FlattenScope(account=body.get("account") or None,
+                         strategy=None if strategy in (None, "", "(flatten)") else str(strategy),
+                         roots=None if roots is None else frozenset(str(r) for r in roots),
+                         redo_of=body.get("redo_of") or None, retry_of=body.get("retry_of") or None)
+
+
+def _redo_id(origin: str, broker: str, attempt: int) -> str:
+    """The id of the ``attempt``-th re-issue of flatten ``origin`` at ``broker``: derived, so that a second come-up
+    finds it journaled instead of flattening again."""
+    return f"{origin}-redo-{broker}-{attempt}"
+
+
+def _retry_id(origin: str, broker: str, attempt: int) -> str:
+    """The id of the ``attempt``-th retry of flatten ``origin``'s rejected exits at ``broker`` (derived, like
+    ``_redo_id``: the journal, not memory, says how many ran)."""
+    return f"{origin}-retry-{broker}-{attempt}"
+
+
+_MISSED_EXIT, _REJECTED_EXIT, _PENDING_EXIT, _SETTLED_EXIT = "missed", "rejected", "pending", "settled"
+
+
+def _exit_outcome(orders: Iterable[dict[str, Any]]) -> str:
+    """What one flatten signal's exits for one account at one broker came to (journaled order rows).
+
+    Missed first: a redo closes everything in scope, the rejected exits' positions too. Then rejected (or
+    cancelled with quantity unfilled, which is what a cancelled order is: a full fill ends ``filled``). Then still
+    pending (the broker has not answered yet). Otherwise settled: filled, or nothing was left to close."""
+    statuses = {str(o["status"]) for o in orders}
+    if MISSED in statuses:
+        return _MISSED_EXIT
+    if statuses & {REJECTED, CANCELLED}:
+        return _REJECTED_EXIT
+    if statuses - FINAL:
+        return _PENDING_EXIT
+    return _SETTLED_EXIT
+
+
+@dataclass
+class _Debt:
+    """What a broker's accounts are still owed of one flatten (``Runtime._flatten_debts``)."""
+
+    origin: str
+    row: dict[str, Any]
+    """The original flatten's journaled signal row (its scope and time)."""
+    missed: set[str] = field(default_factory=set)
+    """Accounts whose latest exits there were missed: a redo owes them (``_redo_missed_flattens``)."""
+    rejected: dict[str, str] = field(default_factory=dict)
+    """Account -> the id of the flatten signal whose exits there the broker rejected (or cancelled unfilled) and
+    that no retry, redo or ``flatten_failed`` settled since: a retry owes them."""
+    redos: int = 0
+    retries: int = 0
+    """How many re-issues and retries of the original are journaled at this broker."""
+    reason: str | None = None
+    """The last rejection's reason, as the broker gave it."""
+
+    def state(self, broker: str) -> tuple[Any, ...]:
+        """Changes with every attempt: what a retry's backoff counts from (``Runtime._retry_due``)."""
+        return broker, self.origin, self.retries, tuple(sorted(self.rejected.items()))
+
+
+def _outside(orders: list[dict[str, Any]],
+             books: Mapping[tuple[str, str], Mapping[str, int]]) -> dict[tuple[str, str], int]:
+    """Per (account, contract) of ``orders``: what the strategies that are NOT exiting it in this batch hold there
+    (``books``: by account and contract, strategy -> signed quantity, lines booked to no strategy left out). The
+    broker nets every strategy of an account; the part of its position the exiting strategies may close is its
+    position less that (a strategy never closes another's; a manual trade, booked to no strategy, still caps)."""
+    exiting: dict[tuple[str, str], set[str]] = {}
+    for order in orders:
+        exiting.setdefault((str(order["account"]), str(order["contract"])), set()).add(str(order["strategy"]))
+    return {key: sum(q for strat, q in books.get(key, {}).items() if strat not in strategies)
+            for key, strategies in exiting.items()}
+
+
+def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]],
+                 books: Mapping[tuple[str, str], Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
+    """Exits never larger than what the broker holds, on its side, in a contract where the reconciliation just run
+    found the ledger and the broker disagreeing (an ``on_mismatch: halt`` account keeps its ledger): a flatten
+    must close, never open or reverse. ``reconciled``: reconciliation rows by account. Other contracts agree with
+    the broker (or have orders in flight, which the exits already net out) and pass unchanged. The broker's
+    position there is first less what the account's strategies outside this batch hold (``_outside``)."""
+    outside = _outside(orders, books or {})
+    out = []
+    left: dict[tuple[str, str], int] = {}
+    for order in orders:
+        account, contract = str(order["account"]), str(order["contract"])
+        row = reconciled.get(account)
+        if row is None or contract not in {m["contract"] for m in row.get("mismatches") or ()}:
+            out.append(order)
+            continue
+        key = (account, contract)
+        held = left.get(key, int((row.get("broker_positions") or {}).get(contract, 0)) - outside.get(key, 0))
+        closable = held if order["side"] == "sell" else -held
+        quantity = min(int(order["quantity"]), max(closable, 0))
+        if quantity < int(order["quantity"]):
+            log.error("%s %s: the ledger wants %s %s to close it, the broker holds %+d; exiting %d only",
+                      account, contract, order["side"], order["quantity"], held, quantity)
+        if quantity <= 0:
+            continue
+        left[key] = held - quantity if order["side"] == "sell" else held + quantity
+        out.append({**order, "quantity": quantity})
+    return out
+
+
+def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]],
+                     pending: dict[tuple[str, str], int],
+                     books: Mapping[tuple[str, str], Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
+    """A retry's exits, each no larger than what the broker holds on its side in every contract, net of our orders
+    there still in flight (``pending``: signed quantity left to fill, by account and contract), in exit order.
+
+    Stricter than ``_clamp_exits``, which trusts the ledger where it agrees with the broker: a retry comes seconds
+    to minutes after the rejection, time enough for someone to close the position at the broker by hand. Such a
+    close is booked to no strategy (``EXTERNAL_STRATEGY``), so the account's total agrees with the broker while the
+    strategy's book still shows the position; a sell computed from that book would open a short. ``reconciled``:
+    rows of the reconciliation just run, by account; an account without one is not exited at all. The broker's
+    position is first less what the account's strategies outside this batch hold, their orders in flight included
+    (``_outside``: in an account that follows several strategies, each closes only its own)."""
+    outside = _outside(orders, books or {})
+    out = []
+    left: dict[tuple[str, str], int] = {}
+    for order in orders:
+        account, contract = str(order["account"]), str(order["contract"])
+        row = reconciled.get(account)
+        key = (account, contract)
+        if row is None:
+            log.error("%s %s: not reconciled, so what the broker holds is unknown; not exited", account, contract)
+            continue
+        held = left.get(key, int((row.get("broker_positions") or {}).get(contract, 0)) + pending.get(key, 0)
+                        - outside.get(key, 0))
+        closable = held if order["side"] == "sell" else -held
+        quantity = min(int(order["quantity"]), max(closable, 0))
+        if quantity < int(order["quantity"]):
+            log.warning("%s %s: the ledger wants %s %s to close it, the broker holds %+d (orders in flight "
+                        "included); exiting %d only", account, contract, order["side"], order["quantity"], held,
+                        quantity)
+        if quantity <= 0:
+            continue
+        left[key] = held - quantity if order["side"] == "sell" else held + quantity
+        out.append({**order, "quantity": quantity})
+    return out
+
+
+@dataclass
+class _Netted:
+    """A line (account, strategy, contract) a flatten closed while orders were still in flight on it.
+
+    The flatten's own exit counted on them to fill what they had left (``Runtime._flatten_orders``), but an order in
+    flight may yet fill in part, or never leave (rejected, or ``missed`` at a broker that is down or paused). Once
+    every one of them has settled, what they filled since (``moved``) minus what was counted (``-base``) is what the
+    flatten left open: a follow-up exit closes it (``Runtime._follow_up``). Orders decided after the flatten are not
+    watched: a new signal may open the line again."""
+
+    fid: str
+    account: str
+    strategy: str
+    contract: str
+    base: int
+    """Minus the signed quantity the flatten counted the watched orders would still fill."""
+    waiting: dict[str, int]
+    """Client order id -> its filled quantity when the flatten computed; removed once the order is final."""
+    moved: int = 0
+    """Signed quantity the watched orders filled since the flatten."""
+    own: str | None = None
+    """The flatten's own exit on the line, if it has one: the follow-up is for what the orders in flight did
+    differently, which assumes that exit filled. One that did not (rejected, cancelled, missed) is retried or
+    re-issued from the ledger and the broker, which then include what the watched orders really did: no
+    follow-up as well, or the two would close the same difference twice."""
+    own_filled: bool | None = None
+
+
+class FlattenMixin(RuntimeState):
+    """The flatten part of ``Runtime`` (see the module docstring)."""
+
+    # -- flatten -----------------------------------------------------------------------------------------------
+    async def flatten(self, *, account: str | None = None, strategy: str | None = None, reason: str,
+                      flatten_id: str | None = None, instruments: Iterable[str] | None = None) -> dict[str, Any]:
+        """Close positions in scope with market orders (journaled first, like any order). Exits are never blocked;
+        a broker that is down records its orders as missed and keeps its positions. ``instruments``: only
+        positions in these roots (a loss limit restricted to roots breached), None for all. Orders in scope decided
+        before and not dispatched yet (held) are superseded: never sent (``_supersede_holds``)."""
+        roots = None if instruments is None else frozenset(instruments)
+        now = self.clock()
+        if account is not None and account not in self.ruleset.accounts:
+            raise KeyError(f"no account named {account!r}")
+        fid = flatten_id or f"flatten-{_utc(now)}-{account or '*'}-{strategy or '*'}"
+        if self.journal.get_signal(fid) is not None:
+            return {"signal_id": fid, "orders": [], "duplicate": True}
+        accounts = None if account is None else {account}
+        body: dict[str, Any] = {"flatten": True, "account": account, "strategy": strategy, "reason": reason}
+        if roots is not None:
+            body["instruments"] = sorted(roots)
+        netted: list[_Netted] = []
+        orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots, netted=netted)
+        for line in netted:  # before the first await: an order may become final at any moment after it
+            for coid in [*line.waiting, *([line.own] if line.own else [])]:
+                self._netted.setdefault(coid, []).append(line)
+        try:
+            decision = await self._issue_flatten(fid, body, orders, accounts=accounts, strategy=strategy,
+                                                 roots=roots, now=now)
+        except BaseException:
+            for line in netted:
+                for coid in [*line.waiting, *([line.own] if line.own else [])]:
+                    watching = self._netted.get(coid, [])
+                    if line in watching:
+                        watching.remove(line)
+                    if not watching:
+                        self._netted.pop(coid, None)
+            raise
+        return {"signal_id": fid, "orders": decision["orders"], "reason": reason}
+
+    async def _issue_flatten(self, fid: str, body: dict[str, Any], orders: list[dict[str, Any]], *,
+                             accounts: set[str] | None, strategy: str | None, roots: frozenset[str] | None,
+                             now: datetime, supersede: bool = True) -> dict[str, Any]:
+        """Journal flatten ``fid`` (``body``: its scope) with ``orders`` (its exits, just computed) and hand them to
+        the dispatcher; returns the decision record. The operator's, the risk monitor's and the schedule's flattens
+        come here, and so does a retry of rejected exits.
+
+        Call it in the step that computed ``orders`` (``_flatten_orders``): up to its first await it supersedes
+        the held orders in scope and holds its own exits, so that a signal or another flatten decided while this
+        one is journaled does not exit the same positions a second time, and nothing held in scope leaves.
+
+        The superseded orders reach the disk ``missed`` in the flatten's own transaction when their signal is on
+        disk already, and in the signal's transaction when it is written later (``Journal.supersede``): either way
+        never ``new`` next to the flatten, where a restart's recovery would send them (an entry reopening what the
+        flatten closed), and without waiting for a commit the flatten cannot see coming."""
+        superseded = self._hold_flatten(fid, orders, accounts=accounts, strategy=strategy, roots=roots,
+                                        supersede=supersede)
+        return await self._send_flatten(fid, body, orders, superseded, now)
+
+    def _hold_flatten(self, fid: str, orders: list[dict[str, Any]], *, accounts: set[str] | None,
+                      strategy: str | None, roots: frozenset[str] | None,
+                      supersede: bool) -> dict[str, list[tuple[str, Job]]]:
+        """The synchronous half of ``_issue_flatten``: supersede what is held in scope, hold the exits."""
+        superseded = self._supersede_holds(fid, accounts=accounts, strategy=strategy, roots=roots) \
+            if supersede else {}
+        jobs = [job for job in (self._job(o, str(o["strategy"]), fid, Decimal(0)) for o in orders) if job is not None]
+        self._holds[fid] = _Hold(jobs, [], flatten=True)
+        for job in jobs:
+            self._count_held(job, 1)
+        detail = f"superseded by flatten {fid}, computed while this order was held: never sent"
+        for sid, voided in superseded.items():
+            self.journal.supersede(sid, {job.client_order_id: detail for _fid, job in voided})
+        self._invalidate()
+        return superseded
+
+    async def _send_flatten(self, fid: str, body: dict[str, Any], orders: list[dict[str, Any]],
+                            superseded: dict[str, list[tuple[str, Job]]], now: datetime) -> dict[str, Any]:
+        """The asynchronous half of ``_issue_flatten``: journal the flatten with what it superseded, then hand its
+        held exits to the dispatcher."""
+        detail = f"superseded by flatten {fid}, computed while this order was held: never sent"
+        try:
+            decision = await self._journal_flatten(fid, body, orders, now, superseded=[
+                (sid, [self._missed_row(job) for _fid, job in voided], detail) for sid, voided in superseded.items()])
+        except BaseException:
+            for sid, voided in superseded.items():
+                self.journal.withdraw_superseded(sid, [job.client_order_id for _fid, job in voided])
+            self.release(fid)
+            raise
+        assert self.dispatcher is not None
+        self.dispatcher.submit_all(self._take_hold(fid) or [])  # held -> tracked in one step
+        self._invalidate()
+        return decision
+
+    def _flatten_orders(self, fid: str, *, accounts: set[str] | None, strategy: str | None,
+                        roots: frozenset[str] | None, netted: list[_Netted] | None = None) -> list[dict[str, Any]]:
+        """One market exit per (account, strategy, contract) held in scope, net of orders still in flight and of the
+        exits of other flattens being journaled (held). Other held orders do not count: those in scope are
+        superseded by this flatten (``_supersede_holds``), and the redo of a missed flatten runs for a broker that
+        takes no new orders yet.
+
+        Orders in flight count as if they will fill, also on a line the ledger holds flat (an entry the broker has
+        not filled yet): that is what the engine counts too, so from this instant every decision sees the line
+        flat, and no signal decided meanwhile exits it a second time. ``netted``, when given, receives every line
+        with orders in flight: an order that then does not fill as counted (rejected, or ``missed`` at a broker that
+        is down or paused) leaves the line off flat by its difference, which a follow-up exit closes, held in the
+        step the last of them settles, so that the engine's view stays flat throughout (``_Netted``)."""
+        pending: dict[tuple[str, str, str], int] = {}
+        for held in self._holds.values():
+            if held.flatten:
+                for job in held.jobs:
+                    key = (job.account, job.strategy, job.contract)
+                    pending[key] = pending.get(key, 0) + job.quantity * job.sign
+        in_flight: dict[tuple[str, str, str], list[Tracked]] = {}
+        for t in self.tracker.unsettled():
+            in_flight.setdefault((t.job.account, t.job.strategy, t.job.contract), []).append(t)
+        lines = {key: book.quantity for key, book in self.ledger.items() if book.quantity}
+        for key in in_flight:
+            lines.setdefault(key, 0)
+        orders = []
+        for (acct, strat, contract), quantity in lines.items():
+            if accounts is not None and acct not in accounts:
+                continue
+            if strategy is not None and strat != strategy:
+                continue
+            if roots is not None and contract_root(contract) not in roots:
+                continue
+            doc = self._account(acct)
+            if doc is None:
+                continue
+            key = (acct, strat, contract)
+            flying = in_flight.get(key, [])
+            counted = sum((t.job.quantity - t.filled) * t.job.sign for t in flying)
+            remaining = quantity + pending.get(key, 0) + counted
+            coid = client_order_id(fid, acct, f"{strat}:{contract}")
+            if netted is not None and flying:
+                netted.append(_Netted(fid, acct, strat, contract, base=-counted,
+                                      waiting={t.job.client_order_id: t.filled for t in flying},
+                                      own=coid if remaining else None))
+            if remaining == 0:
+                continue
+            orders.append({"account": acct, "broker": doc.broker, "contract": contract,
+                           "side": "sell" if remaining > 0 else "buy", "quantity": abs(remaining), "intent": "exit",
+                           "client_order_id": coid, "strategy": strat})
+        return orders
+
+    def _netted_settled(self, tracked: Tracked) -> None:
+        """An order settled (``OrderTracker.settled_hooks``). One a flatten counted on: book what it filled since;
+        the line's last one issues the follow-up if the line is not where the flatten left it to be (flat)."""
+        coid = tracked.job.client_order_id
+        if coid not in self._netted:
+            return
+        for line in self._netted.pop(coid, []):
+            if coid == line.own:
+                line.own_filled = tracked.status == FILLED
+            else:
+                line.moved += (tracked.filled - line.waiting.pop(coid, tracked.filled)) * tracked.job.sign
+            if line.waiting or (line.own is not None and line.own_filled is None):
+                continue
+            if line.own_filled is False:
+                log.info("%s: its exit on %s %s did not fill: retried or re-issued from the ledger, no follow-up",
+                         line.fid, line.account, line.contract)
+            elif line.base + line.moved != 0:
+                self._follow_up(line)
+
+    def _follow_up(self, line: _Netted) -> None:
+        """Close what a flatten left open on ``line`` because orders in flight did not do what it counted on (an
+        exit rejected or missed, an entry that filled after it): a flatten signal of its own, ``<flatten
+        id>-follow-<n>``, scoped to the line, journaled and sent like the flatten's exits (a rejected or missed one
+        is retried or re-issued like theirs). It supersedes nothing: orders held now were decided after the
+        flatten, and a new signal may open the line again."""
+        left = line.base + line.moved
+        doc = self._account(line.account)
+        if doc is None or left == 0:
+            return
+        n = self._follow_ups[line.fid] = self._follow_ups.get(line.fid, 0) + 1
+        fid = f"{line.fid}-follow-{n}"
+        root = contract_root(line.contract)
+        reason = (f"follow-up of {line.fid}: orders in flight on {line.account} {line.contract} ({line.strategy}) "
+                  f"ended {line.moved:+d} where the flatten counted on {-line.base:+d}; "
+                  f"closing {left:+d}")
+        body: dict[str, Any] = {"flatten": True, "account": line.account, "strategy": line.strategy,
+                                "instruments": [root], "reason": reason, "follow_of": line.fid}
+        order = {"account": line.account, "broker": doc.broker, "contract": line.contract,
+                 "side": "sell" if left > 0 else "buy", "quantity": abs(left), "intent": "exit",
+                 "client_order_id": client_order_id(fid, line.account, f"{line.strategy}:{line.contract}"),
+                 "strategy": line.strategy}
+        log.warning("%s: %s", fid, reason)
+        # Held now, in the step that settled the line's last order: the engine sees the exit from this instant.
+        self._hold_flatten(fid, [order], accounts={line.account}, strategy=line.strategy, roots=frozenset({root}),
+                           supersede=False)
+
+        async def send() -> None:
+            try:
+                await self._send_flatten(fid, body, [order], {}, self.clock())
+            except Exception:
+                log.exception("%s: follow-up of flatten %s not journaled; %s %s still holds %+d", fid, line.fid,
+                              line.account, line.contract, left)
+
+        self._spawn(send())
+
+    async def _journal_flatten(self, fid: str, body: dict[str, Any], orders: list[dict[str, Any]],
+                               now: datetime, *,
+                               superseded: Iterable[tuple[str, list[dict[str, Any]], str]] = ()) -> dict[str, Any]:
+        """Journal a flatten signal (``body``: its scope) with its exits; a flatten with none is journaled too
+        (``decided``): its id is what makes a repeat of the same flatten a no-op. ``superseded``: (signal id,
+        orders, detail) of held orders it superseded, journaled ``missed`` in the same transaction."""
+        strategy, reason = body.get("strategy"), str(body.get("reason"))
+        legs = [{k: v for k, v in o.items() if k != "strategy"} for o in orders]
+        decision = {"signal_id": fid, "strategy": strategy or "(flatten)", "accepted": bool(orders), "rule": None,
+                    "blocked_by": None, "reason": reason, "order_type": "market", "price": None,
+                    "orders": legs, "skipped": [], "cancel": []}
+        # The journaled orders keep each exit's strategy (the decision record's legs have no such field): a restart
+        # with an exit still in flight must book its fill to the strategy it closes, not to "(flatten)".
+        await self.journal.record_signal(raw=json.dumps(body), remote=None,
+                                         status="accepted" if orders else "decided", reason=reason, key=None,
+                                         signal={**body, "strategy": strategy or "(flatten)"}, decision=decision,
+                                         orders=orders, signal_id=fid, at=now, missed=list(superseded))
+        return decision
+
+    async def _fire_schedule(self, firing: Firing) -> None:
+        rule = firing.rule
+        stamp = _utc(firing.at)
+        accounts = list(rule.accounts) if rule.accounts else [None]
+        strategies = list(rule.strategies) if rule.strategies else [None]
+        for account in accounts:
+            for strategy in strategies:
+                await self.flatten(account=account, strategy=strategy, reason=f"schedule {rule.name} at {stamp}",
+                                   flatten_id=f"flatten-{rule.name}-{stamp}-{account or '*'}-{strategy or '*'}")
+
+    # -- held orders a flatten supersedes ----------------------------------------------------------------------
+    def _supersede_holds(self, fid: str, *, accounts: set[str] | None, strategy: str | None,
+                         roots: frozenset[str] | None) -> dict[str, list[tuple[str, Job]]]:
+        """Take the held orders in a flatten's scope out of their holds: they are never sent.
+
+        A decision held now was made before the flatten (its signal awaits its journal commit, or its answer is
+        being written); dispatched after it, its entry would reopen what the flatten closes, and its exit would
+        sell a second time next to the flatten's own (a double exit: the account ends short). The flatten
+        computes from the ledger and the orders in flight, never from held orders, so dropping them leaves it
+        exact. Held orders outside the scope (other accounts, strategies or roots) go out as usual; the hold
+        itself stays until ``dispatch`` or ``release`` ends it, or the dispatch would hold the decision anew.
+        Returns the superseded orders by signal id (the flatten journals them ``missed`` with itself)."""
+        superseded: dict[str, list[tuple[str, Job]]] = {}
+        for sid, held in self._holds.items():
+            if held.flatten:
+                continue  # another flatten's exits: they close, and this flatten nets them out
+            keep = []
+            for job in held.jobs:
+                if (accounts is not None and job.account not in accounts) or \
+                        (strategy is not None and job.strategy != strategy) or \
+                        (roots is not None and contract_root(job.contract) not in roots):
+                    keep.append(job)
+                    continue
+                self._count_held(job, -1)
+                if job.client_order_id in held.reserved:
+                    held.reserved.remove(job.client_order_id)
+                    self._drop_reservation(job.client_order_id)
+                superseded.setdefault(sid, []).append((fid, job))
+                log.warning("%s: %s %s %d %s superseded by flatten %s before it was sent; never sent", sid,
+                            job.account, job.side, job.quantity, job.contract, fid)
+            held.jobs = keep
+        if superseded:
+            self._invalidate()
+        return superseded
+
+    @staticmethod
+    def _missed_row(job: Job) -> dict[str, Any]:
+        """A superseded order as ``Journal.record_orders`` takes it."""
+        return {"client_order_id": job.client_order_id, "account": job.account, "broker": job.broker,
+                "contract": job.contract, "side": job.side, "quantity": job.quantity, "intent": job.intent,
+                "margin_usd": job.margin_usd}
+
+    # -- flattens a broker missed ------------------------------------------------------------------------------
+    def _missed_flattens(self, broker: str, now: datetime) -> list[tuple[str, dict[str, Any], int, set[str]]]:
+        """Flattens whose exits at ``broker`` were missed and not re-issued since, oldest first: (the original
+        flatten's id, its journaled row, the next attempt number, the accounts still owed).
+
+        A re-issue (or a retry) is itself a flatten whose exits may be missed (the broker dropped again): then its
+        accounts are owed once more, by the next attempt. A re-issue that reached them, or found nothing left to
+        close, settles the original at this broker for good (``_flatten_debts``)."""
+        return [(debt.origin, debt.row, debt.redos + 1, debt.missed)
+                for debt in self._flatten_debts(broker, now) if debt.missed]
+
+    def _flatten_debts(self, broker: str, now: datetime) -> list[_Debt]:
+        """What ``broker``'s accounts are still owed of each flatten of the last ``REDO_LOOKBACK``, oldest first,
+        read from the journal (so that a restart owes exactly what the process before it did).
+
+        A flatten's family at a broker is the original and its journaled re-issues (``-redo-``) and retries
+        (``-retry-``). For each account, the latest member that covered it (had exits for it there, or listed it
+        as owed and found nothing left) decides (``_exit_outcome``): missed exits owe a redo, rejected ones a retry
+        unless a ``flatten_failed`` event already gave up on that member, anything else nothing. One account is
+        therefore owed a redo or a retry, never both, and never twice for the same outcome."""
+        horizon = now - REDO_LOOKBACK
+        sids: set[str] = set()
+        for order in self.journal.orders(status=[MISSED, REJECTED, CANCELLED], updated_since=horizon):
+            if order["broker"] == broker and order.get("intent") == "exit":
+                sids.add(str(order["signal_id"]))
+        origins: dict[str, dict[str, Any]] = {}
+        for sid in sids:
+            row = self.journal.get_signal(sid)
+            scope = None if row is None else _flatten_scope(row)
+            if row is None or scope is None:
+                continue
+            origin = scope.origin or sid
+            if origin not in origins:
+                first = row if origin == sid else self.journal.get_signal(origin)
+                if first is not None:
+                    origins[origin] = first
+        failed = {(str(settled), str(row.get("name")))
+                  for row in self.journal.risk_events_since(horizon, kinds=[FLATTEN_FAILED])
+                  if row.get("broker") == broker for settled in row.get("settles") or ()}
+        debts = []
+        for origin, first in origins.items():
+            debt = _Debt(origin, first)
+            members = [(first, 0)]
+            for rank, make in ((1, _redo_id), (2, _retry_id)):
+                count = 0
+                while (member := self.journal.get_signal(make(origin, broker, count + 1))) is not None:
+                    members.append((member, rank))
+                    count += 1
+                if rank == 1:
+                    debt.redos = count
+                else:
+                    debt.retries = count
+            latest: dict[str, tuple[dict[str, Any], str, list[dict[str, Any]]]] = {}
+            for member, _rank in sorted(members, key=lambda m: (str(m[0]["received_at"]), m[1])):
+                exits: dict[str, list[dict[str, Any]]] = {}
+                for order in member.get("orders") or ():
+                    if order["broker"] == broker and order.get("intent") == "exit":
+                        exits.setdefault(str(order["account"]), []).append(order)
+                listed = (member.get("signal") or {}).get("accounts") if member is not first else None
+                for account in set(exits) | {str(a) for a in listed or ()}:
+                    mine = exits.get(account, [])
+                    latest[account] = (member, _exit_outcome(mine), mine)
+            for account, (member, outcome, mine) in sorted(latest.items()):
+                if outcome == _MISSED_EXIT:
+                    debt.missed.add(account)
+                elif outcome == _REJECTED_EXIT and (str(member["id"]), account) not in failed:
+                    debt.rejected[account] = str(member["id"])
+                    last = max((o for o in mine if o["status"] in (REJECTED, CANCELLED)),
+                               key=lambda o: str(o["updated_at"]))
+                    debt.reason = str(last.get("detail") or last["status"])
+            if debt.missed or debt.rejected:
+                debts.append(debt)
+        debts.sort(key=lambda d: str(d.row["received_at"]))
+        return debts
+
+    async def _redo_missed_flattens(self, broker: str, reconciled: list[dict[str, Any]] | None = None, *,
+                                    why: str) -> list[str]:
+        """Carry out, for ``broker``'s accounts, this trading day's flattens whose exits they missed (see the
+        module docstring); returns the ids of the flatten signals journaled. The broker must be connected; its
+        recovery ran (``reconciled``: the rows of the reconciliation that followed it; None: reconcile first, as
+        after an operator's pause). Exits are sent as recovery sends (the broker is not open to new orders yet):
+        a webhook's entry cannot slip in between and be closed by them."""
+        async with self._redo_guard:
+            now = self.clock()
+            owed = self._missed_flattens(broker, now)
+            if not owed:
+                return []
+            if reconciled is None:
+                reconciled = await self.reconcile_broker(broker, reason=why)
+            by_account = {str(row["account"]): row for row in reconciled}
+            today = trading_day(now)
+            journaled: list[str] = []
+            jobs: list[Job] = []
+            for origin, row, attempt, accounts in owed:
+                scope = _flatten_scope(row)
+                assert scope is not None
+                received = parse_utc(str(row["received_at"]))
+                if trading_day(received) != today:
+                    for order in self._flatten_orders(origin, accounts=accounts, strategy=scope.strategy,
+                                                      roots=scope.roots):
+                        log.warning("flatten %s of trading day %s missed %s at %s, which still holds %s %+d %s "
+                                    "(strategy %s); a new trading day began, so it is not carried out now: an "
+                                    "operator decides", origin, trading_day(received).isoformat(),
+                                    order["account"], broker, "long" if order["side"] == "sell" else "short",
+                                    order["quantity"], order["contract"], order["strategy"])
+                    continue
+                rid = _redo_id(origin, broker, attempt)
+                orders = _clamp_exits(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,
+                                                           roots=scope.roots), by_account,
+                                      self._strategy_books(in_flight=False))
+                reason = (f"{origin} missed at {broker} ({why}); re-issued for {', '.join(sorted(accounts))}: "
+                          f"{row.get('reason') or 'flatten'}")
+                body: dict[str, Any] = {"flatten": True, "account": scope.account, "strategy": scope.strategy,
+                                        "reason": reason, "redo_of": origin, "broker": broker,
+                                        "accounts": sorted(accounts)}
+                if scope.roots is not None:
+                    body["instruments"] = sorted(scope.roots)
+                await self._journal_flatten(rid, body, orders, now)
+                journaled.append(rid)
+                log.warning("%s: %s", rid, reason if orders else f"{reason} (nothing left to close)")
+                for order in orders:
+                    job = self._job(order, str(order["strategy"]), rid, Decimal(0))
+                    if job is not None:
+                        self.tracker.track(job)  # counted as in flight before anything else decides
+                        jobs.append(job)
+                self._invalidate()
+            for job in jobs:
+                try:
+                    await self._send_recovered(job)
+                except BrokerError as exc:
+                    # Still ``new``: the recovery of the next come-up looks it up and sends it.
+                    log.warning("%s: exits not sent, %s dropped again (%s); the next come-up sends them",
+                                job.signal_id, broker, exc)
+                    break
+            return journaled
+
+    # -- flatten exits a broker rejected -----------------------------------------------------------------------
+    def _wake_retries(self, broker: str) -> None:
+        """Something may have changed what ``broker`` is owed (an exit rejected or cancelled, a come-up, a resume):
+        let its retry task look again, starting one if none runs. Synchronous: status hooks call it."""
+        if not self.running or self.pool is None or broker not in self.pool.slots:
+            return
+        wake = self._retry_wake.get(broker)
+        if wake is None:
+            wake = self._retry_wake[broker] = asyncio.Event()
+        wake.set()
+        task = self._retry_runners.get(broker)
+        if task is None or task.done():
+            task = asyncio.create_task(self._retry_loop(broker), name=f"flatten-retry-{broker}")
+            self._retry_runners[broker] = task
+            self._tasks.append(task)
+            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    def _retry_due(self, broker: str, debt: _Debt) -> datetime:
+        """When the next retry of ``debt``'s rejected exits is due: its backoff after this process first saw the
+        rejection (after a restart: after the broker's come-up); at once when the retries ran out
+        (``_retry_flattens`` then gives up, after one more look at the broker)."""
+        delays = self.flatten_retry_delays_s
+        attempt = debt.retries + 1
+        at = self._retry_seen.setdefault(debt.state(broker), self.clock())
+        return at if attempt > len(delays) else at + timedelta(seconds=delays[attempt - 1])
+
+    async def _retry_loop(self, broker: str) -> None:
+        """Wait for the next retry due at ``broker`` and run it, until nothing is owed there. A broker that is down
+        or paused ends the loop: its come-up (after recovery, reconciliation and the redo of missed exits) or its
+        resume starts a new one, so a retry never races a come-up."""
+        assert self.pool is not None
+        slot = self.pool[broker]
+        wake = self._retry_wake[broker]
+        while self.running:
+            wake.clear()  # before reading the journal: a rejection journaled from now on wakes the wait below
+            if slot.recovering:
+                await slot.settled.wait()
+                continue
+            if not slot.available:
+                return
+            try:
+                now = self.clock()
+                owed = [debt for debt in self._flatten_debts(broker, now) if debt.rejected]
+                states = {debt.state(broker) for debt in owed}
+                for state in [k for k in self._retry_seen if k[0] == broker and k not in states]:
+                    del self._retry_seen[state]  # settled (or moved on to the next attempt)
+                dues = [self._retry_due(broker, debt) for debt in owed]
+                if not dues:
+                    return
+                wait = (min(dues) - now).total_seconds()
+                if wait > 0:
+                    try:
+                        await asyncio.wait_for(wake.wait(), wait)
+                    except TimeoutError:
+                        pass
+                    continue
+                await self._retry_flattens(broker)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a broker drop or a journal error: look again shortly
+                pause = min(self.flatten_retry_delays_s or (1.0,))
+                level = logging.WARNING if isinstance(exc, BrokerError) else logging.ERROR
+                log.log(level, "flatten retries at %s failed (%s: %s); looking again in %gs", broker,
+                        type(exc).__name__, exc, pause, exc_info=level == logging.ERROR)
+                await asyncio.sleep(pause)
+
+    async def _retry_flattens(self, broker: str) -> list[str]:
+        """Retry, at ``broker``, the flatten exits it rejected whose backoff is over (see the module docstring);
+        returns the ids of the retry signals journaled.
+
+        Under the lock of the redo of missed flattens: the two never compute at once, and each nets out the
+        other's exits in flight. The broker is reconciled first (the ledger alone may be stale: the position may
+        have been closed at the broker meanwhile), and the exits never exceed what it holds (``_clamp_exits``)."""
+        assert self.pool is not None
+        async with self._redo_guard:
+            if not self.pool.available(broker):
+                return []
+            now = self.clock()
+            due = [d for d in self._flatten_debts(broker, now) if d.rejected and self._retry_due(broker, d) <= now]
+            if not due:
+                return []
+            by_account = {str(row["account"]): row
+                          for row in await self.reconcile_broker(broker, reason="flatten retry")}
+            now = self.clock()
+            journaled: list[str] = []
+            for debt in due:
+                scope = _flatten_scope(debt.row)
+                assert scope is not None
+                attempt = debt.retries + 1
+                rid = _retry_id(debt.origin, broker, attempt)
+                accounts = set(debt.rejected)
+                orders = _clamp_to_broker(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,
+                                                               roots=scope.roots), by_account, self._in_flight_by(),
+                                          self._strategy_books(in_flight=True))
+                day = trading_day(parse_utc(str(debt.row["received_at"])))
+                late = day != trading_day(now)
+                if orders and (late or attempt > len(self.flatten_retry_delays_s)):
+                    why = (f"its trading day {day.isoformat()} ended before the retries closed it" if late else
+                           f"the broker rejected the exits and {attempt - 1} retries")
+                    await self._flatten_failed(debt, broker, orders, now, why=why)
+                    accounts -= {str(o["account"]) for o in orders}
+                    if not accounts:
+                        continue
+                    orders = []  # the other accounts had nothing left: settled below, with no order
+                body: dict[str, Any] = {
+                    "flatten": True, "account": scope.account, "strategy": scope.strategy, "retry_of": debt.origin,
+                    "broker": broker, "accounts": sorted(accounts),
+                    "reason": (f"{debt.origin} rejected at {broker} for {', '.join(sorted(accounts))} "
+                               f"({debt.reason or 'no reason given'}); retry {attempt}: "
+                               f"{debt.row.get('reason') or 'flatten'}")}
+                if scope.roots is not None:
+                    body["instruments"] = sorted(scope.roots)
+                if orders:
+                    # A flatten of its own: held and superseding what is held in scope, like the original.
+                    await self._issue_flatten(rid, body, orders, accounts=accounts, strategy=scope.strategy,
+                                              roots=scope.roots, now=now)
+                else:
+                    await self._journal_flatten(rid, body, [], now)  # nothing left to close: settled, no order
+                journaled.append(rid)
+                log.warning("%s: %s%s", rid, body["reason"], "" if orders else " (nothing left to close)")
+            return journaled
+
+    def _strategy_books(self, *, in_flight: bool) -> dict[tuple[str, str], dict[str, int]]:
+        """By (account, contract): each strategy's ledger book there (and, ``in_flight``, its orders not settled
+        yet), never lines booked to no strategy: what ``_outside`` subtracts from a broker's position."""
+        books: dict[tuple[str, str], dict[str, int]] = {}
+        for (acct, strat, contract), book in self.ledger.books.items():
+            if book.quantity and strat != EXTERNAL_STRATEGY:
+                by = books.setdefault((acct, contract), {})
+                by[strat] = by.get(strat, 0) + book.quantity
+        if in_flight:
+            for t in self.tracker.unsettled():
+                job = t.job
+                by = books.setdefault((job.account, job.contract), {})
+                by[job.strategy] = by.get(job.strategy, 0) + (job.quantity - t.filled) * job.sign
+        return books
+
+    def _in_flight_by(self) -> dict[tuple[str, str], int]:
+        """Signed quantity our orders not final yet may still fill, by account and contract (the broker's position
+        does not show it yet; an order the broker reported filled is in that position already)."""
+        found: dict[tuple[str, str], int] = {}
+        for tracked in self.tracker.unsettled():
+            if tracked.status not in FINAL:
+                key = (tracked.job.account, tracked.job.contract)
+                found[key] = found.get(key, 0) + (tracked.job.quantity - tracked.filled) * tracked.job.sign
+        return found
+
+    async def _flatten_failed(self, debt: _Debt, broker: str, orders: list[dict[str, Any]], now: datetime, *,
+                              why: str) -> None:
+        """Give up retrying ``debt``'s rejected exits for the accounts of ``orders`` (what they still hold in
+        scope): journal a ``flatten_failed`` risk event each, log at ERROR, and halt their entries (exits stay
+        allowed) until an operator clears the halt or the next trading day, as any halt."""
+        for account in sorted({str(o["account"]) for o in orders}):
+            legs = [o for o in orders if o["account"] == account]
+            positions = [{"contract": o["contract"], "strategy": o["strategy"],
+                          "quantity": int(o["quantity"]) if o["side"] == "sell" else -int(o["quantity"])}
+                         for o in legs]
+            held = ", ".join(f"{p['contract']} {p['quantity']:+d} ({p['strategy']})" for p in positions)
+            text = (f"flatten {debt.origin} could not close {account} at {broker}: {why}; still held: {held}; "
+                    f"last rejection: {debt.reason or 'no reason given'}")
+            log.error("%s; entries halted until an operator clears the halt", text)
+            halt = self.risk.halts.get(account)
+            self.risk.halt(account, text, f"flatten:{debt.origin}", now,
+                           until_day_end=halt is None or halt.day is not None)
+            self.alerts.append({"account": account, "kind": FLATTEN_FAILED, "detail": text, "at": _utc(now)})
+            self._invalidate()
+            await self._risk_event(account, FLATTEN_FAILED, text, f"flatten:{debt.origin}", now, key=account,
+                                   origin=debt.origin, broker=broker, settles=[debt.rejected[account]],
+                                   contract=positions[0]["contract"], quantity=positions[0]["quantity"],
+                                   positions=positions, last_reason=debt.reason, retries=debt.retries)

@@ -1,0 +1,313 @@
+"""A broker's come-up: recovery of orders in flight, reconciliation and catch-up.
+
+Recovery is the same code path at start-up and after a reconnect (``_recover``): orders the journal holds as in
+flight are looked up at the broker by client order id; found, their state is adopted; not found, an order that
+never left (``new``) or whose fate is unknown after a crash is sent (the broker holds none, so this cannot
+duplicate), while an order whose request failed during a drop in this run becomes ``missed`` (catch-up converges
+accounts that want it). Then the broker is reconciled, accounts with ``catch_up`` converge to their strategies'
+last targets (or to flat, when a flatten fired meanwhile), and only then does the broker take new orders. Mirror
+entries the engine skipped because their broker was down or paused are journaled as ``missed`` orders too (what
+the account would have received), so the journal shows which accounts fell behind their strategy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Iterable
+
+from brokers.base import BrokerError
+from engine.decision import Decision
+from engine.model import Account
+from engine.schedule import FLATTEN, firings
+from engine.sessions import trading_day, trading_day_start
+from engine.signal import parse_signal
+from engine.symbols import SymbolError, resolve
+from service import reconcile
+from service.dispatch import IN_FLIGHT, MISSED, NEW, SENDING, UNKNOWN, WORKING, Job
+from service.flatten import _flatten_scope
+from service.journal import parse_utc
+from service.runtime_state import SIGNAL_FIELDS, RuntimeState, _utc
+
+log = logging.getLogger("service.runtime")
+"""The runtime's one logger, whichever of its modules logs (operators filter and read it by that name)."""
+
+
+class RecoveryMixin(RuntimeState):
+    """The come-up, recovery, reconciliation and catch-up part of ``Runtime`` (see the module docstring)."""
+
+    # -- failover ----------------------------------------------------------------------------------------------
+    async def _on_down(self, broker: str) -> None:
+        self._invalidate()
+
+    async def _on_up(self, broker: str) -> None:
+        """The broker (re)connected: recover in-flight orders, reconcile, carry out the flattens it missed, catch
+        up; then it takes orders again. While an operator keeps it paused, recovery and reconciliation run but the
+        flattens and the catch-up wait for ``resume_broker``: the pause means "send nothing new there"."""
+        first = broker not in self._first_up
+        self._first_up.add(broker)
+        await self._recover(broker)
+        reconciled = await self.reconcile_broker(broker, reason="start-up" if first else "reconnect")
+        # The first come-up after a start catches up what arrived while it was connecting (the service listened
+        # meanwhile), not what an earlier process already handled; a reconnect catches up the whole day.
+        catch_up = not first or self._started_at is not None
+        since = self._started_at if first else None
+        if self.pool is not None and self.pool[broker].admin_paused:
+            log.info("broker %s is back but paused: the flattens it missed and its catch-up wait for its resume",
+                     broker)
+            if catch_up:
+                self._owe_catch_up(broker, since)
+        else:
+            await self._redo_missed_flattens(broker, reconciled, why="start-up" if first else "reconnect")
+            if catch_up:
+                await self._catch_up(broker, since=self._owed_since(broker, since))
+            self._wake_retries(broker)  # rejected flatten exits: retried once the broker is open again
+        self._invalidate()
+
+    def _owe_catch_up(self, broker: str, since: datetime | None) -> None:
+        """Remember a catch-up a paused come-up skipped; two of them owe the wider of the two."""
+        if broker in self._catch_up_owed:
+            earlier = self._catch_up_owed[broker]
+            since = None if earlier is None or since is None else min(earlier, since)
+        self._catch_up_owed[broker] = since
+
+    def _owed_since(self, broker: str, since: datetime | None) -> datetime | None:
+        """The ``since`` of a catch-up about to run, widened by one a paused come-up left owed (now settled)."""
+        if broker not in self._catch_up_owed:
+            return since
+        earlier = self._catch_up_owed.pop(broker)
+        return None if earlier is None or since is None else min(earlier, since)
+
+    async def _recover(self, broker: str) -> None:
+        assert self.pool is not None and self.dispatcher is not None
+        connector = self.pool.connector(broker)
+        for tracked in list(self.tracker.orders.values()):
+            job = tracked.job
+            if job.broker != broker or tracked.status not in IN_FLIGHT:
+                continue
+            coid = job.client_order_id
+            found = await connector.find_order(job.broker_account, coid)
+            if found is not None:
+                log.info("recovery: %s found at %s (%s); adopting", coid, broker, found.status.value)
+                self._recovering_at_start.discard(coid)
+                if tracked.status == NEW:
+                    await self.tracker.transition(coid, SENDING, detail="recovery: found at the broker")
+                await self.tracker.adopt(coid, found)
+                continue
+            # In flight when the last process died (its request may or may not have left): the lookup just said
+            # the broker has none, so sending it now cannot duplicate it. It stays "crashed" until resolved, so a
+            # drop during this very resend does not turn an acknowledged signal's order into "missed".
+            crashed = coid in self._recovering_at_start
+            if tracked.status == NEW or crashed:
+                if tracked.status == SENDING:
+                    await self.tracker.transition(coid, UNKNOWN, detail="recovery: not at the broker; resending")
+                await self._send_recovered(job)
+                if tracked.status not in IN_FLIGHT:
+                    self._recovering_at_start.discard(coid)
+            else:
+                await self.tracker.transition(coid, MISSED, detail=(
+                    f"not at broker {broker} after the connection came back; never sent"))
+
+    async def _send_recovered(self, job: Job) -> None:
+        """Send during recovery, before the broker is open to new orders (the lookup just found none)."""
+        assert self.dispatcher is not None
+        await self.dispatcher.send(job, recovering=True)
+
+    # -- reconciliation ----------------------------------------------------------------------------------------
+    async def _reconcile_loop(self, broker: str) -> None:
+        while True:
+            doc = self.ruleset.brokers.get(broker)
+            await asyncio.sleep(doc.reconcile_every_seconds if doc else 60)
+            if self.pool is None or not self.pool.available(broker):
+                continue
+            try:
+                await self.reconcile_broker(broker, reason="periodic")
+            except asyncio.CancelledError:
+                raise
+            except BrokerError as exc:
+                log.warning("reconciliation of %s failed: %s", broker, exc)
+            except Exception:
+                log.exception("reconciliation of %s failed", broker)
+
+    async def reconcile_broker(self, broker: str, *, reason: str) -> list[dict[str, Any]]:
+        """Compare the ledger with the broker for each of its accounts; apply each account's policy."""
+        assert self.pool is not None
+        connector = self.pool.connector(broker)
+        now = self.clock()
+        since = trading_day_start(now) - timedelta(days=1)
+        rows = []
+        for account in sorted(self.ruleset.accounts.values(), key=lambda a: a.name):
+            if account.broker != broker:
+                continue
+            for fill in await connector.fills_since(account.broker_account, since):
+                await self.ingest_fill(broker, fill)
+            for order in await connector.working_orders(account.broker_account):
+                tracked = self.tracker.find(broker, order.client_order_id, order.broker_order_id)
+                if tracked is not None:
+                    await self.tracker.adopt(tracked.job.client_order_id, order)
+            for tracked in list(self.tracker.orders.values()):
+                if tracked.job.account == account.name and tracked.status in WORKING:
+                    found = await connector.find_order(account.broker_account, tracked.job.client_order_id)
+                    if found is not None:
+                        await self.tracker.adopt(tracked.job.client_order_id, found)
+            held = {p.contract: p.quantity for p in await connector.positions(account.broker_account) if p.quantity}
+            self._set_snapshot(account.name, await connector.account_snapshot(account.broker_account))
+            in_flux = {t.job.contract for t in self.tracker.unsettled() if t.job.account == account.name}
+            mismatches = reconcile.compare_positions(self.ledger.account_positions(account.name), held, in_flux)
+            row = {"broker": broker, "account": account.name, "ok": not mismatches, "reason": reason,
+                   "policy": account.on_mismatch, "mismatches": [m.as_dict() for m in mismatches],
+                   "broker_positions": held, "at": now}
+            await self.journal.record_reconciliation(row)
+            rows.append(row)
+            await self._apply_policy(account, mismatches, now)
+        self._invalidate()
+        return rows
+
+    async def _apply_policy(self, account: Account, mismatches: list[reconcile.Mismatch], now: datetime) -> None:
+        halt = self.risk.halts.get(account.name)
+        if not mismatches:
+            if halt is not None and halt.source == "reconciliation":
+                self.risk.clear(account.name)
+                await self._risk_event(account.name, "clear", "reconciliation matches again", "reconciliation", now)
+            return
+        text = reconcile.describe(mismatches)
+        if account.on_mismatch == reconcile.HALT:
+            if halt is None:
+                self.risk.halt(account.name, f"reconciliation mismatch: {text}", "reconciliation", now,
+                               until_day_end=False)
+                await self._risk_event(account.name, "halt", f"reconciliation mismatch: {text}", "reconciliation",
+                                       now)
+            return
+        for m in mismatches:
+            mark = self._mark(m.contract) or Decimal(0)
+            self.ledger.adjust(account=account.name, contract=m.contract, to_quantity=m.broker, price=mark)
+            self.risk.adjust(account.name, m.contract, m.broker)
+        alert = {"account": account.name, "kind": "reconciliation_adopted", "detail": text, "at": _utc(now)}
+        self.alerts.append(alert)
+        log.warning("reconciliation: %s adopted the broker's positions (%s)", account.name, text)
+        await self._risk_event(account.name, "adopt", f"adopted broker positions: {text}", "reconciliation", now)
+
+    # -- catch-up ----------------------------------------------------------------------------------------------
+    def _last_targets(self) -> dict[str, dict[str, Any]]:
+        """The last target-position signal per strategy, from the journal."""
+        found: dict[str, dict[str, Any]] = {}
+        for row in self.journal.recent_signals(1000):
+            signal = row.get("signal") or {}
+            strategy = signal.get("strategy")
+            if row.get("status") in ("accepted", "decided") and strategy and strategy not in found \
+                    and signal.get("position") is not None and not signal.get("catch_up"):
+                found[strategy] = row
+        return found
+
+    async def _catch_up(self, broker: str, *, since: datetime | None = None) -> None:
+        """Converge ``catch_up`` accounts at ``broker`` to their strategies' last targets of this trading day.
+
+        Never into a position after a flatten time: when a flatten of the strategy fired since its last target
+        (while the broker was away, so its exit was missed), the target is void and the accounts converge to flat
+        instead. Entries the rules block now (schedule windows, halts) stay blocked: the engine decides.
+        ``since``: only targets received from then on (a broker's first come-up after a start catches up what
+        arrived while it was connecting, not what an earlier process already handled).
+        """
+        now = self.clock()
+        accounts = [a for a in self.ruleset.accounts.values() if a.broker == broker and a.catch_up]
+        if not accounts:
+            return
+        targets = self._last_targets()
+        for strategy, row in targets.items():
+            followers = [a for a in accounts if strategy in a.strategies]
+            if not followers:
+                continue
+            received = parse_utc(str(row["received_at"]))
+            if trading_day(received) != trading_day(now) or (since is not None and received < since):
+                continue
+            body = {k: v for k, v in (row.get("signal") or {}).items() if k in SIGNAL_FIELDS}
+            flat = self._flattened_since(strategy, followers, received, now, ticker=body.get("ticker"))
+            if flat:
+                body.update(position="flat", position_size=0)
+            sid = f"{row['id']}-catchup-{broker}-{self.pool[broker].reconnects if self.pool else 0}"
+            if self.journal.get_signal(sid) is not None:
+                continue
+            try:
+                signal = parse_signal({**body, "id": sid})
+            except ValueError as exc:
+                log.warning("catch-up of %s: stored signal no longer parses: %s", strategy, exc)
+                continue
+            # Decide, journal and track under one lock: two brokers coming back together (one network blip) must
+            # not both decide before either's orders are in view, or best mode opens the position at each. The
+            # sends happen after the lock, once the orders count as in flight.
+            async with self._catch_up_guard:
+                # The broker is connected but not yet open to new orders (its recovery): decide as if it were.
+                decision = self.engine.decide(signal, self._state_with_up(now, {broker}), now)
+                names = {a.name for a in followers}
+                orders = tuple(o for o in decision.orders if o.account in names)
+                self.catchups.append({"strategy": strategy, "signal": sid, "flat": flat,
+                                      "orders": [o.to_json() for o in orders]})
+                if not orders:
+                    continue
+                decision = Decision(signal_id=sid, strategy=strategy, rule=decision.rule,
+                                    blocked_by=decision.blocked_by,
+                                    reason=f"catch-up after {broker} reconnected: {decision.reason}", orders=orders)
+                # Counted from the decision on (no await since it): a webhook deciding while this commits sees it.
+                self.hold(sid, decision)
+                try:
+                    await self.journal.record_signal(
+                        raw=json.dumps({**body, "catch_up": True}), remote=None, status="accepted",
+                        reason="catch-up", key=None, signal={**body, "catch_up": True}, decision=decision.to_json(),
+                        orders=[{**o.to_json(), "margin_usd": o.margin_usd} for o in orders], signal_id=sid, at=now)
+                except BaseException:
+                    self.release(sid)
+                    raise
+                # Held -> tracked in one step: the orders never stop counting; recovery sends them below.
+                jobs = self._take_hold(sid) or []
+                for job in jobs:
+                    self.tracker.track(job)
+                self._invalidate()
+            for job in jobs:
+                await self._send_recovered(job)
+
+    def _flattened_since(self, strategy: str, accounts: Iterable[Account], since: datetime, now: datetime, *,
+                         ticker: str | None = None) -> bool:
+        """Did a flatten covering ``strategy`` at any of ``accounts`` happen after ``since`` (a target's arrival)?
+
+        Any flatten counts, not only the schedule's: a risk ``flatten_and_halt`` or an operator's flatten voids the
+        strategy's earlier target just as much, and catch-up must not put the position back. Both the schedule's
+        firings (a flatten time passed even if no process fired it) and the journaled flatten signals are read;
+        a redo of a missed flatten (``-redo-``) is not a flatten of its own (its original's time counts, or a
+        target received between the two would be voided), nor is a retry of rejected exits (``-retry-``).
+        ``ticker``: the target's, so that a flatten restricted to other roots does not void it (unknown: it does,
+        the safe side)."""
+        names = {a.name for a in accounts}
+        for firing in firings(self.ruleset.schedule_rules, since + timedelta(microseconds=1),
+                              now + timedelta(microseconds=1)):
+            rule = firing.rule
+            if firing.action != FLATTEN:
+                continue
+            if rule.strategies is not None and strategy not in rule.strategies:
+                continue
+            if rule.accounts is not None and not names & set(rule.accounts):
+                continue
+            return True
+        root = None
+        if ticker:
+            try:
+                root = resolve(ticker, now, self.ruleset.catalog).root
+            except SymbolError:
+                root = None
+        for row in self.journal.recent_signals(1000):  # newest first
+            received = parse_utc(str(row["received_at"]))
+            if received <= since:
+                break
+            scope = _flatten_scope(row)
+            if scope is None or received > now or scope.origin is not None:
+                continue
+            if scope.strategy is not None and scope.strategy != strategy:
+                continue
+            if scope.account is not None and scope.account not in names:
+                continue
+            if scope.roots is not None and root is not None and root not in scope.roots:
+                continue
+            return True
+        return False

@@ -1,0 +1,211 @@
+"""Restoring the runtime's state at start, from the journal alone.
+
+A restart must be invisible to the rules: the orders still open are tracked again (and recover when their broker
+comes up), today's halts and the limits that already flattened stay in force, and the risk monitor's day book is
+rebuilt as it would be had the process never stopped, so that no loss limit allows a day's loss a second time.
+The ledger itself is a replay of the journal's fills (``service.ledger.replay``, called by ``Runtime.start``)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from engine.sessions import session, trading_day
+from service.dispatch import FINAL, IN_FLIGHT
+from service.flatten import FLATTEN_FAILED
+from service.journal import parse_utc
+from service.ledger import EXTERNAL_STRATEGY, replay
+from service.risk import FLATTEN_AND_HALT, PORTFOLIO, halt_key
+from service.runtime_state import RuntimeState, _Reservation
+
+log = logging.getLogger("service.runtime")
+"""The runtime's one logger, whichever of its modules logs (operators filter and read it by that name)."""
+
+DAY_START = "day_start"
+"""Risk event kind: the marks a trading day's book was opened at (``Runtime._open_day_book``)."""
+
+
+class RestoreMixin(RuntimeState):
+    """The start-up restore part of ``Runtime`` (see the module docstring)."""
+
+    # -- restoring state at start ------------------------------------------------------------------------------
+    def _load_open_orders(self, booked: dict[Any, int]) -> None:
+        """Every order not final in the journal becomes tracked again (in flight ones recover when their broker
+        comes up); their strategies (the order's own, for a flatten's exits, else its signal's) attribute the fills
+        still to come. ``booked``: contracts per client order id already in the ledger (replayed from the
+        journal's fills)."""
+        strategies: dict[str, str] = {}
+        assert self._started_at is not None, "start() sets it first"
+        rows = self.journal.orders(status=["new", "sending", "unknown", "acknowledged", "partially_filled"])
+        # A broker's "filled" can be journaled before its fill report (they arrive as separate events): a crash in
+        # between leaves a filled order whose fill is not in the ledger. Tracked again, the fill still to come (an
+        # event, or reconciliation's fills_since) is booked to it instead of waiting forever as not ours yet.
+        rows += [row for row in self.journal.orders(status=["filled"],
+                                                    updated_since=self._started_at - timedelta(days=7))
+                 if booked.get(row["client_order_id"], 0)
+                 + booked.get((row.get("broker"), row.get("broker_order_id")), 0) < int(row["quantity"])]
+        for row in rows:
+            sid = row["signal_id"]
+            if sid not in strategies:
+                signal = self.journal.get_signal(sid) or {}
+                strategies[sid] = signal.get("strategy") or (signal.get("decision") or {}).get("strategy") or \
+                    EXTERNAL_STRATEGY
+            job = self._job(row, row.get("strategy") or strategies[sid], sid)  # a flatten's exit: its own
+            if job is None:
+                continue
+            filled = booked.get(job.client_order_id, 0) + booked.get((job.broker, row.get("broker_order_id")), 0)
+            self.tracker.track(job, row["status"], row.get("broker_order_id"), filled=filled)
+            if job.margin_usd > 0 and row["status"] not in FINAL:
+                self._add_reservation(job.client_order_id, _Reservation(job.account, job.margin_usd))
+            if row["status"] in IN_FLIGHT:
+                self._recovering_at_start.add(job.client_order_id)
+
+    def _restore_halts(self, events: list[dict[str, Any]]) -> None:
+        """Halts of today survive a restart (they lift at the next trading day or by an operator), and so does
+        which ``flatten_and_halt`` limits already flattened their scope today (``RiskMonitor.fired``), so that a
+        restart neither flattens a scope twice nor forgets that a softer limit's halt must not stop a harder one.
+
+        A halt restricted to roots comes back with its roots (the event row's JSON ``instruments``) under the same
+        key (``key``; rows written before roots existed have neither and mean the bare name). A halt event
+        flattened when it says so (``flattened``; rows written before that field: when its action was
+        ``flatten_and_halt``); a later ``rearm`` event of the same limit and key undoes it. A ``flatten_failed``
+        event halts its account like a ``halt`` event."""
+        now = self.clock()
+        today = trading_day(now).isoformat()
+        cleared: set[str] = set()
+        decided: set[tuple[str, str]] = set()
+        for row in events:  # newest first
+            name, kind = row.get("name"), row.get("kind")
+            roots = row.get("instruments") or None
+            key = str(row.get("key") or halt_key(str(name), roots))
+            source, limit = str(row.get("source") or ""), row.get("limit")
+            mine = str(row.get("day")) == today and bool(limit) and source == f"risk:{limit}"
+            pair = (str(limit), key)
+            if mine and kind == "rearm" and pair not in decided:
+                decided.add(pair)
+            elif mine and kind == "halt" and row.get("flattened", row.get("action") == FLATTEN_AND_HALT):
+                self.risk.fire_count[pair] = self.risk.fire_count.get(pair, 0) + 1
+                if pair not in decided:
+                    decided.add(pair)
+                    self.risk.fired.add(pair)
+            if kind == "clear":
+                cleared.add(key)
+            elif kind in ("halt", FLATTEN_FAILED) and key not in cleared and key not in self.risk.halts \
+                    and row.get("day"):
+                if str(row["day"]) == today:
+                    self.risk.halt(str(name), str(row.get("reason")), str(row.get("source")), now,
+                                   instruments=roots)
+
+    async def _open_day_book(self, fills: list[dict[str, Any]], now: datetime,
+                             events: list[dict[str, Any]]) -> None:
+        """Rebuild the risk monitor's day book as it would be had the process never stopped: the positions held
+        when this trading day began, valued at the marks of that moment, then every fill of the day (realized P&L
+        and commissions). Rebasing on the positions and marks of *now* instead would forget every loss taken
+        earlier in the day, and a loss limit would allow it a second time.
+
+        The day-start mark of a carried contract is the first of:
+
+        - the one journaled when this day's book was opened (``day_start`` risk event): what the process that was
+          running at 18:00 ET used;
+        - the 17:00 ET daily mark of the previous session (``service.marks``), when the service was down at 18:00:
+          the last price taken before the day began, and the market is closed in between, so it is the day's
+          opening value but for a rare settlement adjustment;
+        - the earliest fill price of the day in that contract: the price nearest to the day start we know;
+        - the current mark, logged as a warning: the position's P&L between the day start and now is then lost
+          (the service was down at 17:00 and at 18:00, and nothing in that contract filled since).
+
+        The marks used are journaled as the day's (when none were), so that a later restart finds the same ones.
+        """
+        today = trading_day(now)
+        before: list[dict[str, Any]] = []
+        during: list[dict[str, Any]] = []
+        for fill in fills:
+            (before if trading_day(self._fill_time(fill)) < today else during).append(fill)
+        opening = replay(before, self._point_value)
+        held = sorted({key[2] for key, book in opening.books.items() if book.quantity})
+        journaled = self._journaled_day_marks(today, events)
+        marks: dict[str, Decimal] = {}
+        basis: dict[str, str] = {}
+        daily: dict[str, Decimal] | None = None
+        for contract in held:
+            if journaled is not None and contract in journaled:
+                marks[contract], basis[contract] = journaled[contract], "journaled day start"
+                continue
+            if daily is None:
+                daily = self._previous_daily_marks(today)
+            first = next((f for f in during if f.get("contract") == contract and f.get("price") not in (None, "")),
+                         None)
+            current = self._mark(contract)
+            if contract in daily:
+                marks[contract], basis[contract] = daily[contract], "17:00 ET daily mark"
+            elif first is not None:
+                marks[contract], basis[contract] = Decimal(str(first["price"])), "earliest fill of the day"
+            elif current is not None:
+                marks[contract], basis[contract] = current, "current mark"
+            else:
+                basis[contract] = "average price (no mark known)"
+            level = logging.INFO if contract in daily else logging.WARNING
+            log.log(level, "risk: day-start mark of %s for %s: %s (%s)%s", contract, today,
+                    marks.get(contract, "-"), basis[contract],
+                    "; its P&L since the day began is not counted" if basis[contract].startswith(("current",
+                                                                                                  "average")) else "")
+        self.risk.open_day(today, opening, marks)
+        for fill in during:
+            contract = str(fill["contract"])
+            qty = int(fill["quantity"])
+            self.risk.apply_fill(fill_id=f"{fill['broker']}:{fill['fill_id']}", account=str(fill["account"]),
+                                 strategy=str(fill.get("strategy") or EXTERNAL_STRATEGY), contract=contract,
+                                 signed_qty=qty if str(fill["side"]) == "buy" else -qty,
+                                 price=Decimal(str(fill["price"])),
+                                 commission=Decimal(str(fill.get("commission") or 0)), at=self._fill_time(fill))
+        if journaled is not None and set(held) <= set(journaled):
+            self._day_start_journaled = today
+        else:
+            await self._journal_day_start(basis)
+
+    @staticmethod
+    def _fill_time(fill: dict[str, Any]) -> datetime:
+        return parse_utc(str(fill.get("at") or fill.get("recorded_at")))
+
+    @staticmethod
+    def _journaled_day_marks(day: date, events: list[dict[str, Any]]) -> dict[str, Decimal] | None:
+        """The day-start marks journaled for ``day`` (the newest ``day_start`` of ``events``), or None."""
+        for row in events:  # newest first
+            if row.get("kind") == DAY_START and str(row.get("day")) == day.isoformat():
+                found = {}
+                for contract, price in (row.get("marks") or {}).items():
+                    try:
+                        found[str(contract)] = Decimal(str(price))
+                    except ArithmeticError:
+                        log.warning("risk: journaled day-start mark %r of %s for %s unreadable", price, contract, day)
+                return found
+        return None
+
+    def _previous_daily_marks(self, day: date) -> dict[str, Decimal]:
+        """Contract prices of the 17:00 ET daily mark of the last session before trading day ``day`` began (a
+        mark of an older session is stale: the prices moved in the sessions the service missed)."""
+        previous = next((d for d in (day - timedelta(days=n) for n in range(1, 11)) if session(d) is not None),
+                        None)
+        if previous is None:
+            return {}
+        found: dict[str, Decimal] = {}
+        for row in self.journal.daily_marks(since=previous):
+            if row.get("trading_day") == previous.isoformat():
+                for contract, price in (row.get("marks") or {}).items():
+                    try:
+                        found.setdefault(str(contract), Decimal(str(price)))
+                    except ArithmeticError:
+                        log.warning("risk: daily mark %r of %s on %s unreadable", price, contract, previous)
+        return found
+
+    async def _journal_day_start(self, basis: dict[str, str]) -> None:
+        """Journal the marks the current day book was opened at, for a restart later in the day."""
+        day = self.risk.day
+        if day is None:
+            return
+        await self._risk_event(PORTFOLIO, DAY_START, f"trading day {day.isoformat()} began: positions carried in "
+                               "are valued at these marks", "risk", self.clock(), day=day.isoformat(),
+                               marks={c: str(m) for c, m in sorted(self.risk.day_marks.items())}, basis=basis)
+        self._day_start_journaled = day
