@@ -201,6 +201,42 @@ def _outside(orders: list[dict[str, Any]],
             for key, strategies in exiting.items()}
 
 
+def _cap_batch(orders: list[dict[str, Any]], start: dict[tuple[str, str], int], why: str) -> list[dict[str, Any]]:
+    """Exits of one batch, capped per (account, contract) in ``start`` (what the exiting strategies hold there at
+    the broker, signed) so that together they never take the broker past flat: opposite exits (two strategies of
+    one account on opposite sides) cancel at the broker and go out matched; what is left on one side goes out, in
+    order, only as far as ``start`` holds on that side. Orders of other (account, contract) pass unchanged."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, order in enumerate(orders):
+        key = (str(order["account"]), str(order["contract"]))
+        if key in start:
+            groups.setdefault(key, []).append(i)
+    sent = [int(o["quantity"]) for o in orders]
+    for key, members in groups.items():
+        sells = sum(int(orders[i]["quantity"]) for i in members if orders[i]["side"] == "sell")
+        buys = sum(int(orders[i]["quantity"]) for i in members if orders[i]["side"] == "buy")
+        matched = min(sells, buys)
+        # The side with more to send closes the broker's position; ``held`` is what it may still close.
+        side = "sell" if sells > buys else "buy"
+        held = start[key] if side == "sell" else -start[key]
+        pair = {"sell": matched, "buy": matched}
+        for i in members:
+            order = orders[i]
+            want = int(order["quantity"])
+            paired = min(want, pair[order["side"]])
+            pair[order["side"]] -= paired
+            rest = want - paired
+            capped = 0 if order["side"] != side else min(rest, max(held, 0))
+            if order["side"] == side:
+                held -= capped
+            sent[i] = paired + capped
+            if sent[i] < want:
+                log.warning("%s %s %s: %s %s to close it, the broker holds %+d there for the strategies exiting "
+                            "(%s); exiting %d only", key[0], key[1], order["strategy"], order["side"], want,
+                            start[key], why, sent[i])
+    return [{**o, "quantity": q} for o, q in zip(orders, sent) if q > 0]
+
+
 def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]],
                  books: Mapping[tuple[str, str], Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
     """Exits never larger than what the broker holds, on its side, in a contract where the reconciliation just run
@@ -209,26 +245,13 @@ def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, A
     the broker (or have orders in flight, which the exits already net out) and pass unchanged. The broker's
     position there is first less what the account's strategies outside this batch hold (``_outside``)."""
     outside = _outside(orders, books or {})
-    out = []
-    left: dict[tuple[str, str], int] = {}
+    start: dict[tuple[str, str], int] = {}
     for order in orders:
-        account, contract = str(order["account"]), str(order["contract"])
-        row = reconciled.get(account)
-        if row is None or contract not in {m["contract"] for m in row.get("mismatches") or ()}:
-            out.append(order)
-            continue
-        key = (account, contract)
-        held = left.get(key, int((row.get("broker_positions") or {}).get(contract, 0)) - outside.get(key, 0))
-        closable = held if order["side"] == "sell" else -held
-        quantity = min(int(order["quantity"]), max(closable, 0))
-        if quantity < int(order["quantity"]):
-            log.error("%s %s: the ledger wants %s %s to close it, the broker holds %+d; exiting %d only",
-                      account, contract, order["side"], order["quantity"], held, quantity)
-        if quantity <= 0:
-            continue
-        left[key] = held - quantity if order["side"] == "sell" else held + quantity
-        out.append({**order, "quantity": quantity})
-    return out
+        key = (str(order["account"]), str(order["contract"]))
+        row = reconciled.get(key[0])
+        if row is not None and key[1] in {m["contract"] for m in row.get("mismatches") or ()}:
+            start[key] = int((row.get("broker_positions") or {}).get(key[1], 0)) - outside.get(key, 0)
+    return _cap_batch(orders, start, "the ledger disagrees with the broker")
 
 
 def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]],
@@ -243,31 +266,21 @@ def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[st
     strategy's book still shows the position; a sell computed from that book would open a short. ``reconciled``:
     rows of the reconciliation just run, by account; an account without one is not exited at all. The broker's
     position is first less what the account's strategies outside this batch hold, their orders in flight included
-    (``_outside``: in an account that follows several strategies, each closes only its own)."""
+    (``_outside``: in an account that follows several strategies, each closes only its own), and the batch's exits
+    are capped together (``_cap_batch``: two strategies on opposite sides net to zero at the broker)."""
     outside = _outside(orders, books or {})
-    out = []
-    left: dict[tuple[str, str], int] = {}
+    kept = []
+    start: dict[tuple[str, str], int] = {}
     for order in orders:
-        account, contract = str(order["account"]), str(order["contract"])
-        row = reconciled.get(account)
-        key = (account, contract)
+        key = (str(order["account"]), str(order["contract"]))
+        row = reconciled.get(key[0])
         if row is None:
-            log.error("%s %s: not reconciled, so what the broker holds is unknown; not exited", account, contract)
+            log.error("%s %s: not reconciled, so what the broker holds is unknown; not exited", *key)
             continue
-        held = left.get(key, int((row.get("broker_positions") or {}).get(contract, 0)) + pending.get(key, 0)
-                        - outside.get(key, 0))
-        closable = held if order["side"] == "sell" else -held
-        quantity = min(int(order["quantity"]), max(closable, 0))
-        if quantity < int(order["quantity"]):
-            log.warning("%s %s: the ledger wants %s %s to close it, the broker holds %+d (orders in flight "
-                        "included); exiting %d only", account, contract, order["side"], order["quantity"], held,
-                        quantity)
-        if quantity <= 0:
-            continue
-        left[key] = held - quantity if order["side"] == "sell" else held + quantity
-        out.append({**order, "quantity": quantity})
-    return out
-
+        kept.append(order)
+        start[key] = int((row.get("broker_positions") or {}).get(key[1], 0)) + pending.get(key, 0) \
+            - outside.get(key, 0)
+    return _cap_batch(kept, start, "retry")
 
 @dataclass
 class _Netted:

@@ -24,12 +24,6 @@ from tests.harness.fuzz import Runner, generate, rules_dir, run_scenario
 from tests.harness.runtime import NOON, Clock, signal, wait_until, world
 
 KNOWN_FAILING = {16: "test_a_flatten_exit_missed_while_the_broker_resumes_is_still_carried_out",
-                 68: "test_a_retry_closes_two_strategies_that_net_to_zero_at_the_broker",
-                 101: "test_a_retry_closes_two_strategies_that_net_to_zero_at_the_broker",
-                 122: "test_a_retry_closes_two_strategies_that_net_to_zero_at_the_broker",
-                 130: "test_a_retry_closes_two_strategies_that_net_to_zero_at_the_broker",
-                 176: "test_a_retry_closes_two_strategies_that_net_to_zero_at_the_broker",
-                 207: "test_a_retry_closes_two_strategies_that_net_to_zero_at_the_broker",
                  319: "test_an_exit_decided_while_a_flattened_line_waits_for_its_follow_up_does_not_reverse_it"}
 """Seeds that failed on a bug pinned below as a strict xfail (16 and 319 on a race: not on every run); out of the CI
 set until it is fixed (they still run with MB_FUZZ_SEEDS / MB_FUZZ_SEED)."""
@@ -199,11 +193,6 @@ async def test_a_flatten_exit_missed_while_the_broker_resumes_is_still_carried_o
         assert ("f2", "mirror", "MESH6") not in held, (held, [s["id"] for s in w.journal.recent_signals(10)])
 
 
-@pytest.mark.xfail(strict=True, reason="a retry of rejected flatten exits of two strategies holding opposite sides in "
-                                       "one account clamps each exit to the broker's net position one after the "
-                                       "other, sends nothing (or too little) and settles the flatten: both books stay "
-                                       "open, with no flatten_failed and no halt (fuzz seeds 68, 101, 122, 130, 176, "
-                                       "207)")
 async def test_a_retry_closes_two_strategies_that_net_to_zero_at_the_broker(tmp_path: Path) -> None:
     """f1 follows mirror and trend: mirror long 1, trend short 1, the broker nets them to 0. A flatten of f1 sends a
     sell for mirror and a buy for trend, and the broker rejects both. The retry (``_clamp_to_broker``) counts no
