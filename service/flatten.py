@@ -213,27 +213,36 @@ def _cap_batch(orders: list[dict[str, Any]], start: dict[tuple[str, str], int], 
             groups.setdefault(key, []).append(i)
     sent = [int(o["quantity"]) for o in orders]
     for key, members in groups.items():
-        sells = sum(int(orders[i]["quantity"]) for i in members if orders[i]["side"] == "sell")
-        buys = sum(int(orders[i]["quantity"]) for i in members if orders[i]["side"] == "buy")
-        matched = min(sells, buys)
-        # The side with more to send closes the broker's position; ``held`` is what it may still close.
-        side = "sell" if sells > buys else "buy"
-        held = start[key] if side == "sell" else -start[key]
-        pair = {"sell": matched, "buy": matched}
+        # Only strategies' exits pair off: a line booked to no strategy that opposes them is a manual close of
+        # them, already done at the broker (``Runtime.engine_state`` reads it so too); trading both would be a
+        # round trip for nothing.
+        real = {i for i in members if orders[i]["strategy"] != EXTERNAL_STRATEGY}
+        sells = sum(int(orders[i]["quantity"]) for i in real if orders[i]["side"] == "sell")
+        buys = sum(int(orders[i]["quantity"]) for i in real if orders[i]["side"] == "buy")
+        pair = {"sell": min(sells, buys), "buy": min(sells, buys)}
+        rest: dict[int, int] = {}
         for i in members:
             order = orders[i]
-            want = int(order["quantity"])
-            paired = min(want, pair[order["side"]])
+            paired = min(int(order["quantity"]), pair[order["side"]]) if i in real else 0
             pair[order["side"]] -= paired
-            rest = want - paired
-            capped = 0 if order["side"] != side else min(rest, max(held, 0))
-            if order["side"] == side:
-                held -= capped
-            sent[i] = paired + capped
-            if sent[i] < want:
+            sent[i] = paired
+            rest[i] = int(order["quantity"]) - paired
+        # What is left goes out on one side only, the side with more left (the broker's on a tie), and only as far
+        # as the broker holds on that side.
+        left_sells = sum(q for i, q in rest.items() if orders[i]["side"] == "sell")
+        left_buys = sum(q for i, q in rest.items() if orders[i]["side"] == "buy")
+        side = "sell" if left_sells > left_buys else "buy" if left_buys > left_sells else \
+            ("sell" if start[key] > 0 else "buy")
+        held = start[key] if side == "sell" else -start[key]
+        for i in members:
+            order = orders[i]
+            capped = min(rest[i], max(held, 0)) if order["side"] == side else 0
+            held -= capped
+            sent[i] += capped
+            if sent[i] < int(order["quantity"]):
                 log.warning("%s %s %s: %s %s to close it, the broker holds %+d there for the strategies exiting "
-                            "(%s); exiting %d only", key[0], key[1], order["strategy"], order["side"], want,
-                            start[key], why, sent[i])
+                            "(%s); exiting %d only", key[0], key[1], order["strategy"], order["side"],
+                            order["quantity"], start[key], why, sent[i])
     return [{**o, "quantity": q} for o, q in zip(orders, sent) if q > 0]
 
 

@@ -78,6 +78,25 @@ MISSED_BY = frozenset({"connection", "paused"})
 SNAPSHOT_DEBOUNCE_S = 0.05
 
 
+def _absorb_external(by_strategy: dict[str, dict[str, int]], contract: str, qty: int) -> None:
+    """A line booked to no strategy that opposes strategies' positions is a trader's manual close of them (the
+    reconciliation adopts what the broker holds into that bucket): take it off their positions as the engine sees
+    them, so that the strategy's next exit or target does not trade a position that is gone (an exit would open the
+    other side). Strategies on the opposite side of it first by name; a manual line on the same side (a trade
+    opened by hand) belongs to no strategy and changes none."""
+    left = qty
+    for strategy in sorted(by_strategy):
+        held = by_strategy[strategy].get(contract, 0)
+        if left == 0:
+            break
+        if held == 0 or (held > 0) == (left > 0):
+            continue
+        take = min(abs(held), abs(left))
+        step = take if held > 0 else -take
+        by_strategy[strategy][contract] = held - step
+        left += step
+
+
 class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
     """See the module docstring; the public methods are the API the HTTP layer (service.app) uses."""
 
@@ -123,6 +142,8 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         """Events of an order (broker, broker order id) still to handle, the first one being handled."""
         self._state: EngineState | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.redo_tasks: set[asyncio.Task[Any]] = set()
+        """Re-issues of flatten exits missed as their broker came back (``_on_status``), while they run."""
         self._started_at: datetime | None = None
         self._first_up: set[str] = set()
         self._recovering_at_start: set[str] = set()
@@ -288,7 +309,7 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         self.running = False
         if self.scheduler is not None:
             await self.scheduler.stop()
-        tasks = self._tasks + list(self._snapshot_due.values()) + list(self._event_tasks)
+        tasks = self._tasks + list(self._snapshot_due.values()) + list(self._event_tasks) + list(self.redo_tasks)
         self._tasks = []
         for task in tasks:
             task.cancel()
@@ -504,6 +525,15 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
             self._retry_pending_fills()
         elif status in (REJECTED, CANCELLED) and tracked.job.intent == "exit":
             self._wake_retries(tracked.job.broker)  # a flatten's exit? the journal says (``_flatten_debts``)
+        elif status == MISSED and tracked.job.intent == "exit" and self.running and self.pool is not None \
+                and self.pool.available(tracked.job.broker):
+            # Missed at a broker that is back already: its resume (or come-up) read the journal before this write
+            # landed and found nothing owed. Carry the flatten's exit out now, as that resume would have (a
+            # missed exit of a signal, not of a flatten, owes nothing: ``_missed_flattens``).
+            task = asyncio.create_task(self._redo_missed_flattens(tracked.job.broker,
+                                                                  why="exit missed as the broker came back"))
+            self.redo_tasks.add(task)  # cancelled by ``stop``; tests wait for it to settle
+            task.add_done_callback(self.redo_tasks.discard)
         self._invalidate()
 
     # -- broker events -----------------------------------------------------------------------------------------
@@ -814,6 +844,7 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         down = pool.disconnected() if pool is not None else paused
         nets: dict[str, dict[str, int]] = {}
         own: dict[str, dict[str, dict[str, int]]] = {}
+        external: dict[str, dict[str, int]] = {}
         for (acct, strategy, contract), book in self.ledger.books.items():
             qty = book.quantity
             if qty:
@@ -822,6 +853,8 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
                 if strategy != EXTERNAL_STRATEGY:
                     line = own.setdefault(acct, {}).setdefault(strategy, {})
                     line[contract] = line.get(contract, 0) + qty
+                else:
+                    external.setdefault(acct, {})[contract] = qty
         accounts = {}
         for name, account in self.ruleset.accounts.items():
             positions = nets.get(name, {})
@@ -837,6 +870,8 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
                     line = by_strategy.setdefault(strategy, {})
                     for contract, qty in lines.items():
                         line[contract] = line.get(contract, 0) + qty
+            for contract, qty in external.get(name, {}).items():
+                _absorb_external(by_strategy, contract, qty)
             snap = self._snapshots.get(name)
             free = (snap.free_margin if snap is not None else Decimal(0)) - self._reserved(name)
             accounts[name] = AccountState(

@@ -23,9 +23,8 @@ from service.risk import RiskMonitor
 from tests.harness.fuzz import Runner, generate, rules_dir, run_scenario
 from tests.harness.runtime import NOON, Clock, signal, wait_until, world
 
-KNOWN_FAILING = {16: "test_a_flatten_exit_missed_while_the_broker_resumes_is_still_carried_out",
-                 319: "test_an_exit_decided_while_a_flattened_line_waits_for_its_follow_up_does_not_reverse_it"}
-"""Seeds that failed on a bug pinned below as a strict xfail (16 and 319 on a race: not on every run); out of the CI
+KNOWN_FAILING = {319: "test_an_exit_decided_while_a_flattened_line_waits_for_its_follow_up_does_not_reverse_it"}
+"""Seeds that failed on a bug pinned below as a strict xfail (319 on a race: not on every run); out of the CI
 set until it is fixed (they still run with MB_FUZZ_SEEDS / MB_FUZZ_SEED)."""
 DEFAULT_SEEDS = [seed for seed in range(40) if seed not in KNOWN_FAILING]
 """About 0.47 s a seed (300 seeds: 141 s). Before the fixes of the first two flatten bugs below, seeds 11, 16, 26, 35,
@@ -149,9 +148,6 @@ async def test_no_follow_up_when_the_flattens_own_exit_was_rejected_the_retry_cl
         assert {k: b.quantity for k, b in w.runtime.ledger.items() if b.quantity} == {}
 
 
-@pytest.mark.xfail(strict=True, reason="a flatten exit found missed at a paused broker while resume_broker re-issues "
-                                       "missed flattens is journaled missed only after the resume read the journal: "
-                                       "it is never re-issued and the account keeps the position (fuzz seed 16)")
 async def test_a_flatten_exit_missed_while_the_broker_resumes_is_still_carried_out(tmp_path: Path) -> None:
     """The dispatcher finds the broker paused and journals the exit ``missed`` (an await); the operator's resume
     runs meanwhile, reads the journal (the exit is still ``new`` there: nothing owed), and un-pauses. The missed
@@ -187,6 +183,8 @@ async def test_a_flatten_exit_missed_while_the_broker_resumes_is_still_carried_o
         await asyncio.wait_for(writing.wait(), 5)  # the dispatcher found fast paused: f2's exit is being missed
         await w.runtime.resume_broker("fast")
         await asyncio.gather(*tasks)
+        redo = f"{result['signal_id']}-redo-fast-1"
+        await wait_until(lambda: w.journal.get_signal(redo) is not None, 5, what="the re-issue")
         await w.settle()
         assert w.statuses(result["signal_id"]) == {"f2": "missed"}
         held = {k: b.quantity for k, b in w.runtime.ledger.items() if b.quantity}

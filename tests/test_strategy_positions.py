@@ -182,3 +182,22 @@ async def test_a_retried_flatten_exit_closes_its_strategys_share_of_a_broker_pos
     assert [(o["side"], o["quantity"], o["status"]) for o in w.journal.get_signal(retry)["orders"]] == \
         [("sell", 1, FILLED)]
     assert books(w) == {"trend": {"MESH6": -1}} and at_broker(w) == {"MESH6": -1}
+
+
+async def test_a_manual_close_at_the_broker_is_a_close_of_the_strategys_position(w: World) -> None:
+    """The trader closes ``trend``'s long by hand at the broker; reconciliation adopts it into the bucket of no
+    strategy (-1 there). ``trend``'s exit then sends nothing: its position is gone, and a sell would open a short."""
+    opened = await w.submit(signal("trend", "buy", 1, sid="t-long"))
+    await w.settle()
+    contract = opened.orders[0].contract
+    db = w.connector("fast").book.db  # closed by hand: the broker holds nothing
+    db["positions"].upsert({"account": "M-1", "contract": contract, "quantity": 0, "avg_price": "5000"},
+                           pk=("account", "contract"))
+    await w.runtime.reconcile_broker("fast", reason="test")
+    assert books(w) == {"trend": {contract: 1}, EXTERNAL_STRATEGY: {contract: -1}}
+    m1 = w.runtime.engine_state(w.clock()).accounts["m1"]
+    assert dict(m1.positions) == {} and dict(m1.strategy_positions or {}).get("trend", {}).get(contract, 0) == 0
+    gone = await w.submit(signal("trend", "exit", sid="t-exit"))
+    assert [o for o in gone.orders if o.account == "m1"] == []
+    await w.settle()
+    assert at_broker(w) == {}

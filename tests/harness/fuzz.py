@@ -538,7 +538,7 @@ class Runner:
         def quiet() -> bool:
             if rt.dispatcher._running or any(rt.dispatcher.queued().values()):  # type: ignore[union-attr]
                 return False
-            if any(h.flatten for h in rt._holds.values()):  # a flatten or its follow-up being journaled
+            if any(h.flatten for h in rt._holds.values()) or rt.redo_tasks:  # a flatten, follow-up or re-issue
                 return False
             if self._retrying():
                 return False

@@ -212,6 +212,7 @@ class World:
         exits are held (a flatten or its follow-up waiting for its journal commit; a signal's hold is the test's)."""
         await wait_until(lambda: not self.runtime.tracker.unsettled()
                          and not any(h.flatten for h in self.runtime._holds.values())
+                         and not self.runtime.redo_tasks
                          and not any(self.runtime.dispatcher.queued().values())
                          and not self.runtime.dispatcher._running, timeout_s)
 
