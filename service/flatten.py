@@ -57,12 +57,13 @@ Orders in flight when a flatten is computed: the flatten counts them as if they 
 ledger holds flat (an entry sent a moment ago), and exits the result at once, as the engine counts them too: from
 that instant every decision sees the line flat, and no signal exits it a second time. An order that then does not
 do what was counted (the broker rejects it, a paused or down broker makes it ``missed``, it fills in part) leaves
-the line off flat by the difference: once the last order the flatten counted on a line settles (final, fills
-booked), a follow-up exit for that difference, ``<flatten id>-follow-<n>``, is held in that same step (the engine's
-view stays flat) and journaled and sent like the flatten's own exits (retried when rejected, re-issued when
-missed). When the flatten's own exit on the line does not fill either, there is no follow-up: the retry or re-issue
-of that exit recomputes the line from the ledger and the broker, which by then include what the orders in flight
-really did. Orders decided after the flatten are not part of it: a new signal may open the line again. The watch is in
+the line off flat by what it left unfilled: the moment such an order settles (final, fills booked), a follow-up
+exit for that difference, ``<flatten id>-follow-<n>``, is held in that same step (the engine's view stays flat, so
+an exit signal decided while other orders are still in flight cannot close the same difference again) and
+journaled and sent like the flatten's own exits (retried when rejected, re-issued when missed). When the flatten's
+own exit on the line fails too, its retry or re-issue recomputes the line from the ledger and the broker, counting
+the follow-ups in flight: the two never close the same contracts twice, at the price of a round trip when both
+fail. Orders decided after the flatten are not part of it: a new signal may open the line again. The watch is in
 memory: a restart in the milliseconds between a flatten and the settling of what it counted on loses the
 follow-up (reconciliation then shows the position).
 """
@@ -82,7 +83,7 @@ from engine.decision import client_order_id
 from engine.schedule import Firing
 from engine.sessions import trading_day
 from engine.state import contract_root
-from service.dispatch import CANCELLED, FILLED, FINAL, MISSED, REJECTED, Job, Tracked
+from service.dispatch import CANCELLED, FINAL, MISSED, REJECTED, Job, Tracked
 from service.journal import parse_utc
 from service.ledger import EXTERNAL_STRATEGY
 from service.runtime_state import RuntimeState, _Hold, _utc
@@ -296,27 +297,20 @@ class _Netted:
     """A line (account, strategy, contract) a flatten closed while orders were still in flight on it.
 
     The flatten's own exit counted on them to fill what they had left (``Runtime._flatten_orders``), but an order in
-    flight may yet fill in part, or never leave (rejected, or ``missed`` at a broker that is down or paused). Once
-    every one of them has settled, what they filled since (``moved``) minus what was counted (``-base``) is what the
-    flatten left open: a follow-up exit closes it (``Runtime._follow_up``). Orders decided after the flatten are not
-    watched: a new signal may open the line again."""
+    flight may yet fill in part, or never leave (rejected, or ``missed`` at a broker that is down or paused). The
+    moment one of them settles with quantity unfilled, the line is off flat by that much, and a follow-up exit for
+    it is held in that same step (``Runtime._follow_up``), so that the engine never sees the line off flat: an exit
+    signal decided while the other orders are still in flight would otherwise close the same difference again. The
+    flatten's own exit is not watched: if it fails, its retry or re-issue recomputes the line from the ledger and
+    the broker, counting the follow-ups in flight. Orders decided after the flatten are not watched either: a new
+    signal may open the line again."""
 
     fid: str
     account: str
     strategy: str
     contract: str
-    base: int
-    """Minus the signed quantity the flatten counted the watched orders would still fill."""
     waiting: dict[str, int]
-    """Client order id -> its filled quantity when the flatten computed; removed once the order is final."""
-    moved: int = 0
-    """Signed quantity the watched orders filled since the flatten."""
-    own: str | None = None
-    """The flatten's own exit on the line, if it has one: the follow-up is for what the orders in flight did
-    differently, which assumes that exit filled. One that did not (rejected, cancelled, missed) is retried or
-    re-issued from the ledger and the broker, which then include what the watched orders really did: no
-    follow-up as well, or the two would close the same difference twice."""
-    own_filled: bool | None = None
+    """Client order id -> its filled quantity when the flatten computed; removed once the order settled."""
 
 
 class FlattenMixin(RuntimeState):
@@ -343,14 +337,14 @@ class FlattenMixin(RuntimeState):
         netted: list[_Netted] = []
         orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots, netted=netted)
         for line in netted:  # before the first await: an order may become final at any moment after it
-            for coid in [*line.waiting, *([line.own] if line.own else [])]:
+            for coid in line.waiting:
                 self._netted.setdefault(coid, []).append(line)
         try:
             decision = await self._issue_flatten(fid, body, orders, accounts=accounts, strategy=strategy,
                                                  roots=roots, now=now)
         except BaseException:
             for line in netted:
-                for coid in [*line.waiting, *([line.own] if line.own else [])]:
+                for coid in line.waiting:
                     watching = self._netted.get(coid, [])
                     if line in watching:
                         watching.remove(line)
@@ -454,9 +448,8 @@ class FlattenMixin(RuntimeState):
             remaining = quantity + pending.get(key, 0) + counted
             coid = client_order_id(fid, acct, f"{strat}:{contract}")
             if netted is not None and flying:
-                netted.append(_Netted(fid, acct, strat, contract, base=-counted,
-                                      waiting={t.job.client_order_id: t.filled for t in flying},
-                                      own=coid if remaining else None))
+                netted.append(_Netted(fid, acct, strat, contract,
+                                      waiting={t.job.client_order_id: t.filled for t in flying}))
             if remaining == 0:
                 continue
             orders.append({"account": acct, "broker": doc.broker, "contract": contract,
@@ -465,39 +458,32 @@ class FlattenMixin(RuntimeState):
         return orders
 
     def _netted_settled(self, tracked: Tracked) -> None:
-        """An order settled (``OrderTracker.settled_hooks``). One a flatten counted on: book what it filled since;
-        the line's last one issues the follow-up if the line is not where the flatten left it to be (flat)."""
+        """An order settled (``OrderTracker.settled_hooks``). One a flatten counted on to fill what it had left: what
+        it left unfilled is what the line is now off flat; close it at once (``_Netted``)."""
         coid = tracked.job.client_order_id
         if coid not in self._netted:
             return
+        unfilled = tracked.job.quantity - tracked.filled
         for line in self._netted.pop(coid, []):
-            if coid == line.own:
-                line.own_filled = tracked.status == FILLED
-            else:
-                line.moved += (tracked.filled - line.waiting.pop(coid, tracked.filled)) * tracked.job.sign
-            if line.waiting or (line.own is not None and line.own_filled is None):
-                continue
-            if line.own_filled is False:
-                log.info("%s: its exit on %s %s did not fill: retried or re-issued from the ledger, no follow-up",
-                         line.fid, line.account, line.contract)
-            elif line.base + line.moved != 0:
-                self._follow_up(line)
+            line.waiting.pop(coid, None)
+            if unfilled > 0:
+                self._follow_up(line, -unfilled * tracked.job.sign,
+                                f"{tracked.job.side} {tracked.job.quantity} ({tracked.job.signal_id}) ended "
+                                f"{tracked.status} with {unfilled} unfilled")
 
-    def _follow_up(self, line: _Netted) -> None:
-        """Close what a flatten left open on ``line`` because orders in flight did not do what it counted on (an
-        exit rejected or missed, an entry that filled after it): a flatten signal of its own, ``<flatten
-        id>-follow-<n>``, scoped to the line, journaled and sent like the flatten's exits (a rejected or missed one
-        is retried or re-issued like theirs). It supersedes nothing: orders held now were decided after the
-        flatten, and a new signal may open the line again."""
-        left = line.base + line.moved
+    def _follow_up(self, line: _Netted, left: int, what: str) -> None:
+        """Close ``left`` (signed: what ``line`` holds beyond flat) that a flatten left open because an order it
+        counted on did not fill (``what``): a flatten signal of its own, ``<flatten id>-follow-<n>``, scoped to the
+        line, journaled and sent like the flatten's exits (a rejected or missed one is retried or re-issued like
+        theirs). It supersedes nothing: orders held now were decided after the flatten, and a new signal may open
+        the line again."""
         doc = self._account(line.account)
         if doc is None or left == 0:
             return
         n = self._follow_ups[line.fid] = self._follow_ups.get(line.fid, 0) + 1
         fid = f"{line.fid}-follow-{n}"
         root = contract_root(line.contract)
-        reason = (f"follow-up of {line.fid}: orders in flight on {line.account} {line.contract} ({line.strategy}) "
-                  f"ended {line.moved:+d} where the flatten counted on {-line.base:+d}; "
+        reason = (f"follow-up of {line.fid}: on {line.account} {line.contract} ({line.strategy}), {what}; "
                   f"closing {left:+d}")
         body: dict[str, Any] = {"flatten": True, "account": line.account, "strategy": line.strategy,
                                 "instruments": [root], "reason": reason, "follow_of": line.fid}
@@ -506,7 +492,7 @@ class FlattenMixin(RuntimeState):
                  "client_order_id": client_order_id(fid, line.account, f"{line.strategy}:{line.contract}"),
                  "strategy": line.strategy}
         log.warning("%s: %s", fid, reason)
-        # Held now, in the step that settled the line's last order: the engine sees the exit from this instant.
+        # Held now, in the step the order settled: the engine sees the exit from this instant, never the gap.
         self._hold_flatten(fid, [order], accounts={line.account}, strategy=line.strategy, roots=frozenset({root}),
                            supersede=False)
 

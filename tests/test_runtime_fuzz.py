@@ -23,7 +23,7 @@ from service.risk import RiskMonitor
 from tests.harness.fuzz import Runner, generate, rules_dir, run_scenario
 from tests.harness.runtime import NOON, Clock, signal, wait_until, world
 
-KNOWN_FAILING = {319: "test_an_exit_decided_while_a_flattened_line_waits_for_its_follow_up_does_not_reverse_it"}
+KNOWN_FAILING: dict[int, str] = {}
 """Seeds that failed on a bug pinned below as a strict xfail (319 on a race: not on every run); out of the CI
 set until it is fixed (they still run with MB_FUZZ_SEEDS / MB_FUZZ_SEED)."""
 DEFAULT_SEEDS = [seed for seed in range(40) if seed not in KNOWN_FAILING]
@@ -126,10 +126,12 @@ async def test_an_entry_the_flatten_counted_on_and_the_broker_rejected_is_bought
         assert [p for p in w.connector("slow").book.positions("S-1") if int(p["quantity"])] == []
 
 
-async def test_no_follow_up_when_the_flattens_own_exit_was_rejected_the_retry_closes_the_line(tmp_path: Path) -> None:
-    """The flatten counted on an entry in flight and its own exit was rejected too: the retry recomputes the line
-    from the ledger and the broker (which include what the entry really did); a follow-up as well would buy back a
-    rejected entry's difference on top of a position that is still open."""
+async def test_when_the_flattens_own_exit_is_rejected_too_the_follow_up_and_the_retry_close_the_line_once(
+        tmp_path: Path) -> None:
+    """The flatten counted on an entry in flight (and sold 2 for it), and the broker rejects both the entry and the
+    flatten's exit: the entry's follow-up buys back what the flatten sold for it, and the retry of the exit
+    recomputes the line from the ledger and the broker, counting that follow-up: the account ends flat, and no
+    contract is closed twice."""
     async with world(tmp_path, rules={"slow_ms": 100}, clock=Clock(NOON)) as w:
         w.runtime.flatten_retry_delays_s = (0.05, 0.05)
         await w.submit(signal("mirror", "buy", 1, sid="open"))
@@ -141,10 +143,14 @@ async def test_no_follow_up_when_the_flattens_own_exit_was_rejected_the_retry_cl
         await wait_until(lambda: w.journal.get_signal(f"{result['signal_id']}-retry-slow-1") is not None, 5)
         await w.settle()
         assert w.statuses("more")["s1"] == "rejected" and w.statuses(result["signal_id"])["s1"] == "rejected"
-        assert w.journal.get_signal(f"{result['signal_id']}-follow-1") is None
-        # What the broker took (it keeps no rejected orders): the first entry, then only the retry's exit.
-        assert [(o["side"], int(o["quantity"]), o["status"]) for o in w.book_orders("slow", "S-1")] == \
-            [("buy", 1, "filled"), ("sell", 1, "filled")]
+        follow = w.journal.get_signal(f"{result['signal_id']}-follow-1")
+        assert follow is not None and [(o["account"], o["side"], o["quantity"]) for o in follow["orders"]] == \
+            [("s1", "buy", 1)]
+        retry = w.journal.get_signal(f"{result['signal_id']}-retry-slow-1")
+        assert [(o["side"], o["quantity"], o["status"]) for o in retry["orders"]] == [("sell", 2, "filled")]
+        # What the broker took (it keeps no rejected orders): the first entry, the follow-up, the retry.
+        assert sorted((o["side"], int(o["quantity"]), o["status"]) for o in w.book_orders("slow", "S-1")) == \
+            [("buy", 1, "filled"), ("buy", 1, "filled"), ("sell", 2, "filled")]
         assert {k: b.quantity for k, b in w.runtime.ledger.items() if b.quantity} == {}
 
 
@@ -216,17 +222,13 @@ async def test_a_retry_closes_two_strategies_that_net_to_zero_at_the_broker(tmp_
         assert held == {} or [e["name"] for e in failed] == ["f1"], (held, failed)
 
 
-@pytest.mark.xfail(strict=True, reason="between the first and the last settling of the orders a flatten counted on, the "
-                                       "engine sees the shortfall of one that did not fill (the line is not flat): an "
-                                       "exit decided then closes it, and the follow-up, computed when the last one "
-                                       "settles, closes it again: the line reverses (fuzz seed 319)")
 async def test_an_exit_decided_while_a_flattened_line_waits_for_its_follow_up_does_not_reverse_it(
         tmp_path: Path) -> None:
     """s1 is short 2. A reversal to long 1 sends buy 2 (exit, rejected by the broker) and buy 1 (entry, fills); the
-    flatten counts both as filling (-2 + 2 + 1) and sells 1. Once the exit is rejected, the engine's view of the line
-    is -2 again, while the follow-up waits for the entry and the flatten's own exit to settle. An exit signal in that
-    window buys 2; then the follow-up buys the same 2 (what the flatten counted on and did not get): s1 ends long 2
-    after a flatten and an exit."""
+    flatten counts both as filling (-2 + 2 + 1) and sells 1. When the follow-up waited for every counted order, the
+    engine saw the line at -2 once the exit was rejected; an exit signal in that window bought 2, then the follow-up
+    bought the same 2, and s1 ended long 2 (fuzz seed 319). The follow-up of each order is now held the moment it
+    settles."""
     async with world(tmp_path, rules={"slow_ms": 50, "fill_ms": 50}, clock=Clock(NOON)) as w:
         await w.submit(signal("mirror", "sell", 2, sid="short"))
         await w.settle()
@@ -239,7 +241,8 @@ async def test_an_exit_decided_while_a_flattened_line_waits_for_its_follow_up_do
         await wait_until(lambda: any(o["account"] == "s1" and o["status"] == "rejected"
                                      for o in w.journal.orders(signal_id="long")), 5)
         after = await w.submit(signal("mirror", "exit", sid="after"))
-        assert [(o.side, o.quantity) for o in after.orders if o.account == "s1"] == [("buy", 2)]  # the -2 it sees
+        # The rejected exit's follow-up (buy 2) was held the moment it settled: the engine sees the line flat.
+        assert [(o.side, o.quantity) for o in after.orders if o.account == "s1"] == []
         await w.settle()
         held = {k: b.quantity for k, b in w.runtime.ledger.items() if b.quantity and k[0] == "s1"}
         assert held == {}, (held, [s["id"] for s in w.journal.recent_signals(10)])
