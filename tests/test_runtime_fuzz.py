@@ -24,12 +24,11 @@ from tests.harness.fuzz import Runner, generate, rules_dir, run_scenario
 from tests.harness.runtime import NOON, Clock, signal, wait_until, world
 
 KNOWN_FAILING: dict[int, str] = {}
-"""Seeds that failed on a bug pinned below as a strict xfail (319 on a race: not on every run); out of the CI
-set until it is fixed (they still run with MB_FUZZ_SEEDS / MB_FUZZ_SEED)."""
+"""Seeds that fail on a known bug pinned below as a strict xfail, kept out of the CI set until it is fixed (they
+still run with MB_FUZZ_SEEDS / MB_FUZZ_SEED). None today."""
 DEFAULT_SEEDS = [seed for seed in range(40) if seed not in KNOWN_FAILING]
-"""About 0.47 s a seed (300 seeds: 141 s). Before the fixes of the first two flatten bugs below, seeds 11, 16, 26, 35,
-36, 40, 41, 46, 80, 114 and more failed; since the generator injects rejections, partial fills, loss limits and the
-18:00 ET boundary, the seeds in ``KNOWN_FAILING`` fail (of 0..299)."""
+"""About 0.45 s a seed (300 seeds: 128 s). The bugs below were found by seeds 11, 16, 26, 35, 36, 40, 41, 46, 68, 72,
+80, 101, 114, 122, 130, 176, 207, 319, 425, 465 and others; all of 0..299 pass since their fixes."""
 
 
 def _seeds() -> list[int]:
