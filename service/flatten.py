@@ -292,6 +292,10 @@ def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[st
             - outside.get(key, 0)
     return _cap_batch(kept, start, "retry")
 
+def _superseded_detail(fid: str) -> str:
+    return f"superseded by flatten {fid}, computed while this order was held: never sent"
+
+
 @dataclass
 class _Netted:
     """A line (account, strategy, contract) a flatten closed while orders were still in flight on it.
@@ -309,8 +313,8 @@ class _Netted:
     account: str
     strategy: str
     contract: str
-    waiting: dict[str, int]
-    """Client order id -> its filled quantity when the flatten computed; removed once the order settled."""
+    counted: tuple[str, ...]
+    """The client order ids of the orders in flight it counted on (each watched until it settles)."""
 
 
 class FlattenMixin(RuntimeState):
@@ -337,14 +341,14 @@ class FlattenMixin(RuntimeState):
         netted: list[_Netted] = []
         orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots, netted=netted)
         for line in netted:  # before the first await: an order may become final at any moment after it
-            for coid in line.waiting:
+            for coid in line.counted:
                 self._netted.setdefault(coid, []).append(line)
         try:
             decision = await self._issue_flatten(fid, body, orders, accounts=accounts, strategy=strategy,
                                                  roots=roots, now=now)
         except BaseException:
             for line in netted:
-                for coid in line.waiting:
+                for coid in line.counted:
                     watching = self._netted.get(coid, [])
                     if line in watching:
                         watching.remove(line)
@@ -382,7 +386,7 @@ class FlattenMixin(RuntimeState):
         self._holds[fid] = _Hold(jobs, [], flatten=True)
         for job in jobs:
             self._count_held(job, 1)
-        detail = f"superseded by flatten {fid}, computed while this order was held: never sent"
+        detail = _superseded_detail(fid)
         for sid, voided in superseded.items():
             self.journal.supersede(sid, {job.client_order_id: detail for _fid, job in voided})
         self._invalidate()
@@ -392,7 +396,7 @@ class FlattenMixin(RuntimeState):
                             superseded: dict[str, list[tuple[str, Job]]], now: datetime) -> dict[str, Any]:
         """The asynchronous half of ``_issue_flatten``: journal the flatten with what it superseded, then hand its
         held exits to the dispatcher."""
-        detail = f"superseded by flatten {fid}, computed while this order was held: never sent"
+        detail = _superseded_detail(fid)
         try:
             decision = await self._journal_flatten(fid, body, orders, now, superseded=[
                 (sid, [self._missed_row(job) for _fid, job in voided], detail) for sid, voided in superseded.items()])
@@ -449,7 +453,7 @@ class FlattenMixin(RuntimeState):
             coid = client_order_id(fid, acct, f"{strat}:{contract}")
             if netted is not None and flying:
                 netted.append(_Netted(fid, acct, strat, contract,
-                                      waiting={t.job.client_order_id: t.filled for t in flying}))
+                                      counted=tuple(t.job.client_order_id for t in flying)))
             if remaining == 0:
                 continue
             orders.append({"account": acct, "broker": doc.broker, "contract": contract,
@@ -465,7 +469,6 @@ class FlattenMixin(RuntimeState):
             return
         unfilled = tracked.job.quantity - tracked.filled
         for line in self._netted.pop(coid, []):
-            line.waiting.pop(coid, None)
             if unfilled > 0:
                 self._follow_up(line, -unfilled * tracked.job.sign,
                                 f"{tracked.job.side} {tracked.job.quantity} ({tracked.job.signal_id}) ended "
@@ -842,21 +845,21 @@ class FlattenMixin(RuntimeState):
             if book.quantity and strat != EXTERNAL_STRATEGY:
                 by = books.setdefault((acct, contract), {})
                 by[strat] = by.get(strat, 0) + book.quantity
-        if in_flight:
-            for t in self.tracker.unsettled():
-                job = t.job
-                by = books.setdefault((job.account, job.contract), {})
-                by[job.strategy] = by.get(job.strategy, 0) + (job.quantity - t.filled) * job.sign
+        if in_flight:  # the tracker keeps it per strategy as orders come and go
+            for acct in self.ruleset.accounts:
+                for strat, lines in self.tracker.strategy_exposure(acct).items():
+                    for contract, qty in lines.items():
+                        by = books.setdefault((acct, contract), {})
+                        by[strat] = by.get(strat, 0) + qty
         return books
 
     def _in_flight_by(self) -> dict[tuple[str, str], int]:
         """Signed quantity our orders not final yet may still fill, by account and contract (the broker's position
         does not show it yet; an order the broker reported filled is in that position already)."""
         found: dict[tuple[str, str], int] = {}
-        for tracked in self.tracker.unsettled():
-            if tracked.status not in FINAL:
-                key = (tracked.job.account, tracked.job.contract)
-                found[key] = found.get(key, 0) + (tracked.job.quantity - tracked.filled) * tracked.job.sign
+        for tracked in self.tracker.in_flight():
+            key = (tracked.job.account, tracked.job.contract)
+            found[key] = found.get(key, 0) + (tracked.job.quantity - tracked.filled) * tracked.job.sign
         return found
 
     async def _flatten_failed(self, debt: _Debt, broker: str, orders: list[dict[str, Any]], now: datetime, *,
