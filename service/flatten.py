@@ -29,7 +29,9 @@ risk or schedule and sent through the dispatcher like the original's (held and s
 as any flatten). It never trusts the ledger alone: it reconciles the broker first, computes the exits for the
 accounts owed in the original's scope as the redo does (net of orders in flight and of other flattens' held
 exits), and never exits more than the broker holds, in any contract (``_clamp_to_broker``: a position closed by
-hand at the broker is booked to no strategy, so the strategy's book alone would sell into a short). Nothing left to
+hand at the broker is booked to no strategy, so the strategy's book alone would sell into a short), net of what our
+orders may still add to that position as they stood when the broker read it (``OrdersAtRead``: counted when the
+exits are computed, an order that fills in between counts nowhere and the retry closes too little). Nothing left to
 close settles it with no order. What is owed is read from the journal (``_flatten_debts``): per account, the latest
 of the original, its re-issues and its retries decides, so an account is owed a redo (missed exits: the come-up)
 or a retry (rejected ones), never both; the two run under one lock and each nets out the other's exits in flight,
@@ -268,7 +270,9 @@ def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[st
                      pending: dict[tuple[str, str], int],
                      books: Mapping[tuple[str, str], Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
     """A retry's exits, each no larger than what the broker holds on its side in every contract, net of our orders
-    there still in flight (``pending``: signed quantity left to fill, by account and contract), in exit order.
+    there still in flight (``pending``: by account and contract, signed, what they may yet add to the broker's
+    position as the reconciliation read it: ``OrdersAtRead.unfilled``, never what is in flight when the exits are
+    computed, which misses a fill that lands in between), in exit order.
 
     Stricter than ``_clamp_exits``, which trusts the ledger where it agrees with the broker: a retry comes seconds
     to minutes after the rejection, time enough for someone to close the position at the broker by hand. Such a
@@ -787,7 +791,7 @@ class FlattenMixin(RuntimeState):
 
         Under the lock of the redo of missed flattens: the two never compute at once, and each nets out the
         other's exits in flight. The broker is reconciled first (the ledger alone may be stale: the position may
-        have been closed at the broker meanwhile), and the exits never exceed what it holds (``_clamp_exits``)."""
+        have been closed at the broker meanwhile), and the exits never exceed what it holds (``_clamp_to_broker``)."""
         assert self.pool is not None
         async with self._redo_guard:
             if not self.pool.available(broker):
@@ -801,13 +805,18 @@ class FlattenMixin(RuntimeState):
             now = self.clock()
             journaled: list[str] = []
             for debt in due:
+                # What our orders may add to each position read, from how they stood when it was read, not from
+                # what is in flight now: an order that filled in between is in neither. Per debt, in the step that
+                # computes its exits: the exits of the retries issued before it count (tracked since the read).
+                pending = {(account, contract): qty for account, row in by_account.items()
+                           for contract, qty in row["orders_at_read"].unfilled(self.tracker).items()}
                 scope = _flatten_scope(debt.row)
                 assert scope is not None
                 attempt = debt.retries + 1
                 rid = _retry_id(debt.origin, broker, attempt)
                 accounts = set(debt.rejected)
                 orders = _clamp_to_broker(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,
-                                                               roots=scope.roots), by_account, self._in_flight_by(),
+                                                               roots=scope.roots), by_account, pending,
                                           self._strategy_books(in_flight=True))
                 day = trading_day(parse_utc(str(debt.row["received_at"])))
                 late = day != trading_day(now)
@@ -852,15 +861,6 @@ class FlattenMixin(RuntimeState):
                         by = books.setdefault((acct, contract), {})
                         by[strat] = by.get(strat, 0) + qty
         return books
-
-    def _in_flight_by(self) -> dict[tuple[str, str], int]:
-        """Signed quantity our orders not final yet may still fill, by account and contract (the broker's position
-        does not show it yet; an order the broker reported filled is in that position already)."""
-        found: dict[tuple[str, str], int] = {}
-        for tracked in self.tracker.in_flight():
-            key = (tracked.job.account, tracked.job.contract)
-            found[key] = found.get(key, 0) + (tracked.job.quantity - tracked.filled) * tracked.job.sign
-        return found
 
     async def _flatten_failed(self, debt: _Debt, broker: str, orders: list[dict[str, Any]], now: datetime, *,
                               why: str) -> None:

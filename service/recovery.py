@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from brokers.base import BrokerError
 from engine.decision import Decision
@@ -27,13 +28,84 @@ from engine.sessions import trading_day, trading_day_start
 from engine.signal import parse_signal
 from engine.symbols import SymbolError, resolve
 from service import reconcile
-from service.dispatch import IN_FLIGHT, MISSED, NEW, SENDING, UNKNOWN, WORKING, Job
+from service.dispatch import (
+    CANCELLED,
+    FINAL,
+    IN_FLIGHT,
+    MISSED,
+    NEW,
+    REJECTED,
+    SENDING,
+    UNKNOWN,
+    WORKING,
+    Job,
+    OrderTracker,
+    Tracked,
+)
 from service.flatten import _flatten_scope
 from service.journal import parse_utc
 from service.runtime_state import SIGNAL_FIELDS, RuntimeState, _utc
 
 log = logging.getLogger("service.runtime")
 """The runtime's one logger, whichever of its modules logs (operators filter and read it by that name)."""
+
+_GONE = frozenset({REJECTED, CANCELLED, MISSED})
+"""Final states in which an order fills nothing more (what it filled before stays filled)."""
+
+
+@dataclass(frozen=True)
+class OrdersAtRead:
+    """Our orders of one account as they stood the moment before its broker was asked for its positions.
+
+    The position the broker answers holds every fill booked here by that moment. Of a fill booked later it may or
+    may not hold anything (the fill happened before or after the broker read its book; its report came after), and
+    the answer is used only after more awaits (the account snapshot, the journal, the other accounts, the retry's
+    own computation), while fills keep arriving. Our orders must therefore be read as of that moment, not when the
+    answer is used: counted then, an order that fills in between is in neither the answer nor what is still in
+    flight, and a retry capped at "broker position + in flight" closes that much too little and settles, leaving
+    the line open with nothing to say so (fuzz seed 53)."""
+
+    account: str
+    known: frozenset[str]
+    """Client order ids of the account's orders tracked then (an order tracked since counts in full)."""
+    booked: Mapping[str, int]
+    """Client order id -> quantity it had booked then, for each of them not final then (a final one is in the
+    answer already: the broker reported it done before it was asked)."""
+
+    @classmethod
+    def take(cls, account: str, tracker: OrderTracker) -> OrdersAtRead:
+        """Call it in the step that sends the request for the positions (no await in between)."""
+        mine = [t for t in tracker.orders.values() if t.job.account == account]
+        return cls(account, frozenset(t.job.client_order_id for t in mine),
+                   {t.job.client_order_id: t.filled for t in mine if t.status not in FINAL})
+
+    def _since(self, tracker: OrderTracker) -> Iterable[Tracked]:
+        """The account's orders not final at the read, or tracked since."""
+        for t in tracker.orders.values():
+            coid = t.job.client_order_id
+            if t.job.account == self.account and (coid in self.booked or coid not in self.known):
+                yield t
+
+    def unfilled(self, tracker: OrderTracker) -> dict[str, int]:
+        """By contract, signed: what our orders may yet add to the position the broker answered. Each counts
+        everything it had left at the read (all of it, if tracked since), whether or not it filled since: a fill
+        the answer did hold then counts twice, which loosens a cap on an exit and never tightens it. An order that
+        ended rejected, cancelled or missed counts only what it filled since."""
+        out: dict[str, int] = {}
+        for t in self._since(tracker):
+            job = t.job
+            before = self.booked.get(job.client_order_id, 0)
+            left = t.filled - before if t.status in _GONE else job.quantity - before
+            if left:
+                out[job.contract] = out.get(job.contract, 0) + left * job.sign
+        return out
+
+    def in_flux(self, tracker: OrderTracker) -> set[str]:
+        """Contracts whose position may differ between the broker's answer and the ledger for no fault: an order
+        on them was not final at the read, or was tracked since (its fill may be booked here and not in the
+        answer), or is not all booked yet (``OrderTracker.unsettled``: in the answer, not in the ledger)."""
+        return {t.job.contract for t in self._since(tracker)} | \
+            {t.job.contract for t in tracker.unsettled() if t.job.account == self.account}
 
 
 class RecoveryMixin(RuntimeState):
@@ -133,7 +205,10 @@ class RecoveryMixin(RuntimeState):
                 log.exception("reconciliation of %s failed", broker)
 
     async def reconcile_broker(self, broker: str, *, reason: str) -> list[dict[str, Any]]:
-        """Compare the ledger with the broker for each of its accounts; apply each account's policy."""
+        """Compare the ledger with the broker for each of its accounts; apply each account's policy. Each row
+        returned (not what is journaled) also carries ``orders_at_read``: our orders as they stood just before the
+        broker was asked for the positions in ``broker_positions`` (``OrdersAtRead``), what a caller that pairs
+        those positions with our orders in flight must read them from."""
         assert self.pool is not None
         connector = self.pool.connector(broker)
         now = self.clock()
@@ -153,15 +228,16 @@ class RecoveryMixin(RuntimeState):
                     found = await connector.find_order(account.broker_account, tracked.job.client_order_id)
                     if found is not None:
                         await self.tracker.adopt(tracked.job.client_order_id, found)
+            at_read = OrdersAtRead.take(account.name, self.tracker)
             held = {p.contract: p.quantity for p in await connector.positions(account.broker_account) if p.quantity}
             self._set_snapshot(account.name, await connector.account_snapshot(account.broker_account))
-            in_flux = {t.job.contract for t in self.tracker.unsettled() if t.job.account == account.name}
-            mismatches = reconcile.compare_positions(self.ledger.account_positions(account.name), held, in_flux)
+            mismatches = reconcile.compare_positions(self.ledger.account_positions(account.name), held,
+                                                     at_read.in_flux(self.tracker))
             row = {"broker": broker, "account": account.name, "ok": not mismatches, "reason": reason,
                    "policy": account.on_mismatch, "mismatches": [m.as_dict() for m in mismatches],
                    "broker_positions": held, "at": now}
             await self.journal.record_reconciliation(row)
-            rows.append(row)
+            rows.append({**row, "orders_at_read": at_read})
             await self._apply_policy(account, mismatches, now)
         self._invalidate()
         return rows
