@@ -65,9 +65,22 @@ an exit signal decided while other orders are still in flight cannot close the s
 journaled and sent like the flatten's own exits (retried when rejected, re-issued when missed). When the flatten's
 own exit on the line fails too, its retry or re-issue recomputes the line from the ledger and the broker, counting
 the follow-ups in flight: the two never close the same contracts twice, at the price of a round trip when both
-fail. Orders decided after the flatten are not part of it: a new signal may open the line again. The watch is in
-memory: a restart in the milliseconds between a flatten and the settling of what it counted on loses the
-follow-up (reconciliation then shows the position).
+fail. Orders decided after the flatten are not part of it: a new signal may open the line again. One counted order
+is followed up once, however many flattens counted on it (a later flatten counts the earlier one's exit as well,
+which already sold for it).
+
+The watch survives a crash: the flatten journals it with itself, in its own transaction (its body's ``watch``: per
+line, the client order ids it counted on), and each follow-up names the order it covers (``covers``, next to
+``follow_of``). Reconciliation would not tell the difference (the ledger and the broker agree on the reversed
+position), so a start rebuilds the watch from the journal, for the flattens of the current trading day, before
+recovery settles what was in flight (``RestoreMixin._restore_watches``): a counted order not final yet is watched
+again (its settling during recovery issues the follow-up as usual, held through the broker's come-up and sent
+once it opens); one final with quantity unfilled and no journaled follow-up covering it (it settled, and the
+follow-up's commit was lost with the process) is owed one, issued at its broker's come-up after reconciliation,
+before the redo of missed flattens computes (which nets it out), and never larger than the broker holds there
+(``_issue_owed_follow_ups``). A journaled follow-up is the end of it: its own failure is the retry's or the
+redo's business, so a second restart issues nothing again. The follow-up counter restarts from the journal's
+highest ``<flatten id>-follow-<n>``: an id lost with the process never reached the journal, hence no broker.
 """
 
 from __future__ import annotations
@@ -76,7 +89,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Iterable, Mapping
 
@@ -117,6 +130,8 @@ class _FlattenScope:
     """The original flatten's id when this one re-issues a missed flatten at a broker that came back."""
     retry_of: str | None = None
     """The original flatten's id when this one retries exits a broker rejected."""
+    follow_of: str | None = None
+    """The original flatten's id when this one closes what an order it counted on left unfilled (a follow-up)."""
 
     @property
     def origin(self) -> str | None:
@@ -134,7 +149,8 @@ def _flatten_scope(row: dict[str, Any]) -> _FlattenScope | None:
     return _FlattenScope(account=body.get("account") or None,
                          strategy=None if strategy in (None, "", "(flatten)") else str(strategy),
                          roots=None if roots is None else frozenset(str(r) for r in roots),
-                         redo_of=body.get("redo_of") or None, retry_of=body.get("retry_of") or None)
+                         redo_of=body.get("redo_of") or None, retry_of=body.get("retry_of") or None,
+                         follow_of=body.get("follow_of") or None)
 
 
 def _redo_id(origin: str, broker: str, attempt: int) -> str:
@@ -311,7 +327,9 @@ class _Netted:
     signal decided while the other orders are still in flight would otherwise close the same difference again. The
     flatten's own exit is not watched: if it fails, its retry or re-issue recomputes the line from the ledger and
     the broker, counting the follow-ups in flight. Orders decided after the flatten are not watched either: a new
-    signal may open the line again."""
+    signal may open the line again. Journaled with the flatten (its body's ``watch``, ``as_json``), so that a
+    restart watches again what was still in flight and owes what settled unfilled without a follow-up
+    (``RestoreMixin._restore_watches``)."""
 
     fid: str
     account: str
@@ -319,6 +337,27 @@ class _Netted:
     contract: str
     counted: tuple[str, ...]
     """The client order ids of the orders in flight it counted on (each watched until it settles)."""
+
+    def as_json(self) -> dict[str, Any]:
+        """The line as the flatten's journaled body keeps it (``watch``)."""
+        return {"account": self.account, "strategy": self.strategy, "contract": self.contract,
+                "counted": list(self.counted)}
+
+
+@dataclass
+class _Owed:
+    """A follow-up a start found owed (``RestoreMixin._restore_watches``): an order ``line``'s flatten counted on
+    settled with quantity unfilled, and no journaled follow-up covers it (the process died before its commit).
+    Issued at the broker's come-up (``Runtime._issue_owed_follow_ups``)."""
+
+    line: _Netted
+    covers: str
+    """The client order id of the counted order."""
+    left: int
+    """Signed: what the line holds beyond flat because of it (the follow-up exits the opposite)."""
+    what: str
+    day: date
+    """The flatten's CME trading day: a broker that comes back on a later one gets no follow-up (as no redo)."""
 
 
 class FlattenMixin(RuntimeState):
@@ -344,6 +383,8 @@ class FlattenMixin(RuntimeState):
             body["instruments"] = sorted(roots)
         netted: list[_Netted] = []
         orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots, netted=netted)
+        if netted:  # journaled with the flatten itself: a restart watches again (``_restore_watches``)
+            body["watch"] = [line.as_json() for line in netted]
         for line in netted:  # before the first await: an order may become final at any moment after it
             for coid in line.counted:
                 self._netted.setdefault(coid, []).append(line)
@@ -472,45 +513,125 @@ class FlattenMixin(RuntimeState):
         if coid not in self._netted:
             return
         unfilled = tracked.job.quantity - tracked.filled
-        for line in self._netted.pop(coid, []):
-            if unfilled > 0:
-                self._follow_up(line, -unfilled * tracked.job.sign,
-                                f"{tracked.job.side} {tracked.job.quantity} ({tracked.job.signal_id}) ended "
-                                f"{tracked.status} with {unfilled} unfilled")
+        lines = self._netted.pop(coid, [])
+        # Once per order, for the first flatten that counted on it: a later flatten that counted on it too counted
+        # the earlier one's exit as well (which sold for it), so one follow-up closes the difference for both.
+        if unfilled > 0 and lines:
+            self._follow_up(lines[0], -unfilled * tracked.job.sign,
+                            f"{tracked.job.side} {tracked.job.quantity} ({tracked.job.signal_id}) ended "
+                            f"{tracked.status} with {unfilled} unfilled", covers=coid)
 
-    def _follow_up(self, line: _Netted, left: int, what: str) -> None:
-        """Close ``left`` (signed: what ``line`` holds beyond flat) that a flatten left open because an order it
-        counted on did not fill (``what``): a flatten signal of its own, ``<flatten id>-follow-<n>``, scoped to the
-        line, journaled and sent like the flatten's exits (a rejected or missed one is retried or re-issued like
-        theirs). It supersedes nothing: orders held now were decided after the flatten, and a new signal may open
-        the line again."""
+    def _follow_up_signal(self, line: _Netted, left: int, what: str, covers: str
+                          ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+        """The id, journaled body and exit of the next follow-up of ``line``'s flatten closing ``left`` (signed:
+        what the line holds beyond flat) that order ``covers`` left open (``what``); None when there is nothing to
+        close or the account is gone. Takes the next id (``<flatten id>-follow-<n>``)."""
         doc = self._account(line.account)
         if doc is None or left == 0:
-            return
+            return None
         n = self._follow_ups[line.fid] = self._follow_ups.get(line.fid, 0) + 1
         fid = f"{line.fid}-follow-{n}"
-        root = contract_root(line.contract)
         reason = (f"follow-up of {line.fid}: on {line.account} {line.contract} ({line.strategy}), {what}; "
                   f"closing {left:+d}")
         body: dict[str, Any] = {"flatten": True, "account": line.account, "strategy": line.strategy,
-                                "instruments": [root], "reason": reason, "follow_of": line.fid}
+                                "instruments": [contract_root(line.contract)], "reason": reason,
+                                "follow_of": line.fid, "covers": covers}
         order = {"account": line.account, "broker": doc.broker, "contract": line.contract,
                  "side": "sell" if left > 0 else "buy", "quantity": abs(left), "intent": "exit",
                  "client_order_id": client_order_id(fid, line.account, f"{line.strategy}:{line.contract}"),
                  "strategy": line.strategy}
-        log.warning("%s: %s", fid, reason)
+        return fid, body, order
+
+    def _follow_up(self, line: _Netted, left: int, what: str, *, covers: str) -> None:
+        """Close ``left`` (signed: what ``line`` holds beyond flat) that a flatten left open because an order it
+        counted on (``covers``) did not fill (``what``): a flatten signal of its own, ``<flatten id>-follow-<n>``,
+        scoped to the line, journaled and sent like the flatten's exits (a rejected or missed one is retried or
+        re-issued like theirs). It supersedes nothing: orders held now were decided after the flatten, and a new
+        signal may open the line again."""
+        made = self._follow_up_signal(line, left, what, covers)
+        if made is None:
+            return
+        fid, body, order = made
+        log.warning("%s: %s", fid, body["reason"])
         # Held now, in the step the order settled: the engine sees the exit from this instant, never the gap.
-        self._hold_flatten(fid, [order], accounts={line.account}, strategy=line.strategy, roots=frozenset({root}),
-                           supersede=False)
+        self._hold_flatten(fid, [order], accounts={line.account}, strategy=line.strategy,
+                           roots=frozenset(body["instruments"]), supersede=False)
+        slot = None if self.pool is None else self.pool.slots.get(str(order["broker"]))
 
         async def send() -> None:
             try:
+                while slot is not None and slot.recovering:
+                    # Settled by its broker's recovery (a restart's, or a reconnect's): held, the come-up's redo and
+                    # catch-up count it; it leaves once the broker opens, instead of being missed there meanwhile.
+                    await slot.settled.wait()
                 await self._send_flatten(fid, body, [order], {}, self.clock())
             except Exception:
                 log.exception("%s: follow-up of flatten %s not journaled; %s %s still holds %+d", fid, line.fid,
                               line.account, line.contract, left)
 
         self._spawn(send())
+
+    async def _issue_owed_follow_ups(self, broker: str, reconciled: list[dict[str, Any]]) -> list[str]:
+        """Issue the follow-ups a start found owed at ``broker`` (``_Owed``), just reconciled (``reconciled``: its
+        rows), under the redo's lock and before the redo computes, so that a redo or retry of the flatten's own
+        exit nets them out as in flight; returns the ids journaled. Each is capped to what the broker holds on the
+        line's side, net of our orders in flight and the flatten exits held, less the other strategies' books
+        (``_clamp_to_broker``): when the flatten's own exit never went out either, there is nothing to buy back,
+        and it is journaled with no order (``covers`` still says it is done). Sent as recovery sends: the broker
+        is not open to new orders yet."""
+        owed = self._owed_follow_ups.pop(broker, [])
+        by_account = {str(row["account"]): row for row in reconciled}
+        journaled: list[str] = []
+        jobs: list[Job] = []
+        for i, debt in enumerate(owed):
+            if debt.day != trading_day(self.clock()):
+                log.warning("flatten %s of trading day %s left %s %s (%s) at %+d beyond flat (%s); a new trading day "
+                            "began before %s came back, so no follow-up is sent now: an operator decides",
+                            debt.line.fid, debt.day.isoformat(), debt.line.account, debt.line.contract,
+                            debt.line.strategy, debt.left, debt.what, broker)
+                continue
+            made = self._follow_up_signal(debt.line, debt.left, debt.what, debt.covers)
+            if made is None:
+                continue
+            fid, body, order = made
+            # What our orders may add to the positions read, as they stood at the read (``OrdersAtRead``): a fill
+            # booked since is in neither the answer nor what is in flight now.
+            pending = {(account, contract): qty for account, row in by_account.items()
+                       for contract, qty in row["orders_at_read"].unfilled(self.tracker).items()}
+            books = self._strategy_books(in_flight=True)
+            for held in self._holds.values():
+                if held.flatten:  # another follow-up held through this come-up: it closes as much
+                    for job in held.jobs:
+                        key, qty = (job.account, job.contract), job.quantity * job.sign
+                        pending[key] = pending.get(key, 0) + qty
+                        by = books.setdefault(key, {})
+                        by[job.strategy] = by.get(job.strategy, 0) + qty
+            orders = _clamp_to_broker([order], by_account, pending, books)
+            if not orders:
+                body["reason"] = f"{body['reason']} (nothing left to close at {broker})"
+            self._hold_flatten(fid, orders, accounts={debt.line.account}, strategy=debt.line.strategy,
+                               roots=frozenset(body["instruments"]), supersede=False)
+            try:
+                await self._journal_flatten(fid, body, orders, self.clock())
+            except BaseException:
+                self.release(fid)
+                self._owed_follow_ups.setdefault(broker, []).extend(owed[i:])  # the next come-up or resume
+                raise
+            journaled.append(fid)
+            log.warning("%s: %s (owed since a restart)", fid, body["reason"])
+            for job in self._take_hold(fid) or []:  # held -> tracked in one step
+                self.tracker.track(job)
+                jobs.append(job)
+            self._invalidate()
+        for job in jobs:
+            try:
+                await self._send_recovered(job)
+            except BrokerError as exc:
+                # Still ``new``: the recovery of the next come-up looks it up and sends it.
+                log.warning("%s: follow-up not sent, %s dropped again (%s); the next come-up sends it",
+                            job.signal_id, broker, exc)
+                break
+        return journaled
 
     async def _journal_flatten(self, fid: str, body: dict[str, Any], orders: list[dict[str, Any]],
                                now: datetime, *,
@@ -661,20 +782,22 @@ class FlattenMixin(RuntimeState):
     async def _redo_missed_flattens(self, broker: str, reconciled: list[dict[str, Any]] | None = None, *,
                                     why: str) -> list[str]:
         """Carry out, for ``broker``'s accounts, this trading day's flattens whose exits they missed (see the
-        module docstring); returns the ids of the flatten signals journaled. The broker must be connected; its
-        recovery ran (``reconciled``: the rows of the reconciliation that followed it; None: reconcile first, as
-        after an operator's pause). Exits are sent as recovery sends (the broker is not open to new orders yet):
-        a webhook's entry cannot slip in between and be closed by them."""
+        module docstring), after the follow-ups a start found owed there (``_issue_owed_follow_ups``); returns the
+        ids of the flatten signals journaled. The broker must be connected; its recovery ran (``reconciled``: the
+        rows of the reconciliation that followed it; None: reconcile first, as after an operator's pause). Exits
+        are sent as recovery sends (the broker is not open to new orders yet): a webhook's entry cannot slip in
+        between and be closed by them."""
         async with self._redo_guard:
             now = self.clock()
             owed = self._missed_flattens(broker, now)
-            if not owed:
+            if not owed and not self._owed_follow_ups.get(broker):
                 return []
             if reconciled is None:
                 reconciled = await self.reconcile_broker(broker, reason=why)
+            # Follow-ups a restart found owed first: the redo below counts them as in flight.
+            journaled = await self._issue_owed_follow_ups(broker, reconciled)
             by_account = {str(row["account"]): row for row in reconciled}
             today = trading_day(now)
-            journaled: list[str] = []
             jobs: list[Job] = []
             for origin, row, attempt, accounts in owed:
                 scope = _flatten_scope(row)

@@ -997,6 +997,17 @@ class Journal:
         rows = self._query(sql + " ORDER BY at DESC, id DESC", params)
         return [{**_loads(r["data"]), "id": r["id"], "at": r["at"]} for r in rows]
 
+    def flatten_watches_since(self, at: datetime) -> list[dict[str, Any]]:
+        """The flatten signals received at or after ``at`` that journaled a watch over orders they counted on
+        (``watch``), and the follow-ups journaled for them (``follow_of``), oldest first: ``id``, ``received_at``
+        and the parsed ``signal`` body. What a restart rebuilds the watch from (``service.restore``)."""
+        rows = self._query(
+            "SELECT id, received_at, signal FROM signals WHERE received_at >= ? AND "
+            "(json_extract(signal, '$.watch') IS NOT NULL OR json_extract(signal, '$.follow_of') IS NOT NULL) "
+            "ORDER BY received_at, rowid", (utc_iso(at),))
+        return [{"id": r["id"], "received_at": r["received_at"], "signal": _loads(r["signal"]) or {}}
+                for r in rows]
+
     async def record_position_snapshot(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Positions as seen at one instant (one row per account/contract), all in one transaction."""
         if rows:

@@ -352,7 +352,9 @@ class RecoveryMixin(RuntimeState):
         strategy's earlier target just as much, and catch-up must not put the position back. Both the schedule's
         firings (a flatten time passed even if no process fired it) and the journaled flatten signals are read;
         a redo of a missed flatten (``-redo-``) is not a flatten of its own (its original's time counts, or a
-        target received between the two would be voided), nor is a retry of rejected exits (``-retry-``).
+        target received between the two would be voided), nor is a retry of rejected exits (``-retry-``), nor a
+        follow-up closing what an order the flatten counted on left unfilled (``-follow-``: issued when that order
+        settled, after a restart maybe minutes later).
         ``ticker``: the target's, so that a flatten restricted to other roots does not void it (unknown: it does,
         the safe side)."""
         names = {a.name for a in accounts}
@@ -377,7 +379,7 @@ class RecoveryMixin(RuntimeState):
             if received <= since:
                 break
             scope = _flatten_scope(row)
-            if scope is None or received > now or scope.origin is not None:
+            if scope is None or received > now or scope.origin is not None or scope.follow_of is not None:
                 continue
             if scope.strategy is not None and scope.strategy != strategy:
                 continue

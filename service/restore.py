@@ -8,13 +8,14 @@ The ledger itself is a replay of the journal's fills (``service.ledger.replay``,
 from __future__ import annotations
 
 import logging
+import re
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from engine.sessions import session, trading_day
+from engine.sessions import session, trading_day, trading_day_start
 from service.dispatch import FINAL, IN_FLIGHT
-from service.flatten import FLATTEN_FAILED
+from service.flatten import FLATTEN_FAILED, _Netted, _Owed
 from service.journal import parse_utc
 from service.ledger import EXTERNAL_STRATEGY, replay
 from service.risk import FLATTEN_AND_HALT, PORTFOLIO, halt_key
@@ -61,6 +62,62 @@ class RestoreMixin(RuntimeState):
                 self._add_reservation(job.client_order_id, _Reservation(job.account, job.margin_usd))
             if row["status"] in IN_FLIGHT:
                 self._recovering_at_start.add(job.client_order_id)
+
+    def _restore_watches(self, booked: dict[Any, int]) -> None:
+        """Rebuild the watch of this trading day's flattens over the orders they counted on (``service.flatten``:
+        ``_Netted``), from the journal: each flatten journaled its lines (``watch``) and each follow-up the order
+        it covers (``covers``). A counted order tracked again and not settled is watched again: its settling
+        (during recovery, or later) issues its follow-up as it would have. One final with quantity unfilled that no
+        journaled follow-up covers is owed one (the process died between its settling and its follow-up's
+        commit): issued at its broker's come-up (``_issue_owed_follow_ups``). Covered: done, whatever became of
+        the follow-up (its retry or redo is owed through its own rows). Each order once, however many flattens
+        counted on it, as ``_netted_settled`` does. Run after ``_load_open_orders`` (``booked``: its fills by
+        client order id), before any broker comes up.
+
+        An earlier trading day's flatten is not followed up after a restart, as its missed exits are not redone:
+        that day is over, and reconciliation shows what is held."""
+        assert self._started_at is not None, "start() sets it first"
+        rows = self.journal.flatten_watches_since(trading_day_start(self._started_at))
+        covered: set[str] = set()
+        watches: list[tuple[str, date, list[dict[str, Any]]]] = []
+        for row in rows:
+            body = row["signal"]
+            origin = body.get("follow_of")
+            if origin:
+                if body.get("covers"):
+                    covered.add(str(body["covers"]))
+                found = re.fullmatch(re.escape(str(origin)) + r"-follow-(\d+)", str(row["id"]))
+                if found:  # ids never repeat: the next one follows the highest journaled
+                    self._follow_ups[origin] = max(self._follow_ups.get(origin, 0), int(found.group(1)))
+            if body.get("watch"):
+                watches.append((str(row["id"]), trading_day(parse_utc(str(row["received_at"]))), body["watch"]))
+        unsettled = {t.job.client_order_id for t in self.tracker.unsettled()}
+        done = set(covered)
+        for fid, day, watch in watches:
+            for item in watch:
+                line = _Netted(fid, str(item["account"]), str(item["strategy"]), str(item["contract"]),
+                               counted=tuple(str(c) for c in item["counted"]))
+                for coid in line.counted:
+                    if coid in done:
+                        continue
+                    if coid in unsettled:
+                        self._netted.setdefault(coid, []).append(line)
+                        continue
+                    done.add(coid)
+                    order = self.journal.get_order(coid)
+                    if order is None or order["status"] not in FINAL:
+                        continue
+                    filled = booked.get(coid, 0) + booked.get((order.get("broker"), order.get("broker_order_id")), 0)
+                    unfilled = int(order["quantity"]) - filled
+                    if unfilled <= 0:
+                        continue
+                    left = -unfilled if order["side"] == "buy" else unfilled
+                    what = (f"{order['side']} {order['quantity']} ({order['signal_id']}) ended {order['status']} "
+                            f"with {unfilled} unfilled, and its follow-up was lost in a restart")
+                    log.warning("flatten %s: %s %s (%s) is owed a follow-up closing %+d: %s; issued when %s comes "
+                                "up", fid, line.account, line.contract, line.strategy, left, what, order["broker"])
+                    owed = _Owed(line, coid, left, what, day)
+                    self._owed_follow_ups.setdefault(str(order["broker"]), []).append(owed)
 
     def _restore_halts(self, events: list[dict[str, Any]]) -> None:
         """Halts of today survive a restart (they lift at the next trading day or by an operator), and so does

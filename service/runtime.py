@@ -55,7 +55,7 @@ from service.dispatch import (
 from service.flatten import FLATTEN_FAILED as FLATTEN_FAILED
 from service.flatten import FLATTEN_RETRY_DELAYS_S as FLATTEN_RETRY_DELAYS_S
 from service.flatten import REDO_LOOKBACK as REDO_LOOKBACK
-from service.flatten import FlattenMixin, _Netted
+from service.flatten import FlattenMixin, _Netted, _Owed
 from service.flatten import _clamp_exits as _clamp_exits
 from service.flatten import _clamp_to_broker as _clamp_to_broker
 from service.ledger import EXTERNAL_STRATEGY, Ledger, replay
@@ -169,11 +169,13 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         """Per broker that came back while an operator kept it paused: the ``since`` of the catch-up its come-up
         left to ``resume_broker`` (None: every target of the day)."""
         self._holds: dict[str, _Hold] = {}
+        """Orders decided and not handed to the dispatcher yet, by signal id (``hold``)."""
         self._netted: dict[str, list[_Netted]] = {}
         """Client order id -> the flattened lines waiting for it to be final (``_Netted``)."""
         self._follow_ups: dict[str, int] = {}
         """Flatten id -> follow-ups issued so far (their ids: ``<flatten id>-follow-<n>``)."""
-        """Orders decided and not handed to the dispatcher yet, by signal id (``hold``)."""
+        self._owed_follow_ups: dict[str, list[_Owed]] = {}
+        """Broker -> follow-ups a start found owed there, issued at its come-up (``_restore_watches``)."""
         self._held: dict[str, dict[str, int]] = {}
         """Per account and contract: the signed quantity of every held order (kept as holds come and go)."""
         self._held_by_strategy: dict[str, dict[str, dict[str, int]]] = {}
@@ -235,6 +237,7 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
             key = fill.get("client_order_id") or (fill.get("broker"), fill.get("broker_order_id"))
             booked[key] = booked.get(key, 0) + int(fill["quantity"])
         self._load_open_orders(booked)
+        self._restore_watches(booked)  # after the open orders: what a flatten counted on and is still in flight
         self._restore_halts(events)
         self.prepare()
         assert self.pool is not None

@@ -25,7 +25,7 @@ from service.pool import BrokerPool
 from service.risk import RiskMonitor
 
 if TYPE_CHECKING:
-    from service.flatten import _Netted
+    from service.flatten import _Netted, _Owed
 
 
 SIGNAL_FIELDS = ("strategy", "ticker", "action", "quantity", "order_type", "price", "position", "position_size",
@@ -82,6 +82,7 @@ class RuntimeState:
     _retry_seen: dict[tuple[Any, ...], datetime]
     _netted: dict[str, list[_Netted]]
     _follow_ups: dict[str, int]
+    _owed_follow_ups: dict[str, list[_Owed]]
 
     # -- held in service.runtime -------------------------------------------------------------------------------
     @property
