@@ -623,14 +623,7 @@ class FlattenMixin(RuntimeState):
                 self.tracker.track(job)
                 jobs.append(job)
             self._invalidate()
-        for job in jobs:
-            try:
-                await self._send_recovered(job)
-            except BrokerError as exc:
-                # Still ``new``: the recovery of the next come-up looks it up and sends it.
-                log.warning("%s: follow-up not sent, %s dropped again (%s); the next come-up sends it",
-                            job.signal_id, broker, exc)
-                break
+        await self._send_come_up(jobs, broker, "follow-up")
         return journaled
 
     async def _journal_flatten(self, fid: str, body: dict[str, Any], orders: list[dict[str, Any]],
@@ -832,15 +825,20 @@ class FlattenMixin(RuntimeState):
                         self.tracker.track(job)  # counted as in flight before anything else decides
                         jobs.append(job)
                 self._invalidate()
-            for job in jobs:
-                try:
-                    await self._send_recovered(job)
-                except BrokerError as exc:
-                    # Still ``new``: the recovery of the next come-up looks it up and sends it.
-                    log.warning("%s: exits not sent, %s dropped again (%s); the next come-up sends them",
-                                job.signal_id, broker, exc)
-                    break
+            await self._send_come_up(jobs, broker, "exits")
             return journaled
+
+    async def _send_come_up(self, jobs: list[Job], broker: str, what: str) -> None:
+        """Send, as recovery sends (the broker is not open to new orders yet), exits journaled during its come-up;
+        a drop stops at the first failure: the rest stay ``new``, and the next come-up's recovery looks them up
+        and sends them."""
+        for job in jobs:
+            try:
+                await self._send_recovered(job)
+            except BrokerError as exc:
+                log.warning("%s: %s not sent, %s dropped again (%s); the next come-up sends them", job.signal_id,
+                            what, broker, exc)
+                break
 
     # -- flatten exits a broker rejected -----------------------------------------------------------------------
     def _wake_retries(self, broker: str) -> None:
