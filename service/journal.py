@@ -416,10 +416,15 @@ class Journal:
         if checkpointer is not None and checkpointer.get_loop() is asyncio.get_running_loop():
             checkpointer.cancel()  # (a journal closed from another loop than its own: that loop has ended)
             await asyncio.gather(checkpointer, return_exceptions=True)
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
         if self._committer is not None:
             await asyncio.to_thread(self._committer.shutdown)
             self._committer = None
         if self._conn is not None:
+            if self._conn.in_transaction:
+                self._conn.rollback()  # only after ``die``: ``close`` waits until nothing is left to commit
             self._conn.close()
             self._conn = None
         with self._readers_lock:
@@ -428,6 +433,38 @@ class Journal:
             conn.close()
         self._local = threading.local()
         self._release_lock()
+
+    # -- kill -9, in process (crash tests) ----------------------------------------------------------------------
+    def die(self) -> int:
+        """Stop the way ``kill -9`` stops the process, for tests that crash a service inside the test process.
+
+        Synchronous, so that no other task runs in between, and callable from inside any hook. From now on every
+        write raises (a dead process writes nothing); the writes queued and not yet run are dropped, and their
+        callers never hear back (a dead process answers nobody); a COMMIT already on the committer thread still
+        lands (the kill came after its fsync), and its callers are told as usual. Returns how many writes were
+        dropped. ``bury`` then frees the file for the restart."""
+        self._running = False
+        lost = len(self._pending)
+        self._pending.clear()
+        return lost
+
+    async def bury(self, timeout_s: float = 5.0) -> None:
+        """After ``die``: wait (at most ``timeout_s``) for the COMMIT that was under way, stop the checkpointer,
+        and close every connection without committing anything, releasing the lock file, so that a new
+        ``Journal`` on the same file can start (the restarted process)."""
+        if self._running:
+            raise JournalError("bury() is for a journal that died (die()); close() stops a live one")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._busy:
+            if loop.time() > deadline:
+                raise JournalError(f"the COMMIT under way at the kill did not end within {timeout_s:g} s")
+            await asyncio.sleep(0.001)
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.cancel()
+            await asyncio.gather(checkpointer, return_exceptions=True)
+        await self._close_connections()
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:

@@ -464,3 +464,36 @@ async def test_checkpoints_run_off_the_commit_path_and_keep_the_wal_from_growing
     # Copied into the database file, the WAL starts over: the second burst reuses the first one's space.
     assert second <= first * 1.25, (first, second)
     assert on_disk(journal.path, "SELECT COUNT(*) FROM orders WHERE client_order_id LIKE 'two%'") == [(300,)]
+
+
+# -- die / bury: kill -9 inside the test process -----------------------------------------------------------------
+
+async def test_a_journal_that_dies_keeps_what_it_committed_and_loses_what_was_queued(tmp_path: Path) -> None:
+    """What the fuzzer's crash step relies on: ``die`` drops the writes not yet run (their callers never hear
+    back), refuses every later write, and ``bury`` frees the file for a new journal that sees only the commits."""
+    path = tmp_path / "journal.db"
+    j = Journal(path)
+    await j.start()
+    kept = await accepted(j, "c-kept")
+    lost = asyncio.ensure_future(accepted(j, "c-lost"))
+    await asyncio.sleep(0)  # queued: the flush runs on the loop's next turn, after the kill below
+    assert j.die() == 1 and not j.running
+    with pytest.raises(JournalError, match="not running"):
+        await accepted(j, "c-after")
+    await j.bury()
+    await asyncio.sleep(0.01)
+    assert not lost.done()  # a dead process answers nobody
+    lost.cancel()
+    again = Journal(path)
+    await again.start()  # the lock is free
+    try:
+        assert [o["client_order_id"] for o in again.orders()] == ["c-kept"]
+        assert [r["id"] for r in again.recent_signals(10)] == [kept]
+    finally:
+        await again.close()
+
+
+async def test_a_live_journal_cannot_be_buried(journal: Journal) -> None:
+    with pytest.raises(JournalError, match="close\\(\\) stops a live one"):
+        await journal.bury()
+    assert journal.running

@@ -791,9 +791,7 @@ class Runner:
         assert w is not None and w.runtime.pool is not None
         self._killed = True
         journal = w.journal
-        journal._running = False  # a write from here on raises, as the writes of a dead process never happen
-        self._lost_writes = len(journal._pending)
-        journal._pending.clear()  # queued, never executed: lost
+        self._lost_writes = journal.die()  # queued, never executed: lost; a write from here on raises
         for broker in BROKERS:
             connector = w.connector(broker)
             w.feed.unsubscribe(connector._on_price)
@@ -839,17 +837,7 @@ class Runner:
                 task.cancel()
             if not self._victims:
                 break
-        await wait_until(lambda: not journal._busy, 5.0, what="the COMMIT under way at the kill")
-        if journal._committer is not None:
-            journal._committer.shutdown(wait=True)
-        if journal._conn is not None:
-            journal._conn.close()
-            journal._conn = None
-        with journal._readers_lock:
-            readers, journal._readers = journal._readers, []
-        for conn in readers:
-            conn.close()
-        journal._release_lock()
+        await journal.bury()  # the COMMIT under way at the kill lands; nothing else does
         for broker in BROKERS:
             connector = w.connector(broker)
             book = connector._book
