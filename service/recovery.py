@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from itertools import islice
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -66,24 +67,28 @@ class OrdersAtRead:
     the line open with nothing to say so (fuzz seed 53)."""
 
     account: str
-    known: frozenset[str]
-    """Client order ids of the account's orders tracked then (an order tracked since counts in full)."""
+    known: int
+    """How many orders the tracker held then: it only ever adds (``OrderTracker.orders`` keeps insertion order),
+    so the ones tracked since are those after this many (each counts in full)."""
     booked: Mapping[str, int]
     """Client order id -> quantity it had booked then, for each of them not final then (a final one is in the
     answer already: the broker reported it done before it was asked)."""
 
     @classmethod
     def take(cls, account: str, tracker: OrderTracker) -> OrdersAtRead:
-        """Call it in the step that sends the request for the positions (no await in between)."""
-        mine = [t for t in tracker.orders.values() if t.job.account == account]
-        return cls(account, frozenset(t.job.client_order_id for t in mine),
-                   {t.job.client_order_id: t.filled for t in mine if t.status not in FINAL})
+        """Call it in the step that sends the request for the positions (no await in between). Reads only the
+        orders not settled (``unsettled``: every order not final is), not the day's whole history."""
+        return cls(account, len(tracker.orders),
+                   {t.job.client_order_id: t.filled for t in tracker.unsettled()
+                    if t.job.account == account and t.status not in FINAL})
 
     def _since(self, tracker: OrderTracker) -> Iterable[Tracked]:
         """The account's orders not final at the read, or tracked since."""
-        for t in tracker.orders.values():
-            coid = t.job.client_order_id
-            if t.job.account == self.account and (coid in self.booked or coid not in self.known):
+        orders = tracker.orders
+        for coid in self.booked:
+            yield orders[coid]
+        for t in islice(orders.values(), self.known, None):
+            if t.job.account == self.account:
                 yield t
 
     def unfilled(self, tracker: OrderTracker) -> dict[str, int]:
@@ -223,7 +228,7 @@ class RecoveryMixin(RuntimeState):
                 tracked = self.tracker.find(broker, order.client_order_id, order.broker_order_id)
                 if tracked is not None:
                     await self.tracker.adopt(tracked.job.client_order_id, order)
-            for tracked in list(self.tracker.orders.values()):
+            for tracked in self.tracker.unsettled():  # a working order is not final: unsettled (not the day's all)
                 if tracked.job.account == account.name and tracked.status in WORKING:
                     found = await connector.find_order(account.broker_account, tracked.job.client_order_id)
                     if found is not None:
