@@ -287,8 +287,7 @@ def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[st
                      books: Mapping[tuple[str, str], Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
     """A retry's exits, each no larger than what the broker holds on its side in every contract, net of our orders
     there still in flight (``pending``: by account and contract, signed, what they may yet add to the broker's
-    position as the reconciliation read it: ``OrdersAtRead.unfilled``, never what is in flight when the exits are
-    computed, which misses a fill that lands in between), in exit order.
+    position as the reconciliation read it, and the flatten exits held: ``Runtime._clamp_basis``), in exit order.
 
     Stricter than ``_clamp_exits``, which trusts the ledger where it agrees with the broker: a retry comes seconds
     to minutes after the rejection, time enough for someone to close the position at the broker by hand. Such a
@@ -594,19 +593,7 @@ class FlattenMixin(RuntimeState):
             if made is None:
                 continue
             fid, body, order = made
-            # What our orders may add to the positions read, as they stood at the read (``OrdersAtRead``): a fill
-            # booked since is in neither the answer nor what is in flight now.
-            pending = {(account, contract): qty for account, row in by_account.items()
-                       for contract, qty in row["orders_at_read"].unfilled(self.tracker).items()}
-            books = self._strategy_books(in_flight=True)
-            for held in self._holds.values():
-                if held.flatten:  # another follow-up held through this come-up: it closes as much
-                    for job in held.jobs:
-                        key, qty = (job.account, job.contract), job.quantity * job.sign
-                        pending[key] = pending.get(key, 0) + qty
-                        by = books.setdefault(key, {})
-                        by[job.strategy] = by.get(job.strategy, 0) + qty
-            orders = _clamp_to_broker([order], by_account, pending, books)
+            orders = _clamp_to_broker([order], by_account, *self._clamp_basis(by_account))
             if not orders:
                 body["reason"] = f"{body['reason']} (nothing left to close at {broker})"
             self._hold_flatten(fid, orders, accounts={debt.line.account}, strategy=debt.line.strategy,
@@ -926,19 +913,15 @@ class FlattenMixin(RuntimeState):
             now = self.clock()
             journaled: list[str] = []
             for debt in due:
-                # What our orders may add to each position read, from how they stood when it was read, not from
-                # what is in flight now: an order that filled in between is in neither. Per debt, in the step that
-                # computes its exits: the exits of the retries issued before it count (tracked since the read).
-                pending = {(account, contract): qty for account, row in by_account.items()
-                           for contract, qty in row["orders_at_read"].unfilled(self.tracker).items()}
                 scope = _flatten_scope(debt.row)
                 assert scope is not None
                 attempt = debt.retries + 1
                 rid = _retry_id(debt.origin, broker, attempt)
                 accounts = set(debt.rejected)
+                # Per debt, in the step that computes its exits: the retries issued before it count.
                 orders = _clamp_to_broker(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,
-                                                               roots=scope.roots), by_account, pending,
-                                          self._strategy_books(in_flight=True))
+                                                               roots=scope.roots), by_account,
+                                          *self._clamp_basis(by_account))
                 day = trading_day(parse_utc(str(debt.row["received_at"])))
                 late = day != trading_day(now)
                 if orders and (late or attempt > len(self.flatten_retry_delays_s)):
@@ -966,6 +949,29 @@ class FlattenMixin(RuntimeState):
                 journaled.append(rid)
                 log.warning("%s: %s%s", rid, body["reason"], "" if orders else " (nothing left to close)")
             return journaled
+
+    def _clamp_basis(self, by_account: Mapping[str, Mapping[str, Any]]
+                     ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], dict[str, int]]]:
+        """What ``_clamp_to_broker`` nets against the positions a reconciliation read (``by_account``: its rows by
+        account): (``pending``, ``books``), both by (account, contract).
+
+        ``pending``: what our orders may still add to each position read, from how they stood at the read
+        (``OrdersAtRead``: an order that filled in between is in neither the answer nor what is in flight now),
+        plus the flatten exits held and not tracked yet (another flatten, retry or follow-up being journaled: it
+        closes as much). ``books``: each strategy's book with its orders in flight and those held exits. The retry
+        and the follow-ups owed after a restart cap against the same basis, so that neither sells into a position
+        closed by hand while another flatten's exit is on its way."""
+        pending = {(account, contract): qty for account, row in by_account.items()
+                   for contract, qty in row["orders_at_read"].unfilled(self.tracker).items()}
+        books = self._strategy_books(in_flight=True)
+        for held in self._holds.values():
+            if held.flatten:
+                for job in held.jobs:
+                    key, qty = (job.account, job.contract), job.quantity * job.sign
+                    pending[key] = pending.get(key, 0) + qty
+                    by = books.setdefault(key, {})
+                    by[job.strategy] = by.get(job.strategy, 0) + qty
+        return pending, books
 
     def _strategy_books(self, *, in_flight: bool) -> dict[tuple[str, str], dict[str, int]]:
         """By (account, contract): each strategy's ledger book there (and, ``in_flight``, its orders not settled
