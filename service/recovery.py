@@ -245,7 +245,22 @@ class RecoveryMixin(RuntimeState):
             rows.append({**row, "orders_at_read": at_read})
             await self._apply_policy(account, mismatches, now)
         self._invalidate()
+        await self._snapshot_positions(broker, [str(r["account"]) for r in rows], now, reason)
         return rows
+
+    async def _snapshot_positions(self, broker: str, accounts: list[str], now: datetime, reason: str) -> None:
+        """Journal the ledger's positions of ``accounts`` as they stand after a reconciliation pass (what the
+        ``position_snapshots`` table is for): each (strategy, contract) line held, with its average price and the
+        day's realized P&L and commissions, or one flat row for an account holding nothing, so that the history
+        shows every pass. Periodic (start-up, reconnect, ``reconcile_every_seconds``), never on the webhook's
+        path."""
+        names = set(accounts)
+        held = [row for row in self.ledger.snapshot_rows() if row["account"] in names and row["quantity"]]
+        rows: list[dict[str, Any]] = [{**row, "broker": broker, "reason": reason, "at": now} for row in held]
+        flat = names - {str(row["account"]) for row in held}
+        rows += [{"broker": broker, "account": name, "strategy": None, "contract": None, "quantity": 0,
+                  "reason": reason, "at": now} for name in sorted(flat)]
+        await self.journal.record_position_snapshot(rows)
 
     async def _apply_policy(self, account: Account, mismatches: list[reconcile.Mismatch], now: datetime) -> None:
         halt = self.risk.halts.get(account.name)

@@ -106,3 +106,22 @@ async def test_halt_policy_halts_entries_until_a_clean_pass(tmp_path: Path) -> N
         assert kinds == [("f2", "clear"), ("f2", "halt")]
         assert w.connector("fast").book.positions("F-2")[0]["quantity"] == 1
         assert Decimal(w.runtime.accounts()[1]["free_margin"]) > 0
+
+
+async def test_every_pass_journals_a_position_snapshot_of_the_ledger(tmp_path: Path) -> None:
+    """The journal's ``position_snapshots``: after each pass, the ledger's lines of the broker's accounts (a flat
+    account as one flat row), at the pass's time."""
+    async with world(tmp_path) as w:
+        decision = await w.submit(signal("mirror", "buy", 1, sid="e1"))
+        await w.settle()
+        at_fast = {o.account: o.contract for o in decision.orders if o.broker == "fast"}
+        assert at_fast
+        await w.runtime.reconcile_broker("fast", reason="test")
+        rows = [r for r in w.journal.position_snapshots(100) if r["reason"] == "test"]
+        fast_accounts = {a.name for a in w.runtime.ruleset.accounts.values() if a.broker == "fast"}
+        want = {(name, "mirror", at_fast[name]) if name in at_fast else (name, None, None): 1 if name in at_fast else 0
+                for name in fast_accounts}
+        assert {(r["account"], r["strategy"], r["contract"]): r["quantity"] for r in rows} == want
+        assert {r["broker"] for r in rows} == {"fast"} and len({r["at"] for r in rows}) == 1
+        assert all(Decimal(r["avg_price"]) > 0 for r in rows if r["quantity"])
+        assert {r["reason"] for r in w.journal.position_snapshots(200)} >= {"start-up", "test"}
