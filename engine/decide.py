@@ -559,14 +559,9 @@ class _Decider:
             self.skip(account.name, "size multiplier 0", "size_multiplier")
             return None
         signal = self.signal
-        if acc_state.strategy_positions is None:  # positions not known per strategy: they are the signal's
-            held = acc_state.held(self.root)
-            net = sum(held.values())
-            plan = Plan(account, acc_state, net, net)
-        else:
-            held = acc_state.strategy_held(signal.strategy, self.root)
-            plan = Plan(account, acc_state, sum(held.values()), None)
-            net = plan.net
+        held = acc_state.strategy_held(signal.strategy, self.root)
+        plan = self._new_plan(account, acc_state, held)
+        net = plan.net
         mult = account.size_multiplier
         if signal.action == "exit":
             if not held:
