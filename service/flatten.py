@@ -476,7 +476,7 @@ class FlattenMixin(RuntimeState):
         in_flight: dict[tuple[str, str, str], list[Tracked]] = {}
         for t in self.tracker.unsettled():
             in_flight.setdefault((t.job.account, t.job.strategy, t.job.contract), []).append(t)
-        lines = {key: book.quantity for key, book in self.ledger.items() if book.quantity}
+        lines = self.ledger.strategy_lines()  # a manual close nets out of the strategies it closed
         for key in in_flight:
             lines.setdefault(key, 0)
         orders = []

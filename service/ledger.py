@@ -97,6 +97,30 @@ Key = tuple[str, str, str]
 """(account, strategy, contract)."""
 
 
+def absorb_external(by_strategy: dict[str, dict[str, int]], contract: str, qty: int) -> int:
+    """Net a line booked to no strategy (``qty`` of ``contract``) against the strategies' lines of one account
+    (``by_strategy``: strategy -> contract -> quantity, changed in place); returns what is left of it.
+
+    A line booked to no strategy that opposes strategies' positions is a trader's manual close of them (a fill we
+    did not order, or what reconciliation adopted from the broker): it takes those positions off, so that a
+    strategy's next exit, target or flatten does not trade a position that is gone (it would open the other side).
+    Strategies on the opposite side of it first by name; a manual line on the same side (a trade opened by hand)
+    belongs to no strategy and changes none. Every reader of per-strategy positions nets the same way: the engine's
+    view (``Runtime.engine_state``) and a flatten's lines (``Ledger.strategy_lines``)."""
+    left = qty
+    for strategy in sorted(by_strategy):
+        held = by_strategy[strategy].get(contract, 0)
+        if left == 0:
+            break
+        if held == 0 or (held > 0) == (left > 0):
+            continue
+        take = min(abs(held), abs(left))
+        step = take if held > 0 else -take
+        by_strategy[strategy][contract] = held - step
+        left += step
+    return left
+
+
 @dataclass
 class Ledger:
     """Books by (account, strategy, contract) plus the fill ids already applied."""
@@ -153,6 +177,29 @@ class Ledger:
             if a == account and b.quantity:
                 out[c] = out.get(c, 0) + b.quantity
         return {c: q for c, q in out.items() if q}
+
+    def strategy_lines(self) -> dict[Key, int]:
+        """Non-zero positions by (account, strategy, contract) as each strategy still holds them at the broker:
+        lines booked to no strategy are netted against the strategies' lines they oppose (``absorb_external``),
+        and what is left of them stays booked to no strategy. What a flatten closes: the raw books would have a
+        strategy's flatten sell a position a trader already closed by hand (the account would end short)."""
+        own: dict[str, dict[str, dict[str, int]]] = {}
+        external: list[tuple[str, str, int]] = []
+        for (a, s, c), b in self.books.items():
+            if b.quantity:
+                if s == EXTERNAL_STRATEGY:
+                    external.append((a, c, b.quantity))
+                else:
+                    line = own.setdefault(a, {}).setdefault(s, {})
+                    line[c] = line.get(c, 0) + b.quantity
+        lines = {(a, s, c): q for a, by in own.items() for s, held in by.items() for c, q in held.items()}
+        for a, c, q in external:
+            by = own.get(a, {})
+            left = absorb_external(by, c, q)
+            for s, held in by.items():
+                lines[(a, s, c)] = held.get(c, 0)
+            lines[(a, EXTERNAL_STRATEGY, c)] = left
+        return {key: q for key, q in sorted(lines.items()) if q}
 
     def strategy_positions(self, account: str, strategy: str) -> dict[str, int]:
         return {c: b.quantity for (a, s, c), b in self.books.items() if a == account and s == strategy and b.quantity}

@@ -58,7 +58,7 @@ from service.flatten import REDO_LOOKBACK as REDO_LOOKBACK
 from service.flatten import FlattenMixin, _Netted, _Owed
 from service.flatten import _clamp_exits as _clamp_exits
 from service.flatten import _clamp_to_broker as _clamp_to_broker
-from service.ledger import EXTERNAL_STRATEGY, Ledger, replay
+from service.ledger import EXTERNAL_STRATEGY, Ledger, absorb_external, replay
 from service.pool import BrokerPool
 from service.recovery import RecoveryMixin
 from service.restore import DAY_START as DAY_START
@@ -76,25 +76,6 @@ BROKER_START_WAIT_S = 10.0
 MISSED_BY = frozenset({"connection", "paused"})
 """Skip reasons that make a mirror order ``missed``: the account wanted it, its broker was not there."""
 SNAPSHOT_DEBOUNCE_S = 0.05
-
-
-def _absorb_external(by_strategy: dict[str, dict[str, int]], contract: str, qty: int) -> None:
-    """A line booked to no strategy that opposes strategies' positions is a trader's manual close of them (the
-    reconciliation adopts what the broker holds into that bucket): take it off their positions as the engine sees
-    them, so that the strategy's next exit or target does not trade a position that is gone (an exit would open the
-    other side). Strategies on the opposite side of it first by name; a manual line on the same side (a trade
-    opened by hand) belongs to no strategy and changes none."""
-    left = qty
-    for strategy in sorted(by_strategy):
-        held = by_strategy[strategy].get(contract, 0)
-        if left == 0:
-            break
-        if held == 0 or (held > 0) == (left > 0):
-            continue
-        take = min(abs(held), abs(left))
-        step = take if held > 0 else -take
-        by_strategy[strategy][contract] = held - step
-        left += step
 
 
 class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
@@ -874,7 +855,7 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
                     for contract, qty in lines.items():
                         line[contract] = line.get(contract, 0) + qty
             for contract, qty in external.get(name, {}).items():
-                _absorb_external(by_strategy, contract, qty)
+                absorb_external(by_strategy, contract, qty)
             snap = self._snapshots.get(name)
             free = (snap.free_margin if snap is not None else Decimal(0)) - self._reserved(name)
             accounts[name] = AccountState(

@@ -128,3 +128,16 @@ def test_snapshot_rows_write_prices_as_plain_decimals_never_in_exponent_form() -
     rows = {r["contract"]: r for r in ledger.snapshot_rows()}
     assert rows["MNQZ6"]["avg_price"] == "21000"  # not "2.1E+4"
     assert rows["MESZ6"]["avg_price"] == "6001.25"
+
+
+def test_strategy_lines_net_a_manual_close_out_of_the_strategies_it_closed() -> None:
+    """Opposite strategies first by name; a same-side manual line stays booked to no strategy."""
+    ledger = Ledger()
+    for fid, strategy, qty in (("1", "beta", 2), ("2", "alpha", 1), ("3", "gamma", -1)):
+        ledger.apply(fill_id=fid, account="a1", strategy=strategy, contract="MESH6", signed_qty=qty,
+                     price=Decimal("5000"), commission=Decimal(0), point_value=Decimal(5))
+    ledger.adjust(account="a1", contract="MESH6", to_quantity=0, price=Decimal("5000"))  # closed by hand: -2
+    ledger.adjust(account="a1", contract="MESM6", to_quantity=1, price=Decimal("5000"))  # opened by hand
+    assert ledger.account_positions("a1") == {"MESM6": 1}
+    assert ledger.strategy_lines() == {("a1", "beta", "MESH6"): 1, ("a1", "gamma", "MESH6"): -1,
+                                       ("a1", EXTERNAL_STRATEGY, "MESM6"): 1}

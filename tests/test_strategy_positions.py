@@ -20,6 +20,7 @@ from service.dispatch import FILLED
 from service.ledger import EXTERNAL_STRATEGY
 from tests.harness.runtime import NOON, Clock, World, account_doc, documents, routing_doc, signal, wait_until, world
 from tests.harness.runtime import write_rules
+from tests.test_reconcile import broker_position
 
 ACCOUNTS = documents(
     account_doc("m1", "fast", "M-1", "mirror, trend"),
@@ -201,3 +202,25 @@ async def test_a_manual_close_at_the_broker_is_a_close_of_the_strategys_position
     assert [o for o in gone.orders if o.account == "m1"] == []
     await w.settle()
     assert at_broker(w) == {}
+
+
+# -- a manual close at the broker and a strategy's flatten ---------------------------------------------------------
+
+async def test_a_strategy_flatten_after_a_manual_close_does_not_sell_the_closed_position_again(tmp_path: Path) -> None:
+    """A trader closes by hand what mirror holds at f1 (reconciliation adopts it into the bucket of no strategy);
+    the 15:55-style flatten of mirror alone then has nothing to close at f1. It sold mirror's ledger book before,
+    and f1 ended short 1 (the engine's view netted the manual close, the flatten read the raw books)."""
+    async with world(tmp_path) as w:
+        decision = await w.submit(signal("mirror", "buy", 2, sid="e1"))
+        await w.settle()
+        contract = decision.orders[0].contract
+        broker_position(w, "fast", "F-1", contract, 1)  # one of the two closed by hand at the broker
+        await w.runtime.reconcile_broker("fast", reason="test")
+        result = await w.runtime.flatten(strategy="mirror", reason="operator")
+        await w.settle()
+        f1 = [(o["side"], o["quantity"]) for o in result["orders"] if o["account"] == "f1"]
+        assert f1 == [("sell", 1)]
+        assert w.runtime.ledger.account_positions("f1") == {}
+        assert {p.contract: p.quantity for p in await w.connector("fast").positions("F-1") if p.quantity} == {}
+        again = await w.runtime.flatten(strategy="mirror", reason="operator", flatten_id="again")
+        assert [o for o in again["orders"] if o["account"] == "f1"] == []
