@@ -974,13 +974,15 @@ class FlattenMixin(RuntimeState):
         return pending, books
 
     def _strategy_books(self, *, in_flight: bool) -> dict[tuple[str, str], dict[str, int]]:
-        """By (account, contract): each strategy's ledger book there (and, ``in_flight``, its orders not settled
-        yet), never lines booked to no strategy: what ``_outside`` subtracts from a broker's position."""
+        """By (account, contract): each strategy's position there as it still holds it (its ledger book, net of a
+        manual close: ``Ledger.strategy_lines``) and, ``in_flight``, its orders not settled yet; never lines booked
+        to no strategy: what ``_outside`` subtracts from a broker's position."""
         books: dict[tuple[str, str], dict[str, int]] = {}
-        for (acct, strat, contract), book in self.ledger.books.items():
-            if book.quantity and strat != EXTERNAL_STRATEGY:
+        # As the strategies still hold them: a manual close nets out of the ones it closed (``strategy_lines``).
+        for (acct, strat, contract), quantity in self.ledger.strategy_lines().items():
+            if strat != EXTERNAL_STRATEGY:
                 by = books.setdefault((acct, contract), {})
-                by[strat] = by.get(strat, 0) + book.quantity
+                by[strat] = by.get(strat, 0) + quantity
         if in_flight:  # the tracker keeps it per strategy as orders come and go
             for acct in self.ruleset.accounts:
                 for strat, lines in self.tracker.strategy_exposure(acct).items():

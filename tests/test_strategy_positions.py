@@ -224,3 +224,23 @@ async def test_a_strategy_flatten_after_a_manual_close_does_not_sell_the_closed_
         assert {p.contract: p.quantity for p in await w.connector("fast").positions("F-1") if p.quantity} == {}
         again = await w.runtime.flatten(strategy="mirror", reason="operator", flatten_id="again")
         assert [o for o in again["orders"] if o["account"] == "f1"] == []
+
+
+async def test_a_retried_flatten_caps_against_what_the_other_strategies_still_hold_after_a_manual_close(
+        w: World) -> None:
+    """m1: mirror 1 and trend 1; a trader closes 1 by hand (it closes mirror's, first by name). trend's flatten exit
+    is rejected; its retry caps the exit at the broker's position less what the other strategies hold. Read from the
+    raw books, mirror still held 1, so the cap came to 0 and the retry settled with trend still long at the broker,
+    and nothing said so."""
+    w.runtime.flatten_retry_delays_s = (0.05, 0.1, 0.2)
+    opened = await w.submit(signal("mirror", "buy", 1, sid="m-long"))
+    await w.submit(signal("trend", "buy", 1, sid="t-long"))
+    await w.settle()
+    contract = opened.orders[0].contract
+    broker_position(w, "fast", "M-1", contract, 1)  # one closed by hand
+    await w.runtime.reconcile_broker("fast", reason="test")
+    w.connector("fast").reject_next(1)
+    await w.runtime.flatten(account="m1", strategy="trend", reason="operator")
+    await wait_until(lambda: not at_broker(w), 5, what="m1 flat at the broker after the retry")
+    await w.settle()
+    assert not any(e["kind"] == "flatten_failed" for e in w.journal.risk_events(50))
