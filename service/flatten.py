@@ -233,8 +233,8 @@ def _cap_batch(orders: list[dict[str, Any]], start: dict[tuple[str, str], int], 
     sent = [int(o["quantity"]) for o in orders]
     for key, members in groups.items():
         # Only strategies' exits pair off: a line booked to no strategy that opposes them is a manual close of
-        # them, already done at the broker (``Runtime.engine_state`` reads it so too); trading both would be a
-        # round trip for nothing.
+        # them, already done at the broker (``ledger.absorb_external``; what is left of it after the ledger's lines
+        # only opposes orders still in flight); trading both would be a round trip for nothing.
         real = {i for i in members if orders[i]["strategy"] != EXTERNAL_STRATEGY}
         sells = sum(int(orders[i]["quantity"]) for i in real if orders[i]["side"] == "sell")
         buys = sum(int(orders[i]["quantity"]) for i in real if orders[i]["side"] == "buy")
