@@ -28,7 +28,9 @@ its own, ``<flatten id>-retry-<broker>-<n>`` (``retry_of``), journaled before it
 risk or schedule and sent through the dispatcher like the original's (held and superseding what is held in scope,
 as any flatten). It never trusts the ledger alone: it reconciles the broker first, computes the exits for the
 accounts owed in the original's scope as the redo does (net of orders in flight and of other flattens' held
-exits), and never exits more than the broker holds, in any contract (``_clamp_to_broker``: a position closed by
+exits), never more on a line than the exits it retries left unfilled there (``_cap_to_unfilled``: a signal decided
+in between saw the line still open, so what it added, or a reversal it made, is not the flatten's to close), and
+never exits more than the broker holds, in any contract (``_clamp_to_broker``: a position closed by
 hand at the broker is booked to no strategy, so the strategy's book alone would sell into a short), net of what our
 orders may still add to that position as they stood when the broker read it (``OrdersAtRead``: counted when the
 exits are computed, an order that fills in between counts nowhere and the retry closes too little). Nothing left to
@@ -310,6 +312,36 @@ def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[st
         start[key] = int((row.get("broker_positions") or {}).get(key[1], 0)) + pending.get(key, 0) \
             - outside.get(key, 0)
     return _cap_batch(kept, start, "retry")
+
+def _cap_to_unfilled(orders: list[dict[str, Any]],
+                     unfilled: Mapping[str, Mapping[tuple[str, str], int]]) -> list[dict[str, Any]]:
+    """A retry's exits, each no larger than what the rejected exits it retries left unfilled on its line
+    (``unfilled``: by account, then (strategy, contract), signed like a position: what the line held beyond flat
+    that those exits were to close). A line they did not leave open gets no exit, and neither does one that moved
+    to the other side since. An account without an entry in ``unfilled`` passes unchanged.
+
+    Why: the retry comes seconds to minutes after the rejection, and signals decided meanwhile are not part of the
+    flatten (they saw the line still open, and a ``buy 1`` then meant one more than it held). Recomputed from the
+    whole line, the retry would close them too: the position a later signal opened, or the reversal it made.
+    Capped, it closes what the flatten meant to close and no more."""
+    out = []
+    for order in orders:
+        account = str(order["account"])
+        if account not in unfilled:
+            out.append(order)
+            continue
+        owed = unfilled[account].get((str(order["strategy"]), str(order["contract"])), 0)
+        side = "sell" if owed > 0 else "buy"
+        quantity = min(int(order["quantity"]), abs(owed)) if owed and order["side"] == side else 0
+        if quantity < int(order["quantity"]):
+            log.warning("%s %s %s: the line holds %s %s beyond flat, the rejected exits left %+d of it open; the retry "
+                        "closes %d (signals decided after the flatten keep the rest)", account, order["contract"],
+                        order["strategy"], "long" if order["side"] == "sell" else "short", order["quantity"], owed,
+                        quantity)
+        if quantity > 0:
+            out.append({**order, "quantity": quantity})
+    return out
+
 
 def _superseded_detail(fid: str) -> str:
     return f"superseded by flatten {fid}, computed while this order was held: never sent"
@@ -910,6 +942,7 @@ class FlattenMixin(RuntimeState):
                 return []
             by_account = {str(row["account"]): row
                           for row in await self.reconcile_broker(broker, reason="flatten retry")}
+            unfilled = {debt.origin: self._rejected_unfilled(debt, broker) for debt in due}
             now = self.clock()
             journaled: list[str] = []
             for debt in due:
@@ -919,9 +952,9 @@ class FlattenMixin(RuntimeState):
                 rid = _retry_id(debt.origin, broker, attempt)
                 accounts = set(debt.rejected)
                 # Per debt, in the step that computes its exits: the retries issued before it count.
-                orders = _clamp_to_broker(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,
-                                                               roots=scope.roots), by_account,
-                                          *self._clamp_basis(by_account))
+                orders = _cap_to_unfilled(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,
+                                                               roots=scope.roots), unfilled[debt.origin])
+                orders = _clamp_to_broker(orders, by_account, *self._clamp_basis(by_account))
                 day = trading_day(parse_utc(str(debt.row["received_at"])))
                 late = day != trading_day(now)
                 if orders and (late or attempt > len(self.flatten_retry_delays_s)):
@@ -949,6 +982,31 @@ class FlattenMixin(RuntimeState):
                 journaled.append(rid)
                 log.warning("%s: %s%s", rid, body["reason"], "" if orders else " (nothing left to close)")
             return journaled
+
+    def _rejected_unfilled(self, debt: _Debt, broker: str) -> dict[str, dict[tuple[str, str], int]]:
+        """What the rejected (or cancelled) exits a retry of ``debt`` retries left unfilled, by account and then
+        (strategy, contract), signed like a position (a sell's unfilled quantity is a long still held): the most a
+        retry closes per line (``_cap_to_unfilled``). Read from the journal, like the debt itself: a restart
+        retries exactly what the process before it would have. An account whose rejected exits do not name their
+        strategy (orders journaled before exits kept it) is left out: its retry closes the whole line in scope."""
+        out: dict[str, dict[tuple[str, str], int]] = {}
+        for account, sid in debt.rejected.items():
+            rows = [o for o in self.journal.orders(signal_id=sid) if str(o["account"]) == account
+                    and o["broker"] == broker and o.get("intent") == "exit" and o["status"] in (REJECTED, CANCELLED)]
+            if any(not o.get("strategy") for o in rows):
+                continue
+            since = min((parse_utc(str(o["created_at"])) for o in rows), default=None)
+            # A fill's time is the broker's clock: allow it to run behind ours.
+            filled = {} if since is None else self.journal.filled_quantities(
+                account, since - timedelta(minutes=10),
+                [str(o["client_order_id"]) for o in rows if o["status"] == CANCELLED])
+            lines: dict[tuple[str, str], int] = {}
+            for o in rows:
+                left = int(o["quantity"]) - filled.get(str(o["client_order_id"]), 0)
+                key = (str(o["strategy"]), str(o["contract"]))
+                lines[key] = lines.get(key, 0) + (left if o["side"] == "sell" else -left)
+            out[account] = lines
+        return out
 
     def _clamp_basis(self, by_account: Mapping[str, Mapping[str, Any]]
                      ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], dict[str, int]]]:

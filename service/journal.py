@@ -976,6 +976,21 @@ class Journal:
             params.append(int(limit))
         return [{**r, "data": _loads(r["data"])} for r in self._query(sql, params)]
 
+    def filled_quantities(self, account: str, since: datetime, client_order_ids: Iterable[str]) -> dict[str, int]:
+        """Contracts filled per client order id among ``account``'s fills at or after ``since`` (the orders'
+        creation: no fill of theirs is older), 0 for an id with none. What a cancelled order left unfilled is its
+        quantity less this: the order row keeps the status, the fills table the quantities."""
+        ids = sorted(set(client_order_ids))
+        out = dict.fromkeys(ids, 0)
+        if not ids:
+            return out
+        marks = ", ".join("?" for _ in ids)
+        for row in self._query(f"SELECT client_order_id, SUM(quantity) AS q FROM fills WHERE account = ? AND at >= ? "
+                               f"AND client_order_id IN ({marks}) GROUP BY client_order_id",
+                               (account, utc_iso(since), *ids)):
+            out[str(row["client_order_id"])] = int(row["q"] or 0)
+        return out
+
     # -- time-stamped records ---------------------------------------------------------------------------------
 
     async def _record_rows(self, table: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:

@@ -295,3 +295,70 @@ async def test_a_retry_missed_in_a_drop_is_redone_on_the_come_up_and_not_retried
     assert len(family(w, fid, "retry")) == 1
     assert sent(w, "s0") == [("buy", 2, "filled"), ("sell", 2, "filled")]
     assert held(w, "s1") == {contract: 2}
+
+
+# -- signals decided between the rejection and the retry ------------------------------------------------------------
+
+async def test_a_position_a_later_signal_added_is_not_closed_by_the_retry(w: World, short_backoff: Any) -> None:
+    short_backoff(0.4)
+    contract = await open_mirror(w)
+    fid = await rejected_flatten(w)
+    # Before the retry is due, the strategy buys one more: it saw s0 still long 2 and meant one more than that.
+    await w.submit({"strategy": "mirror", "ticker": "ES1!", "action": "buy", "quantity": 1, "id": "e2"})
+    await w.settle()
+    assert held(w, "s0") == {contract: 3}
+    await wait_until(lambda: family(w, fid, "retry"), timeout_s=5, what="the retry journaled")
+    await quiet(w)
+
+    [retry] = family(w, fid, "retry")
+    assert [(o["side"], o["quantity"]) for o in w.journal.orders(signal_id=retry["id"])] == [("sell", 2)]
+    assert held(w, "s0") == {contract: 1}  # what the flatten meant to close is closed; the later buy stays
+    assert held(w, "s1") == {contract: 3} and failures(w) == [] and not w.runtime.risk.halted("s0")
+
+
+async def test_a_reversal_decided_before_the_retry_is_not_undone(w: World, short_backoff: Any) -> None:
+    short_backoff(0.4)
+    contract = await open_mirror(w)
+    fid = await rejected_flatten(w)
+    await w.submit({"strategy": "mirror", "ticker": "ES1!", "action": "sell", "quantity": 3, "id": "r1"})
+    await w.settle()
+    assert held(w, "s0") == {contract: -1}
+    await wait_until(lambda: family(w, fid, "retry"), timeout_s=5, what="the retry journaled")
+    await quiet(w)
+
+    # The long the flatten was to close is gone (the sell closed it); the short is the later signal's.
+    [retry] = family(w, fid, "retry")
+    assert retry["status"] == "decided" and w.journal.orders(signal_id=retry["id"]) == []
+    assert held(w, "s0") == {contract: -1} and failures(w) == []
+
+
+async def test_a_partly_closed_line_gets_the_rest_of_the_exit_only(w: World, short_backoff: Any) -> None:
+    short_backoff(0.4)
+    contract = await open_mirror(w, quantity=3)
+    fid = await rejected_flatten(w)
+    # The strategy sells 1 before the retry (s0 long 2), then buys 2 (long 4): the retry still closes 3 only.
+    await w.submit({"strategy": "mirror", "ticker": "ES1!", "action": "sell", "quantity": 1, "id": "p1"})
+    await w.settle()
+    await w.submit({"strategy": "mirror", "ticker": "ES1!", "action": "buy", "quantity": 2, "id": "p2"})
+    await w.settle()
+    assert held(w, "s0") == {contract: 4}
+    await wait_until(lambda: family(w, fid, "retry"), timeout_s=5, what="the retry journaled")
+    await quiet(w)
+    [retry] = family(w, fid, "retry")
+    assert [(o["side"], o["quantity"]) for o in w.journal.orders(signal_id=retry["id"])] == [("sell", 3)]
+    assert held(w, "s0") == {contract: 1}
+
+
+def test_the_retry_cap_keeps_each_line_to_what_its_rejected_exit_left_open() -> None:
+    from service.flatten import _cap_to_unfilled
+
+    def exit_(account: str, strategy: str, side: str, quantity: int, contract: str = "ESM6") -> dict[str, Any]:
+        return {"account": account, "strategy": strategy, "contract": contract, "side": side, "quantity": quantity}
+
+    unfilled = {"s0": {("mirror", "ESM6"): 2, ("trend", "ESM6"): -1}}
+    orders = [exit_("s0", "mirror", "sell", 3),  # a later buy added 1: closes the 2 owed
+              exit_("s0", "trend", "sell", 1),  # owed a buy (a short), now long: a later signal reversed it
+              exit_("s0", "mirror", "sell", 1, "MESM6"),  # not a line the rejected exits left open
+              exit_("s1", "mirror", "sell", 5)]  # no cap known for s1: unchanged
+    assert _cap_to_unfilled(orders, unfilled) == [exit_("s0", "mirror", "sell", 2), exit_("s1", "mirror", "sell", 5)]
+    assert _cap_to_unfilled([exit_("s0", "trend", "buy", 4)], unfilled) == [exit_("s0", "trend", "buy", 1)]

@@ -497,3 +497,17 @@ async def test_a_live_journal_cannot_be_buried(journal: Journal) -> None:
     with pytest.raises(JournalError, match="close\\(\\) stops a live one"):
         await journal.bury()
     assert journal.running
+
+
+async def test_filled_quantities_sums_an_accounts_fills_per_order_since_a_time(journal: Journal) -> None:
+    def fill(fid: str, coid: str, quantity: int, at: datetime, account: str = "apex-1") -> dict[str, Any]:
+        return {"broker": "paper-fast", "fill_id": fid, "account": account, "side": "sell", "quantity": quantity,
+                "price": Decimal("6000"), "commission": Decimal("0.5"), "at": at, "client_order_id": coid}
+
+    for f in (fill("F1", "x-1", 1, T0), fill("F2", "x-1", 2, T0 + timedelta(seconds=1)),
+              fill("F3", "x-2", 1, T0 - timedelta(hours=1)),  # before the window
+              fill("F4", "x-3", 4, T0, account="apex-2")):  # another account's
+        await journal.record_fill(f)
+    assert journal.filled_quantities("apex-1", T0 - timedelta(minutes=1), ["x-1", "x-2", "x-3", "x-9"]) == \
+        {"x-1": 3, "x-2": 0, "x-3": 0, "x-9": 0}
+    assert journal.filled_quantities("apex-1", T0, []) == {}
