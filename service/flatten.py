@@ -78,7 +78,9 @@ position), so a start rebuilds the watch from the journal, for the flattens of t
 recovery settles what was in flight (``RestoreMixin._restore_watches``): a counted order not final yet is watched
 again (its settling during recovery issues the follow-up as usual, held through the broker's come-up and sent
 once it opens); one final with quantity unfilled and no journaled follow-up covering it (it settled, and the
-follow-up's commit was lost with the process) is owed one, issued at its broker's come-up after reconciliation,
+follow-up's commit was lost with the process) is owed one, counted from the start as a flatten exit held (the
+engine sees the line flat, as it would have without the crash: ``_hold_owed``) and issued at its broker's come-up
+after reconciliation,
 before the redo of missed flattens computes (which nets it out), and never larger than the broker holds there
 (``_issue_owed_follow_ups``). A journaled follow-up is the end of it: its own failure is the retry's or the
 redo's business, so a second restart issues nothing again. The follow-up counter restarts from the journal's
@@ -602,6 +604,29 @@ class FlattenMixin(RuntimeState):
 
         self._spawn(send())
 
+    @staticmethod
+    def _owed_hold(debt: _Owed) -> str:
+        """The key of the hold standing for an owed follow-up until its come-up (never a journaled signal id)."""
+        return f"owed:{debt.covers}"
+
+    def _hold_owed(self, debt: _Owed) -> None:
+        """Count an owed follow-up as a flatten exit held, from the start until its broker's come-up issues it
+        (``_issue_owed_follow_ups``), as a follow-up made while its broker recovers is held: the engine, the
+        portfolio's counts and best mode's holder see the line flat, as they would have without the crash, and an
+        operator flatten computed meanwhile does not close the same difference again. Never dispatched."""
+        doc = self._account(debt.line.account)
+        if doc is None or debt.left == 0:
+            return
+        key = self._owed_hold(debt)
+        job = self._job({"account": debt.line.account, "broker": doc.broker, "contract": debt.line.contract,
+                         "side": "sell" if debt.left > 0 else "buy", "quantity": abs(debt.left), "intent": "exit",
+                         "client_order_id": key}, debt.line.strategy, key, Decimal(0))
+        if job is None:
+            return
+        self._holds[key] = _Hold([job], [], flatten=True)
+        self._count_held(job, 1)
+        self._invalidate()
+
     async def _issue_owed_follow_ups(self, broker: str, reconciled: list[dict[str, Any]]) -> list[str]:
         """Issue the follow-ups a start found owed at ``broker`` (``_Owed``), just reconciled (``reconciled``: its
         rows), under the redo's lock and before the redo computes, so that a redo or retry of the flatten's own
@@ -615,6 +640,9 @@ class FlattenMixin(RuntimeState):
         journaled: list[str] = []
         jobs: list[Job] = []
         for i, debt in enumerate(owed):
+            # Its stand-in ends here: the follow-up itself is held below, or nothing is sent. Before the cap is
+            # computed, which counts the flatten exits held (the owed follow-ups not issued yet among them).
+            self.release(self._owed_hold(debt))
             if debt.day != trading_day(self.clock()):
                 log.warning("flatten %s of trading day %s left %s %s (%s) at %+d beyond flat (%s); a new trading day "
                             "began before %s came back, so no follow-up is sent now: an operator decides",
@@ -635,6 +663,9 @@ class FlattenMixin(RuntimeState):
             except BaseException:
                 self.release(fid)
                 self._owed_follow_ups.setdefault(broker, []).extend(owed[i:])  # the next come-up or resume
+                for rest in owed[i:]:
+                    if self._owed_hold(rest) not in self._holds:
+                        self._hold_owed(rest)
                 raise
             journaled.append(fid)
             log.warning("%s: %s (owed since a restart)", fid, body["reason"])

@@ -118,6 +118,7 @@ class RestoreMixin(RuntimeState):
                                 "up", fid, line.account, line.contract, line.strategy, left, what, order["broker"])
                     owed = _Owed(line, coid, left, what, day)
                     self._owed_follow_ups.setdefault(str(order["broker"]), []).append(owed)
+                    self._hold_owed(owed)  # the engine sees the line flat until the come-up issues it
 
     def _restore_halts(self, events: list[dict[str, Any]]) -> None:
         """Halts of today survive a restart (they lift at the next trading day or by an operator), and so does

@@ -156,3 +156,6 @@ class RuntimeState:
 
     def _wake_retries(self, broker: str) -> None:
         raise NotImplementedError
+
+    def _hold_owed(self, debt: _Owed) -> None:
+        raise NotImplementedError

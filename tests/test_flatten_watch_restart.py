@@ -260,3 +260,48 @@ async def test_an_owed_follow_up_never_buys_back_what_the_flattens_missed_exit_n
 async def _until(check: Callable[[], Any]) -> None:
     while not check():
         await asyncio.sleep(0.005)
+
+
+async def test_an_owed_follow_up_counts_from_the_start_not_only_from_the_come_up(tmp_path: Path) -> None:
+    """As (b), with slow's come-up held up: between the start and the follow-up's issue, the engine must see s1's
+    line flat (the follow-up stands in as a held exit), not short 1, as it would have without the crash: the
+    portfolio's counts and best mode's holder read that view, and an operator flatten meanwhile must not buy the
+    difference back a second time."""
+    clock = Clock(NOON)
+    async with world(tmp_path, rules={"slow_ms": 30}, clock=clock) as w:
+        await open_long(w)
+        kill = Kill(w.journal)
+        kill.at_signal(lambda body: bool(body.get("follow_of")))
+        w.connector("slow").reject_next(1)
+        await w.submit(signal("mirror", "buy", 1, sid="more"))
+        fid = (await w.runtime.flatten(strategy="mirror", reason="operator"))["signal_id"]
+        await asyncio.wait_for(_until(lambda: kill.dead), 5)
+    await kill.bury()
+
+    async with world(tmp_path, clock=clock, start=False) as w:
+        slow = w.connector("slow")
+        positions, reading, come_up = slow.positions, asyncio.Event(), asyncio.Event()
+
+        async def held_up(account: str) -> Any:
+            reading.set()
+            await come_up.wait()
+            return await positions(account)
+
+        slow.positions = held_up
+        starting = asyncio.ensure_future(w.runtime.start())
+        await asyncio.wait_for(reading.wait(), 5)
+        assert held(w, "s1") == -1  # at the broker: short 1 until the follow-up buys it back
+        assert w.runtime.engine_state(clock()).accounts["s1"].positions == {}  # flat: the follow-up is counted
+        again = await w.runtime.flatten(account="s1", reason="operator, during the come-up")
+        assert again["orders"] == []  # nothing to close a second time
+
+        come_up.set()
+        await starting
+        assert await w.runtime.ready(10.0)
+        await w.settle()
+        assert {a: held(w, a) for a in MIRROR} == {a: 0 for a in MIRROR} and ledger(w) == {}
+        [follow] = follow_ups(w, fid)
+        assert legs(follow) == [("s1", "buy", 1, FILLED)]
+        assert not [key for key in w.runtime._holds if key.startswith("owed:")]
+        assert w.runtime.engine_state(clock()).accounts["s1"].positions == {}
+    await restart_is_quiet(tmp_path, clock, fid)
