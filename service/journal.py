@@ -1049,6 +1049,33 @@ class Journal:
         rows = self._query(sql + " ORDER BY at DESC, id DESC", params)
         return [{**_loads(r["data"]), "id": r["id"], "at": r["at"]} for r in rows]
 
+    def last_targets_since(self, at: datetime) -> dict[str, dict[str, Any]]:
+        """Per strategy, its latest target-position signal (``position`` set) received at or after ``at``, accepted
+        or decided, and not a catch-up's own: what a broker's come-up converges ``catch_up`` accounts to. Read
+        by query, however many other signals came since (a scan of the most recent N would quietly skip a quiet
+        strategy behind busy ones)."""
+        rows = self._query(
+            "SELECT * FROM signals WHERE received_at >= ? AND status IN ('accepted', 'decided') AND "
+            "json_extract(signal, '$.position') IS NOT NULL AND "
+            "COALESCE(json_extract(signal, '$.catch_up'), 0) = 0 ORDER BY received_at DESC, rowid DESC",
+            (utc_iso(at),))
+        found: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            signal = _signal(row)
+            strategy = (signal.get("signal") or {}).get("strategy")
+            if strategy and strategy not in found:
+                found[str(strategy)] = signal
+        return found
+
+    def flattens_between(self, after: datetime, until: datetime) -> list[dict[str, Any]]:
+        """The flatten signals received after ``after`` and at or before ``until``, newest first (``id``,
+        ``received_at``, the parsed ``signal`` body): every one of them, not the most recent N of all signals."""
+        rows = self._query(
+            "SELECT id, received_at, signal FROM signals WHERE received_at > ? AND received_at <= ? AND "
+            "json_extract(signal, '$.flatten') IS NOT NULL ORDER BY received_at DESC, rowid DESC",
+            (utc_iso(after), utc_iso(until)))
+        return [{"id": r["id"], "received_at": r["received_at"], "signal": _loads(r["signal"]) or {}} for r in rows]
+
     def flatten_watches_since(self, at: datetime) -> list[dict[str, Any]]:
         """The flatten signals received at or after ``at`` that journaled a watch over orders they counted on
         (``watch``), and the follow-ups journaled for them (``follow_of``), oldest first: ``id``, ``received_at``

@@ -287,17 +287,6 @@ class RecoveryMixin(RuntimeState):
         await self._risk_event(account.name, "adopt", f"adopted broker positions: {text}", "reconciliation", now)
 
     # -- catch-up ----------------------------------------------------------------------------------------------
-    def _last_targets(self) -> dict[str, dict[str, Any]]:
-        """The last target-position signal per strategy, from the journal."""
-        found: dict[str, dict[str, Any]] = {}
-        for row in self.journal.recent_signals(1000):
-            signal = row.get("signal") or {}
-            strategy = signal.get("strategy")
-            if row.get("status") in ("accepted", "decided") and strategy and strategy not in found \
-                    and signal.get("position") is not None and not signal.get("catch_up"):
-                found[strategy] = row
-        return found
-
     async def _catch_up(self, broker: str, *, since: datetime | None = None) -> None:
         """Converge ``catch_up`` accounts at ``broker`` to their strategies' last targets of this trading day.
 
@@ -311,7 +300,7 @@ class RecoveryMixin(RuntimeState):
         accounts = [a for a in self.ruleset.accounts.values() if a.broker == broker and a.catch_up]
         if not accounts:
             return
-        targets = self._last_targets()
+        targets = self.journal.last_targets_since(trading_day_start(now))  # catch-up is this trading day's
         for strategy, row in targets.items():
             followers = [a for a in accounts if strategy in a.strategies]
             if not followers:
@@ -394,12 +383,9 @@ class RecoveryMixin(RuntimeState):
                 root = resolve(ticker, now, self.ruleset.catalog).root
             except SymbolError:
                 root = None
-        for row in self.journal.recent_signals(1000):  # newest first
-            received = parse_utc(str(row["received_at"]))
-            if received <= since:
-                break
+        for row in self.journal.flattens_between(since, now):
             scope = _flatten_scope(row)
-            if scope is None or received > now or scope.origin is not None or scope.follow_of is not None:
+            if scope is None or scope.origin is not None or scope.follow_of is not None:
                 continue
             if scope.strategy is not None and scope.strategy != strategy:
                 continue

@@ -19,6 +19,7 @@ Every check reads the brokers' own books: what exists at the broker is what coun
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -373,3 +374,42 @@ async def test_a_holder_left_behind_by_a_missed_exit_is_closed_not_topped_up(w: 
     await w.runtime.resume_broker("slow")
     await w.settle()
     assert held(w) == {"bf": 2, "bs": 0, "bs2": 0}
+
+
+async def noise(w: World, n: int) -> None:
+    """``n`` signals of another strategy journaled (rejected, as a bad secret or an unknown strategy is): a busy
+    day's traffic between a quiet strategy's last target and a come-up."""
+    await asyncio.gather(*(w.journal.record_signal(raw="{}", remote="127.0.0.1", status="rejected", reason="noise",
+                                                   key=None, signal={"strategy": "other"}, decision=None,
+                                                   signal_id=f"noise-{i}", at=w.clock()) for i in range(n)))
+
+
+async def test_a_quiet_strategys_target_behind_a_busy_days_signals_is_still_caught_up(w: World) -> None:
+    await drop(w, "slow")
+    await w.submit(signal("mirror", "buy", 2, sid="m1", position="long", position_size=2))
+    await wait_until(lambda: w.statuses("m1") == {"f1": FILLED, "s1": MISSED}, what="s1 missed")
+    await noise(w, 1200)
+
+    await w.connector("slow").reconnect()
+    await wait_until(lambda: w.runtime.pool.available("slow"), what="slow back")
+    assert [legs(c) for c in w.runtime.catchups if c["strategy"] == "mirror"] == [[("s1", "buy", 2, "entry")]]
+    await w.settle()
+    assert [(o["side"], o["quantity"]) for o in w.book_orders("slow", "S-1")] == [("buy", 2)]
+
+
+async def test_a_flatten_behind_a_busy_days_signals_still_voids_the_target(w: World) -> None:
+    await drop(w, "slow")
+    await w.submit(signal("mirror", "buy", 2, sid="m1", position="long", position_size=2))
+    await wait_until(lambda: w.statuses("m1") == {"f1": FILLED, "s1": MISSED}, what="s1 missed")
+    w.clock.advance(timedelta(seconds=1))
+    await w.runtime.flatten(strategy="mirror", reason="operator")
+    await w.settle()
+    w.clock.advance(timedelta(seconds=1))
+    await noise(w, 1200)
+
+    await w.connector("slow").reconnect()
+    await wait_until(lambda: w.runtime.pool.available("slow"), what="slow back")
+    await w.settle()
+    mirror = [c for c in w.runtime.catchups if c["strategy"] == "mirror"]
+    assert [c["flat"] for c in mirror] == [True] and [legs(c) for c in mirror] == [[]]
+    assert w.book_orders("slow", "S-1") == []  # never opened after the flatten
