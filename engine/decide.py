@@ -377,6 +377,8 @@ class Engine:
 
     def __init__(self, ruleset: RuleSet, backend: str = "auto") -> None:
         self.ruleset = ruleset
+        self.content_hash = ruleset.content_hash
+        """Named by every decision of this generation (``Decision.content_hash``): which rules decided."""
         self.compiled: Compiled = compile_ruleset(ruleset)
         self.rules: Rules = make_rules(self.compiled.rules, backend)
         self.backend = type(self.rules).__name__
@@ -450,7 +452,8 @@ class Engine:
         local = to_et(now)
         symbol = self._resolve(signal.ticker, now, local.date())
         base: dict[str, Any] = {"signal_id": signal.id, "strategy": signal.strategy,
-                                "order_type": signal.order_type, "price": signal.price}
+                                "order_type": signal.order_type, "price": signal.price,
+                                "content_hash": self.content_hash}
         fired = self.rules.post({"k": "route", "strategy": signal.strategy, "root": symbol.root})
         if fired is None:
             return Decision(rule=None, blocked_by=None, reason=(

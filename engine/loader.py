@@ -56,6 +56,17 @@ def display_path(path: Path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
+def _hash_names(files: Sequence[Path]) -> dict[Path, str]:
+    """Each file's name as the content hash covers it: relative to the directory holding them all, so that the
+    hash is the rules' identity wherever they are read from (the service, ``multibroker decide`` in another
+    working directory, an absolute ``--rules``): decision records name their rules by it."""
+    if not files:
+        return {}
+    resolved = {path: path.resolve() for path in files}
+    root = Path(os.path.commonpath([p.parent for p in resolved.values()]))
+    return {path: real.relative_to(root).as_posix() for path, real in resolved.items()}
+
+
 def load_rules(paths: Sequence[str | Path] | str | Path = DEFAULT_RULES_DIR) -> LoadResult:
     """Read, validate and build every rule document under ``paths`` (files or directories)."""
     if isinstance(paths, (str, Path)):
@@ -63,10 +74,11 @@ def load_rules(paths: Sequence[str | Path] | str | Path = DEFAULT_RULES_DIR) -> 
     files, problems = discover(paths)
     docs: list[SourceDoc] = []
     digest = hashlib.sha256()
+    names = _hash_names(files)
     for path in files:
         shown = display_path(path)
         file_docs, file_problems, raw = read_documents(path, shown)
-        digest.update(shown.encode() + b"\0" + hashlib.sha256(raw).digest())
+        digest.update(names[path].encode() + b"\0" + hashlib.sha256(raw).digest())
         docs.extend(file_docs)
         problems.extend(file_problems)
     for doc in docs:

@@ -98,7 +98,7 @@ from decimal import Decimal
 from typing import Any, Iterable, Mapping
 
 from brokers.base import BrokerError
-from engine.decision import client_order_id
+from engine.decision import client_order_id, ruleset_ref
 from engine.schedule import Firing
 from engine.sessions import trading_day
 from engine.state import contract_root
@@ -686,7 +686,8 @@ class FlattenMixin(RuntimeState):
         legs = [{k: v for k, v in o.items() if k != "strategy"} for o in orders]
         decision = {"signal_id": fid, "strategy": strategy or "(flatten)", "accepted": bool(orders), "rule": None,
                     "blocked_by": None, "reason": reason, "order_type": "market", "price": None,
-                    "orders": legs, "skipped": [], "cancel": []}
+                    "orders": legs, "skipped": [], "cancel": [],
+                    "ruleset": ruleset_ref(self.ruleset.content_hash, getattr(self.watcher, "generation", None))}
         # The journaled orders keep each exit's strategy (the decision record's legs have no such field): a restart
         # with an exit still in flight must book its fill to the strategy it closes, not to "(flatten)".
         await self.journal.record_signal(raw=json.dumps(body), remote=None,

@@ -334,13 +334,15 @@ class RecoveryMixin(RuntimeState):
                     continue
                 decision = Decision(signal_id=sid, strategy=strategy, rule=decision.rule,
                                     blocked_by=decision.blocked_by,
-                                    reason=f"catch-up after {broker} reconnected: {decision.reason}", orders=orders)
+                                    reason=f"catch-up after {broker} reconnected: {decision.reason}", orders=orders,
+                                    content_hash=decision.content_hash)
                 # Counted from the decision on (no await since it): a webhook deciding while this commits sees it.
                 self.hold(sid, decision)
                 try:
                     await self.journal.record_signal(
                         raw=json.dumps({**body, "catch_up": True}), remote=None, status="accepted",
-                        reason="catch-up", key=None, signal={**body, "catch_up": True}, decision=decision.to_json(),
+                        reason="catch-up", key=None, signal={**body, "catch_up": True},
+                        decision=decision.to_json(getattr(self.watcher, "generation", None)),
                         orders=[{**o.to_json(), "margin_usd": o.margin_usd} for o in orders], signal_id=sid, at=now)
                 except BaseException:
                     self.release(sid)

@@ -58,6 +58,8 @@ class RuntimeState:
     """The attributes and cross-part methods of ``Runtime`` that its mixins use (see the module docstring)."""
 
     journal: Any
+    watcher: Any
+    """The rules watcher: its live generation is what a runtime-made decision record names (``ruleset``)."""
     clock: Any
     ledger: Ledger
     tracker: OrderTracker

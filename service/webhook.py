@@ -10,6 +10,9 @@ The decided orders count as exposure from the decision on (``Runtime.hold``, in 
 not from the dispatch: other signals are decided while this one awaits its commit, and each must see the orders
 before it, or two concurrent entries both pass a limit that allows one and best mode opens a position twice.
 
+The record names the rules that decided (``ruleset``: the engine's content hash and the number of the generation
+pinned for the decision), read off the pinned generation: rules reload, and an auditor must know which decided.
+
 Answers::
 
     202 {"signal_id", "decision": <decision record>}                 a new signal (decision may have no orders)
@@ -196,6 +199,7 @@ class Webhook:
             state = self.runtime.engine_state(now)
             with self.watcher.acquire() as generation:
                 decision: Decision = generation.engine.decide(own, state, now)
+                number: int | None = getattr(generation, "number", None)  # None: a static rule set, no reloads
         except SymbolError as exc:
             refusal = Refusal(422, "unknown_instrument", f"$.ticker: {exc}", "$.ticker")
             return await self._refuse(request, refusal, b"", body, key=key, signal=signal)
@@ -209,14 +213,15 @@ class Webhook:
         if decision.orders:
             self.runtime.hold(signal_id, decision)
         try:
-            return await self._record_and_answer(request, signal, body, key, now, claim, signal_id, decision)
+            return await self._record_and_answer(request, signal, body, key, now, claim, signal_id, decision,
+                                                 number)
         finally:
             self.runtime.release(signal_id)  # a no-op once dispatched
 
     async def _record_and_answer(self, request: web.Request, signal: Signal, body: Mapping[str, Any], key: str,
                                  now: datetime, claim: asyncio.Future[str], signal_id: str,
-                                 decision: Decision) -> web.StreamResponse:
-        record = decision.to_json()
+                                 decision: Decision, generation: int | None) -> web.StreamResponse:
+        record = decision.to_json(generation)  # names its rules: the engine's content hash, the pinned generation
         record_text = dumps(record)  # once, for the journal and the answer alike
         orders = [{**o.to_json(), "margin_usd": o.margin_usd, "order_type": decision.order_type,
                    "price": record["price"]} for o in decision.orders]

@@ -207,3 +207,74 @@ async def test_a_signal_through_the_real_runtime_fills_on_paper_brokers(serve: A
         ("apex-1", "MESH6", 2), ("apex-2", "MESH6", 1), ("topstep-1", "MESH6", 2)]
     _s, status = await call(client, "GET", "/api/status")
     assert {b["name"] for b in status["brokers"]} == {"paper-fast", "paper-slow", "paper-cheap"}
+
+
+# -- which rules decided ------------------------------------------------------------------------------------------
+
+
+def _edit_multiplier(rules_dir: Path) -> None:
+    path = rules_dir / "accounts.yaml"
+    text = path.read_text(encoding="utf-8")
+    assert "size_multiplier: 0.5" in text
+    path.write_text(text.replace("size_multiplier: 0.5", "size_multiplier: 1"), encoding="utf-8")
+
+
+async def test_each_record_keeps_naming_the_rules_that_decided_it_across_a_reload(serve: Any,
+                                                                                 rules_dir: Path) -> None:
+    client, app = await serve()
+    watcher, journal = app[WATCHER], app[JOURNAL]
+    async with client.post("/webhook", json=scalper(id="before")) as r:
+        before = (await r.json())["signal_id"]
+    old_hash = watcher.current[0].content_hash
+    _edit_multiplier(rules_dir)
+    assert (await watcher.reload_now()).outcome == "applied"
+    new_hash = watcher.current[0].content_hash
+    assert new_hash != old_hash and watcher.generation == 2
+    async with client.post("/webhook", json=scalper(id="after")) as r:
+        after = (await r.json())["signal_id"]
+
+    _s, old = await call(client, "GET", f"/api/signals/{before}")
+    _s, new = await call(client, "GET", f"/api/signals/{after}")
+    assert old["decision"]["ruleset"] == {"content_hash": old_hash, "generation": 1}
+    assert new["decision"]["ruleset"] == {"content_hash": new_hash, "generation": 2}
+    # The reload records the journal keeps are what the two point at; the decisions differ as their rules do.
+    assert {(r["content_hash"], r["generation"]) for r in journal.reloads(10)} == {(old_hash, 1), (new_hash, 2)}
+    assert [o["quantity"] for o in old["decision"]["orders"] if o["account"] == "apex-2"] == [1]
+    assert [o["quantity"] for o in new["decision"]["orders"] if o["account"] == "apex-2"] == [2]
+    _s, listed = await call(client, "GET", "/api/signals?limit=5")
+    assert [(s["id"], s["decision"]["ruleset"]["generation"]) for s in listed["signals"]] == [(after, 2),
+                                                                                               (before, 1)]
+
+
+async def test_a_record_journaled_before_decisions_named_their_rules_is_still_served(serve: Any) -> None:
+    client, app = await serve()
+    old = {"signal_id": "s-old", "strategy": "es-scalper", "accepted": False, "rule": None, "blocked_by": None,
+           "reason": "no orders", "order_type": "market", "price": None, "orders": [], "skipped": [], "cancel": []}
+    await app[JOURNAL].record_signal(raw="{}", remote=None, status="decided", reason="no orders", key=None,
+                                     signal={"strategy": "es-scalper"}, decision=old, signal_id="s-old")
+    status, body = await call(client, "GET", "/api/signals/s-old")
+    assert status == 200 and body["decision"] == old
+    status, body = await call(client, "GET", "/api/signals")
+    assert status == 200 and [s["decision"] for s in body["signals"]] == [old]
+
+
+async def test_a_runtime_flatten_names_the_rules_live_when_it_was_made(serve: Any, rules_dir: Path) -> None:
+    from service.runtime import Runtime
+
+    client, app = await serve(runtime_factory=lambda c, j, w: Runtime(c, j, w, clock=lambda: NOW))
+    assert await app[RUNTIME].ready(10.0)
+    watcher = app[WATCHER]
+    status, first = await call(client, "POST", "/api/flatten", body={"account": "apex-1", "reason": "first"})
+    assert status == 200
+    _edit_multiplier(rules_dir)
+    assert (await watcher.reload_now()).outcome == "applied"
+    status, second = await call(client, "POST", "/api/flatten", body={"account": "apex-2", "reason": "second"})
+    assert status == 200
+
+    records = {}
+    for answer in (first, second):
+        _s, row = await call(client, "GET", f"/api/signals/{answer['signal_id']}")
+        records[row["decision"]["reason"]] = row["decision"]["ruleset"]
+    old_hash = next(r["content_hash"] for r in app[JOURNAL].reloads(10) if r["generation"] == 1)
+    assert records == {"first": {"content_hash": old_hash, "generation": 1},
+                       "second": {"content_hash": watcher.current[0].content_hash, "generation": 2}}

@@ -413,3 +413,16 @@ async def test_a_flatten_behind_a_busy_days_signals_still_voids_the_target(w: Wo
     mirror = [c for c in w.runtime.catchups if c["strategy"] == "mirror"]
     assert [c["flat"] for c in mirror] == [True] and [legs(c) for c in mirror] == [[]]
     assert w.book_orders("slow", "S-1") == []  # never opened after the flatten
+
+
+async def test_a_catch_up_record_names_the_rules_that_decided_it(w: World) -> None:
+    await drop(w, "slow")
+    await w.submit(signal("mirror", "buy", 2, sid="m1", position="long", position_size=2))
+    await wait_until(lambda: w.statuses("m1") == {"f1": FILLED, "s1": MISSED}, what="s1 missed")
+    await w.connector("slow").reconnect()
+    await wait_until(lambda: w.runtime.pool.available("slow"), what="slow back")
+    [caught] = [c for c in w.runtime.catchups if c["strategy"] == "mirror"]
+    record = (w.journal.get_signal(caught["signal"]) or {})["decision"]
+    assert record["ruleset"]["content_hash"] == w.runtime.ruleset.content_hash
+    assert record["ruleset"]["content_hash"] == (w.journal.get_signal("m1") or {})["decision"]["ruleset"][
+        "content_hash"]

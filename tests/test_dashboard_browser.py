@@ -66,6 +66,7 @@ def test_dashboard_shows_accounts_positions_and_updates_live(service: Server) ->
             expect(signal).to_be_visible(timeout=10_000)
             expect(signal.locator("summary")).to_contain_text("es-scalper")
             expect(signal.locator("li").first).to_contain_text("buy 2")
+            expect(signal.locator("li[data-rules]")).to_contain_text("decided by rules generation 1 (")
             assert page.evaluate("window.__notReloaded") is True
 
             # Controls ask for confirmation and carry the token: pause a broker from the page.

@@ -318,7 +318,7 @@ def test_cancel_is_an_explicit_record_without_orders(engine: Engine) -> None:
 def test_record_shape_and_client_order_ids(engine: Engine) -> None:
     record = decide(engine, {**BUY1, "action": "sell", "quantity": 4}, state_doc({"a1": acct(positions={"MESH6": 2})}))
     assert set(record) == {"signal_id", "strategy", "accepted", "rule", "blocked_by", "reason", "order_type", "price",
-                           "orders", "skipped", "cancel"}
+                           "orders", "skipped", "cancel", "ruleset"}
     assert record["signal_id"] == "sig-1" and record["strategy"] == "scalp" and record["rule"] == "mirror-scalp"
     ids = [o["client_order_id"] for o in record["orders"]]
     assert len(set(ids)) == 2

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from engine.loader import load_rules
 from tests.conftest import REPO
 from tests.test_decide_fixtures import write_rules
 
@@ -118,3 +120,28 @@ def test_state_as_json_with_paused_and_halted(files: Path) -> None:
 def test_help_has_an_example() -> None:
     proc = run("--help")
     assert proc.returncode == 0 and "Example: multibroker decide" in proc.stdout
+
+
+def test_the_record_names_the_rules_it_was_decided_by(files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # where ``run`` starts the CLI: the hash covers the rule files' paths as shown from there
+    record = json.loads(decide(files).stdout)
+    rules = str(files / "rules")
+    # The content hash the service's reload records and journaled decisions carry for these files; no generation:
+    # only a running service numbers its reloads.
+    assert record["ruleset"] == {"content_hash": load_rules([rules]).content_hash, "generation": None}
+    edit = sorted((files / "rules").glob("*.yaml"))[0]
+    edit.write_text(edit.read_text() + "\n# edited\n")
+    edited = json.loads(decide(files).stdout)
+    assert edited["ruleset"]["content_hash"] == load_rules([rules]).content_hash != record["ruleset"]["content_hash"]
+
+
+def test_the_rules_content_hash_does_not_depend_on_where_they_are_read_from(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    rules = tmp_path / "deploy" / "rules"
+    shutil.copytree(REPO / "rules", rules)
+    monkeypatch.chdir(tmp_path)
+    relative = load_rules("deploy/rules").content_hash
+    monkeypatch.chdir(rules)
+    assert load_rules(".").content_hash == relative == load_rules(str(rules)).content_hash
+    (rules / "accounts.yaml").write_text((rules / "accounts.yaml").read_text() + "\n# edited\n")
+    assert load_rules(str(rules)).content_hash != relative  # the content still counts

@@ -484,3 +484,23 @@ async def test_real_engine_swap_while_a_decision_holds_the_old_generation(rules_
         if durable_available():  # the pure-Python fallback (Python 3.13+) has nothing to delete on close
             with pytest.raises(EngineError, match="retired"):
                 order_sizes(old)
+
+
+async def test_each_generation_s_decisions_name_its_rules(rules_dir: Path) -> None:
+    signal = parse_signal({"strategy": "es-scalper", "ticker": "MES1!", "action": "buy", "quantity": 3})
+    now = datetime(2026, 11, 24, 15, 0, tzinfo=timezone.utc)  # a Tuesday, 10:00 in New York
+
+    def record(gen: Generation) -> dict[str, object]:
+        state = EngineState({name: AccountState(True, Decimal(100000), Decimal(0)) for name in gen.ruleset.accounts})
+        return gen.engine.decide(signal, state, now).to_json(gen.number)["ruleset"]
+
+    async with RulesWatcher(rules_dir) as watcher:
+        with watcher.acquire() as old:
+            replace_in(rules_dir / "accounts.yaml", "size_multiplier: 0.5", "size_multiplier: 1")
+            assert (await watcher.reload_now()).generation == 2  # applied here or by the watch just before
+            with watcher.acquire() as new:
+                assert record(new) == {"content_hash": new.ruleset.content_hash, "generation": 2}
+            assert record(old) == {"content_hash": old.ruleset.content_hash, "generation": 1}  # as it was
+        assert old.ruleset.content_hash != new.ruleset.content_hash
+        assert [(r.content_hash, r.generation) for r in watcher.history if r.outcome == "applied"] == [
+            (old.ruleset.content_hash, 1), (new.ruleset.content_hash, 2)]

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from engine.decision import Decision
 from engine.state import AccountState, EngineState
-from service.app import JOURNAL, RUNTIME, WEBHOOK, create_app
+from service.app import JOURNAL, RUNTIME, WATCHER, WEBHOOK, create_app
 from service.config import ServiceConfig, parse_networks
 
 NOW = datetime(2026, 3, 10, 15, 0, tzinfo=timezone.utc)
@@ -178,9 +178,29 @@ async def test_signal_is_journaled_with_its_orders_before_the_answer_and_dispatc
     await asyncio.sleep(0)
     runtime = app[RUNTIME]
     assert [(sid, on_disk) for sid, _d, on_disk in runtime.dispatched] == [(signal_id, True)]
-    assert runtime.dispatched[0][1].to_json() == decision
+    assert runtime.dispatched[0][1].to_json(generation=1) == decision  # the record adds the pinned generation
     # Its orders counted as exposure from the decision, before the commit; the dispatch took them over.
     assert runtime.holds == [("hold", signal_id, False)] and runtime.held == {}
+
+
+async def test_the_record_and_the_answer_name_the_rules_that_decided(serve: Any) -> None:
+    client, app = await serve()
+    status, body = await post(client, scalper())
+    assert status == 202
+    # The live generation's identity (its content hash) and number, exactly as the journal's reload record has them.
+    [reload] = app[JOURNAL].reloads(10)
+    live = {"content_hash": app[WATCHER].current[0].content_hash, "generation": app[WATCHER].generation}
+    assert live == {"content_hash": reload["content_hash"], "generation": 1} and len(live["content_hash"]) == 64
+    assert body["decision"]["ruleset"] == live
+    row = app[JOURNAL].get_signal(body["signal_id"])
+    assert row["decision"]["ruleset"] == live
+    # A record without orders names its rules too (they decided that nobody gets one).
+    _status, body = await post(client, scalper(strategy="nobody"))
+    assert body["decision"]["accepted"] is False and body["decision"]["ruleset"] == live
+    # A repeat answers with the original's record, its rules included.
+    _status, again = await post(client, scalper(id="r-1"))
+    _status, repeat = await post(client, scalper(id="r-1"))
+    assert repeat["duplicate"] is True and repeat["decision"]["ruleset"] == live == again["decision"]["ruleset"]
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "text/plain; charset=utf-8", "application/json", ""])

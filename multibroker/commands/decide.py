@@ -55,8 +55,10 @@ def _read(path: str, what: str) -> Any:
 def command(rules_dir: str, state_path: str, signal_path: str) -> None:
     """Print the decision record for SIGNAL under the rules and STATE, as JSON.
 
-    The decision time is the state's `now` (contract months, roll and schedule are judged then). Exit 0 for any
-    decision, accepted or not; 2 for invalid rules, state or signal.
+    The decision time is the state's `now` (contract months, roll and schedule are judged then). The record's
+    `ruleset.content_hash` names the rules read (compare it with a journaled record's); its `generation` is null:
+    only the running service numbers its reloads. Exit 0 for any decision, accepted or not; 2 for invalid rules,
+    state or signal.
 
     Example: multibroker decide --rules rules/ --state state.yaml --signal signal.json
     """

@@ -51,8 +51,11 @@ function render(s) {
     const d = sig.decision || {};
     const orders = (d.orders || []).map((o) => `<li>${esc(o.account)} @ ${esc(o.broker)}: ${esc(o.side)} ${o.quantity} ${esc(o.contract)} (${esc(o.intent)})</li>`).join("");
     const skipped = (d.skipped || []).map((k) => `<li class="muted">${esc(k.account)} skipped: ${esc(k.reason)}${k.by ? ` [${esc(k.by)}]` : ""}</li>`).join("");
+    // Which rules decided (records journaled before decisions named them have no ruleset: nothing shown).
+    const rs = d.ruleset || {};
+    const rules = rs.content_hash ? `<li class="muted" data-rules="${esc(rs.content_hash)}">decided by rules ${rs.generation != null ? `generation ${esc(rs.generation)} ` : ""}(${esc(String(rs.content_hash).slice(0, 8))})</li>` : "";
     const status = sig.status === "rejected" ? `<span class="pill off">rejected</span>` : d.accepted ? `<span class="pill on">accepted</span>` : `<span class="pill warn">no orders</span>`;
-    return `<details class="signal" data-signal="${esc(sig.signal_id)}"><summary>${esc(et(sig.received_at))} ${status} <b>${esc(sig.strategy || "")}</b> ${esc(sig.action || "")} ${esc(sig.ticker || "")} ${d.rule ? `via ${esc(d.rule)}` : ""} ${d.blocked_by ? `blocked by ${esc(d.blocked_by)}` : ""} ${esc(sig.reason || d.reason || "")}</summary><ul>${orders}${skipped}</ul></details>`;
+    return `<details class="signal" data-signal="${esc(sig.signal_id)}"><summary>${esc(et(sig.received_at))} ${status} <b>${esc(sig.strategy || "")}</b> ${esc(sig.action || "")} ${esc(sig.ticker || "")} ${d.rule ? `via ${esc(d.rule)}` : ""} ${d.blocked_by ? `blocked by ${esc(d.blocked_by)}` : ""} ${esc(sig.reason || d.reason || "")}</summary><ul>${orders}${skipped}${rules}</ul></details>`;
   }).join("") || `<p class="muted">no signals yet</p>`;
   table($("reconciliations"), ["Time", "Broker", "Account", "Result"], (s.reconciliations || []).map((r) => `<tr><td>${esc(et(r.time))}</td><td>${esc(r.broker)}</td><td>${esc(r.account || "")}</td><td>${r.ok ? `<span class="pill on">ok</span>` : `<span class="pill off">${esc(r.detail || "mismatch")}</span>`}</td></tr>`));
   $("halts").innerHTML = (s.halts || []).map((h) => `<p><span class="pill off">${esc(h.name)}</span> ${esc(h.reason || "")} <button data-action="clear-halt" data-name="${esc(h.name)}">Clear</button></p>`).join("") || `<p class="muted">no halts</p>`;
