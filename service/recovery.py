@@ -337,7 +337,7 @@ class RecoveryMixin(RuntimeState):
                                     reason=f"catch-up after {broker} reconnected: {decision.reason}", orders=orders,
                                     content_hash=decision.content_hash)
                 # Counted from the decision on (no await since it): a webhook deciding while this commits sees it.
-                self.hold(sid, decision)
+                self.hold(sid, decision, unavailable_missed=False)  # the broker is back, not open yet
                 try:
                     await self.journal.record_signal(
                         raw=json.dumps({**body, "catch_up": True}), remote=None, status="accepted",

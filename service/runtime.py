@@ -339,7 +339,7 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
             self._spawn(self._cancel_working(cancel.account, cancel.broker, cancel.instrument))
         self._invalidate()
 
-    def hold(self, signal_id: str, decision: Decision) -> None:
+    def hold(self, signal_id: str, decision: Decision, *, unavailable_missed: bool = True) -> None:
         """Count ``decision``'s orders as exposure from now on, before their signal is journaled.
 
         Call it in the same synchronous step as the ``engine_state`` and ``decide`` that made them. The webhook
@@ -348,13 +348,25 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         reserved margin, or two concurrent "buy 3" pass a limit of 4 and two best-mode targets open the position at
         two accounts. The orders are not tracked yet: recovery sends the tracker's ``new`` orders, and an order
         must never leave before its signal is on disk. ``dispatch`` ends the hold; ``release`` drops it when the
-        signal is not acknowledged. O(orders of the signal)."""
+        signal is not acknowledged. O(orders of the signal).
+
+        An order for a broker down or paused at this instant (the engine routes no entry there, but never blocks an
+        exit) is not held and never sent: it is journaled ``missed`` with its signal (``Journal.supersede``), as it
+        would have been at its turn in the dispatcher. Counted as held meanwhile, an exit would make the account
+        look flat while it certainly is not: best mode would open the strategy's position at a second account, and
+        the portfolio's counts would look safer than they are. ``unavailable_missed=False``: catch-up, deciding for
+        a broker that is connected and not yet open (its recovery sends the orders)."""
         if not decision.orders or signal_id in self._holds:
             return
-        jobs, reserved = [], []
+        jobs, reserved, unsent = [], [], {}
         for order in decision.orders:
             job = self._job(order.to_json(), decision.strategy, signal_id, order.margin_usd)
             if job is None:
+                continue
+            if unavailable_missed and self.pool is not None and not self.pool.available(job.broker):
+                unsent[job.client_order_id] = f"broker {job.broker} paused or down at the decision"
+                log.warning("%s: %s %s %d %s missed (broker %s down or paused at the decision)", signal_id,
+                            job.account, job.side, job.quantity, job.contract, job.broker)
                 continue
             jobs.append(job)
             self._count_held(job, 1)
@@ -362,7 +374,9 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
                 self._reserve(job)
                 if job.client_order_id in self._reservations:
                     reserved.append(job.client_order_id)
-        self._holds[signal_id] = _Hold(jobs, reserved)
+        if unsent:
+            self.journal.supersede(signal_id, unsent)  # before anything can write the signal
+        self._holds[signal_id] = _Hold(jobs, reserved, unsent=list(unsent))
         self._invalidate()
 
     def release(self, signal_id: str) -> None:
@@ -373,6 +387,8 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         self._take_hold(signal_id)
         for coid in held.reserved:
             self._drop_reservation(coid)
+        if held.unsent:
+            self.journal.withdraw_superseded(signal_id, held.unsent)
         self._invalidate()
 
     def _take_hold(self, signal_id: str) -> list[Job] | None:

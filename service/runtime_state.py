@@ -10,7 +10,7 @@ and runs nothing: ``Runtime.__init__`` sets every attribute, and the type checke
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,9 @@ class _Hold:
     """Client order ids whose margin reservation the hold made (an entry's, kept when it is dispatched)."""
     flatten: bool = False
     """A flatten's own exits, held while it is journaled: never superseded, and netted out by other flattens."""
+    unsent: list[str] = field(default_factory=list)
+    """Client order ids decided for a broker that was down or paused at the decision: never held, never sent,
+    journaled ``missed`` with the signal (``Runtime.hold``)."""
 
 
 class RuntimeState:
@@ -107,7 +110,7 @@ class RuntimeState:
     def _job(self, order: dict[str, Any], strategy: str, signal_id: str, margin: Decimal | None = None) -> Job | None:
         raise NotImplementedError
 
-    def hold(self, signal_id: str, decision: Decision) -> None:
+    def hold(self, signal_id: str, decision: Decision, *, unavailable_missed: bool = True) -> None:
         raise NotImplementedError
 
     def release(self, signal_id: str) -> None:

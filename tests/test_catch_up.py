@@ -345,16 +345,17 @@ async def test_two_brokers_back_at_once_open_the_position_once(tmp_path: Path) -
 # -- 6. the position at two accounts after a failover: one keeps it, the other is closed ---------------------------
 
 async def test_a_holder_left_behind_by_a_missed_exit_is_closed_not_topped_up(w: World) -> None:
-    """Fuzzer seed 425: ``bs`` holds 1; with ``slow`` paused, a flat target's exit to ``bs`` is decided (so the next
-    target sees ``bs`` flat and opens 2 at ``bf``) and then missed at the paused broker. The position now sits at two
-    accounts. On the resume, catch-up re-decides the last target (long 2): ``bf`` is at the target and keeps it;
-    ``bs`` is closed. Before, every holder converged to the target: ``bs`` bought 1 more (4 held for a target of 2)."""
+    """Fuzzer seed 425: ``bs`` holds 1; a flat target's exit to ``bs`` is decided (so the next target sees ``bs``
+    flat and opens 2 at ``bf``), ``slow`` is paused before the exit's turn, and it is missed there. The position now
+    sits at two accounts. On the resume, catch-up re-decides the last target (long 2): ``bf`` is at the target and
+    keeps it; ``bs`` is closed. Before, every holder converged to the target: ``bs`` bought 1 more (4 held for a
+    target of 2)."""
     opened = await w.submit(target("t1", "long", 1))
     assert [(o.account, o.quantity) for o in opened.orders] == [("bs", 1)]  # slow is up and cheaper
     await w.settle()
-    await w.runtime.pause_broker("slow")
     flat = await journal_only(w, target("t2", "flat", 0))  # decided and held: bs counts as flat from now on
     assert [(o.account, o.side, o.quantity) for o in flat.orders] == [("bs", "sell", 1)]
+    await w.runtime.pause_broker("slow")
     reopened = await w.submit(target("t3", "long", 2))
     assert [(o.account, o.quantity) for o in reopened.orders] == [("bf", 2)]
     w.runtime.dispatch(flat.signal_id, flat)  # the exit reaches the paused broker: missed
@@ -426,3 +427,34 @@ async def test_a_catch_up_record_names_the_rules_that_decided_it(w: World) -> No
     assert record["ruleset"]["content_hash"] == w.runtime.ruleset.content_hash
     assert record["ruleset"]["content_hash"] == (w.journal.get_signal("m1") or {})["decision"]["ruleset"][
         "content_hash"]
+
+
+async def test_an_exit_decided_for_a_paused_broker_is_missed_at_once_and_the_holder_keeps_the_position(
+        w: World) -> None:
+    """Fuzzer seed 341 (crash seeds): with ``slow`` paused (or down) at the decision, the flat target's exit to
+    ``bs`` cannot leave; counted as held until its turn in the dispatcher, it made ``bs`` look flat, and a target
+    decided meanwhile opened the position at ``bf`` too. Now it is journaled ``missed`` with its signal and never
+    counts: the next target finds the position at ``bs`` (which cannot trade: under target, never a second holder),
+    and the resume's catch-up converges ``bs``."""
+    opened = await w.submit(target("t1", "long", 1))
+    assert [(o.account, o.quantity) for o in opened.orders] == [("bs", 1)]
+    await w.settle()
+    await w.runtime.pause_broker("slow")
+    flat = await journal_only(w, target("t2", "flat", 0))
+    assert [(o.account, o.side, o.quantity) for o in flat.orders] == [("bs", "sell", 1)]  # exits are decided
+    assert w.runtime.engine_state(w.clock()).accounts["bs"].positions == {"MESH6": 1}  # and do not count
+    reopened = await w.submit(target("t3", "long", 2))
+    assert reopened.orders == ()  # the position lives at bs: nobody else opens it
+    w.runtime.dispatch(flat.signal_id, flat)
+    await w.settle()
+    assert w.statuses("t2") == {"bs": MISSED}
+    [row] = w.journal.orders(signal_id="t2")
+    assert "paused or down at the decision" in str(row["detail"])
+    assert held(w) == {"bf": 0, "bs": 1, "bs2": 0}
+
+    before = len(w.runtime.catchups)
+    await w.runtime.resume_broker("slow")
+    caught = [c for c in w.runtime.catchups[before:] if c["strategy"] == "best"]
+    assert [legs(c) for c in caught] == [[("bs", "buy", 1, "entry")]]
+    await w.settle()
+    assert held(w) == {"bf": 0, "bs": 2, "bs2": 0}

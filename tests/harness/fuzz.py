@@ -606,7 +606,7 @@ class Runner:
         (``Runtime.hold``), so the halts seen here are the ones that stood when it was decided."""
         hold = rt.hold
 
-        def checked(signal_id: str, decision: Any) -> None:
+        def checked(signal_id: str, decision: Any, **options: Any) -> None:
             for order in decision.orders:
                 if order.intent != "entry":
                     continue
@@ -614,7 +614,7 @@ class Runner:
                 if why:
                     self.violations.append(f"entry {order.client_order_id} ({order.side} {order.quantity} "
                                            f"{order.contract}) decided for {order.account} while halted: {why}")
-            hold(signal_id, decision)
+            hold(signal_id, decision, **options)
 
         rt.hold = checked  # type: ignore[method-assign]
 
