@@ -30,8 +30,9 @@ Semantics chosen where the rules format is silent (a demanding trader's expectat
   after every leg of this order; a portfolio ``max_contracts`` reads the sum over accounts of those absolute nets.
   Only entries are judged: a strategy's exit that leaves the account's net larger (another strategy held the
   opposite side) is never blocked, like every exit.
-- Exits are never blocked: not by risk, schedule, margin, a paused or disconnected broker (the service queues the
-  order until the connection is back), nor by ``mode``/``select``. A size multiplier of 0 excludes the account
+- Exits are never blocked: not by risk, schedule, margin, a paused or disconnected broker (the decision says what
+  the account should do; the service journals such an order ``missed`` and catch-up converges a ``catch_up``
+  account once its broker is back), nor by ``mode``/``select``. A size multiplier of 0 excludes the account
   entirely, exits included ("size multiplier 0").
 - ``action: exit`` closes every contract of the instrument the strategy holds (after a roll, the old contract).
   ``buy``/``sell`` that reduce a position close the oldest held contracts first; the opening part of a
