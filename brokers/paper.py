@@ -813,6 +813,29 @@ class PaperConnector(Connector):
             self._connected = False
             self._emit(ConnectionEvent(False, reason))
 
+    def sever(self) -> None:
+        """Cut the link the way a crash of our process (kill -9) or a silent network failure does: at once, and
+        without a word to anyone.
+
+        Unlike ``disconnect`` (a drop the connector notices and reports), nothing is emitted, not even a
+        connection event: the event stream simply stops (whoever consumed it is dead, or never learns). Requests
+        fail from here on (not connected; a placement whose answer is awaited ends ``OutcomeUnknown``), price
+        updates no longer reach the connector, and the connector's own tasks (the fills it plays out after their
+        latency) are cancelled where they stand, since they run in our process. The broker side survives whole:
+        the book (its SQLite in ``data_dir``), the orders handed to it, which it finishes on the next connection
+        (``connect`` fills every market order still open, as a broker that kept trading while nobody listened),
+        and the faults it still owes (``reject_next`` and the other injections, on ``book``). Synchronous, so a
+        harness can call it from inside any hook with no other task running in between; idempotent; ``reconnect``
+        links the same connector again (a network failure), or a new connector on the same ``data_dir`` takes
+        over (a restarted process)."""
+        self._link_down = True
+        self._link_up.clear()
+        self._connected = False
+        self.feed.unsubscribe(self._on_price)
+        tasks, self._fill_tasks = list(self._fill_tasks.values()), {}
+        for task in tasks:
+            task.cancel()
+
     async def reconnect(self) -> None:
         self._link_down = False
         self._link_up.set()

@@ -22,6 +22,7 @@ from brokers.base import (
     OrderRequest,
     OrderStatus,
     OrderType,
+    OutcomeUnknown,
     RateLimited,
     Side,
     make_connector,
@@ -546,6 +547,57 @@ async def test_disconnect_and_reconnect(tmp_path: Path, feed: PriceFeed) -> None
         assert not any(isinstance(e, FillEvent) for e in seen)  # ...and we did not hear of it live
         order = await conn.find_order(ACCOUNT, resting.client_order_id)
         assert order.status is OrderStatus.FILLED
+
+
+async def test_sever_cuts_the_link_silently_and_the_broker_finishes_the_orders_handed_to_it(
+        tmp_path: Path, feed: PriceFeed) -> None:
+    """A crash of our process (kill -9): no event at all, not even a connection event; the fill the connector was
+    playing out stops where it stands; the broker keeps the order and the faults it owes, and the next connection,
+    from the restarted process, finds the order filled and gets the rejection still owed."""
+    conn = connector(tmp_path, feed, paper={"fill_latency_ms": 60})
+    await conn.connect()
+    events = conn.subscribe()
+    order = await conn.place_order(buy(2))
+    assert order.status is OrderStatus.WORKING
+    conn.reject_next(1)
+    drain(events)
+    conn.sever()
+    conn.sever()  # idempotent
+    assert not conn.connected
+    await asyncio.sleep(0.1)  # the fill was due meanwhile
+    assert drain(events) == []
+    assert conn.book.order(order.broker_order_id)["status"] == OrderStatus.WORKING.value  # the broker still has it
+    with pytest.raises(BrokerUnavailable):
+        await conn.find_order(ACCOUNT, order.client_order_id)
+    owed = conn.book.reject_next
+    conn.book.db.close()  # the dead process's handle on the broker goes with it
+    assert owed == 1
+    async with connector(tmp_path, feed) as restarted:
+        restarted.reject_next(owed)
+        found = await restarted.find_order(ACCOUNT, order.client_order_id)
+        assert found is not None and found.status is OrderStatus.FILLED and found.filled_quantity == 2
+        with pytest.raises(OrderRejected):
+            await restarted.place_order(buy(1))
+        assert restarted.book.order_count(ACCOUNT, order.client_order_id) == 1
+
+
+async def test_sever_then_reconnect_is_a_silent_network_failure(tmp_path: Path, feed: PriceFeed) -> None:
+    """The same connector links again: the order handed to the broker before the cut is filled once, a placement
+    under way when the link was cut ends OutcomeUnknown (never "not sent": it may have reached the broker)."""
+    async with connector(tmp_path, feed, paper={"ack_latency_ms": 50}, reconnect_wait_s=0.05) as conn:
+        events = conn.subscribe()
+        request = buy(1)
+        placing = asyncio.create_task(conn.place_order(request))
+        await asyncio.sleep(0.02)  # handed to the broker, the acknowledgement not back yet
+        conn.sever()
+        with pytest.raises(OutcomeUnknown):
+            await placing
+        assert [e for e in drain(events) if isinstance(e, ConnectionEvent)] == []
+        await conn.reconnect()
+        assert [e.connected for e in drain(events) if isinstance(e, ConnectionEvent)] == [True]
+        found = await conn.find_order(ACCOUNT, request.client_order_id)
+        assert found is not None and found.status is OrderStatus.FILLED
+        assert conn.book.order_count(ACCOUNT, request.client_order_id) == 1
 
 
 async def test_drop_while_waiting_for_the_ack_is_resolved_by_lookup(tmp_path: Path, feed: PriceFeed,

@@ -37,16 +37,27 @@ With ``generate(seed, crash=True)`` (``options["crash"]``) two more steps, and t
   Lost: journal writes not COMMITted, every task where it stands (no graceful path), requests under way (no
   answer), memory. Kept: what the journal committed (and a COMMIT already on its thread), the paper brokers' books
   with the orders handed to them (they fill on the next connection) and the rejections they owe. Then a restart
-  on the same directory, and a check. Invariants on top of the others: an order the journal held in flight at a
-  crash is never ``missed`` afterwards (looked up by client order id, adopted or sent); every 202 is journaled
+  on the same directory, and a check. With ``comeup``, that restart dies too, inside its brokers' come-up
+  (``Runner._arm``: before or after recovery's lookup of the n-th order found in flight, at the end of a
+  reconciliation before the owed follow-ups and re-issued flatten exits are journaled, as one of those is
+  journaled or sent, at any order transition), and a second restart follows. A ``reconnect`` with ``crash``
+  kills the process inside that broker's come-up the same way, or mid catch-up (``catchup``); the generator
+  sets it up with a signal before the drop, a target while the broker is down and maybe a flatten whose exits
+  there are missed. Cutting the brokers' links is ``PaperConnector.sever``. Invariants on top of the others: an
+  order the journal held in flight at a crash is never ``missed`` afterwards (looked up by client order id, adopted or sent); every 202 is journaled
   with the decision it answered, once per key; a flatten the crash interrupted that reached the journal is
   carried out by the restarted process (``check_flatten``).
-- ``reload``: ``accounts.yaml`` rewritten (renamed over, as editors do) with new ``size_multiplier``s, or a ``bad``
-  edit, applied by the watcher noticing it (``watch``) or an operator's reload, with ``bodies`` posted meanwhile.
+- ``reload``: one rules file rewritten (renamed over, as editors do): ``accounts.yaml`` with new
+  ``size_multiplier``s (``multipliers``), ``risk.yaml`` with the account contract cap ``CAP_LIMIT`` added,
+  changed or removed (``max_contracts``, often below what accounts hold), ``routing.yaml`` with an account taken
+  out of or put back into the mirror rule of ``mirror`` or ``trend`` (``routes``), or a ``bad`` edit of one of
+  them; applied by the watcher noticing it (``watch``) or an operator's reload, with ``bodies`` posted meanwhile.
   A valid edit is the next generation at once (watcher, runtime, journal's reloads); an invalid one is rejected
   with diagnostics naming the file and changes nothing. Every decision comes from the rules live when it was
-  posted (``TracedEngine``: the journal's decision does not name its generation) and its quantities follow their
-  multipliers (``check_rules_used``).
+  posted (``TracedEngine``: the journal's decision does not name its generation) and follows them
+  (``check_rules_used``): its orders go to the accounts their routing names, its quantities follow their
+  multipliers, no entry takes an account over their cap while an entry that would is refused with a reason, and
+  an exit closes the strategy's whole position at every routed account, whatever the cap.
 
 Options per seed (``Scenario.options``): latencies; ``schedule`` (15:55 ET flatten of mirror, entries blocked 15:50-
 18:00 ET); a start shortly before 18:00 ET, so that advances cross into the next CME trading day; the paper quirks
@@ -133,11 +144,30 @@ rules:
 
 MULTIPLIERS = ("0.5", "1", "2")
 """The ``size_multiplier`` values a valid rules reload gives accounts (``round_half_up(quantity * multiplier)``)."""
-BAD_EDITS = ("negative_multiplier", "unknown_broker", "broken_yaml")
-"""Invalid edits of ``accounts.yaml`` a reload must reject (schema, reference and syntax errors)."""
+BAD_EDITS = ("negative_multiplier", "unknown_broker", "broken_yaml", "negative_cap", "unknown_account")
+"""Invalid edits a reload must reject (schema, reference and syntax errors): of ``accounts.yaml``, of
+``risk.yaml`` (``negative_cap``) and of ``routing.yaml`` (``unknown_account``)."""
 ACCOUNTS_FILE = "accounts.yaml"
+RISK_FILE = "risk.yaml"
+ROUTING_FILE = "routing.yaml"
+RULES_FILES = (ACCOUNTS_FILE, RISK_FILE, ROUTING_FILE)
+"""The rules files a reload edits (each edit rewrites one of them)."""
+CAP_LIMIT = "size-cap"
+"""The name of the ``max_contracts`` limit a reload adds, changes or removes in ``risk.yaml`` (scope account, MES)."""
+CAPS = (0, 1, 2, 3, 5)
+"""Values a reload gives ``max_contracts``: often below what an account holds (its exits still go out)."""
+ROUTED = ("mirror", "trend")
+"""The strategies whose mirror routing a reload narrows to some of their followers, or widens back
+(``routing_yaml``: one rule each, with ``accounts:``)."""
+
+
+def followers(strategy: str) -> tuple[str, ...]:
+    return tuple(name for name, (_b, _a, strategies, _c) in ACCOUNTS.items() if strategy in strategies)
 CRASH_MOMENTS = ("answer", "transition", "transition", "delay", "flatten", "retry")
 """When a ``crash`` step kills the process (see ``Runner._crash``)."""
+COMEUP_MOMENTS = ("lookup", "looked_up", "reconciled", "redo", "sent")
+"""Where a crash inside a restart's come-up kills (``Runner._arm``); a reconnect's come-up also ``catchup`` (a
+restart's first come-up catches up only what arrived while it was connecting: nothing, in a scenario)."""
 CRASH_WAIT_S = 2.0
 """How long a crash waits for its moment (a transition that never comes) before it kills anyway."""
 
@@ -211,6 +241,8 @@ def generate(seed: int, *, steps: int | None = None, crash: bool = False) -> Sce
     n = steps if steps is not None else rng.randint(14, 26)
     multipliers = {name: "1" for name in ACCOUNTS}
     """The live generation's multipliers: a valid reload changes them, an invalid one does not."""
+    cap: int | None = None
+    routes = {strategy: list(followers(strategy)) for strategy in ROUTED}
     crashes = 0
     down: set[str] = set()
     paused: set[str] = set()
@@ -272,11 +304,45 @@ def generate(seed: int, *, steps: int | None = None, crash: bool = False) -> Sce
             broker = rng.choice(choices)
             (down if do == "drop" else paused).add(broker)
             out.append({"do": do, "broker": broker})
+            if do == "drop" and crash and crashes < 3 and not paused and rng.random() < 0.35:
+                # What the broker's come-up owes, and a crash in the middle of it: targets its catch-up accounts
+                # missed, maybe a flatten whose exits there are missed (re-issued at the come-up), then the
+                # reconnect the process dies in.
+                strategy = rng.choice(ROUTED)
+                counter += 1
+                opened = {"strategy": strategy, "ticker": "MES1!", "id": f"s{seed}-{counter}",
+                          "action": rng.choice(["buy", "sell"]), "quantity": rng.randint(1, 2)}
+                sent.append(opened)
+                out.insert(len(out) - 1, {"do": "send", "bodies": [opened]})  # held there before the drop
+                counter += 1
+                position = rng.choice(["long", "short", "flat"])
+                size = 0 if position == "flat" else rng.randint(1, 3)
+                target = {"strategy": strategy, "ticker": "MES1!", "id": f"s{seed}-{counter}",
+                          "action": "buy" if position == "long" else "sell", "quantity": max(size, 1),
+                          "position": position, "position_size": size}
+                sent.append(target)
+                out.append({"do": "send", "bodies": [target]})
+                if rng.random() < 0.5:
+                    out.append({"do": "flatten", "account": None, "strategy": rng.choice([None, strategy]),
+                                "bodies": []})
+                crashes += 1
+                out.append({"do": "reconnect", "broker": broker,
+                            "crash": {"moment": rng.choice(("catchup", "catchup", "redo", "redo") + COMEUP_MOMENTS),
+                                      "nth": rng.randint(1, 2)}})
+                down.clear()
         elif do in ("reconnect", "resume"):
             pool = down if do == "reconnect" else paused
             broker = rng.choice(sorted(pool))
             pool.discard(broker)
-            out.append({"do": do, "broker": broker})
+            step = {"do": do, "broker": broker}
+            if do == "reconnect" and crash and crashes < 3 and rng.random() < 0.4:
+                # The process dies inside the broker's come-up: what it missed while down is owed then.
+                crashes += 1
+                step["crash"] = {"moment": rng.choice(COMEUP_MOMENTS + ("catchup", "catchup")),
+                                 "nth": rng.randint(1, 3)}
+                down.clear()
+                paused.clear()
+            out.append(step)
         elif do == "price":
             reach = 20 if loss is None else 160
             step = {"do": "price", "points": str(Decimal(rng.randint(-reach, reach)) / 4)}
@@ -296,7 +362,11 @@ def generate(seed: int, *, steps: int | None = None, crash: bool = False) -> Sce
             out.append({"do": "clear", "account": rng.choice(sorted(ACCOUNTS))})
         elif do == "crash":
             crashes += 1
-            moment = rng.choice(CRASH_MOMENTS)
+            comeup = {"moment": rng.choice(COMEUP_MOMENTS), "nth": rng.randint(1, 3)} if rng.random() < 0.4 \
+                else None
+            # A restart dying in recovery's lookups needs orders in flight: this crash leaves some (mid fan-out).
+            lookups = comeup is not None and comeup["moment"] in ("lookup", "looked_up", "sent")
+            moment = "transition" if lookups else rng.choice(CRASH_MOMENTS)
             step = {"do": "crash", "moment": moment}
             if moment in ("flatten", "retry"):
                 # Nothing posted with it: if it reached the journal, the restarted process must carry it out.
@@ -311,21 +381,50 @@ def generate(seed: int, *, steps: int | None = None, crash: bool = False) -> Sce
                 step["bodies"] = bodies(rng.choice([1, 2, 2, 3]))
                 if moment == "transition":
                     # The n-th order transition to ``status`` (any when None): mid fan-out at ``sending``.
-                    step.update(status=rng.choice(["sending", "sending", "acknowledged", None]),
+                    step.update(status="sending" if lookups else rng.choice(["sending", "sending", "acknowledged",
+                                                                                   None]),
                                 nth=rng.randint(1, 3))
                 elif moment == "delay":
                     step["delay_ms"] = rng.randint(0, 30)
+            if comeup is not None:
+                # The restart dies too, inside its brokers' come-up (recovering what this crash left in flight).
+                step["comeup"] = comeup
+                up = [b for b in BROKERS if b not in down and b not in paused]
+                if comeup["moment"] == "redo" and up:
+                    # A flatten whose exits a down broker missed: the restart's come-up re-issues them.
+                    out.append({"do": "drop", "broker": rng.choice(up)})
+                    out.append({"do": "flatten", "account": None, "strategy": rng.choice([None, *STRATEGIES]),
+                                "bodies": []})
             down.clear()  # a new process connects afresh (and nobody has paused anything in it)
             paused.clear()
             out.append(step)
         elif do == "reload":
             step = {"do": "reload", "bodies": bodies(rng.choice([0, 0, 1, 2])), "watch": rng.random() < 0.3}
-            if rng.random() < 0.7:
+            edit = rng.random()
+            if edit < 0.3:
                 changed = dict(multipliers)
                 for name in rng.sample(sorted(ACCOUNTS), rng.randint(1, 2)):
                     changed[name] = rng.choice([m for m in MULTIPLIERS if m != changed[name]])
                 multipliers = changed
                 step["multipliers"] = changed
+            elif edit < 0.5:
+                # A risk edit: the account contract cap, added, tightened (below what accounts hold, too),
+                # loosened or removed (None).
+                cap = rng.choice([c for c in (*CAPS, None) if c != cap])
+                step["max_contracts"] = cap
+            elif edit < 0.75:
+                # A routing edit: one account leaves a strategy's mirror rule, or one comes back.
+                changed_routes = {k: list(v) for k, v in routes.items()}
+                strategy = rng.choice(ROUTED)
+                now, every = changed_routes[strategy], followers(strategy)
+                gone = [a for a in every if a not in now]
+                if gone and (len(now) < 2 or rng.random() < 0.5):
+                    now.append(rng.choice(gone))
+                else:
+                    now.remove(rng.choice(now))
+                changed_routes[strategy] = sorted(now)
+                routes = changed_routes
+                step["routes"] = changed_routes
             else:
                 step["bad"] = rng.choice(BAD_EDITS)
             out.append(step)
@@ -403,6 +502,38 @@ def accounts_yaml(multipliers: dict[str, str]) -> str:
     return documents(*docs)
 
 
+def routing_yaml(routes: dict[str, list[str]]) -> str:
+    """``ROUTING`` with one mirror rule per strategy of ``ROUTED``, each naming its target ``accounts``."""
+    rules = "".join(f"  - name: {strategy}\n    match: {{strategy: {strategy}}}\n    mode: mirror\n"
+                    f"    accounts: [{', '.join(routes[strategy])}]\n" for strategy in ROUTED)
+    best = ROUTING[ROUTING.index("  - name: best"):]
+    return "kind: Routing\nname: main\nrules:\n" + rules + best
+
+
+def risk_yaml(original: str, cap: int | None) -> str:
+    """The scenario's ``risk.yaml`` with the ``CAP_LIMIT`` limit (none when ``cap`` is None)."""
+    if cap is None:
+        return original
+    assert original.endswith("\n"), original
+    return original + (f"  - name: {CAP_LIMIT}\n    scope: account\n    instrument: [MES]\n"
+                       f"    max_contracts: {cap}\n")
+
+
+def bad_edit(kind: str, good: dict[str, str]) -> tuple[str, str]:
+    """(file, text): the live rules file ``kind`` edits, broken so that the set fails validation (``BAD_EDITS``)."""
+    if kind == "negative_cap":
+        text = good[RISK_FILE]
+        return RISK_FILE, risk_yaml(text, 1).replace("max_contracts: 1", "max_contracts: -1") \
+            if f"name: {CAP_LIMIT}" not in text else \
+            text[:text.index("max_contracts:", text.index(f"name: {CAP_LIMIT}"))] + "max_contracts: -1\n"
+    if kind == "unknown_account":
+        text = good[ROUTING_FILE]
+        if "accounts: [" in text:
+            return ROUTING_FILE, text.replace("accounts: [", "accounts: [nobody, ", 1)
+        return ROUTING_FILE, text.replace("    mode: mirror\n", "    mode: mirror\n    accounts: [nobody]\n", 1)
+    return ACCOUNTS_FILE, bad_accounts_yaml(kind, good[ACCOUNTS_FILE])
+
+
 def bad_accounts_yaml(kind: str, good: str) -> str:
     """``good`` broken the way ``kind`` says: each must fail validation as a whole set (``BAD_EDITS``)."""
     if kind == "negative_multiplier":
@@ -427,16 +558,24 @@ def round_half_up(value: Decimal) -> int:
 
 
 class TracedEngine:
-    """An engine that notes which rules (their content hash) decided which signal: the journal's decision record
-    does not name its generation, so the reload invariants read it here."""
+    """An engine that notes which rules (their content hash) decided which signal, and the positions it decided
+    from: the journal's decision record names neither, so the reload invariants read them here. The first
+    decision of a signal is its own; a later one of the same id (the runtime asking what accounts at a down broker
+    would have received) is not noted."""
 
-    def __init__(self, engine: Any, content_hash: str, decided_by: dict[str, str]) -> None:
+    def __init__(self, engine: Any, content_hash: str, decided_by: dict[str, str],
+                 states: dict[str, dict[str, tuple[int, int]]]) -> None:
         self.engine = engine
         self.content_hash = content_hash
         self.decided_by = decided_by
+        self.states = states
 
     def decide(self, signal: Any, state: Any, now: datetime) -> Any:
-        self.decided_by[signal.id] = self.content_hash
+        if signal.id not in self.decided_by:
+            self.decided_by[signal.id] = self.content_hash
+            self.states[signal.id] = {
+                name: (sum(acc.held(ROOT).values()), sum(acc.strategy_held(signal.strategy, ROOT).values()))
+                for name, acc in state.accounts.items()}
         return self.engine.decide(signal, state, now)
 
     def close(self) -> None:
@@ -472,10 +611,19 @@ class Runner:
     valid reload applied (an invalid edit leaves it)."""
     multipliers: dict[str, dict[str, Decimal]] = field(default_factory=dict)
     """Content hash -> each account's ``size_multiplier`` in those rules (what the harness wrote)."""
-    good_accounts: str = ""
-    """``accounts.yaml`` as the live generation has it: an operator puts it back before a restart after an invalid
-    edit (a service refuses to start on invalid rules)."""
+    caps: dict[str, int | None] = field(default_factory=dict)
+    """Content hash -> the ``max_contracts`` of ``CAP_LIMIT`` in those rules (None: no such limit)."""
+    routes: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)
+    """Content hash -> each strategy's target accounts in those rules' routing."""
+    good: dict[str, str] = field(default_factory=dict)
+    """The rules files (``RULES_FILES``) as the live generation has them: an operator puts them back before a
+    restart after an invalid edit (a service refuses to start on invalid rules)."""
+    states: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    """Signal id -> per account, (the account's net MES position, the signal's strategy's own) in the state the
+    engine decided it from (``TracedEngine``): what ``max_contracts`` and an exit read."""
     rules_invalid: bool = False
+    _risk_original: str = ""
+    """``risk.yaml`` as the scenario began (without ``CAP_LIMIT``): a cap edit adds its limit to it."""
     crash_in_flight: dict[str, int] = field(default_factory=dict)
     """Client order id -> the step of the crash at which the journal held it in flight (not final)."""
     crashes: int = 0
@@ -497,16 +645,21 @@ class Runner:
         """Crash scenarios run the service's own rules watcher (hot reload) and trace which rules decided what."""
         return bool(self.scenario.options.get("crash"))
 
-    async def _open(self) -> None:
+    async def _open(self, comeup: Step | None = None) -> None:
         """Start the process: journal, rules, runtime (brokers up and recovered), webhook over HTTP; the same
-        wiring as ``tests.harness.runtime.world`` and ``service.app``, kept here so that a crash can abandon it."""
+        wiring as ``tests.harness.runtime.world`` and ``service.app``, kept here so that a crash can abandon it.
+
+        ``comeup``: a crash armed for the brokers' come-up (``_arm``); when it kills the process, this returns
+        with it dead (``_killed``), before the webhook listens."""
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         self._stack = stack
         self._killed = False
         rules = self._rules
         if self.rules_invalid:
-            replace_file(rules / ACCOUNTS_FILE, self.good_accounts)  # the operator's fix before the restart
+            for name, text in self.good.items():  # the operator's fix before the restart
+                if (rules / name).read_text() != text:
+                    replace_file(rules / name, text)
             self.rules_invalid = False
         data_dir = self.tmp_path / "data"
         data_dir.mkdir(exist_ok=True)
@@ -540,7 +693,15 @@ class Runner:
             pool.connector(broker).reject_next(n)  # before the start's recovery sends anything
         self._carried_rejects = {}
         self._watch_entries(runtime)
-        await runtime.start()
+        if comeup is not None:
+            self._arm(comeup, runtime)
+        try:
+            await runtime.start()
+        except Exception:
+            if not self._killed:
+                raise
+        if comeup is not None and await self._killed_before(lambda: not runtime.starting(), "the come-up"):
+            return
         # start() returns before the brokers are up (the service listens meanwhile); scenarios begin with them.
         assert await runtime.ready(10.0), f"brokers still starting: {runtime.starting()}"
         # Retries of rejected flatten exits, and their give-up, within a scenario; a retry a start resumed and
@@ -563,14 +724,17 @@ class Runner:
         stack.push_async_callback(stop_http)
 
     def _build(self, ruleset: RuleSet) -> TracedEngine:
-        return TracedEngine(build_engine(ruleset), ruleset.content_hash, self.decided_by)
+        return TracedEngine(build_engine(ruleset), ruleset.content_hash, self.decided_by, self.states)
 
     def _check_live_rules(self, ruleset: RuleSet, when: str) -> None:
         """At a start: the rules loaded are the live generation's (the first start: all multipliers 1)."""
         if self.live_rules is None:
             self.live_rules = ruleset.content_hash
             self.multipliers[ruleset.content_hash] = {name: Decimal(1) for name in ACCOUNTS}
-            self.good_accounts = (self._rules / ACCOUNTS_FILE).read_text()
+            self.caps[ruleset.content_hash] = None
+            self.routes[ruleset.content_hash] = {s: frozenset(followers(s)) for s in ROUTED}
+            self.good = {name: (self._rules / name).read_text() for name in RULES_FILES}
+            self._risk_original = self.good[RISK_FILE]
         elif ruleset.content_hash != self.live_rules:
             self.fail(f"the rules loaded at {when} ({ruleset.content_hash[:12]}) are not the live generation's "
                       f"({self.live_rules[:12]})")
@@ -651,6 +815,8 @@ class Runner:
         elif do == "drop":
             w.connector(step["broker"]).disconnect("fuzz drop")
             await wait_until(lambda: w.runtime.pool[step["broker"]].down, what=f"{step['broker']} down")
+        elif do == "reconnect" and step.get("crash"):
+            await self._reconnect_crash(step)
         elif do == "reconnect":
             broker = step["broker"]
             await w.connector(broker).reconnect()
@@ -760,14 +926,16 @@ class Runner:
         if not self._killed:
             self._kill()
         await self._bury(posts)
-        self.crashes += 1
-        in_flight = self._journal_in_flight()
-        self.crash_log.append({"step": self.step_index, "moment": moment, "came": came, "lost": self._lost_writes,
-                               "in_flight": len(in_flight),
-                               "unanswered": sum(1 for a in self.answers[-len(posts):] if a.status == 0)
-                               if posts else 0})
-        for coid in in_flight:
-            self.crash_in_flight.setdefault(coid, self.step_index)
+        self._note_crash(moment, came, posts)
+        comeup = step.get("comeup")
+        if comeup is not None:
+            # The restart dies too, inside its brokers' come-up (recovering what the first crash left in flight).
+            await self._open(comeup)
+            came = self._killed
+            if not self._killed:
+                self._kill()  # the moment never came: dies right after the come-up instead
+            await self._bury([])
+            self._note_crash(f"come-up:{comeup['moment']}", came, [])
         await self._open()
         self._schedule_fired_in_journal()
         await self.soft_settle()
@@ -776,6 +944,137 @@ class Runner:
             if record is not None:
                 self.check_flatten(record)
         await self.check()
+
+    def _note_crash(self, moment: str, came: bool, posts: list[asyncio.Task[Any]]) -> None:
+        """After ``_bury``: log the crash, and remember what the journal holds in flight (never ``missed`` after)."""
+        self.crashes += 1
+        in_flight = self._journal_in_flight()
+        self.crash_log.append({"step": self.step_index, "moment": moment, "came": came, "lost": self._lost_writes,
+                               "in_flight": len(in_flight),
+                               "unanswered": sum(1 for a in self.answers[-len(posts):] if a.status == 0)
+                               if posts else 0})
+        for coid in in_flight:
+            self.crash_in_flight.setdefault(coid, self.step_index)
+
+    async def _reconnect_crash(self, step: Step) -> None:
+        """A dropped broker comes back and the process dies inside that come-up (``step["crash"]``, see ``_arm``):
+        its recovery, reconciliation, re-issue of the flattens it missed, or its catch-up. Then a restart (the
+        broker's first come-up in the new process does what the dead one left), and a check."""
+        w = self.w
+        assert w is not None and w.runtime.pool is not None
+        broker, spec = step["broker"], step["crash"]
+        # A flatten issued right before (the generator's set-up) while the broker was down: its exits there were
+        # missed, and the come-up (this one, dying, or the restart's) owes their re-issue.
+        owed = self.flattens[-1] if self.flattens and self.flattens[-1].step == self.step_index - 1 \
+            and broker not in self.flattens[-1].available else None
+        self._arm(spec, w.runtime)
+        slot = w.runtime.pool[broker]
+        await w.connector(broker).reconnect()
+        came = await self._killed_before(lambda: not slot.down and not slot.recovering and slot.connector.connected,
+                                         f"{broker}'s come-up")
+        if not came:
+            self._kill()
+        await self._bury([])
+        self._note_crash(f"reconnect:{spec['moment']}", came, [])
+        await self._open()
+        self._schedule_fired_in_journal()
+        await self.soft_settle()
+        if owed is not None:
+            self.check_redone(owed, broker)
+        await self.check()
+
+    def check_redone(self, record: FlattenRecord, broker: str) -> None:
+        """The flatten's exits at ``broker`` were missed (it was down) and nothing traded between it and the
+        broker's come-up, which the process died in: after the restart, every line in its scope at the broker's
+        accounts is flat, unless the retries of the re-issue ran out (``flatten_failed``)."""
+        w = self.w
+        assert w is not None
+        row = w.journal.get_signal(record.signal_id)
+        if row is None:
+            self.fail(f"flatten {record.signal_id} is not in the journal")
+            return
+        lines = self.ledger_lines()
+        for account, (at, _, strategies, _) in ACCOUNTS.items():
+            if at != broker or record.account not in (None, account):
+                continue
+            held = {(s, c): q for (a, s, c), q in lines.items() if a == account and s in strategies
+                    and record.strategy in (None, s)}
+            if held:
+                self.check_gave_up(account, record.signal_id, held, str(row["received_at"]))
+
+    async def _killed_before(self, done: Any, what: str, timeout_s: float = 10.0) -> bool:
+        """Wait until the armed moment killed the process (True) or ``done()`` (False)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._killed and not done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"harness: {what} neither ended nor crashed within {timeout_s:g} s")
+            await asyncio.sleep(0.001)
+        return self._killed
+
+    def _arm(self, spec: Step, rt: Runtime) -> None:
+        """Arm a kill for the ``nth`` time the come-up reaches ``spec["moment"]`` (``COMEUP_MOMENTS``).
+
+        Hook points, all outside ``service``: the connectors' ``find_order`` (what recovery looks orders up with:
+        ``lookup`` kills before the request, ``looked_up`` after the broker answered, before anything is
+        journaled of it), the journal's ``record_position_snapshot`` (``reconciled``: the last write of a
+        reconciliation pass, before the owed follow-ups and re-issued flatten exits are journaled) and
+        ``record_signal`` (``redo``: a follow-up or re-issue of a flatten about to be journaled; ``catchup``: a
+        catch-up signal), and the tracker's transition hook (``sent``: any order transition, such as recovery's
+        resend; ``redo``/``catchup`` also count their orders' transitions). A kill in a wrapper stops the task
+        right there (``CancelledError``: it was cancelled by the kill, and a dead process runs no further)."""
+        moment, nth = spec["moment"], int(spec["nth"])
+        seen = 0
+
+        def hit() -> None:
+            nonlocal seen
+            if self._killed:
+                return
+            seen += 1
+            if seen >= nth:
+                self._kill()
+                if asyncio.current_task() not in self._keep:
+                    raise asyncio.CancelledError
+
+        pool = rt.prepare()
+        for broker in BROKERS:
+            connector = pool.connector(broker)
+            real_find = connector.find_order
+
+            async def find_order(account: str, client_order_id: str, real: Any = real_find) -> Any:
+                if moment == "lookup":
+                    hit()
+                found = await real(account, client_order_id)
+                if moment == "looked_up":
+                    hit()
+                return found
+
+            connector.find_order = find_order  # type: ignore[method-assign]
+        journal = rt.journal
+        real_signal, real_snapshot = journal.record_signal, journal.record_position_snapshot
+
+        async def record_signal(**kw: Any) -> Any:
+            body = kw.get("signal") or {}
+            if (moment == "redo" and (body.get("redo_of") or body.get("follow_of"))) \
+                    or (moment == "catchup" and body.get("catch_up")):
+                hit()
+            return await real_signal(**kw)
+
+        async def record_position_snapshot(rows: Any) -> None:
+            if moment == "reconciled":
+                hit()
+            await real_snapshot(rows)
+
+        journal.record_signal = record_signal  # type: ignore[method-assign]
+        journal.record_position_snapshot = record_position_snapshot  # type: ignore[method-assign]
+
+        def transition(tracked: Tracked, status: str) -> None:
+            sid = tracked.job.signal_id
+            if moment == "sent" or (moment == "redo" and ("-redo-" in sid or "-follow-" in sid)) \
+                    or (moment == "catchup" and "-catchup-" in sid):
+                with contextlib.suppress(asyncio.CancelledError):  # the tracker's caller dies at its next await
+                    hit()
+
+        rt.tracker.hooks.append(transition)
 
     def _kill(self) -> None:
         """kill -9, synchronously (no other task runs before it is done), callable from inside the runtime's hooks.
@@ -786,18 +1085,14 @@ class Runner:
         memory. What survives: what the journal committed; a COMMIT already on the committer thread lands (the
         kill came after its fsync); the paper brokers' books (their own SQLite, as a remote broker's), with the
         market orders handed to them still to fill (the next connection finishes them, as a broker does while
-        nobody is connected) and the rejections they still owe."""
+        nobody is connected) and the rejections they still owe (``PaperConnector.sever`` cuts each link so)."""
         w = self.w
         assert w is not None and w.runtime.pool is not None
         self._killed = True
         journal = w.journal
         self._lost_writes = journal.die()  # queued, never executed: lost; a write from here on raises
         for broker in BROKERS:
-            connector = w.connector(broker)
-            w.feed.unsubscribe(connector._on_price)
-            connector._connected = False  # no request leaves, no event arrives; the broker itself trades on
-            connector._link_down = True
-            connector._link_up.clear()
+            w.connector(broker).sever()  # no request leaves, no event arrives; the broker itself trades on
         self._abort_connections()  # the process's sockets close with it: requests under way get no answer
         self._victims = self._living()
         for task in self._victims:
@@ -812,10 +1107,13 @@ class Runner:
                 and not getattr(t.get_coro(), "__qualname__", "").endswith("_accept_connection2")]
 
     def _abort_connections(self) -> None:
+        """The kernel's part of a kill: every socket of the process is reset (``abort``: nothing buffered is
+        flushed, no answer leaves)."""
         runner = self._client.server.runner if self._client is not None else None
         if runner is not None and runner.server is not None:
-            for transport in list(cast(Any, runner.server)._connections.values()):
-                transport.abort()
+            for handler in runner.server.connections:
+                if handler.transport is not None:
+                    handler.transport.abort()
 
     async def _bury(self, posts: list[asyncio.Task[Any]]) -> None:
         """After ``_kill``: let the cancelled tasks end, free what the dead process held (connections, the
@@ -840,12 +1138,12 @@ class Runner:
         await journal.bury()  # the COMMIT under way at the kill lands; nothing else does
         for broker in BROKERS:
             connector = w.connector(broker)
-            book = connector._book
-            if book is not None:
-                self._carried_rejects[broker] = book.reject_next
-                book.listeners.clear()
-                book.db.close()
-                connector._book = None
+            connector.sever()  # again: nothing of the dead process linked it since
+            # The broker lives on (its SQLite file); the dead process's handle on it goes, and the next process's
+            # connector opens its own. The faults it still owes are the broker's, not the process's: carried.
+            book = connector.book
+            self._carried_rejects[broker] = book.reject_next
+            book.db.close()
         if self._watcher is not None:
             await self._watcher.stop()  # in-process only: the rules on disk are what the next start loads
         else:
@@ -889,9 +1187,21 @@ class Runner:
         w = self.w
         assert watcher is not None and w is not None and self.live_rules is not None
         before, generation, seen = self.live_rules, watcher.generation, len(watcher.history)
-        valid = "multipliers" in step
-        text = accounts_yaml(step["multipliers"]) if valid else bad_accounts_yaml(step["bad"], self.good_accounts)
-        replace_file(self._rules / ACCOUNTS_FILE, text)
+        valid = "bad" not in step
+        if "multipliers" in step:
+            name, text = ACCOUNTS_FILE, accounts_yaml(step["multipliers"])
+        elif "max_contracts" in step:
+            name, text = RISK_FILE, risk_yaml(self._risk_original, step["max_contracts"])
+        elif "routes" in step:
+            name, text = ROUTING_FILE, routing_yaml(step["routes"])
+        else:
+            name, text = bad_edit(step["bad"], self.good)
+        if valid:
+            for other, good in self.good.items():  # a bad edit still on disk is mended with this one
+                if other != name and (self._rules / other).read_text() != good:
+                    replace_file(self._rules / other, good)
+            self.rules_invalid = False
+        replace_file(self._rules / name, text)
         loaded = await asyncio.to_thread(load_rules, [self._rules])
         if loaded.ok != valid:
             raise AssertionError(f"harness: the edit {step} loads {'valid' if loaded.ok else 'invalid'}: "
@@ -920,17 +1230,21 @@ class Runner:
         live = watcher.current[0].content_hash
         if valid:
             if record.outcome != "applied" or record.generation != generation + 1 or record.content_hash != target:
-                self.fail(f"valid edit {step.get('multipliers')} not applied as generation {generation + 1}: {record}")
+                self.fail(f"valid edit of {name} {step} not applied as generation {generation + 1}: {record}")
             if live != target or self._rt.ruleset.content_hash != target:
                 self.fail(f"after reload {record}: watcher runs {live[:12]}, runtime {self._rt.ruleset.content_hash[:12]}"
                           f", expected {target[:12]}")
+            self.multipliers[target] = {a: Decimal(step["multipliers"].get(a, "1")) for a in ACCOUNTS} \
+                if "multipliers" in step else self.multipliers[before]
+            self.caps[target] = step["max_contracts"] if "max_contracts" in step else self.caps[before]
+            self.routes[target] = {s: frozenset(step["routes"][s]) for s in ROUTED} if "routes" in step \
+                else self.routes[before]
             self.live_rules = target
-            self.multipliers[target] = {name: Decimal(step["multipliers"].get(name, "1")) for name in ACCOUNTS}
-            self.good_accounts = text
+            self.good[name] = text
         else:
             if record.ok or record.outcome != "invalid" or not record.errors \
-                    or not any(ACCOUNTS_FILE in e for e in record.errors):
-                self.fail(f"invalid edit {step['bad']} not rejected with a reason naming {ACCOUNTS_FILE}: {record}")
+                    or not any(name in e for e in record.errors):
+                self.fail(f"invalid edit {step['bad']} not rejected with a reason naming {name}: {record}")
             if watcher.generation != generation or live != before or self._rt.ruleset.content_hash != before:
                 self.fail(f"invalid edit {step['bad']} changed the rules: generation {generation} -> "
                           f"{watcher.generation}, {before[:12]} -> {live[:12]}")
@@ -1290,9 +1604,17 @@ class Runner:
 
     def check_rules_used(self, answer: Answer, signal_id: str) -> None:
         """Reloads: the signal was decided by the rules live when it was posted (or by the generation a reload
-        posted with it applied), never by rules an invalid edit proposed or a reload replaced; and its orders
-        follow those rules' ``size_multiplier``: a plain buy or sell of q sends each account round_half_up(q * m)
-        contracts in all (its exit part only, when the entry part is not eligible)."""
+        posted with it applied), never by rules an invalid edit proposed or a reload replaced, and it follows
+        those rules (``TracedEngine`` noted which, and the positions it decided from):
+
+        - routing: its orders go to the accounts those rules route its strategy to, no other;
+        - ``size_multiplier``: a plain buy or sell of q sends each account round_half_up(q * m) contracts in all
+          (its exit part only, when the entry part is not eligible);
+        - ``max_contracts`` (``CAP_LIMIT``): no entry takes an account's net MES position (all strategies, in
+          flight included) beyond the cap; a mirror account whose entry would is refused (a skip names the first
+          check that refused it: ``CAP_LIMIT``'s names ``max_contracts``), and keeps its exit part;
+        - exits are never blocked, whatever the cap: an ``exit`` (or a flat target) closes the strategy's whole
+          position at every routed account holding one."""
         if answer.rules is None:
             return
         used = self.decided_by.get(signal_id)
@@ -1302,19 +1624,64 @@ class Runner:
             return
         assert used is not None
         body = answer.body
-        if body.get("action") not in ("buy", "sell") or "position" in body:
-            return
+        decision = answer.payload["decision"]
+        strategy = str(body["strategy"])
+        targets = self.routes[used].get(strategy, frozenset(BEST if strategy == "best" else followers(strategy)))
         multipliers = self.multipliers[used]
+        cap = self.caps[used]
+        state = self.states.get(signal_id, {})
         per_account: dict[str, list[dict[str, Any]]] = {}
-        for order in answer.payload["decision"].get("orders") or []:
+        for order in decision.get("orders") or []:
             per_account.setdefault(order["account"], []).append(order)
-        for account, orders in per_account.items():
-            want = round_half_up(Decimal(body["quantity"]) * multipliers[account])
-            total = sum(int(o["quantity"]) for o in orders)
+        skipped = {str(skip["account"]): skip for skip in decision.get("skipped") or []}
+        what = f"signal {signal_id} ({json.dumps({k: v for k, v in body.items() if k != 'id'}, sort_keys=True)})"
+        stray = sorted(set(per_account) - targets)
+        if stray:
+            self.fail(f"{what}: orders for {stray}, not among the accounts its rules route {strategy} to "
+                      f"({sorted(targets)})")
+        for skip in skipped.values():
+            if skip.get("by") == CAP_LIMIT and (f"max_contracts {cap}" not in str(skip["reason"])
+                                                 or CAP_LIMIT not in str(skip["reason"])):
+                self.fail(f"{what}: {skip['account']} refused by {CAP_LIMIT} (max_contracts {cap}) with the reason "
+                          f"{skip['reason']!r}")
+        for account in sorted(targets):
+            orders = per_account.get(account, [])
+            sent = sum(int(o["quantity"]) * (1 if o["side"] == "buy" else -1) for o in orders)
+            net, own = state.get(account, (0, 0))
             entry = any(o["intent"] == "entry" for o in orders)
-            if total > want or (entry and total != want):
-                self.fail(f"signal {signal_id} ({body['action']} {body['quantity']}): {account} got {orders}, its "
-                          f"multiplier {multipliers[account]} in the rules that decided it makes {want}")
+            if cap is not None and entry and abs(net + sent) > cap:
+                self.fail(f"{what}: {account} (net {net:+d} MES) got {orders}, {net + sent:+d} after them, over "
+                          f"{CAP_LIMIT} max_contracts {cap}")
+            if body.get("action") == "exit" or body.get("position") == "flat":
+                if own and sent != -own:
+                    self.fail(f"{what}: {account} holds {own:+d} of {strategy} and got {orders}: an exit always "
+                              f"closes it (max_contracts {cap})")
+                continue
+            if strategy == "best":
+                continue  # one account of several gets the entry: ``select`` decides which
+            if body.get("action") in ("buy", "sell") and "position" not in body:
+                want = round_half_up(Decimal(body["quantity"]) * multipliers[account])
+                delta = want if body["action"] == "buy" else -want
+                if abs(sent) > want or (entry and abs(sent) != want):
+                    self.fail(f"{what}: {account} got {orders}, its multiplier {multipliers[account]} in the rules "
+                              f"that decided it makes {want}")
+            elif "position" in body:
+                size = round_half_up(Decimal(body.get("position_size") or 0) * multipliers[account])
+                delta = {"long": size, "short": -size}.get(str(body["position"]), 0) - own
+            else:
+                continue
+            opening = delta if own == 0 or (delta > 0) == (own > 0) else delta + own if abs(delta) > abs(own) else 0
+            if cap is not None and opening and abs(net + delta) > cap:
+                if entry:
+                    self.fail(f"{what}: {account} (net {net:+d}, {strategy} {own:+d}) was sent an entry: "
+                              f"{orders}, over {CAP_LIMIT} max_contracts {cap}")
+                elif account not in skipped:
+                    self.fail(f"{what}: {account} (net {net:+d}, {strategy} {own:+d}) would go to {net + delta:+d}"
+                              f" MES, over max_contracts {cap}, and no skip says why it got {orders}")
+                closing = delta - opening
+                if closing and sent != closing:
+                    self.fail(f"{what}: {account} ({strategy} {own:+d}) refused its entry over max_contracts {cap} "
+                              f"but got {orders}, not its exit part {closing:+d}")
 
     def check_retries_done(self) -> None:
         """Every rejected flatten exit at an available broker was retried until closed or given up on: nothing is
