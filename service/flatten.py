@@ -67,7 +67,8 @@ an exit signal decided while other orders are still in flight cannot close the s
 journaled and sent like the flatten's own exits (retried when rejected, re-issued when missed). When the flatten's
 own exit on the line fails too, its retry or re-issue recomputes the line from the ledger and the broker, counting
 the follow-ups in flight: the two never close the same contracts twice, at the price of a round trip when both
-fail. Orders decided after the flatten are not part of it: a new signal may open the line again. One counted order
+fail. When the exit had already failed (missed, rejected, cancelled unfilled) by the time the counted order
+settles, no follow-up is issued at all (``_own_exit_failed``): the retry or re-issue alone closes what is there. Orders decided after the flatten are not part of it: a new signal may open the line again. One counted order
 is followed up once, however many flattens counted on it (a later flatten counts the earlier one's exit as well,
 which already sold for it).
 
@@ -550,9 +551,32 @@ class FlattenMixin(RuntimeState):
         # Once per order, for the first flatten that counted on it: a later flatten that counted on it too counted
         # the earlier one's exit as well (which sold for it), so one follow-up closes the difference for both.
         if unfilled > 0 and lines:
-            self._follow_up(lines[0], -unfilled * tracked.job.sign,
-                            f"{tracked.job.side} {tracked.job.quantity} ({tracked.job.signal_id}) ended "
-                            f"{tracked.status} with {unfilled} unfilled", covers=coid)
+            what = (f"{tracked.job.side} {tracked.job.quantity} ({tracked.job.signal_id}) ended {tracked.status} "
+                    f"with {unfilled} unfilled")
+            failed = self._own_exit_failed(lines[0])
+            if failed is not None:
+                log.warning("%s: on %s %s (%s), %s; no follow-up: the flatten's own exit there %s, and its %s "
+                            "recomputes the line from the ledger and the broker", lines[0].fid, lines[0].account,
+                            lines[0].contract, lines[0].strategy, what, failed,
+                            "re-issue" if MISSED in failed else "retry")
+                return
+            self._follow_up(lines[0], -unfilled * tracked.job.sign, what, covers=coid)
+
+    def _own_exit_failed(self, line: _Netted) -> str | None:
+        """How the flatten's own exit on ``line`` ended if it is final and did not fill in full (missed, rejected,
+        cancelled), else None (filled, still in flight, or the flatten had nothing to exit there).
+
+        Then a follow-up would buy back (or sell back) for a trade that did not happen, or not in full: the redo of
+        a missed exit and the retry of a rejected one recompute the line from the ledger and the broker, with the
+        counted order's outcome in it, and close what is really there. A follow-up as well would be a second
+        close of the same difference, and a redo capped to the broker's position (``_clamp_exits``) would not net
+        it: the account would end holding what the follow-up bought (fuzz crash seed 438). While the exit is still
+        in flight the follow-up goes out as usual, and a retry or redo of the exit counts it."""
+        exit_id = client_order_id(line.fid, line.account, f"{line.strategy}:{line.contract}")
+        tracked = self.tracker.orders.get(exit_id)
+        if tracked is None or tracked.status not in FINAL or tracked.filled >= tracked.job.quantity:
+            return None
+        return f"ended {tracked.status} with {tracked.job.quantity - tracked.filled} unfilled"
 
     def _follow_up_signal(self, line: _Netted, left: int, what: str, covers: str
                           ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:

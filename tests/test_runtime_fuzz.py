@@ -42,10 +42,7 @@ KNOWN_FAILING: dict[int, str] = {}
 """Seeds that fail on a known bug pinned below as a strict xfail, kept out of the CI set until it is fixed (they
 still run with MB_FUZZ_SEEDS / MB_FUZZ_SEED). None today."""
 DEFAULT_SEEDS = [seed for seed in range(40) if seed not in KNOWN_FAILING]
-KNOWN_FAILING_CRASH: dict[int, str] = {
-    438: "an entry and the flatten exit counting on it both missed: the follow-up buys back a sale that never "
-         "happened (about half the runs; test_an_entry_and_the_flatten_exit_counting_on_it_both_missed_...)",
-}
+KNOWN_FAILING_CRASH: dict[int, str] = {}
 """The same for ``generate(seed, crash=True)`` (crashes and rules reloads), out of ``DEFAULT_CRASH_SEEDS``."""
 DEFAULT_CRASH_SEEDS = [seed for seed in (*range(7), 12, 27) if seed not in KNOWN_FAILING_CRASH]
 """About 0.8 s a seed (each kills the process 0-3 times: mid-flight, inside a restart's or a reconnect's come-up,
@@ -393,11 +390,6 @@ async def test_a_flatten_exit_missed_during_the_resumes_catch_up_is_still_carrie
             (held, [s["id"] for s in w.journal.recent_signals(20)])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service/flatten.py FlattenMixin._netted_settled/_follow_up vs _redo_missed_flattens: an entry the flatten "
-    "counted on ends missed at the come-up and the flatten's own exit for it was missed too; the follow-up buys "
-    "back the sale (uncapped, held) and the redo of the exit is clamped to the broker's flat position "
-    "(_clamp_exits), so nothing sells: the account ends long what nobody decided (fuzz crash seed 438)"))
 async def test_an_entry_and_the_flatten_exit_counting_on_it_both_missed_leave_the_account_flat(tmp_path: Path) -> None:
     """Seed 438 (crash mode; the crash came after the damage): ft's buy 2 was journaled ``sending`` when fast
     dropped, so its request never left. A flatten of the strategy counted it as filling and sold 2 for it: missed,
