@@ -574,9 +574,21 @@ class FlattenMixin(RuntimeState):
         in flight the follow-up goes out as usual, and a retry or redo of the exit counts it."""
         exit_id = client_order_id(line.fid, line.account, f"{line.strategy}:{line.contract}")
         tracked = self.tracker.orders.get(exit_id)
-        if tracked is None or tracked.status not in FINAL or tracked.filled >= tracked.job.quantity:
+        if tracked is not None:
+            status, quantity, filled = tracked.status, tracked.job.quantity, tracked.filled
+        else:  # final before a restart (a start tracks the open orders only), or never journaled (no exit there)
+            row = self.journal.get_order(exit_id)
+            if row is None or row["status"] not in FINAL:
+                return None
+            status, quantity, filled = str(row["status"]), int(row["quantity"]), 0
+            if status not in (MISSED, REJECTED, CANCELLED):
+                filled = quantity
+            elif status == CANCELLED:  # maybe in part: the fills say (a fill's time is the broker's clock)
+                since = parse_utc(str(row["created_at"])) - timedelta(minutes=10)
+                filled = self.journal.filled_quantities(line.account, since, [exit_id])[exit_id]
+        if status not in FINAL or filled >= quantity:
             return None
-        return f"ended {tracked.status} with {tracked.job.quantity - tracked.filled} unfilled"
+        return f"ended {status} with {quantity - filled} unfilled"
 
     def _follow_up_signal(self, line: _Netted, left: int, what: str, covers: str
                           ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:

@@ -422,6 +422,38 @@ async def test_an_entry_and_the_flatten_exit_counting_on_it_both_missed_leave_th
             (held, at_fast, [s["id"] for s in w.journal.recent_signals(20)])
 
 
+async def test_the_same_across_a_restart_reads_the_flattens_failed_exit_from_the_journal(tmp_path: Path) -> None:
+    """As above with a restart between the flatten and fast's return: the new process's recovery resends the
+    entries (not found at the broker) and the broker rejects them; the rebuilt watch sees them settle unfilled
+    where the flatten's own exit (missed before the restart) is not tracked any more. The journal says it failed,
+    so no follow-up either, and the re-issue of the exit finds nothing to close."""
+    async with world(tmp_path, clock=Clock(NOON)) as w:
+        assert w.runtime.pool is not None
+
+        def drop_at_sending(tracked: Any, status: str) -> None:
+            if status == "sending" and tracked.job.broker == "fast" and w.connector("fast").connected:
+                w.connector("fast").disconnect("drop")
+
+        w.runtime.tracker.hooks.append(drop_at_sending)
+        await w.submit(signal("mirror", "buy", 2, sid="open"))
+        await wait_until(lambda: w.runtime.pool is not None and w.runtime.pool["fast"].down, what="fast down")
+        w.runtime.tracker.hooks.remove(drop_at_sending)
+        result = await w.runtime.flatten(strategy="mirror", reason="operator")
+        fid = result["signal_id"]
+        await wait_until(lambda: w.statuses(fid).get("f1") == "missed", what="the exit missed")
+    async with world(tmp_path, clock=Clock(NOON), start=False) as w:
+        w.connector("fast").reject_next(2)  # the recovery's resend of the two entries: they end unfilled
+        await w.runtime.start()
+        assert await w.runtime.ready(10.0)
+        await w.settle()
+        assert w.statuses("open") == {"f1": "rejected", "f2": "rejected", "s1": "filled"}
+        assert not [r for r in w.journal.recent_signals(50) if (r.get("signal") or {}).get("follow_of") == fid]
+        held = {k: b.quantity for k, b in w.runtime.ledger.items() if b.quantity}
+        at_fast = {a: [p for p in w.connector("fast").book.positions(a) if int(p["quantity"])] for a in ("F-1", "F-2")}
+        assert held == {} and at_fast == {"F-1": [], "F-2": []}, \
+            (held, at_fast, [s["id"] for s in w.journal.recent_signals(20)])
+
+
 # -- crashes (kill -9 in the test process: ``Runner._kill``) ------------------------------------------------------
 
 async def _crash_runner(tmp_path: Path, **options: Any) -> Runner:
