@@ -124,6 +124,8 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         self._state: EngineState | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.redo_tasks: set[asyncio.Task[Any]] = set()
+        self._redo_pending: set[str] = set()
+        """Brokers with a redo waiting for them to open (``_redo_once_open``)."""
         """Re-issues of flatten exits missed as their broker came back (``_on_status``), while they run."""
         self._started_at: datetime | None = None
         self._first_up: set[str] = set()
@@ -525,16 +527,35 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
             self._retry_pending_fills()
         elif status in (REJECTED, CANCELLED) and tracked.job.intent == "exit":
             self._wake_retries(tracked.job.broker)  # a flatten's exit? the journal says (``_flatten_debts``)
-        elif status == MISSED and tracked.job.intent == "exit" and self.running and self.pool is not None \
-                and self.pool.available(tracked.job.broker):
-            # Missed at a broker that is back already: its resume (or come-up) read the journal before this write
-            # landed and found nothing owed. Carry the flatten's exit out now, as that resume would have (a
-            # missed exit of a signal, not of a flatten, owes nothing: ``_missed_flattens``).
-            task = asyncio.create_task(self._redo_missed_flattens(tracked.job.broker,
-                                                                  why="exit missed as the broker came back"))
-            self.redo_tasks.add(task)  # cancelled by ``stop``; tests wait for it to settle
-            task.add_done_callback(self.redo_tasks.discard)
+        elif status == MISSED and tracked.job.intent == "exit" and self.running and self.pool is not None:
+            self._redo_once_open(tracked.job.broker)
         self._invalidate()
+
+    def _redo_once_open(self, broker: str) -> None:
+        """An exit was missed at ``broker``. If the broker is back already, or coming back (its come-up runs, or an
+        operator's resume), the come-up's or resume's redo may have read the journal before this ``missed``
+        landed and found nothing owed: carry the flatten's exit out once the broker is open, as they would have
+        (a missed exit of a signal, not of a flatten, owes nothing: ``_missed_flattens``). A broker that is down
+        gets it from its next come-up; one an operator keeps paused, from its resume (which looks again after it
+        un-pauses). One task per broker at a time: it reads the journal when it runs, so later misses are in it."""
+        assert self.pool is not None
+        slot = self.pool.slots.get(broker)
+        if slot is None or not (slot.available or slot.recovering) or broker in self._redo_pending:
+            return
+        self._redo_pending.add(broker)
+
+        async def redo() -> None:
+            try:
+                while slot.recovering:
+                    await slot.settled.wait()
+            finally:
+                self._redo_pending.discard(broker)
+            if slot.available:
+                await self._redo_missed_flattens(broker, why="exit missed as the broker came back")
+
+        task = asyncio.create_task(redo())
+        self.redo_tasks.add(task)  # cancelled by ``stop``; tests wait for it to settle
+        task.add_done_callback(self.redo_tasks.discard)
 
     # -- broker events -----------------------------------------------------------------------------------------
     async def _on_event(self, broker: str, event: BrokerEvent) -> None:
@@ -773,6 +794,10 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
                     self._owe_catch_up(name, since)  # still paused: the next come-up or resume owes it again
                     raise
         slot = self.pool.resume(name)
+        if slot.available:
+            # Once more, open now: an exit missed while the redo above and the catch-up ran (its ``missed`` landed
+            # after the redo read the journal, while the broker was still paused) is owed too.
+            await self._redo_missed_flattens(name, why="resumed by an operator")
         self._wake_retries(name)
         self._invalidate()
         return slot.as_dict()

@@ -319,11 +319,6 @@ async def test_an_exit_decided_while_a_flattened_line_waits_for_its_follow_up_do
         assert held == {}, (held, [s["id"] for s in w.journal.recent_signals(10)])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service/runtime.py Runtime.resume_broker + _on_status: a flatten exit missed at a paused broker whose "
-    "'missed' lands after the resume's _redo_missed_flattens read the journal and before pool.resume un-pauses "
-    "(here: while the resume's owed catch-up journals) is never re-issued: _on_status only redoes when the broker "
-    "is already available, and the resume does not look again; s2 stays long 1 (fuzz crash seed 593)"))
 async def test_a_flatten_exit_missed_during_the_resumes_catch_up_is_still_carried_out(tmp_path: Path) -> None:
     """The risk flatten of s2 (fuzz crash seed 593, final check: "s2 still holds {('trend', 'MESH6'): -2}") was
     issued while slow was paused, and the operator's resume ran meanwhile. The resume reads what the flattens owe
@@ -388,6 +383,42 @@ async def test_a_flatten_exit_missed_during_the_resumes_catch_up_is_still_carrie
         held = {k: b.quantity for k, b in w.runtime.ledger.items() if b.quantity and k[0] == "s2"}
         assert held == {} and not [p for p in w.connector("slow").book.positions("S-2") if int(p["quantity"])], \
             (held, [s["id"] for s in w.journal.recent_signals(20)])
+
+
+async def test_a_flatten_exit_missed_during_a_come_ups_catch_up_is_carried_out_once_the_broker_opens(
+        tmp_path: Path) -> None:
+    """The come-up's twin of the test above: slow comes back (no pause) and, while its catch-up journals (after the
+    come-up's redo read the journal), an operator flattens s2; slow is not open yet, so the exit is missed at once.
+    Before, nothing re-issued it (``_on_status`` redid only at a broker already open); now the redo waits for the
+    come-up to end and carries it out."""
+    async with world(tmp_path, rules_dir=rules_dir(tmp_path, {}), clock=Clock(NOON)) as w:
+        assert w.runtime.pool is not None
+        await w.submit(signal("trend", "buy", 1, sid="t", position="long", position_size=1))
+        await w.settle()
+        w.connector("slow").disconnect("drop")
+        await wait_until(lambda: w.runtime.pool["slow"].down, what="slow down")
+        await w.submit(signal("trend", "buy", 2, sid="t2", position="long", position_size=2))  # s2: missed
+        real_signal = w.journal.record_signal
+        flattened: dict[str, Any] = {}
+
+        async def flatten_during_the_catch_up(**kw: Any) -> Any:
+            if (kw.get("signal") or {}).get("catch_up") and not flattened:
+                flattened.update(await w.runtime.flatten(account="s2", reason="operator"))
+                await wait_until(lambda: "missed" in w.statuses(flattened["signal_id"]).values())
+            return await real_signal(**kw)
+
+        w.journal.record_signal = flatten_during_the_catch_up  # type: ignore[method-assign]
+        await w.connector("slow").reconnect()
+        slot = w.runtime.pool["slow"]
+        await wait_until(lambda: w.runtime.pool is not None and w.runtime.pool.available("slow"), what="slow open")
+        await wait_until(lambda: not w.runtime.redo_tasks, what="the redo ran")
+        await w.settle()
+        assert flattened and w.statuses(flattened["signal_id"]) == {"s2": "missed"}
+        assert w.journal.get_signal(f"{flattened['signal_id']}-redo-slow-1") is not None, "re-issued"
+        held = {k: b.quantity for k, b in w.runtime.ledger.items() if b.quantity and k[0] == "s2"}
+        assert held == {} and not [p for p in w.connector("slow").book.positions("S-2") if int(p["quantity"])], \
+            (held, [s["id"] for s in w.journal.recent_signals(20)])
+        assert not slot.recovering
 
 
 async def test_an_entry_and_the_flatten_exit_counting_on_it_both_missed_leave_the_account_flat(tmp_path: Path) -> None:
