@@ -11,7 +11,7 @@ position reads the paper broker's own book. The backoff is shortened per test (`
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -299,14 +299,25 @@ async def test_a_retry_missed_in_a_drop_is_redone_on_the_come_up_and_not_retried
 
 # -- signals decided between the rejection and the retry ------------------------------------------------------------
 
+async def retry_now(w: World) -> None:
+    """Make the retry due now: past its backoff on the runtime's clock, and its loop woken to look again."""
+    assert family_is_empty(w)
+    w.clock.advance(timedelta(seconds=31))
+    w.runtime._wake_retries("slow")
+
+
+def family_is_empty(w: World) -> bool:
+    return not [s for s in w.journal.recent_signals(500) if "-retry-" in s["id"]]
+
 async def test_a_position_a_later_signal_added_is_not_closed_by_the_retry(w: World, short_backoff: Any) -> None:
-    short_backoff(0.4)
+    short_backoff(30.0)  # the retry comes when the test says (``retry_due``), not when the machine is slow
     contract = await open_mirror(w)
     fid = await rejected_flatten(w)
     # Before the retry is due, the strategy buys one more: it saw s0 still long 2 and meant one more than that.
     await w.submit({"strategy": "mirror", "ticker": "ES1!", "action": "buy", "quantity": 1, "id": "e2"})
     await w.settle()
     assert held(w, "s0") == {contract: 3}
+    await retry_now(w)
     await wait_until(lambda: family(w, fid, "retry"), timeout_s=5, what="the retry journaled")
     await quiet(w)
 
@@ -317,12 +328,13 @@ async def test_a_position_a_later_signal_added_is_not_closed_by_the_retry(w: Wor
 
 
 async def test_a_reversal_decided_before_the_retry_is_not_undone(w: World, short_backoff: Any) -> None:
-    short_backoff(0.4)
+    short_backoff(30.0)  # the retry comes when the test says (``retry_due``), not when the machine is slow
     contract = await open_mirror(w)
     fid = await rejected_flatten(w)
     await w.submit({"strategy": "mirror", "ticker": "ES1!", "action": "sell", "quantity": 3, "id": "r1"})
     await w.settle()
     assert held(w, "s0") == {contract: -1}
+    await retry_now(w)
     await wait_until(lambda: family(w, fid, "retry"), timeout_s=5, what="the retry journaled")
     await quiet(w)
 
@@ -333,7 +345,7 @@ async def test_a_reversal_decided_before_the_retry_is_not_undone(w: World, short
 
 
 async def test_a_partly_closed_line_gets_the_rest_of_the_exit_only(w: World, short_backoff: Any) -> None:
-    short_backoff(0.4)
+    short_backoff(30.0)  # the retry comes when the test says (``retry_due``), not when the machine is slow
     contract = await open_mirror(w, quantity=3)
     fid = await rejected_flatten(w)
     # The strategy sells 1 before the retry (s0 long 2), then buys 2 (long 4): the retry still closes 3 only.
@@ -342,6 +354,7 @@ async def test_a_partly_closed_line_gets_the_rest_of_the_exit_only(w: World, sho
     await w.submit({"strategy": "mirror", "ticker": "ES1!", "action": "buy", "quantity": 2, "id": "p2"})
     await w.settle()
     assert held(w, "s0") == {contract: 4}
+    await retry_now(w)
     await wait_until(lambda: family(w, fid, "retry"), timeout_s=5, what="the retry journaled")
     await quiet(w)
     [retry] = family(w, fid, "retry")
