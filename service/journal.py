@@ -1067,6 +1067,38 @@ class Journal:
                 found[str(strategy)] = signal
         return found
 
+    def catch_up_owed_since(self, broker: str, accounts: Iterable[str], at: datetime) -> datetime | None:
+        """When the earliest target still owed a catch-up at ``broker`` was received (received at or after ``at``),
+        or None when none is owed: what a process that starts owes for what an earlier one journaled missed.
+
+        Owed: a target-position signal (not a flatten's, not a catch-up's own) with an order for one of
+        ``accounts`` at ``broker`` journaled ``missed``, and no catch-up of its strategy at ``broker`` (a signal
+        ``catch_up`` with an order there) received at or after it: a catch-up converges to the strategy's last
+        target, so one received later covers every earlier miss of that strategy there. A flatten's missed exits
+        are the redo's (``_redo_missed_flattens``), not catch-up's.
+
+        Cheap: two passes over the signals received since ``at`` (one trading day, by the ``signals_status`` index
+        on (status, received_at)), each row's orders read by the ``orders_signal`` index; read once per broker at
+        a start, as each catch-up reads ``last_targets_since`` over the same rows. ``+o.status`` keeps SQLite on
+        ``orders_signal`` (a signal's few orders) rather than ``orders_status`` (every order ever missed)."""
+        names = sorted(set(accounts))
+        if not names:
+            return None
+        floor = utc_iso(at)
+        covered = {row["strategy"]: row["at"] for row in self._query(
+            "SELECT c.strategy AS strategy, MAX(c.received_at) AS at FROM signals c WHERE c.status = 'accepted' "
+            "AND c.received_at >= ? AND json_extract(c.signal, '$.catch_up') = 1 AND EXISTS (SELECT 1 FROM orders o "
+            "WHERE o.signal_id = c.id AND o.broker = ?) GROUP BY c.strategy", (floor, broker))}
+        marks = ", ".join("?" for _ in names)
+        missed = self._query(
+            "SELECT s.strategy AS strategy, s.received_at AS at FROM signals s WHERE s.status IN ('accepted', "
+            "'decided') AND s.received_at >= ? AND json_extract(s.signal, '$.position') IS NOT NULL AND "
+            "json_extract(s.signal, '$.flatten') IS NULL AND COALESCE(json_extract(s.signal, '$.catch_up'), 0) = 0 "
+            "AND EXISTS (SELECT 1 FROM orders o WHERE o.signal_id = s.id AND +o.status = 'missed' AND o.broker = ? "
+            f"AND o.account IN ({marks}))", (floor, broker, *names))
+        owed = [row["at"] for row in missed if row["at"] > covered.get(row["strategy"], "")]
+        return parse_utc(min(owed)) if owed else None
+
     def flattens_between(self, after: datetime, until: datetime) -> list[dict[str, Any]]:
         """The flatten signals received after ``after`` and at or before ``until``, newest first (``id``,
         ``received_at``, the parsed ``signal`` body): every one of them, not the most recent N of all signals."""

@@ -7,7 +7,8 @@ duplicate), while an order whose request failed during a drop in this run become
 accounts that want it). Then the broker is reconciled, accounts with ``catch_up`` converge to their strategies'
 last targets (or to flat, when a flatten fired meanwhile), and only then does the broker take new orders. Mirror
 entries the engine skipped because their broker was down or paused are journaled as ``missed`` orders too (what
-the account would have received), so the journal shows which accounts fell behind their strategy.
+the account would have received), so the journal shows which accounts fell behind their strategy; a broker's
+first come-up after a start reads them back, so a target missed before a restart is caught up after it.
 """
 
 from __future__ import annotations
@@ -129,9 +130,10 @@ class RecoveryMixin(RuntimeState):
         await self._recover(broker)
         reconciled = await self.reconcile_broker(broker, reason="start-up" if first else "reconnect")
         # The first come-up after a start catches up what arrived while it was connecting (the service listened
-        # meanwhile), not what an earlier process already handled; a reconnect catches up the whole day.
+        # meanwhile) and what an earlier process journaled missed there and never caught up, not what an earlier
+        # process already handled (``_since_start``); a reconnect catches up the whole day.
         catch_up = not first or self._started_at is not None
-        since = self._started_at if first else None
+        since = self._since_start(broker) if first else None
         if self.pool is not None and self.pool[broker].admin_paused:
             log.info("broker %s is back but paused: the flattens it missed and its catch-up wait for its resume",
                      broker)
@@ -143,6 +145,23 @@ class RecoveryMixin(RuntimeState):
                 await self._catch_up(broker, since=self._owed_since(broker, since))
             self._wake_retries(broker)  # rejected flatten exits: retried once the broker is open again
         self._invalidate()
+
+    def _since_start(self, broker: str) -> datetime | None:
+        """The ``since`` of the catch-up of a broker's first come-up after a start: the start, or earlier when the
+        journal shows a target missed there for a ``catch_up`` account that no catch-up covered since
+        (``Journal.catch_up_owed_since``, this trading day's only): the broker was down when it arrived and the
+        process stopped before it came back, so this come-up is the one it was waiting for. Never earlier
+        without such a miss: a position a trader closed by hand before the restart is not re-opened."""
+        started = self._started_at
+        if started is None:
+            return None
+        names = [a.name for a in self.ruleset.accounts.values() if a.broker == broker and a.catch_up]
+        owed = self.journal.catch_up_owed_since(broker, names, trading_day_start(self.clock())) if names else None
+        if owed is not None and owed < started:
+            log.info("broker %s: catching up targets missed there since %s, before this process started", broker,
+                     owed.isoformat())
+            return owed
+        return started
 
     def _owe_catch_up(self, broker: str, since: datetime | None) -> None:
         """Remember a catch-up a paused come-up skipped; two of them owe the wider of the two."""
@@ -294,7 +313,8 @@ class RecoveryMixin(RuntimeState):
         (while the broker was away, so its exit was missed), the target is void and the accounts converge to flat
         instead. Entries the rules block now (schedule windows, halts) stay blocked: the engine decides.
         ``since``: only targets received from then on (a broker's first come-up after a start catches up what
-        arrived while it was connecting, not what an earlier process already handled).
+        arrived while it was connecting and what an earlier process journaled missed and never caught up, not what
+        an earlier process already handled: ``_since_start``).
         """
         now = self.clock()
         accounts = [a for a in self.ruleset.accounts.values() if a.broker == broker and a.catch_up]
