@@ -124,9 +124,9 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         self._state: EngineState | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.redo_tasks: set[asyncio.Task[Any]] = set()
+        """Re-issues of flatten exits missed as their broker came back (``_on_status``), while they run."""
         self._redo_pending: set[str] = set()
         """Brokers with a redo waiting for them to open (``_redo_once_open``)."""
-        """Re-issues of flatten exits missed as their broker came back (``_on_status``), while they run."""
         self._started_at: datetime | None = None
         self._first_up: set[str] = set()
         self._recovering_at_start: set[str] = set()
