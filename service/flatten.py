@@ -68,7 +68,8 @@ journaled and sent like the flatten's own exits (retried when rejected, re-issue
 own exit on the line fails too, its retry or re-issue recomputes the line from the ledger and the broker, counting
 the follow-ups in flight: the two never close the same contracts twice, at the price of a round trip when both
 fail. When the exit had already failed (missed, rejected, cancelled unfilled) by the time the counted order
-settles, no follow-up is issued at all (``_own_exit_failed``): the retry or re-issue alone closes what is there. Orders decided after the flatten are not part of it: a new signal may open the line again. One counted order
+settles, no follow-up is issued at all (``_own_exit_failed``): the retry or re-issue alone closes what is there.
+Orders decided after the flatten are not part of it: a new signal may open the line again. One counted order
 is followed up once, however many flattens counted on it (a later flatten counts the earlier one's exit as well,
 which already sold for it).
 
@@ -580,12 +581,9 @@ class FlattenMixin(RuntimeState):
             row = self.journal.get_order(exit_id)
             if row is None or row["status"] not in FINAL:
                 return None
-            status, quantity, filled = str(row["status"]), int(row["quantity"]), 0
-            if status not in (MISSED, REJECTED, CANCELLED):
-                filled = quantity
-            elif status == CANCELLED:  # maybe in part: the fills say (a fill's time is the broker's clock)
-                since = parse_utc(str(row["created_at"])) - timedelta(minutes=10)
-                filled = self.journal.filled_quantities(line.account, since, [exit_id])[exit_id]
+            status, quantity = str(row["status"]), int(row["quantity"])
+            filled = quantity if status not in (MISSED, REJECTED, CANCELLED) else \
+                self._journaled_fills(line.account, [row]).get(exit_id, 0)
         if status not in FINAL or filled >= quantity:
             return None
         return f"ended {status} with {quantity - filled} unfilled"
@@ -1051,6 +1049,16 @@ class FlattenMixin(RuntimeState):
                 log.warning("%s: %s%s", rid, body["reason"], "" if orders else " (nothing left to close)")
             return journaled
 
+    def _journaled_fills(self, account: str, rows: list[dict[str, Any]]) -> dict[str, int]:
+        """Contracts filled per client order id, for the ``cancelled`` ones among ``account``'s journaled order
+        ``rows`` (a rejected or missed order filled nothing; a cancelled one may have, in part: the fills table
+        says). Looked up from ten minutes before the first was created: a fill's time is the broker's clock."""
+        cancelled = [o for o in rows if o["status"] == CANCELLED]
+        if not cancelled:
+            return {}
+        since = min(parse_utc(str(o["created_at"])) for o in cancelled) - timedelta(minutes=10)
+        return self.journal.filled_quantities(account, since, [str(o["client_order_id"]) for o in cancelled])
+
     def _rejected_unfilled(self, debt: _Debt, broker: str) -> dict[str, dict[tuple[str, str], int]]:
         """What the rejected (or cancelled) exits a retry of ``debt`` retries left unfilled, by account and then
         (strategy, contract), signed like a position (a sell's unfilled quantity is a long still held): the most a
@@ -1063,11 +1071,7 @@ class FlattenMixin(RuntimeState):
                     and o["broker"] == broker and o.get("intent") == "exit" and o["status"] in (REJECTED, CANCELLED)]
             if any(not o.get("strategy") for o in rows):
                 continue
-            since = min((parse_utc(str(o["created_at"])) for o in rows), default=None)
-            # A fill's time is the broker's clock: allow it to run behind ours.
-            filled = {} if since is None else self.journal.filled_quantities(
-                account, since - timedelta(minutes=10),
-                [str(o["client_order_id"]) for o in rows if o["status"] == CANCELLED])
+            filled = self._journaled_fills(account, rows)
             lines: dict[tuple[str, str], int] = {}
             for o in rows:
                 left = int(o["quantity"]) - filled.get(str(o["client_order_id"]), 0)

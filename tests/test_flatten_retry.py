@@ -143,9 +143,8 @@ async def test_a_rejected_flatten_exit_is_retried_once_and_the_account_ends_flat
     assert len(sent(w, "s0")) == 2
 
 
-async def test_a_position_closed_at_the_broker_before_the_retry_gets_no_order(w: World,
-                                                                               short_backoff: Any) -> None:
-    short_backoff(0.4)
+async def test_a_position_closed_at_the_broker_before_the_retry_gets_no_order(w: World) -> None:
+    w.runtime.flatten_retry_delays_s = (0.4,)  # the runtime took the delays when built
     contract = await open_mirror(w)
     fid = await rejected_flatten(w)
     # The trader closes it by hand at the broker before the retry is due (booked to no strategy).
@@ -202,8 +201,8 @@ async def test_when_every_retry_is_rejected_the_account_is_halted_and_exits_stil
         assert not w.runtime.risk.halted("s0")
 
 
-async def test_the_next_trading_day_gets_no_retry(w: World, short_backoff: Any) -> None:
-    short_backoff(0.3)
+async def test_the_next_trading_day_gets_no_retry(w: World) -> None:
+    w.runtime.flatten_retry_delays_s = (0.3,)  # the runtime took the delays when built
     contract = await open_mirror(w)
     fid = await rejected_flatten(w)
     w.clock.set(et(11, 18, 30))  # Thursday's trading day began at 18:00 ET, before the retry was due
@@ -241,8 +240,8 @@ async def test_a_restart_between_the_rejection_and_the_retry_retries_once(tmp_pa
         assert len(family(w, fid, "retry")) == 1 and len(sent(w, "s0")) == 2
 
 
-async def test_a_retry_waits_for_a_broker_that_dropped(w: World, short_backoff: Any) -> None:
-    short_backoff(0.2)
+async def test_a_retry_waits_for_a_broker_that_dropped(w: World) -> None:
+    w.runtime.flatten_retry_delays_s = (0.2,)  # the runtime took the delays when built
     await open_mirror(w)
     fid = await rejected_flatten(w)
     slow = w.connector("slow")
@@ -309,8 +308,8 @@ async def retry_now(w: World) -> None:
 def family_is_empty(w: World) -> bool:
     return not [s for s in w.journal.recent_signals(500) if "-retry-" in s["id"]]
 
-async def test_a_position_a_later_signal_added_is_not_closed_by_the_retry(w: World, short_backoff: Any) -> None:
-    short_backoff(30.0)  # the retry comes when the test says (``retry_due``), not when the machine is slow
+async def test_a_position_a_later_signal_added_is_not_closed_by_the_retry(w: World) -> None:
+    w.runtime.flatten_retry_delays_s = (30.0,)  # due when the test says (``retry_now``), not when the VM is slow
     contract = await open_mirror(w)
     fid = await rejected_flatten(w)
     # Before the retry is due, the strategy buys one more: it saw s0 still long 2 and meant one more than that.
@@ -327,8 +326,8 @@ async def test_a_position_a_later_signal_added_is_not_closed_by_the_retry(w: Wor
     assert held(w, "s1") == {contract: 3} and failures(w) == [] and not w.runtime.risk.halted("s0")
 
 
-async def test_a_reversal_decided_before_the_retry_is_not_undone(w: World, short_backoff: Any) -> None:
-    short_backoff(30.0)  # the retry comes when the test says (``retry_due``), not when the machine is slow
+async def test_a_reversal_decided_before_the_retry_is_not_undone(w: World) -> None:
+    w.runtime.flatten_retry_delays_s = (30.0,)  # due when the test says (``retry_now``), not when the VM is slow
     contract = await open_mirror(w)
     fid = await rejected_flatten(w)
     await w.submit({"strategy": "mirror", "ticker": "ES1!", "action": "sell", "quantity": 3, "id": "r1"})
@@ -344,8 +343,8 @@ async def test_a_reversal_decided_before_the_retry_is_not_undone(w: World, short
     assert held(w, "s0") == {contract: -1} and failures(w) == []
 
 
-async def test_a_partly_closed_line_gets_the_rest_of_the_exit_only(w: World, short_backoff: Any) -> None:
-    short_backoff(30.0)  # the retry comes when the test says (``retry_due``), not when the machine is slow
+async def test_a_partly_closed_line_gets_the_rest_of_the_exit_only(w: World) -> None:
+    w.runtime.flatten_retry_delays_s = (30.0,)  # due when the test says (``retry_now``), not when the VM is slow
     contract = await open_mirror(w, quantity=3)
     fid = await rejected_flatten(w)
     # The strategy sells 1 before the retry (s0 long 2), then buys 2 (long 4): the retry still closes 3 only.
