@@ -54,10 +54,16 @@ With ``generate(seed, crash=True)`` (``options["crash"]``) two more steps, and t
   them; applied by the watcher noticing it (``watch``) or an operator's reload, with ``bodies`` posted meanwhile.
   A valid edit is the next generation at once (watcher, runtime, journal's reloads); an invalid one is rejected
   with diagnostics naming the file and changes nothing. Every decision comes from the rules live when it was
-  posted (``TracedEngine``: the journal's decision does not name its generation) and follows them
-  (``check_rules_used``): its orders go to the accounts their routing names, its quantities follow their
-  multipliers, no entry takes an account over their cap while an entry that would is refused with a reason, and
-  an exit closes the strategy's whole position at every routed account, whatever the cap.
+  posted, as its journaled record names them (``ruleset``: content hash and generation), and follows them
+  (``check_rules_used``, with the positions ``TracedEngine`` saw those rules decide from): its orders go to the
+  accounts their routing names, its quantities follow their multipliers, no entry takes an account over their cap
+  while an entry that would is refused with a reason, and an exit closes the strategy's whole position at every
+  routed account, whatever the cap.
+
+Every scenario, crash or not: each journaled decision record (the webhook's, a flatten's, a catch-up's) names a
+rules generation its process applied, by content hash and number, as that process journaled it in its reloads
+(``check_rulesets``; the static rules of a scenario without reloads are journaled as generation 1 at each start,
+as ``service.app``'s watcher journals its start).
 
 Options per seed (``Scenario.options``): latencies; ``schedule`` (15:55 ET flatten of mirror, entries blocked 15:50-
 18:00 ET); a start shortly before 18:00 ET, so that advances cross into the next CME trading day; the paper quirks
@@ -436,11 +442,16 @@ def generate(seed: int, *, steps: int | None = None, crash: bool = False) -> Sce
 # -- the runner --------------------------------------------------------------------------------------------------
 
 class _Watcher(StaticWatcher):
-    """``StaticWatcher`` with the ``acquire`` the webhook pins a generation with."""
+    """``StaticWatcher`` with the ``acquire`` the webhook pins a generation with, and a generation number: a
+    static rule set is the first and only generation of its process (``RulesWatcher.generation`` after start), so
+    every decision record names it as ``RulesWatcher`` would (the webhook reads the pinned generation's
+    ``number``, flattens and catch-ups the watcher's ``generation``)."""
+
+    generation = 1
 
     @contextlib.contextmanager
     def acquire(self) -> Iterator[Any]:
-        yield SimpleNamespace(engine=self.engine, ruleset=self.ruleset)
+        yield SimpleNamespace(engine=self.engine, ruleset=self.ruleset, number=self.generation)
 
 
 @dataclass
@@ -558,22 +569,23 @@ def round_half_up(value: Decimal) -> int:
 
 
 class TracedEngine:
-    """An engine that notes which rules (their content hash) decided which signal, and the positions it decided
-    from: the journal's decision record names neither, so the reload invariants read them here. The first
-    decision of a signal is its own; a later one of the same id (the runtime asking what accounts at a down broker
-    would have received) is not noted."""
+    """An engine that notes the positions each signal was decided from, per rules (content hash): the journaled
+    decision record names the rules that decided (``ruleset``) but not the state they read, which the
+    ``max_contracts`` and exit invariants need. Keyed by (signal id, content hash), the first decision of each: a
+    later one of the same id by the same rules (the runtime asking what accounts at a down broker would have
+    received, from a state with that broker up) is not the one recorded. Which rules decided is the record's word,
+    never this wrapper's: an engine that decided a signal is not necessarily the one whose decision was journaled."""
 
-    def __init__(self, engine: Any, content_hash: str, decided_by: dict[str, str],
-                 states: dict[str, dict[str, tuple[int, int]]]) -> None:
+    def __init__(self, engine: Any, content_hash: str,
+                 states: dict[tuple[str, str], dict[str, tuple[int, int]]]) -> None:
         self.engine = engine
         self.content_hash = content_hash
-        self.decided_by = decided_by
         self.states = states
 
     def decide(self, signal: Any, state: Any, now: datetime) -> Any:
-        if signal.id not in self.decided_by:
-            self.decided_by[signal.id] = self.content_hash
-            self.states[signal.id] = {
+        key = (str(signal.id), self.content_hash)
+        if key not in self.states:
+            self.states[key] = {
                 name: (sum(acc.held(ROOT).values()), sum(acc.strategy_held(signal.strategy, ROOT).values()))
                 for name, acc in state.accounts.items()}
         return self.engine.decide(signal, state, now)
@@ -604,8 +616,6 @@ class Runner:
     _stack: contextlib.AsyncExitStack | None = None
     _client: TestClient | None = None
     # -- crashes and reloads (``generate(crash=True)``) --------------------------------------------------------
-    decided_by: dict[str, str] = field(default_factory=dict)
-    """Signal id -> content hash of the rules that decided it (``TracedEngine``), across restarts."""
     live_rules: str | None = None
     """The content hash every decision from now on must come from: the rules loaded at start, or what the last
     valid reload applied (an invalid edit leaves it)."""
@@ -618,9 +628,17 @@ class Runner:
     good: dict[str, str] = field(default_factory=dict)
     """The rules files (``RULES_FILES``) as the live generation has them: an operator puts them back before a
     restart after an invalid edit (a service refuses to start on invalid rules)."""
-    states: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
-    """Signal id -> per account, (the account's net MES position, the signal's strategy's own) in the state the
-    engine decided it from (``TracedEngine``): what ``max_contracts`` and an exit read."""
+    states: dict[tuple[str, str], dict[str, tuple[int, int]]] = field(default_factory=dict)
+    """(Signal id, content hash) -> per account, (the account's net MES position, the signal's strategy's own) in
+    the state the engine of those rules decided it from (``TracedEngine``): what ``max_contracts`` and an exit
+    read. The record's ``ruleset`` says which entry is the decision's."""
+    epoch: int = -1
+    """The running process: 0 for the first, +1 at every start (``_open``), a restart or one after a crash."""
+    _reload_floors: list[int] = field(default_factory=list)
+    """Per process: the journal's last reload row id before it started (its reloads are the rows after, up to the
+    next process's floor)."""
+    _signal_epochs: dict[str, int] = field(default_factory=dict)
+    """Journaled signal id -> the process that journaled it (assigned at the next start, or at a check)."""
     rules_invalid: bool = False
     _risk_original: str = ""
     """``risk.yaml`` as the scenario began (without ``CAP_LIMIT``): a cap edit adds its limit to it."""
@@ -666,6 +684,7 @@ class Runner:
         journal = Journal(data_dir / "journal.db", clock=self.clock)
         await journal.start()
         stack.push_async_callback(journal.close)
+        self._begin_epoch(journal)
         watcher: Any
         if self.tracing:
             watcher = RulesWatcher(rules, build=self._build, debounce_s=0.05, max_delay_s=0.2)
@@ -681,6 +700,9 @@ class Runner:
         else:
             watcher = _Watcher(rules)
             stack.callback(watcher.close)
+            # Journaled as service.app's watcher journals its start: the generation every record here names.
+            await journal.record_reload(Reload(datetime.now(timezone.utc), watcher.ruleset.content_hash, True, (),
+                                               "applied", "start", watcher.generation).as_dict())
         feed = PriceFeed(seed=0)
         feed.set_price(ROOT, self.price)
         config = SimpleNamespace(data_dir=data_dir, reconnect_backoff_s=0.02, reconnect_backoff_max_s=0.1)
@@ -724,7 +746,20 @@ class Runner:
         stack.push_async_callback(stop_http)
 
     def _build(self, ruleset: RuleSet) -> TracedEngine:
-        return TracedEngine(build_engine(ruleset), ruleset.content_hash, self.decided_by, self.states)
+        return TracedEngine(build_engine(ruleset), ruleset.content_hash, self.states)
+
+    def _begin_epoch(self, journal: Journal) -> None:
+        """A process starts on the journal the last one left: what that one journaled is its own, and the reloads
+        from here on are this one's."""
+        self._assign_epochs(journal)
+        self.epoch += 1
+        floor = journal._query("select max(id) as n from reloads")[0]["n"]
+        self._reload_floors.append(int(floor or 0))
+
+    def _assign_epochs(self, journal: Journal) -> None:
+        """Every journaled signal not yet attributed was journaled by the process running (or just dead)."""
+        for row in journal._query("select id from signals"):
+            self._signal_epochs.setdefault(str(row["id"]), self.epoch)
 
     def _check_live_rules(self, ruleset: RuleSet, when: str) -> None:
         """At a start: the rules loaded are the live generation's (the first start: all multipliers 1)."""
@@ -1575,7 +1610,7 @@ class Runner:
                 if originals.get(key) != sid:
                     self.fail(f"signal id {key} answered 202 as {sid}, the journal's one under that key is "
                               f"{originals.get(key)}")
-                self.check_rules_used(answer, sid)
+                self.check_rules_used(answer, row["decision"])
             elif answer.status == 200 and answer.payload.get("duplicate"):
                 if originals.get(key) != answer.payload["signal_id"]:
                     self.fail(f"duplicate of {key} answered {answer.payload['signal_id']}, the original is "
@@ -1596,16 +1631,18 @@ class Runner:
             if lost:
                 self.fail(f"orders in flight at a crash (client order id: step) became missed: {lost}")
 
+        self.check_rulesets()
         self.check_retries_done()
         self.check_flatten_scopes()
         self.check_loss_flattens()
         self.check_halts_lifted()
         self.check_always()
 
-    def check_rules_used(self, answer: Answer, signal_id: str) -> None:
+    def check_rules_used(self, answer: Answer, decision: dict[str, Any]) -> None:
         """Reloads: the signal was decided by the rules live when it was posted (or by the generation a reload
         posted with it applied), never by rules an invalid edit proposed or a reload replaced, and it follows
-        those rules (``TracedEngine`` noted which, and the positions it decided from):
+        those rules. ``decision`` is its journaled record (the answer's, byte for byte): its ``ruleset`` names the
+        rules that decided; ``TracedEngine`` noted the positions those rules decided it from.
 
         - routing: its orders go to the accounts those rules route its strategy to, no other;
         - ``size_multiplier``: a plain buy or sell of q sends each account round_half_up(q * m) contracts in all
@@ -1617,19 +1654,24 @@ class Runner:
           position at every routed account holding one."""
         if answer.rules is None:
             return
-        used = self.decided_by.get(signal_id)
+        signal_id = str(decision.get("signal_id"))
+        used = (decision.get("ruleset") or {}).get("content_hash")
         if used not in answer.rules:
-            self.fail(f"signal {signal_id} (step {answer.step}) was decided by rules {str(used)[:12]}, expected "
-                      f"{sorted(h[:12] for h in answer.rules)}")
+            self.fail(f"signal {signal_id} (step {answer.step}) names rules {str(used)[:12]} as the ones that "
+                      f"decided it, expected {sorted(h[:12] for h in answer.rules)}")
             return
-        assert used is not None
+        assert isinstance(used, str)
+        state = self.states.get((signal_id, used))
+        if state is None:
+            self.fail(f"signal {signal_id} (step {answer.step}) names rules {used[:12]} as the ones that decided it, "
+                      f"and no engine of those rules decided it (rules that did: "
+                      f"{sorted(h[:12] for sid, h in self.states if sid == signal_id)})")
+            return
         body = answer.body
-        decision = answer.payload["decision"]
         strategy = str(body["strategy"])
         targets = self.routes[used].get(strategy, frozenset(BEST if strategy == "best" else followers(strategy)))
         multipliers = self.multipliers[used]
         cap = self.caps[used]
-        state = self.states.get(signal_id, {})
         per_account: dict[str, list[dict[str, Any]]] = {}
         for order in decision.get("orders") or []:
             per_account.setdefault(order["account"], []).append(order)
@@ -1682,6 +1724,42 @@ class Runner:
                 if closing and sent != closing:
                     self.fail(f"{what}: {account} ({strategy} {own:+d}) refused its entry over max_contracts {cap} "
                               f"but got {orders}, not its exit part {closing:+d}")
+
+    def check_rulesets(self) -> None:
+        """Every journaled decision record names the rules that made it as a generation its process applied: its
+        ``ruleset`` (content hash, generation number) is one the process journaled as an ``applied`` reload (at
+        its start, or later), so that an auditor reading the journal can tell which rules decided, and which
+        reload made them live. The webhook's records (pinned generation), and the runtime's own alike: flattens,
+        their follow-ups, re-issues and retries, catch-ups. A generation number is the process's own count (a
+        restart begins at 1 again): only the reloads of the record's process can vouch for it."""
+        w = self.w
+        assert w is not None
+        self._assign_epochs(w.journal)
+        applied: list[set[tuple[str, int]]] = [set() for _ in self._reload_floors]
+        for row in w.journal._query("select id, data from reloads order by id"):
+            record = json.loads(row["data"])
+            if record.get("outcome") != "applied":
+                continue
+            epoch = sum(1 for floor in self._reload_floors if floor < int(row["id"])) - 1
+            applied[epoch].add((str(record.get("content_hash")), int(record.get("generation"))))
+        for row in w.journal.recent_signals(100_000):
+            decision = row.get("decision")
+            if decision is None:
+                continue  # refused or a duplicate: nothing was decided
+            body = row.get("signal") or {}
+            kind = "flatten" if body.get("flatten") else "catch-up" if body.get("catch_up") else \
+                "webhook signal" if row.get("key") else "signal"
+            sid = str(row["id"])
+            ruleset = decision.get("ruleset")
+            pair = (ruleset.get("content_hash"), ruleset.get("generation")) if isinstance(ruleset, dict) else None
+            epoch = self._signal_epochs[sid]
+            if pair is None or not isinstance(pair[0], str) or not isinstance(pair[1], int):
+                self.fail(f"the decision record of {kind} {sid} does not name its rules (content hash and "
+                          f"generation): ruleset {ruleset!r}")
+            elif pair not in applied[epoch]:
+                self.fail(f"the decision record of {kind} {sid} names rules {pair[0][:12]} generation {pair[1]}, "
+                          f"which its process (start #{epoch + 1} of the scenario) never journaled as applied: "
+                          f"its applied reloads {sorted((g, h[:12]) for h, g in applied[epoch])}")
 
     def check_retries_done(self) -> None:
         """Every rejected flatten exit at an available broker was retried until closed or given up on: nothing is
