@@ -172,8 +172,8 @@ def followers(strategy: str) -> tuple[str, ...]:
 CRASH_MOMENTS = ("answer", "transition", "transition", "delay", "flatten", "retry")
 """When a ``crash`` step kills the process (see ``Runner._crash``)."""
 COMEUP_MOMENTS = ("lookup", "looked_up", "reconciled", "redo", "sent")
-"""Where a crash inside a restart's come-up kills (``Runner._arm``); a reconnect's come-up also ``catchup`` (a
-restart's first come-up catches up only what arrived while it was connecting: nothing, in a scenario)."""
+"""Where a crash inside a restart's come-up kills (``Runner._arm``); ``catchup`` too, after a drop and a target its
+catch_up accounts missed (a reconnect's come-up catches that up, and so does a restart's: ``Runtime._since_start``)."""
 CRASH_WAIT_S = 2.0
 """How long a crash waits for its moment (a transition that never comes) before it kills anyway."""
 
@@ -332,9 +332,16 @@ def generate(seed: int, *, steps: int | None = None, crash: bool = False) -> Sce
                     out.append({"do": "flatten", "account": None, "strategy": rng.choice([None, strategy]),
                                 "bodies": []})
                 crashes += 1
-                out.append({"do": "reconnect", "broker": broker,
-                            "crash": {"moment": rng.choice(("catchup", "catchup", "redo", "redo") + COMEUP_MOMENTS),
-                                      "nth": rng.randint(1, 2)}})
+                if rng.random() < 0.3:
+                    # The process dies before the broker is back, and the restart dies inside the come-up's
+                    # catch-up of what the first process journaled missed (``Runtime._since_start``).
+                    out.append({"do": "crash", "moment": "delay", "delay_ms": 0, "bodies": [],
+                                "comeup": {"moment": "catchup", "nth": 1}})
+                    paused.clear()
+                else:
+                    out.append({"do": "reconnect", "broker": broker,
+                                "crash": {"moment": rng.choice(("catchup", "catchup", "redo", "redo") +
+                                                               COMEUP_MOMENTS), "nth": rng.randint(1, 2)}})
                 down.clear()
         elif do in ("reconnect", "resume"):
             pool = down if do == "reconnect" else paused
