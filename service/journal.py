@@ -1073,7 +1073,8 @@ class Journal:
 
         Owed: a target-position signal (not a flatten's, not a catch-up's own) with an order for one of
         ``accounts`` at ``broker`` journaled ``missed``, and no catch-up of its strategy at ``broker`` (a signal
-        ``catch_up`` with an order there) received at or after it: a catch-up converges to the strategy's last
+        ``catch_up`` naming that ``broker``, or with an order there: older rows name none; one that decided nothing
+        is journaled ``decided``) received at or after it: a catch-up converges to the strategy's last
         target, so one received later covers every earlier miss of that strategy there. A flatten's missed exits
         are the redo's (``_redo_missed_flattens``), not catch-up's.
 
@@ -1086,9 +1087,10 @@ class Journal:
             return None
         floor = utc_iso(at)
         covered = {row["strategy"]: row["at"] for row in self._query(
-            "SELECT c.strategy AS strategy, MAX(c.received_at) AS at FROM signals c WHERE c.status = 'accepted' "
-            "AND c.received_at >= ? AND json_extract(c.signal, '$.catch_up') = 1 AND EXISTS (SELECT 1 FROM orders o "
-            "WHERE o.signal_id = c.id AND o.broker = ?) GROUP BY c.strategy", (floor, broker))}
+            "SELECT c.strategy AS strategy, MAX(c.received_at) AS at FROM signals c WHERE c.status IN ('accepted', "
+            "'decided') AND c.received_at >= ? AND json_extract(c.signal, '$.catch_up') = 1 AND "
+            "(json_extract(c.signal, '$.broker') = ? OR EXISTS (SELECT 1 FROM orders o WHERE o.signal_id = c.id "
+            "AND o.broker = ?)) GROUP BY c.strategy", (floor, broker, broker))}
         marks = ", ".join("?" for _ in names)
         missed = self._query(
             "SELECT s.strategy AS strategy, s.received_at AS at FROM signals s WHERE s.status IN ('accepted', "

@@ -127,6 +127,14 @@ async def test_a_flatten_after_the_missed_target_voids_it_across_the_restart(tmp
         assert [(c["signal"], c["flat"], c["orders"]) for c in w.runtime.catchups] == \
             [("t1-catchup-slow-0", True, [])]
         assert held(w) == {} and sent(w) == []
+        # A catch-up that decided nothing is journaled too: it covers the miss, so the next start owes nothing.
+        row = w.journal.get_signal("t1-catchup-slow-0")
+        assert row is not None and row["status"] == "decided" and row["orders"] == []
+        assert row["signal"]["catch_up"] is True and row["signal"]["broker"] == "slow"
+        assert "nothing to do" in str(row["reason"]) and row["decision"]["ruleset"]["content_hash"]
+    async with world(tmp_path, clock=Clock(NOON + timedelta(minutes=10))) as w:
+        await w.settle()
+        assert w.runtime.catchups == [] and held(w) == {} and sent(w) == []
 
 
 # -- the journal's query -------------------------------------------------------------------------------------------
@@ -175,4 +183,15 @@ async def test_what_a_start_owes_is_the_earliest_miss_no_later_catch_up_of_its_s
         await _target(journal, "b1-catchup-slow-1", "b", 21, [("s2", "slow")], catch_up=True, missed=False)
         assert owed() == 20
         await _target(journal, "a2-catchup-slow-0", "a", 25, [("s1", "slow")], catch_up=True, missed=False)
+        assert owed() is None
+        # A catch-up that decided nothing has no order: the broker its body names says where it looked.
+        await _target(journal, "a3", "a", 30, [("s1", "slow")])
+        assert owed() == 30
+        await journal.record_signal(raw=None, remote=None, status="decided", reason="catch-up: nothing to do",
+                                    key=None, signal={"strategy": "a", "catch_up": True, "broker": "fast"},
+                                    decision=None, signal_id="a3-catchup-fast-2", at=NOON + timedelta(minutes=31))
+        assert owed() == 30  # another broker's
+        await journal.record_signal(raw=None, remote=None, status="decided", reason="catch-up: nothing to do",
+                                    key=None, signal={"strategy": "a", "catch_up": True, "broker": "slow"},
+                                    decision=None, signal_id="a3-catchup-slow-2", at=NOON + timedelta(minutes=32))
         assert owed() is None
