@@ -721,7 +721,7 @@ class FlattenMixin(RuntimeState):
         decision = {"signal_id": fid, "strategy": strategy or "(flatten)", "accepted": bool(orders), "rule": None,
                     "blocked_by": None, "reason": reason, "order_type": "market", "price": None,
                     "orders": legs, "skipped": [], "cancel": [],
-                    "ruleset": ruleset_ref(self.ruleset.content_hash, getattr(self.watcher, "generation", None))}
+                    "ruleset": ruleset_ref(self.ruleset.content_hash, self._rules_generation())}
         # The journaled orders keep each exit's strategy (the decision record's legs have no such field): a restart
         # with an exit still in flight must book its fill to the strategy it closes, not to "(flatten)".
         await self.journal.record_signal(raw=json.dumps(body), remote=None,

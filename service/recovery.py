@@ -351,28 +351,24 @@ class RecoveryMixin(RuntimeState):
                 self.catchups.append({"strategy": strategy, "signal": sid, "flat": flat,
                                       "orders": [o.to_json() for o in orders]})
                 journaled = {**body, "catch_up": True, "broker": broker}
+                decision = Decision(signal_id=sid, strategy=strategy, rule=decision.rule,
+                                    blocked_by=decision.blocked_by,
+                                    reason=f"catch-up after {broker} reconnected: {decision.reason}", orders=orders,
+                                    content_hash=decision.content_hash)
+                record = decision.to_json(self._rules_generation())
                 if not orders:
                     # Journaled all the same: it covers the misses before it (``Journal.catch_up_owed_since``), so
                     # a restart does not catch them up again over what a trader changed by hand since.
                     await self.journal.record_signal(
                         raw=json.dumps(journaled), remote=None, status="decided", reason="catch-up: nothing to do",
-                        key=None, signal=journaled, signal_id=sid, at=now,
-                        decision=Decision(signal_id=sid, strategy=strategy, rule=decision.rule,
-                                          blocked_by=decision.blocked_by, content_hash=decision.content_hash,
-                                          reason=f"catch-up after {broker} reconnected: {decision.reason}"
-                                          ).to_json(getattr(self.watcher, "generation", None)))
+                        key=None, signal=journaled, decision=record, signal_id=sid, at=now)
                     continue
-                decision = Decision(signal_id=sid, strategy=strategy, rule=decision.rule,
-                                    blocked_by=decision.blocked_by,
-                                    reason=f"catch-up after {broker} reconnected: {decision.reason}", orders=orders,
-                                    content_hash=decision.content_hash)
                 # Counted from the decision on (no await since it): a webhook deciding while this commits sees it.
                 self.hold(sid, decision, unavailable_missed=False)  # the broker is back, not open yet
                 try:
                     await self.journal.record_signal(
                         raw=json.dumps(journaled), remote=None, status="accepted",
-                        reason="catch-up", key=None, signal=journaled,
-                        decision=decision.to_json(getattr(self.watcher, "generation", None)),
+                        reason="catch-up", key=None, signal=journaled, decision=record,
                         orders=[{**o.to_json(), "margin_usd": o.margin_usd} for o in orders], signal_id=sid, at=now)
                 except BaseException:
                     self.release(sid)

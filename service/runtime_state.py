@@ -89,6 +89,12 @@ class RuntimeState:
     _follow_ups: dict[str, int]
     _owed_follow_ups: dict[str, list[_Owed]]
 
+    def _rules_generation(self) -> int | None:
+        """The live rules generation's number, what a runtime-made decision record names next to the content hash
+        (None for a watcher without generations: tests' static rules)."""
+        generation: int | None = getattr(self.watcher, "generation", None)
+        return generation
+
     # -- held in service.runtime -------------------------------------------------------------------------------
     @property
     def ruleset(self) -> RuleSet:
