@@ -110,6 +110,12 @@ def parse_utc(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(timezone.utc)
 
 
+def _stands(column: str = "signal") -> str:
+    """SQL: the journaled signal body in ``column`` says where its strategy's position stands (a target, or an
+    exit: flat)."""
+    return f"(json_extract({column}, '$.position') IS NOT NULL OR json_extract({column}, '$.action') = 'exit')"
+
+
 def new_signal_id(at: datetime | None = None) -> str:
     """A journal-unique signal id, time-ordered: ``s-20260309T143000123456-9f2c4b1a``.
 
@@ -1050,15 +1056,17 @@ class Journal:
         return [{**_loads(r["data"]), "id": r["id"], "at": r["at"]} for r in rows]
 
     def last_targets_since(self, at: datetime) -> dict[str, dict[str, Any]]:
-        """Per strategy, its latest target-position signal (``position`` set) received at or after ``at``, accepted
-        or decided, and not a catch-up's own: what a broker's come-up converges ``catch_up`` accounts to. Read
-        by query, however many other signals came since (a scan of the most recent N would quietly skip a quiet
-        strategy behind busy ones)."""
+        """Per strategy, its latest signal that says where its position stands, received at or after ``at``,
+        accepted or decided, and not a catch-up's own: what a broker's come-up converges ``catch_up`` accounts to.
+        That is a target-position signal (``position`` set) or an ``exit`` (the strategy is flat after it: an exit
+        after a target voids the target, as a flatten does; crash fuzz seed 1035 caught up a best-mode target its
+        strategy had exited, opening it at a second account, and a missed exit was never caught up at all).
+        Read by query, however many other signals came since (a scan of the most recent N would quietly skip a
+        quiet strategy behind busy ones)."""
         rows = self._query(
             "SELECT * FROM signals WHERE received_at >= ? AND status IN ('accepted', 'decided') AND "
-            "json_extract(signal, '$.position') IS NOT NULL AND "
-            "COALESCE(json_extract(signal, '$.catch_up'), 0) = 0 ORDER BY received_at DESC, rowid DESC",
-            (utc_iso(at),))
+            f"{_stands()} AND COALESCE(json_extract(signal, '$.catch_up'), 0) = 0 "
+            "ORDER BY received_at DESC, rowid DESC", (utc_iso(at),))
         found: dict[str, dict[str, Any]] = {}
         for row in rows:
             signal = _signal(row)
@@ -1071,7 +1079,8 @@ class Journal:
         """When the earliest target still owed a catch-up at ``broker`` was received (received at or after ``at``),
         or None when none is owed: what a process that starts owes for what an earlier one journaled missed.
 
-        Owed: a target-position signal (not a flatten's, not a catch-up's own) with an order for one of
+        Owed: a target-position signal or an exit (``last_targets_since``; not a flatten's, not a catch-up's own)
+        with an order for one of
         ``accounts`` at ``broker`` journaled ``missed``, and no catch-up of its strategy at ``broker`` (a signal
         ``catch_up`` naming that ``broker``, or with an order there: older rows name none; one that decided nothing
         is journaled ``decided``) received at or after it: a catch-up converges to the strategy's last
@@ -1094,7 +1103,7 @@ class Journal:
         marks = ", ".join("?" for _ in names)
         missed = self._query(
             "SELECT s.strategy AS strategy, s.received_at AS at FROM signals s WHERE s.status IN ('accepted', "
-            "'decided') AND s.received_at >= ? AND json_extract(s.signal, '$.position') IS NOT NULL AND "
+            f"'decided') AND s.received_at >= ? AND {_stands('s.signal')} AND "
             "json_extract(s.signal, '$.flatten') IS NULL AND COALESCE(json_extract(s.signal, '$.catch_up'), 0) = 0 "
             "AND EXISTS (SELECT 1 FROM orders o WHERE o.signal_id = s.id AND +o.status = 'missed' AND o.broker = ? "
             f"AND o.account IN ({marks}))", (floor, broker, *names))

@@ -458,3 +458,46 @@ async def test_an_exit_decided_for_a_paused_broker_is_missed_at_once_and_the_hol
     assert [legs(c) for c in caught] == [[("bs", "buy", 1, "entry")]]
     await w.settle()
     assert held(w) == {"bf": 0, "bs": 2, "bs2": 0}
+
+
+# -- 7. an exit after the target: the strategy is flat --------------------------------------------------------------
+
+async def test_an_exit_after_the_target_voids_it_for_an_account_that_missed_both(w: World) -> None:
+    """Crash fuzz seed 1035: catch-up converged to the strategy's last *target* and skipped the plain ``exit``
+    that came after it, so the come-up opened a position its strategy had closed (in best mode at a second
+    account, while the first still held what its missed exit left)."""
+    await drop(w, "slow")
+    await w.submit(signal("mirror", "buy", 2, sid="m1", position="long", position_size=2))
+    await w.submit(signal("mirror", "exit", sid="m2"))
+    await w.settle()
+    assert w.statuses("m1") == {"f1": FILLED, "s1": MISSED} and w.statuses("m2") == {"f1": FILLED}
+
+    await w.connector("slow").reconnect()
+    await wait_until(lambda: w.runtime.pool.available("slow"), what="slow back")
+    mirror = [c for c in w.runtime.catchups if c["strategy"] == "mirror"]
+    assert [(c["signal"].split("-catchup")[0], legs(c)) for c in mirror] == [("m2", [])]
+    await w.settle()
+    assert w.book_orders("slow", "S-1") == []
+
+
+async def test_an_exit_missed_by_a_catch_up_account_is_caught_up(w: World) -> None:
+    """The other half of the same gap, a missed exit: the strategy's last target (long 2) matched what ``s1``
+    still held after its exit was missed, so catch-up found nothing to do and ``s1`` stayed long after its strategy
+    went flat."""
+    await w.submit(signal("mirror", "buy", 2, sid="m1", position="long", position_size=2))
+    await w.settle()
+    await drop(w, "slow")
+    await w.submit(signal("mirror", "exit", sid="m2"))
+    await wait_until(lambda: w.statuses("m2") == {"f1": FILLED, "s1": MISSED}, what="s1's exit missed")
+
+    await w.connector("slow").reconnect()
+    await wait_until(lambda: w.runtime.pool.available("slow"), what="slow back")
+    mirror = [c for c in w.runtime.catchups if c["strategy"] == "mirror"]
+    assert [legs(c) for c in mirror] == [[("s1", "sell", 2, "exit")]]
+    await w.settle()
+    assert [(o["side"], o["quantity"]) for o in w.book_orders("slow", "S-1")] == [("buy", 2), ("sell", 2)]
+    await drop(w, "slow")  # once: the next come-up finds the strategy's exit done there
+    await w.connector("slow").reconnect()
+    await wait_until(lambda: w.runtime.pool.available("slow"), what="slow back again")
+    await w.settle()
+    assert [(o["side"], o["quantity"]) for o in w.book_orders("slow", "S-1")] == [("buy", 2), ("sell", 2)]

@@ -195,3 +195,23 @@ async def test_what_a_start_owes_is_the_earliest_miss_no_later_catch_up_of_its_s
                                     key=None, signal={"strategy": "a", "catch_up": True, "broker": "slow"},
                                     decision=None, signal_id="a3-catchup-slow-2", at=NOON + timedelta(minutes=32))
         assert owed() is None
+
+
+async def test_an_exit_missed_before_a_restart_is_caught_up_after_it(tmp_path: Path) -> None:
+    """An exit counts as where its strategy stands (flat), in what a start owes as in what catch-up converges to:
+    before, the restart found only targets owed, and s1 stayed long after its strategy's exit (crash fuzz 1035)."""
+    async with world(tmp_path, clock=Clock(NOON)) as w:
+        await w.submit(LONG_1)
+        await w.settle()
+        assert held(w) == {"MESH6": 1}
+        await down(w, "slow")
+        await w.submit(signal("mirror", "exit", sid="x1"))
+        await w.settle()
+        assert w.statuses("x1") == {"f1": FILLED, "f2": FILLED, "s1": MISSED}
+    async with world(tmp_path, clock=Clock(NOON + timedelta(minutes=5))) as w:
+        await w.settle()
+        assert held(w) == {} and sent(w) == [("buy", 1), ("sell", 1)]
+        assert [c.split("-catchup")[0] for c in catchups(w)] == ["x1"]
+    async with world(tmp_path, clock=Clock(NOON + timedelta(minutes=10))) as w:  # nothing more is owed
+        await w.settle()
+        assert sent(w) == [("buy", 1), ("sell", 1)] and len(catchups(w)) == 1
