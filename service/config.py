@@ -18,6 +18,9 @@ from typing import Mapping
 WEBHOOK_SECRET_ENV = "MULTIBROKER_WEBHOOK_SECRET"
 ADMIN_TOKEN_ENV = "MULTIBROKER_ADMIN_TOKEN"
 ALLOW_IPS_ENV = "MULTIBROKER_ALLOW_IPS"
+NOTIFY_URL_ENV = "MULTIBROKER_NOTIFY_URL"
+NOTIFY_FORMAT_ENV = "MULTIBROKER_NOTIFY_FORMAT"
+NOTIFY_MIN_SEVERITY_ENV = "MULTIBROKER_NOTIFY_MIN_SEVERITY"
 WEBHOOK_SECRET_FILE = "webhook-secret"
 ADMIN_TOKEN_FILE = "admin-token"
 
@@ -69,6 +72,10 @@ class ServiceConfig:
     (``multibroker serve`` turns it on; off here so tests and embedders opt in)."""
     """How often the shared paper price feed takes a random-walk step while paper brokers are configured (so
     marks and P&L move in a demo); 0 keeps prices still (tests, benchmarks)."""
+    notify_url: str | None = field(default=None, repr=False)
+    """Where alerts are pushed (``service.notify``); a secret (chat webhook URLs carry their token)."""
+    notify_format: str = "auto"
+    notify_min_severity: str = "info"
     env: Mapping[str, str] = field(default_factory=lambda: os.environ, repr=False, compare=False)
     """Where per-strategy secret variables are read (the process environment unless a test says otherwise)."""
 
@@ -83,6 +90,9 @@ class ServiceConfig:
             raise ConfigError(f"paper_tick_s={self.paper_tick_s}: must be >= 0 (0 disables)")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range")
+        if self.notify_url is not None or (self.notify_format, self.notify_min_severity) != ("auto", "info"):
+            from service.notify import notifier_for  # noqa: PLC0415 - notify imports aiohttp: only when used
+            notifier_for(self)  # a wrong URL or format is said at start-up, not at the first alert
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ServiceConfig:
@@ -92,6 +102,9 @@ class ServiceConfig:
             "webhook_secret": env.get(WEBHOOK_SECRET_ENV) or None,
             "admin_token": env.get(ADMIN_TOKEN_ENV) or None,
             "allow_ips": parse_networks(env.get(ALLOW_IPS_ENV)),
+            "notify_url": env.get(NOTIFY_URL_ENV) or None,
+            "notify_format": env.get(NOTIFY_FORMAT_ENV) or "auto",
+            "notify_min_severity": env.get(NOTIFY_MIN_SEVERITY_ENV) or "info",
             "env": env,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

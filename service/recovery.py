@@ -120,6 +120,9 @@ class RecoveryMixin(RuntimeState):
     # -- failover ----------------------------------------------------------------------------------------------
     async def _on_down(self, broker: str) -> None:
         self._invalidate()
+        if self.running and self.pool is not None:  # not while the service stops and closes its connections
+            self.notifier.notify("broker_down", f"{self.pool[broker].reason}; its accounts miss what is decided "
+                                 "until it is back, positions there stay open", at=self.clock(), broker=broker)
 
     async def _on_up(self, broker: str) -> None:
         """The broker (re)connected: recover in-flight orders, reconcile, carry out the flattens it missed, catch
@@ -145,6 +148,10 @@ class RecoveryMixin(RuntimeState):
                 await self._catch_up(broker, since=self._owed_since(broker, since))
             self._wake_retries(broker)  # rejected flatten exits: retried once the broker is open again
         self._invalidate()
+        mismatched = sorted({str(r["account"]) for r in reconciled if not r["ok"]})
+        self.notifier.notify("broker_up", ("connected at start-up" if first else "reconnected") + "; recovered and "
+                             "reconciled" + (f", mismatch at {', '.join(mismatched)}" if mismatched else ""),
+                             at=self.clock(), broker=broker)
 
     def _since_start(self, broker: str) -> datetime | None:
         """The ``since`` of the catch-up of a broker's first come-up after a start: the start, or earlier when the

@@ -59,6 +59,7 @@ from service.flatten import FlattenMixin, _Netted, _Owed
 from service.flatten import _clamp_exits as _clamp_exits
 from service.flatten import _clamp_to_broker as _clamp_to_broker
 from service.ledger import EXTERNAL_STRATEGY, Ledger, absorb_external, replay
+from service.notify import notifier_for
 from service.pool import BrokerPool
 from service.recovery import RecoveryMixin
 from service.restore import DAY_START as DAY_START
@@ -164,6 +165,7 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         self._held_by_strategy: dict[str, dict[str, dict[str, int]]] = {}
         """The same per account, strategy and contract (each strategy's decided orders, for its own position)."""
         self.alerts: list[dict[str, Any]] = []
+        self.notifier = notifier_for(config)
         self.catchups: list[dict[str, Any]] = []
         self.running = False
 
@@ -206,6 +208,7 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         the pool opens it to new orders, so nothing is sent to it ahead of its recovery.
         """
         self._started_at = self.clock()
+        await self.notifier.start()
         ruleset = self.ruleset
         fills = self.journal.fills()
         self.ledger = replay(fills, self._point_value)
@@ -304,6 +307,7 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
             await self.dispatcher.stop()
         if self.pool is not None:
             await self.pool.stop()
+        await self.notifier.stop()
 
     def _job(self, order: dict[str, Any], strategy: str, signal_id: str, margin: Decimal | None = None) -> Job | None:
         account = self._account(order["account"])
@@ -333,6 +337,11 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         assert self.dispatcher is not None, "Runtime.start() first"
         if signal_id not in self._holds:
             self.hold(signal_id, decision)  # a caller that did not hold (the engine's orders, reserved the same)
+        held = self._holds.get(signal_id)
+        if held is not None and held.unsent:
+            self.notifier.notify("missed", f"{signal_id}: {len(held.unsent)} order(s) not sent, their broker "
+                                 "paused or down at the decision (catch_up accounts converge when it is back)",
+                                 at=self.clock())
         self.dispatcher.submit_all(self._take_hold(signal_id) or [])
         missed = {s.account for s in decision.skipped if s.by in MISSED_BY}
         if missed and self._rule_mode(decision.rule) == "mirror":
@@ -442,6 +451,11 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         for order in orders:
             log.warning("%s: %s %s %d %s missed (broker %s down or paused at dispatch)", signal_id, order.account,
                         order.side, order.quantity, order.contract, order.broker)
+        for broker in sorted({o.broker for o in orders}):
+            missed = [o for o in orders if o.broker == broker]
+            self.notifier.notify("missed", f"{signal_id}: " + ", ".join(
+                f"{o.account} {o.side} {o.quantity} {o.contract}" for o in missed) + " not sent (broker away)",
+                at=at, broker=broker)
 
     def _state_with_up(self, now: datetime, brokers: set[str]) -> EngineState:
         """The engine's view with ``brokers`` connected and not paused (what they would get if they were up).
@@ -698,6 +712,10 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         await self.journal.record_risk_event({"scope": "portfolio" if name == PORTFOLIO else "account",
                                               "name": name, "kind": kind, "reason": reason, "source": source,
                                               "day": trading_day(now).isoformat(), "at": now, **extra})
+        account = None if name == PORTFOLIO else self._account(name)
+        self.notifier.notify(kind, reason if account is not None else f"portfolio: {reason}", at=now,
+                             account=None if name == PORTFOLIO else name,
+                             broker=None if account is None else account.broker)
 
     async def _risk_loop(self) -> None:
         while True:
@@ -772,6 +790,8 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         assert self.pool is not None
         if not self.pool[name].admin_paused:
             self._owe_catch_up(name, self.clock())
+            self.notifier.notify("broker_paused", "paused by an operator: nothing new is sent there",
+                                 at=self.clock(), broker=name)
         slot = self.pool.pause(name)
         self._invalidate()
         return slot.as_dict()
@@ -793,7 +813,12 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
                 except BaseException:
                     self._owe_catch_up(name, since)  # still paused: the next come-up or resume owes it again
                     raise
+        was_paused = slot.admin_paused
         slot = self.pool.resume(name)
+        if was_paused:
+            self.notifier.notify("broker_resumed", "resumed by an operator" if slot.available else
+                                 "resumed by an operator; still down, it opens when it reconnects",
+                                 at=self.clock(), broker=name)
         if slot.available:
             # Once more, open now: an exit missed while the redo above and the catch-up ran (its ``missed`` landed
             # after the redo read the journal, while the broker was still paused) is owed too.
@@ -812,6 +837,7 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
             "trading_day": None if self.risk.day is None else self.risk.day.isoformat(),
             "portfolio_daily_pnl": str(self.risk.portfolio_pnl(self.ruleset.accounts)),
             "alerts": self.alerts[-20:],
+            "notifications": self.notifier.status(),
         }
 
     def accounts(self) -> list[dict[str, Any]]:

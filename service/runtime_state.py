@@ -26,6 +26,7 @@ from service.risk import RiskMonitor
 
 if TYPE_CHECKING:
     from service.flatten import _Netted, _Owed
+    from service.notify import Notifier
 
 
 SIGNAL_FIELDS = ("strategy", "ticker", "action", "quantity", "order_type", "price", "position", "position_size",
@@ -70,6 +71,8 @@ class RuntimeState:
     dispatcher: Dispatcher | None
     risk: RiskMonitor
     alerts: list[dict[str, Any]]
+    notifier: Notifier
+    """Pushes alerts to the trader's chat (``service.notify``); a no-op unless configured."""
     catchups: list[dict[str, Any]]
     running: bool
     flatten_retry_delays_s: tuple[float, ...]
