@@ -1075,6 +1075,17 @@ class Journal:
                 found[str(strategy)] = signal
         return found
 
+    def moves_since(self, strategy: str, after: datetime) -> list[dict[str, Any]]:
+        """``strategy``'s plain ``buy``/``sell`` signals (no ``position``: a change of the strategy's position, not
+        where it stands) received after ``after``, accepted or decided, oldest first: what catch-up adds to the
+        strategy's last target (``last_targets_since``), which alone would be stale."""
+        rows = self._query(
+            "SELECT * FROM signals WHERE strategy = ? AND received_at > ? AND status IN ('accepted', 'decided') AND "
+            "json_extract(signal, '$.action') IN ('buy', 'sell') AND json_extract(signal, '$.position') IS NULL "
+            "AND json_extract(signal, '$.flatten') IS NULL AND COALESCE(json_extract(signal, '$.catch_up'), 0) = 0 "
+            "ORDER BY received_at, rowid", (strategy, utc_iso(after)))
+        return [_signal(row) for row in rows]
+
     def catch_up_owed_since(self, broker: str, accounts: Iterable[str], at: datetime) -> datetime | None:
         """When the earliest target still owed a catch-up at ``broker`` was received (received at or after ``at``),
         or None when none is owed: what a process that starts owes for what an earlier one journaled missed.

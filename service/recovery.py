@@ -333,12 +333,10 @@ class RecoveryMixin(RuntimeState):
             if not followers:
                 continue
             received = parse_utc(str(row["received_at"]))
+            body = {k: v for k, v in (row.get("signal") or {}).items() if k in SIGNAL_FIELDS}
+            row, received, body, flat = self._with_moves(strategy, followers, row, received, body, now)
             if trading_day(received) != trading_day(now) or (since is not None and received < since):
                 continue
-            body = {k: v for k, v in (row.get("signal") or {}).items() if k in SIGNAL_FIELDS}
-            flat = self._flattened_since(strategy, followers, received, now, ticker=body.get("ticker"))
-            if flat:
-                body.update(position="flat", position_size=0)
             sid = f"{row['id']}-catchup-{broker}-{self.pool[broker].reconnects if self.pool else 0}"
             if self.journal.get_signal(sid) is not None:
                 continue
@@ -387,6 +385,49 @@ class RecoveryMixin(RuntimeState):
                 self._invalidate()
             for job in jobs:
                 await self._send_recovered(job)
+
+    def _with_moves(self, strategy: str, followers: list[Account], row: dict[str, Any], received: datetime,
+                    body: dict[str, Any], now: datetime) -> tuple[dict[str, Any], datetime, dict[str, Any], bool]:
+        """Where ``strategy`` stands now, from its last target or exit (``row``, received at ``received``, its
+        journaled ``body``): the plain buys and sells of the same instrument since then move it (a "buy 2" after
+        "long 1" is long 3: converging to the target alone would leave the account 2 short of its strategy, and a
+        strategy traded only with plain signals after its first target would never be caught up), and a flatten
+        in between, or since the last of them, sets it flat (``_flattened_since``). Returns the signal the
+        catch-up is named after (the last one counted), when it arrived, the target body to decide, and whether a
+        flatten since the last signal made it flat."""
+        ticker = body.get("ticker")
+        root = self._root_of(ticker, now)
+        moves = [m for m in self.journal.moves_since(strategy, received)
+                 if self._root_of((m.get("signal") or {}).get("ticker"), now) == root]
+        if not moves:
+            flat = self._flattened_since(strategy, followers, received, now, ticker=ticker)
+            if flat:
+                body = {**body, "position": "flat", "position_size": 0}
+            return row, received, body, flat
+        side = {"long": 1, "short": -1}.get(str(body.get("position")), 0)
+        position = 0 if body.get("action") == "exit" else side * int(body.get("position_size") or 0)
+        at = received
+        for move in moves:
+            when = parse_utc(str(move["received_at"]))
+            if self._flattened_since(strategy, followers, at, when, ticker=ticker):
+                position = 0
+            signal = move.get("signal") or {}
+            quantity = int(str(signal.get("quantity") or 0))
+            position += quantity if signal.get("action") == "buy" else -quantity
+            row, at = move, when
+        flat = self._flattened_since(strategy, followers, at, now, ticker=ticker)
+        if flat:
+            position = 0
+        body = {**body, "action": "buy" if position > 0 else "sell", "quantity": max(abs(position), 1),
+                "position": "long" if position > 0 else "short" if position < 0 else "flat",
+                "position_size": abs(position)}
+        return row, at, body, flat
+
+    def _root_of(self, ticker: Any, now: datetime) -> str | None:
+        try:
+            return resolve(str(ticker), now, self.ruleset.catalog).root if ticker else None
+        except SymbolError:
+            return None
 
     def _flattened_since(self, strategy: str, accounts: Iterable[Account], since: datetime, now: datetime, *,
                          ticker: str | None = None) -> bool:

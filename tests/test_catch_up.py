@@ -501,3 +501,40 @@ async def test_an_exit_missed_by_a_catch_up_account_is_caught_up(w: World) -> No
     await wait_until(lambda: w.runtime.pool.available("slow"), what="slow back again")
     await w.settle()
     assert [(o["side"], o["quantity"]) for o in w.book_orders("slow", "S-1")] == [("buy", 2), ("sell", 2)]
+
+
+async def test_plain_buys_and_sells_after_the_target_move_it(w: World) -> None:
+    """Strategies alerting with plain "buy 2" / "sell 1" (no ``position``) after a target: catch-up converged to
+    the stale target, leaving ``s1`` behind its strategy (long 1 where the strategy was long 2)."""
+    await w.submit(signal("mirror", "buy", 1, sid="m1", position="long", position_size=1))
+    await w.settle()
+    await drop(w, "slow")
+    await w.submit(signal("mirror", "buy", 2, sid="m2"))  # long 3
+    await w.submit(signal("mirror", "sell", 1, sid="m3"))  # long 2
+    await w.settle()
+    assert w.statuses("m2") == {"f1": FILLED, "s1": MISSED} and w.statuses("m3") == {"f1": FILLED, "s1": MISSED}
+
+    await w.connector("slow").reconnect()
+    await wait_until(lambda: w.runtime.pool.available("slow"), what="slow back")
+    mirror = [c for c in w.runtime.catchups if c["strategy"] == "mirror"]
+    assert [(c["signal"].split("-catchup")[0], legs(c)) for c in mirror] == [("m3", [("s1", "buy", 1, "entry")])]
+    await w.settle()
+    at = {name: sum(int(p["quantity"]) for p in w.connector(broker).book.positions(acct))
+          for name, (broker, acct) in {"f1": ("fast", "F-1"), "s1": ("slow", "S-1")}.items()}
+    assert at == {"f1": 2, "s1": 2}
+
+
+async def test_a_flatten_between_the_target_and_a_later_buy_resets_it(w: World) -> None:
+    await w.submit(signal("mirror", "buy", 2, sid="m1", position="long", position_size=2))
+    await w.settle()
+    await drop(w, "slow")
+    await w.runtime.flatten(strategy="mirror", reason="operator")
+    await w.settle()
+    await w.submit(signal("mirror", "buy", 1, sid="m2"))  # flat + 1 = long 1, not long 3
+    await w.settle()
+
+    await w.connector("slow").reconnect()
+    await wait_until(lambda: w.runtime.pool.available("slow"), what="slow back")
+    await w.settle()
+    assert {p["contract"]: int(p["quantity"]) for p in w.connector("slow").book.positions("S-1")
+            if int(p["quantity"])} == {"MESH6": 1}
