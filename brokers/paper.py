@@ -542,6 +542,34 @@ class PaperBook:
                 "avg_price = excluded.avg_price", [account, contract, new_qty, str(_tidy(new_avg))])
         return realized
 
+    def manual_trade(self, account: str, contract: str, side: Side, quantity: int,
+                     client_order_id: str) -> dict[str, Any]:
+        """A market order another client of the broker placed (the trader in the broker's own platform), filled
+        at once in full at the feed's price; returns its wire fill. It is the broker's, not our session's: the
+        faults injected for our connection (``reject_next``, ``reject_rate``, partial fills, the rate limit) do not
+        apply to it. Its order and fill are published like any (they reach our fill stream while we are
+        connected) and listed by ``fills_since`` (what reconciliation books after a drop)."""
+        if quantity <= 0:
+            raise ValueError(f"manual trade of {quantity} {contract}: the quantity must be positive")
+        existing = self.find(account, client_order_id)
+        if existing is not None:
+            raise DuplicateOrder(existing)
+        self._ensure_account(account)
+        self._root(contract)  # an unknown contract raises here, before anything is booked
+        now = _iso(self.clock())
+        row = {"broker_order_id": self._next_id("orders", "P"), "client_order_id": client_order_id,
+               "account": account, "contract": contract.upper(), "side": side.value, "quantity": quantity,
+               "filled_quantity": 0, "status": OrderStatus.WORKING.value, "order_type": OrderType.MARKET.value,
+               "limit_price": None, "stop_price": None, "avg_fill_price": None, "reason": None,
+               "created_at": now, "updated_at": now}
+        self._written = None
+        with self._transaction():
+            self._conn.execute(_INSERT_ORDER, tuple(row.values()))
+        self._publish("order", self.wire_order(row))
+        done = self._fill_row(row, quantity, None)
+        assert done is not None
+        return done[0]
+
     def cancel(self, account: str, broker_order_id: str) -> dict[str, Any]:
         row = self._order_row(broker_order_id)
         if row is None or row["account"] != account:
@@ -751,6 +779,12 @@ class PaperConnector(Connector):
 
     def reject_next(self, n: int = 1) -> None:
         self.book.reject_next += n
+
+    def manual_trade(self, account: str, contract: str, side: Side, quantity: int, client_order_id: str) -> Fill:
+        """A trade placed at the broker by hand, not through us (``PaperBook.manual_trade``): its fill reaches the
+        event stream if we are connected, and ``fills_since`` either way. Works while the link is down."""
+        return self._fill(self.book.manual_trade(account, contract, side, quantity, client_order_id))
+
 
     def partial_fill_next(self, parts: list[int]) -> None:
         self.book.partial_fill_next.append(list(parts))

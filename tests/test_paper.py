@@ -28,7 +28,7 @@ from brokers.base import (
     make_connector,
 )
 from brokers.feed import PriceFeed, root_of, snap
-from brokers.paper import PaperConnector, PaperQuirks
+from brokers.paper import DuplicateOrder, PaperConnector, PaperQuirks
 from engine.loader import load_rules
 from engine.model import RateLimit
 from tests.harness.paper import ACCOUNT, broker_doc
@@ -637,3 +637,34 @@ async def next_fill(queue: "asyncio.Queue[Any]") -> Any:
         event = await queue.get()
         if isinstance(event, FillEvent):
             return event.fill
+
+
+async def test_a_manual_trade_is_the_brokers_own_and_reaches_the_fill_stream_only_while_connected(
+        tmp_path: Path, feed: PriceFeed) -> None:
+    """A trade placed by hand in the broker's platform: filled at once in full at the feed's price, outside the
+    faults injected for our session (the rejection owed stays owed), its fill on our event stream while connected;
+    while the link is down nothing reaches us live and ``fills_since`` lists it. Its client order id is its own."""
+    async with connector(tmp_path, feed, paper={"partial_fill_rate": 1.0}) as conn:
+        events = conn.subscribe()
+        conn.reject_next(1)
+        since = datetime.now(UTC) - timedelta(minutes=1)
+        fill = conn.manual_trade(ACCOUNT, "MESZ6", Side.SELL, 3, "manual-1")
+        assert (fill.client_order_id, fill.side, fill.quantity, fill.price) == ("manual-1", Side.SELL, 3,
+                                                                                Decimal("6000"))
+        seen = [e.fill for e in drain(events) if isinstance(e, FillEvent)]
+        assert [(f.client_order_id, f.quantity) for f in seen] == [("manual-1", 3)]
+        assert {p.contract: p.quantity for p in await conn.positions(ACCOUNT)} == {"MESZ6": -3}
+        assert conn.book.reject_next == 1  # still owed to our next order
+        with pytest.raises(OrderRejected):
+            await conn.place_order(buy(1))
+
+        conn.disconnect()
+        conn.manual_trade(ACCOUNT, "MESZ6", Side.BUY, 1, "manual-2")  # the broker trades on while we are away
+        await conn.reconnect()
+        assert not any(isinstance(e, FillEvent) for e in drain(events))
+        listed = await conn.fills_since(ACCOUNT, since)
+        assert [(f.client_order_id, f.side, f.quantity) for f in listed] == [("manual-1", Side.SELL, 3),
+                                                                             ("manual-2", Side.BUY, 1)]
+        assert {p.contract: p.quantity for p in await conn.positions(ACCOUNT)} == {"MESZ6": -2}
+        with pytest.raises(DuplicateOrder, match="manual-2"):
+            conn.manual_trade(ACCOUNT, "MESZ6", Side.BUY, 1, "manual-2")
