@@ -17,7 +17,7 @@ an earlier trading day is not carried out, only warned about naming each positio
 (a schedule flatten guarded that session's close, a risk flatten that day's loss, whose halts lifted at 18:00 ET),
 positions carried into the new day are part of its book, and closing them now would act at a time and price nobody
 chose. Catch-up treats any journaled flatten after a strategy's last target (not only the schedule's) as voiding
-that target (``_flattened_since``), so it never re-opens what a risk or operator flatten closed.
+that target (``_flatten_times``), so it never re-opens what a risk or operator flatten closed.
 
 Rejected flatten exits: an exit of a flatten (any of the above, a re-issue, or a retry) that the broker rejects, or
 cancels with quantity unfilled, is retried after a backoff (``FLATTEN_RETRY_DELAYS_S``: five attempts over about

@@ -392,30 +392,28 @@ class RecoveryMixin(RuntimeState):
         journaled ``body``): the plain buys and sells of the same instrument since then move it (a "buy 2" after
         "long 1" is long 3: converging to the target alone would leave the account 2 short of its strategy, and a
         strategy traded only with plain signals after its first target would never be caught up), and a flatten
-        in between, or since the last of them, sets it flat (``_flattened_since``). Returns the signal the
-        catch-up is named after (the last one counted), when it arrived, the target body to decide, and whether a
-        flatten since the last signal made it flat."""
+        in between, or since the last of them, sets it flat (``_flatten_times``, read once). Returns the signal
+        the catch-up is named after (the last one counted), when it arrived, the target body to decide, and
+        whether a flatten since the last signal made it flat."""
         ticker = body.get("ticker")
         root = self._root_of(ticker, now)
+        flattens = self._flatten_times(strategy, followers, received, now, root)
         moves = [m for m in self.journal.moves_since(strategy, received)
                  if self._root_of((m.get("signal") or {}).get("ticker"), now) == root]
-        if not moves:
-            flat = self._flattened_since(strategy, followers, received, now, ticker=ticker)
-            if flat:
-                body = {**body, "position": "flat", "position_size": 0}
-            return row, received, body, flat
         side = {"long": 1, "short": -1}.get(str(body.get("position")), 0)
         position = 0 if body.get("action") == "exit" else side * int(body.get("position_size") or 0)
         at = received
         for move in moves:
             when = parse_utc(str(move["received_at"]))
-            if self._flattened_since(strategy, followers, at, when, ticker=ticker):
+            if any(at < t <= when for t in flattens):
                 position = 0
             signal = move.get("signal") or {}
             quantity = int(str(signal.get("quantity") or 0))
             position += quantity if signal.get("action") == "buy" else -quantity
             row, at = move, when
-        flat = self._flattened_since(strategy, followers, at, now, ticker=ticker)
+        flat = any(t > at for t in flattens)
+        if not moves:
+            return row, received, ({**body, "position": "flat", "position_size": 0} if flat else body), flat
         if flat:
             position = 0
         body = {**body, "action": "buy" if position > 0 else "sell", "quantity": max(abs(position), 1),
@@ -424,14 +422,16 @@ class RecoveryMixin(RuntimeState):
         return row, at, body, flat
 
     def _root_of(self, ticker: Any, now: datetime) -> str | None:
+        """The root ``ticker`` resolves to now; None when unknown (callers then take the safe side)."""
         try:
             return resolve(str(ticker), now, self.ruleset.catalog).root if ticker else None
         except SymbolError:
             return None
 
-    def _flattened_since(self, strategy: str, accounts: Iterable[Account], since: datetime, now: datetime, *,
-                         ticker: str | None = None) -> bool:
-        """Did a flatten covering ``strategy`` at any of ``accounts`` happen after ``since`` (a target's arrival)?
+    def _flatten_times(self, strategy: str, accounts: Iterable[Account], since: datetime, now: datetime,
+                       root: str | None) -> list[datetime]:
+        """When flattens covering ``strategy`` at any of ``accounts`` happened after ``since`` and up to ``now`` (a
+        target's arrival, and what came after it): each voids what the strategy held before it.
 
         Any flatten counts, not only the schedule's: a risk ``flatten_and_halt`` or an operator's flatten voids the
         strategy's earlier target just as much, and catch-up must not put the position back. Both the schedule's
@@ -440,9 +440,10 @@ class RecoveryMixin(RuntimeState):
         target received between the two would be voided), nor is a retry of rejected exits (``-retry-``), nor a
         follow-up closing what an order the flatten counted on left unfilled (``-follow-``: issued when that order
         settled, after a restart maybe minutes later).
-        ``ticker``: the target's, so that a flatten restricted to other roots does not void it (unknown: it does,
+        ``root``: the target's, so that a flatten restricted to other roots does not void it (unknown: it does,
         the safe side)."""
         names = {a.name for a in accounts}
+        times = []
         for firing in firings(self.ruleset.schedule_rules, since + timedelta(microseconds=1),
                               now + timedelta(microseconds=1)):
             rule = firing.rule
@@ -452,13 +453,7 @@ class RecoveryMixin(RuntimeState):
                 continue
             if rule.accounts is not None and not names & set(rule.accounts):
                 continue
-            return True
-        root = None
-        if ticker:
-            try:
-                root = resolve(ticker, now, self.ruleset.catalog).root
-            except SymbolError:
-                root = None
+            times.append(firing.at)
         for row in self.journal.flattens_between(since, now):
             scope = _flatten_scope(row)
             if scope is None or scope.origin is not None or scope.follow_of is not None:
@@ -469,5 +464,5 @@ class RecoveryMixin(RuntimeState):
                 continue
             if scope.roots is not None and root is not None and root not in scope.roots:
                 continue
-            return True
-        return False
+            times.append(parse_utc(str(row["received_at"])))
+        return sorted(times)

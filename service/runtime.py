@@ -712,10 +712,11 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         await self.journal.record_risk_event({"scope": "portfolio" if name == PORTFOLIO else "account",
                                               "name": name, "kind": kind, "reason": reason, "source": source,
                                               "day": trading_day(now).isoformat(), "at": now, **extra})
-        account = None if name == PORTFOLIO else self._account(name)
-        self.notifier.notify(kind, reason if account is not None else f"portfolio: {reason}", at=now,
-                             account=None if name == PORTFOLIO else name,
-                             broker=None if account is None else account.broker)
+        if name == PORTFOLIO:
+            self.notifier.notify(kind, f"portfolio: {reason}", at=now)
+        else:
+            account = self._account(name)
+            self.notifier.notify(kind, reason, at=now, account=name, broker=account.broker if account else None)
 
     async def _risk_loop(self) -> None:
         while True:
