@@ -238,9 +238,9 @@ def _cap_batch(orders: list[dict[str, Any]], start: dict[tuple[str, str], int], 
             groups.setdefault(key, []).append(i)
     sent = [int(o["quantity"]) for o in orders]
     for key, members in groups.items():
-        # Only strategies' exits pair off: a line booked to no strategy that opposes them is a manual close of
-        # them, already done at the broker (``ledger.absorb_external``; what is left of it after the ledger's lines
-        # only opposes orders still in flight); trading both would be a round trip for nothing.
+        # Only strategies' exits pair off: a line booked to no strategy is a position opened by hand (a trade by
+        # hand that closed strategies' positions was booked to them: ``Ledger._book_manual``); it pairs with
+        # nothing of ours, and trading both would be a round trip for nothing.
         real = {i for i in members if orders[i]["strategy"] != EXTERNAL_STRATEGY}
         sells = sum(int(orders[i]["quantity"]) for i in real if orders[i]["side"] == "sell")
         buys = sum(int(orders[i]["quantity"]) for i in real if orders[i]["side"] == "buy")
@@ -512,7 +512,7 @@ class FlattenMixin(RuntimeState):
         in_flight: dict[tuple[str, str, str], list[Tracked]] = {}
         for t in self.tracker.unsettled():
             in_flight.setdefault((t.job.account, t.job.strategy, t.job.contract), []).append(t)
-        lines = self.ledger.strategy_lines()  # a manual close nets out of the strategies it closed
+        lines = self.ledger.strategy_lines()  # a manual close was booked to the strategies it closed
         for key in in_flight:
             lines.setdefault(key, 0)
         orders = []
@@ -1104,11 +1104,10 @@ class FlattenMixin(RuntimeState):
         return pending, books
 
     def _strategy_books(self, *, in_flight: bool) -> dict[tuple[str, str], dict[str, int]]:
-        """By (account, contract): each strategy's position there as it still holds it (its ledger book, net of a
-        manual close: ``Ledger.strategy_lines``) and, ``in_flight``, its orders not settled yet; never lines booked
-        to no strategy: what ``_outside`` subtracts from a broker's position."""
+        """By (account, contract): each strategy's position there (its ledger book, a manual close of it booked to
+        it: ``Ledger._book_manual``) and, ``in_flight``, its orders not settled yet; never lines booked to no
+        strategy: what ``_outside`` subtracts from a broker's position."""
         books: dict[tuple[str, str], dict[str, int]] = {}
-        # As the strategies still hold them: a manual close nets out of the ones it closed (``strategy_lines``).
         for (acct, strat, contract), quantity in self.ledger.strategy_lines().items():
             if strat != EXTERNAL_STRATEGY:
                 by = books.setdefault((acct, contract), {})

@@ -29,7 +29,8 @@ Tables (created and migrated by ``MIGRATIONS``, ordered and transactional, track
     orders             client_order_id, signal_id, account, broker, contract, side, quantity, intent, status,
                        strategy (only when not the signal's: a flatten's exits), ...
     order_events       the status history of every order, with UTC times
-    fills              (broker, fill_id) unique: a fill reported twice is recorded once
+    fills              (broker, fill_id) unique: a fill reported twice is recorded once; ``kind`` ``adopted``: a
+                       position change reconciliation adopted with no fill to show for it
     position_snapshots, reconciliations, reloads, risk_events   time-stamped rows with their full record as JSON
 
 Times are stored as UTC ISO-8601 strings ending in ``Z`` (fixed width, so they sort as text); money as ``Decimal``
@@ -60,6 +61,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import sqlite_utils
+
+from service.ledger import ADOPTED
 
 logger = logging.getLogger(__name__)
 
@@ -241,10 +244,19 @@ def _m3_order_strategy(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE orders ADD COLUMN strategy TEXT")
 
 
+def _m4_fill_kind(db: sqlite_utils.Database) -> None:
+    # What a fills row is: NULL, a fill the broker reported; ``adopted``, a position change reconciliation adopted
+    # from the broker with no fill to show for it (a trade made by hand that the broker reports as a position only).
+    # Kept with the fills so that a restart books both back in the order they were booked (``Ledger._book_manual``
+    # nets a trade by hand against what the strategies held when it was booked).
+    db.execute("ALTER TABLE fills ADD COLUMN kind TEXT")
+
+
 MIGRATIONS: Sequence[tuple[str, Migration]] = (
     ("initial", _m1_initial),
     ("daily_marks", _m2_daily_marks),
     ("order_strategy", _m3_order_strategy),
+    ("fill_kind", _m4_fill_kind),
 )
 """Append only: version N is ``MIGRATIONS[N-1]``; each runs in its own transaction with its ``schema_version`` row."""
 
@@ -961,9 +973,22 @@ class Journal:
         row = (data["broker"], str(data["fill_id"]), data.get("account"), data.get("contract"), data.get("side"),
                None if quantity is None else int(quantity), price_text, commission_text, at_text,
                data.get("client_order_id"), data.get("broker_order_id"), data.get("strategy"), utc_iso(self.clock()),
-               _encode(data))
+               _encode(data), data.get("kind"))
         result: bool = await self._enqueue(_FillRow(row))
         return result
+
+    async def record_adoption(self, *, broker: str, account: str, contract: str, quantity: int,
+                              price: Decimal | None, at: datetime) -> str:
+        """Journal a position change reconciliation adopted from the broker (``quantity`` signed, at ``price``,
+        the mark it was booked at: None when none was known) as a fills row of kind ``adopted``; returns its fill
+        id. A restart books it back where the live ledger did, in its place among the fills
+        (``service.ledger.replay``): re-adopting the broker's position at start-up instead would net it against
+        whatever the strategies hold by then."""
+        fill_id = f"adopted-{secrets.token_hex(8)}"
+        await self.record_fill({"broker": broker, "fill_id": fill_id, "account": account, "contract": contract,
+                                "side": "buy" if quantity > 0 else "sell", "quantity": abs(quantity),
+                                "price": price, "commission": Decimal(0), "at": at, "kind": ADOPTED})
+        return fill_id
 
     def fills(self, *, account: str | None = None, since: datetime | None = None,
               limit: int | None = None) -> list[dict[str, Any]]:
@@ -1309,8 +1334,8 @@ _UPDATE_ORDER = ("UPDATE orders SET status = ?, broker_order_id = COALESCE(?, br
                  "updated_at = ? WHERE client_order_id = ?")
 _INSERT_EVENT = "INSERT INTO order_events (client_order_id, status, at, broker_order_id, detail) VALUES (?, ?, ?, ?, ?)"
 _INSERT_FILL = ("INSERT OR IGNORE INTO fills (broker, fill_id, account, contract, side, quantity, price, commission, "
-                "at, client_order_id, broker_order_id, strategy, recorded_at, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                "at, client_order_id, broker_order_id, strategy, recorded_at, data, kind) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 class _StatusRow:

@@ -14,6 +14,7 @@ apart from price P&L (``commissions``) so each can be checked against the broker
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from decimal import Decimal
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -97,28 +98,34 @@ Key = tuple[str, str, str]
 """(account, strategy, contract)."""
 
 
-def absorb_external(by_strategy: dict[str, dict[str, int]], contract: str, qty: int) -> int:
-    """Net a line booked to no strategy (``qty`` of ``contract``) against the strategies' lines of one account
-    (``by_strategy``: strategy -> contract -> quantity, changed in place); returns what is left of it.
+ADOPTED = "adopted"
+"""The ``kind`` of a journaled fills row that is a position change reconciliation adopted from the broker."""
 
-    A line booked to no strategy that opposes strategies' positions is a trader's manual close of them (a fill we
-    did not order, or what reconciliation adopted from the broker): it takes those positions off, so that a
-    strategy's next exit, target or flatten does not trade a position that is gone (it would open the other side).
-    Strategies on the opposite side of it first by name; a manual line on the same side (a trade opened by hand)
-    belongs to no strategy and changes none. Every reader of per-strategy positions nets the same way: the engine's
-    view (``Runtime.engine_state``) and a flatten's lines (``Ledger.strategy_lines``)."""
-    left = qty
-    for strategy in sorted(by_strategy):
-        held = by_strategy[strategy].get(contract, 0)
-        if left == 0:
-            break
-        if held == 0 or (held > 0) == (left > 0):
-            continue
-        take = min(abs(held), abs(left))
-        step = take if held > 0 else -take
-        by_strategy[strategy][contract] = held - step
-        left += step
-    return left
+
+def is_manual(row: Mapping[str, object]) -> bool:
+    """Is a journaled fills row a trade made by hand at the broker? An adopted position change, or a fill booked to
+    no strategy that is not of an order of ours (our client order ids start ``mb-``; an account-wide flatten's exit
+    of what belongs to nobody is ours, booked to nobody)."""
+    if row.get("kind") == ADOPTED:
+        return True
+    return (row.get("strategy") or EXTERNAL_STRATEGY) == EXTERNAL_STRATEGY \
+        and not str(row.get("client_order_id") or "").startswith("mb-")
+
+
+def fill_entry(row: Mapping[str, object], point_value: Callable[[str], Decimal]) -> dict[str, object]:
+    """``Ledger.apply``'s arguments for a journaled fills row (a fill, or an adoption: ``Journal.record_adoption``).
+    An adoption booked with no mark known moves the position at no price and realizes nothing (point value 0), as
+    it did live."""
+    contract = str(row["contract"])
+    qty = int(row["quantity"])  # type: ignore[call-overload]
+    price = row.get("price")
+    priced = price not in (None, "")
+    return {"fill_id": f"{row['broker']}:{row['fill_id']}", "account": str(row["account"]),
+            "strategy": str(row.get("strategy") or EXTERNAL_STRATEGY), "contract": contract,
+            "signed_qty": qty if str(row["side"]) == "buy" else -qty,
+            "price": Decimal(str(price)) if priced else Decimal(0),
+            "commission": Decimal(str(row.get("commission") or 0)),
+            "point_value": point_value(contract) if priced else Decimal(0), "manual": is_manual(row)}
 
 
 @dataclass
@@ -129,8 +136,10 @@ class Ledger:
     seen_fills: set[str] = field(default_factory=set)
 
     def apply(self, *, fill_id: str, account: str, strategy: str, contract: str, signed_qty: int,
-              price: Decimal, commission: Decimal, point_value: Decimal) -> bool:
-        """Book one fill; False (and no change) when ``fill_id`` was applied before."""
+              price: Decimal, commission: Decimal, point_value: Decimal, manual: bool = False) -> bool:
+        """Book one fill; False (and no change) when ``fill_id`` was applied before. ``manual``: a trade made by
+        hand at the broker (a fill we did not order), booked where it lands (``_book_manual``), not to
+        ``strategy``."""
         if fill_id in self.seen_fills:
             return False
         if type(price) is not Decimal:
@@ -139,26 +148,44 @@ class Ledger:
             commission = _dec(commission, "commission")
         if type(point_value) is not Decimal:
             point_value = _dec(point_value, "point value")
+        self.seen_fills.add(fill_id)
+        if manual:
+            self._book_manual(account, contract, signed_qty, price, commission, point_value)
+            return True
         key = (account, strategy, contract)
         book = self.books.get(key)
         self.books[key] = (_EMPTY if book is None else book).fill(signed_qty, price, commission, point_value)
-        self.seen_fills.add(fill_id)
         return True
 
-    def adjust(self, *, account: str, contract: str, to_quantity: int, price: Decimal,
-               strategy: str = EXTERNAL_STRATEGY) -> int:
-        """Make the account's net position in ``contract`` equal ``to_quantity`` (the broker's truth).
+    def _book_manual(self, account: str, contract: str, qty: int, price: Decimal, commission: Decimal,
+                     point_value: Decimal) -> None:
+        """Book a trade made by hand (``qty`` of ``contract``, buy > 0) where it lands, once, when it is made.
 
-        The difference is booked to ``strategy`` (by default the external bucket) at ``price`` without P&L, so the
-        strategies' own books keep what they traded. Returns the signed quantity adjusted.
-        """
-        delta = to_quantity - self.account_position(account, contract)
-        if delta:
-            key = (account, strategy, contract)
-            book = self.books.get(key, Book())
-            # Booked as a fill with a zero point value: the quantity and average move, realized P&L does not.
-            self.books[key] = book.fill(delta, _dec(price, "price"), Decimal(0), Decimal(0))
-        return delta
+        First it closes what earlier trades by hand opened (the bucket of no strategy, on the other side); then it
+        closes the strategies' positions on the other side, by name: a trader closing a strategy's position at the
+        broker closed it, at this price, so that the strategy's next exit, target or flatten does not trade a
+        position that is gone (it would open the other side). What is left opens a position of no strategy: a
+        strategy's later trades never net it, and none of its exits closes it. Settled here rather than at every
+        read: netted at read time, a strategy that re-opened after a manual close had its new position eaten by
+        the old close (its exit then sent nothing and the account stayed open). The commission is the trader's
+        (the bucket of no strategy)."""
+        left = qty
+        external = (account, EXTERNAL_STRATEGY, contract)
+        keys = [external] + sorted(k for k in self.books
+                                   if k[0] == account and k[2] == contract and k[1] != EXTERNAL_STRATEGY)
+        for key in keys:
+            if left == 0:
+                break
+            book = self.books.get(key)
+            held = book.quantity if book is not None else 0
+            if held == 0 or (held > 0) == (left > 0):
+                continue
+            take = min(abs(held), abs(left)) * (1 if left > 0 else -1)
+            self.books[key] = book.fill(take, price, Decimal(0), point_value)  # type: ignore[union-attr]
+            left -= take
+        book = self.books.get(external)
+        if left or commission or book is not None:
+            self.books[external] = (_EMPTY if book is None else book).fill(left, price, commission, point_value)
 
     # -- reading --------------------------------------------------------------------------------------------
     def book(self, account: str, strategy: str, contract: str) -> Book:
@@ -179,27 +206,10 @@ class Ledger:
         return {c: q for c, q in out.items() if q}
 
     def strategy_lines(self) -> dict[Key, int]:
-        """Non-zero positions by (account, strategy, contract) as each strategy still holds them at the broker:
-        lines booked to no strategy are netted against the strategies' lines they oppose (``absorb_external``),
-        and what is left of them stays booked to no strategy. What a flatten closes: the raw books would have a
-        strategy's flatten sell a position a trader already closed by hand (the account would end short)."""
-        own: dict[str, dict[str, dict[str, int]]] = {}
-        external: list[tuple[str, str, int]] = []
-        for (a, s, c), b in self.books.items():
-            if b.quantity:
-                if s == EXTERNAL_STRATEGY:
-                    external.append((a, c, b.quantity))
-                else:
-                    line = own.setdefault(a, {}).setdefault(s, {})
-                    line[c] = line.get(c, 0) + b.quantity
-        lines = {(a, s, c): q for a, by in own.items() for s, held in by.items() for c, q in held.items()}
-        for a, c, q in external:
-            by = own.get(a, {})
-            left = absorb_external(by, c, q)
-            for s, held in by.items():
-                lines[(a, s, c)] = held.get(c, 0)
-            lines[(a, EXTERNAL_STRATEGY, c)] = left
-        return {key: q for key, q in sorted(lines.items()) if q}
+        """Non-zero positions by (account, strategy, contract): what each strategy holds at the broker (a trade
+        made by hand is booked where it lands when it is made: ``_book_manual``), and what belongs to no
+        strategy."""
+        return {key: b.quantity for key, b in sorted(self.books.items()) if b.quantity}
 
     def strategy_positions(self, account: str, strategy: str) -> dict[str, int]:
         return {c: b.quantity for (a, s, c), b in self.books.items() if a == account and s == strategy and b.quantity}
@@ -237,16 +247,33 @@ class Ledger:
                 for (a, s, c), b in self.items()]
 
 
+@dataclass
+class Arrivals:
+    """By (account, contract), the broker's time of the latest fill booked, and of the latest trade made by hand
+    booked (an adoption: when it was adopted). A trade by hand is netted against what the strategies held when it
+    was made (``Ledger._book_manual``), so the ledger books in the broker's order; a fill reported out of that order
+    across a trade by hand (a come-up books our in-flight orders' fills before reconciliation finds the trader's,
+    made before them) is ``late``: the runtime then rebuilds the ledger from the journal, in the broker's order, as
+    a restart would (``replay`` of ``Journal.fills``)."""
+
+    last: dict[tuple[str, str], datetime] = field(default_factory=dict)
+    last_manual: dict[tuple[str, str], datetime] = field(default_factory=dict)
+
+    def late(self, account: str, contract: str, at: datetime, manual: bool) -> bool:
+        before = (self.last if manual else self.last_manual).get((account, contract))
+        return before is not None and at < before
+
+    def note(self, account: str, contract: str, at: datetime, manual: bool) -> None:
+        key = (account, contract)
+        for seen, counts in ((self.last, True), (self.last_manual, manual)):
+            if counts and (key not in seen or seen[key] < at):
+                seen[key] = at
+
+
 def replay(fills: Iterable[Mapping[str, object]], point_value: Callable[[str], Decimal]) -> Ledger:
-    """A ledger rebuilt from journaled fill rows (account, strategy, contract, side, quantity, price, commission)."""
+    """A ledger rebuilt from journaled fills rows (account, strategy, contract, side, quantity, price, commission;
+    adoptions among them), booked in the order given, as the live ledger booked them."""
     ledger = Ledger()
     for row in fills:
-        contract = str(row["contract"])
-        qty = int(row["quantity"])  # type: ignore[call-overload]
-        signed = qty if str(row["side"]) == "buy" else -qty
-        ledger.apply(fill_id=f"{row['broker']}:{row['fill_id']}", account=str(row["account"]),
-                     strategy=str(row.get("strategy") or EXTERNAL_STRATEGY), contract=contract, signed_qty=signed,
-                     price=Decimal(str(row["price"])), commission=Decimal(str(row.get("commission") or 0)),
-                     point_value=point_value(contract))
+        ledger.apply(**fill_entry(row, point_value))  # type: ignore[arg-type]
     return ledger
-

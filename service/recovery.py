@@ -45,6 +45,7 @@ from service.dispatch import (
     Tracked,
 )
 from service.flatten import _flatten_scope
+from service.ledger import EXTERNAL_STRATEGY
 from service.journal import parse_utc
 from service.runtime_state import SIGNAL_FIELDS, RuntimeState, _utc
 
@@ -304,9 +305,18 @@ class RecoveryMixin(RuntimeState):
                                        now)
             return
         for m in mismatches:
-            mark = self._mark(m.contract) or Decimal(0)
-            self.ledger.adjust(account=account.name, contract=m.contract, to_quantity=m.broker, price=mark)
-            self.risk.adjust(account.name, m.contract, m.broker)
+            # A trade made by hand that the broker shows as a position only: journaled in its place among the fills,
+            # then booked as one (at the current mark; with none known, at no price and realizing nothing), exactly
+            # as a restart's replay of the journal books it.
+            delta = m.broker - self.ledger.account_position(account.name, m.contract)
+            if not delta:
+                continue
+            mark = self._mark(m.contract)
+            fill_id = await self.journal.record_adoption(broker=account.broker, account=account.name,
+                                                         contract=m.contract, quantity=delta, price=mark, at=now)
+            self.book_entry(fill_id=f"{account.broker}:{fill_id}", account=account.name, strategy=EXTERNAL_STRATEGY,
+                            contract=m.contract, signed_qty=delta, price=mark or Decimal(0), commission=Decimal(0),
+                            at=now, manual=True, point_value=None if mark is not None else Decimal(0))
         alert = {"account": account.name, "kind": "reconciliation_adopted", "detail": text, "at": _utc(now)}
         self.alerts.append(alert)
         log.warning("reconciliation: %s adopted the broker's positions (%s)", account.name, text)

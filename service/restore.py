@@ -17,7 +17,7 @@ from engine.sessions import session, trading_day, trading_day_start
 from service.dispatch import FINAL, IN_FLIGHT
 from service.flatten import FLATTEN_FAILED, _Netted, _Owed
 from service.journal import parse_utc
-from service.ledger import EXTERNAL_STRATEGY, replay
+from service.ledger import ADOPTED, EXTERNAL_STRATEGY, fill_entry, replay
 from service.risk import FLATTEN_AND_HALT, PORTFOLIO, halt_key
 from service.runtime_state import RuntimeState, _Reservation
 
@@ -211,13 +211,11 @@ class RestoreMixin(RuntimeState):
                                                                                                   "average")) else "")
         self.risk.open_day(today, opening, marks)
         for fill in during:
-            contract = str(fill["contract"])
-            qty = int(fill["quantity"])
-            self.risk.apply_fill(fill_id=f"{fill['broker']}:{fill['fill_id']}", account=str(fill["account"]),
-                                 strategy=str(fill.get("strategy") or EXTERNAL_STRATEGY), contract=contract,
-                                 signed_qty=qty if str(fill["side"]) == "buy" else -qty,
-                                 price=Decimal(str(fill["price"])),
-                                 commission=Decimal(str(fill.get("commission") or 0)), at=self._fill_time(fill))
+            if fill.get("kind") == ADOPTED and fill.get("price") in (None, ""):
+                continue  # adopted with no mark known: the day book did not follow it either (``RiskMonitor.adjust``)
+            entry = fill_entry(fill, self._point_value)
+            del entry["point_value"]  # the day book's own
+            self.risk.apply_fill(**entry, at=self._fill_time(fill))  # type: ignore[arg-type]
         if journaled is not None and set(held) <= set(journaled):
             self._day_start_journaled = today
         else:

@@ -208,7 +208,7 @@ class RiskMonitor:
         self._pnl.clear()
 
     def apply_fill(self, *, fill_id: str, account: str, strategy: str, contract: str, signed_qty: int,
-                   price: Decimal, commission: Decimal, at: datetime) -> None:
+                   price: Decimal, commission: Decimal, at: datetime, manual: bool = False) -> None:
         """Book a fill of the current trading day.
 
         A fill of an earlier day belongs to the day-start positions: one reported only after the day began (a
@@ -221,12 +221,13 @@ class RiskMonitor:
             if mark is None:
                 mark = self.day_marks[contract] = price
             self.book.apply(fill_id=fill_id, account=account, strategy=strategy, contract=contract,
-                            signed_qty=signed_qty, price=mark, commission=Decimal(0), point_value=Decimal(0))
+                            signed_qty=signed_qty, price=mark, commission=Decimal(0), point_value=Decimal(0),
+                            manual=manual)
             self._pnl.pop(account, None)
             return
         self.book.apply(fill_id=fill_id, account=account, strategy=strategy, contract=contract,
                         signed_qty=signed_qty, price=price, commission=commission,
-                        point_value=self.point_value(contract))
+                        point_value=self.point_value(contract), manual=manual)
         self._pnl.pop(account, None)
 
     def _earlier_day(self, at: datetime) -> bool:
@@ -236,13 +237,6 @@ class RiskMonitor:
         if day == self.day and (self._in_day is None or at < self._in_day):
             self._in_day = at
         return self.day is not None and day < self.day
-
-    def adjust(self, account: str, contract: str, to_quantity: int) -> None:
-        """Follow an adopted broker position (reconciliation), measured from the current mark."""
-        mark = self.marks(contract)
-        if mark is not None:
-            self.book.adjust(account=account, contract=contract, to_quantity=to_quantity, price=mark)
-            self._pnl.pop(account, None)
 
     # -- P&L -------------------------------------------------------------------------------------------------
     def refresh(self) -> None:

@@ -58,7 +58,7 @@ from service.flatten import REDO_LOOKBACK as REDO_LOOKBACK
 from service.flatten import FlattenMixin, _Netted, _Owed
 from service.flatten import _clamp_exits as _clamp_exits
 from service.flatten import _clamp_to_broker as _clamp_to_broker
-from service.ledger import EXTERNAL_STRATEGY, Ledger, absorb_external, replay
+from service.ledger import ADOPTED, EXTERNAL_STRATEGY, Arrivals, Ledger, is_manual, replay
 from service.notify import notifier_for
 from service.pool import BrokerPool
 from service.recovery import RecoveryMixin
@@ -132,6 +132,8 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         self._first_up: set[str] = set()
         self._recovering_at_start: set[str] = set()
         self._after_brokers: asyncio.Task[None] | None = None
+        self.arrivals = Arrivals()
+        """When the ledger's latest fills and trades by hand were made, per account and contract (``book_entry``)."""
         self._pending_fills: dict[str, tuple[str, Fill]] = {}
         """Fills of our orders that arrived before the order was tracked, by broker:fill id (reported once each)."""
         self._catch_up_guard = asyncio.Lock()
@@ -212,6 +214,8 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         ruleset = self.ruleset
         fills = self.journal.fills()
         self.ledger = replay(fills, self._point_value)
+        for fill in fills:
+            self.arrivals.note(str(fill["account"]), str(fill["contract"]), self._fill_time(fill), is_manual(fill))
         # Newest first, every one of the current trading day however busy it was: what start-up restores is of
         # today only (its day-start marks, the halts and the limits fired journaled with today's ``day``; every
         # halt the runtime journals carries its day, and one without a day never was restored).
@@ -219,6 +223,8 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         await self._open_day_book(fills, self._started_at, events)
         booked: dict[Any, int] = {}
         for fill in fills:
+            if fill.get("kind") == ADOPTED:
+                continue  # no order's
             # A broker may leave the client order id off its fill reports: count by its own order id as well.
             key = fill.get("client_order_id") or (fill.get("broker"), fill.get("broker_order_id"))
             booked[key] = booked.get(key, 0) + int(fill["quantity"])
@@ -640,12 +646,9 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         })
         signed = fill.quantity * fill.side.sign
         fid = f"{broker}:{fill.fill_id}"
-        booked = self.ledger.apply(fill_id=fid, account=account, strategy=strategy, contract=fill.contract,
-                                   signed_qty=signed, price=fill.price, commission=fill.commission,
-                                   point_value=self._point_value(fill.contract))
-        if booked:
-            self.risk.apply_fill(fill_id=fid, account=account, strategy=strategy, contract=fill.contract,
-                                 signed_qty=signed, price=fill.price, commission=fill.commission, at=fill.time)
+        booked = self.book_entry(fill_id=fid, account=account, strategy=strategy, contract=fill.contract,
+                                 signed_qty=signed, price=fill.price, commission=fill.commission, at=fill.time,
+                                 manual=tracked is None)  # not ours: a trade made by hand at the broker
         if tracked is not None and booked:
             self.tracker.book_fill(tracked.job.client_order_id, fill.quantity)
             status = FILLED if tracked.filled >= tracked.job.quantity else PARTIALLY_FILLED
@@ -654,6 +657,34 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         self._refresh_snapshot_soon(broker, account)
         self._invalidate()
         return bool(new)
+
+    def book_entry(self, *, fill_id: str, account: str, strategy: str, contract: str, signed_qty: int,
+                   price: Decimal, commission: Decimal, at: datetime, manual: bool,
+                   point_value: Decimal | None = None) -> bool:
+        """Book a journaled fill (or adoption) in the ledger and the day book; False when it was booked before.
+
+        In the broker's order: one that comes out of it across a trade made by hand (``Arrivals.late``) rebuilds
+        the ledger's books from the journal, the fills booked so far and this one, as a restart would. The day
+        book is not rebuilt: an account's P&L does not depend on which of its books a contract is booked to."""
+        if fill_id in self.ledger.seen_fills:
+            return False
+        if point_value is None:
+            point_value = self._point_value(contract)
+        if self.arrivals.late(account, contract, at, manual):
+            wanted = self.ledger.seen_fills | {fill_id}
+            self.ledger = replay([row for row in self.journal.fills()
+                                  if f"{row['broker']}:{row['fill_id']}" in wanted], self._point_value)
+            log.info("ledger rebuilt from the journal in the broker's order: %s at %s came after a later %s", fill_id,
+                     account, "fill" if manual else "trade made by hand")
+        else:
+            self.ledger.apply(fill_id=fill_id, account=account, strategy=strategy, contract=contract,
+                              signed_qty=signed_qty, price=price, commission=commission, point_value=point_value,
+                              manual=manual)
+        self.arrivals.note(account, contract, at, manual)
+        if point_value:  # an adoption with no mark known moves no P&L: the day book does not follow it
+            self.risk.apply_fill(fill_id=fill_id, account=account, strategy=strategy, contract=contract,
+                                 signed_qty=signed_qty, price=price, commission=commission, at=at, manual=manual)
+        return True
 
     def _retry_pending_fills(self) -> None:
         for key, (broker, fill) in list(self._pending_fills.items()):
@@ -883,8 +914,9 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         Positions twice over: the account's net (``positions``: every line, what the broker holds and what
         account-wide limits, risk and the dashboard read) and each strategy's own (``strategy_positions``: its ledger
         books, its orders in flight and its held orders), which is what a signal of that strategy acts on. Lines
-        booked to no strategy (``EXTERNAL_STRATEGY``: fills we did not order, adopted by reconciliation) count in
-        the net only: no strategy's target or exit is computed from them. One pass over the ledger's books, and
+        booked to no strategy (``EXTERNAL_STRATEGY``: what trades made by hand opened) count in the net only: no
+        strategy's target or exit is computed from them (a trade by hand that closed a strategy's position was
+        booked to it when it was made: ``Ledger._book_manual``). One pass over the ledger's books, and
         the tracker's and the holds' views are kept per strategy as orders come and go: O(lines + accounts)."""
         if self.risk.day is not None and trading_day(now) > self.risk.day:
             self.risk.roll(now, self.ledger)
@@ -896,7 +928,6 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         down = pool.disconnected() if pool is not None else paused
         nets: dict[str, dict[str, int]] = {}
         own: dict[str, dict[str, dict[str, int]]] = {}
-        external: dict[str, dict[str, int]] = {}
         for (acct, strategy, contract), book in self.ledger.books.items():
             qty = book.quantity
             if qty:
@@ -905,8 +936,6 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
                 if strategy != EXTERNAL_STRATEGY:
                     line = own.setdefault(acct, {}).setdefault(strategy, {})
                     line[contract] = line.get(contract, 0) + qty
-                else:
-                    external.setdefault(acct, {})[contract] = qty
         accounts = {}
         for name, account in self.ruleset.accounts.items():
             positions = nets.get(name, {})
@@ -922,8 +951,6 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
                     line = by_strategy.setdefault(strategy, {})
                     for contract, qty in lines.items():
                         line[contract] = line.get(contract, 0) + qty
-            for contract, qty in external.get(name, {}).items():
-                absorb_external(by_strategy, contract, qty)
             snap = self._snapshots.get(name)
             free = (snap.free_margin if snap is not None else Decimal(0)) - self._reserved(name)
             accounts[name] = AccountState(

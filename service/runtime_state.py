@@ -143,6 +143,11 @@ class RuntimeState:
     def _spawn(self, coro: Any) -> None:
         raise NotImplementedError
 
+    def book_entry(self, *, fill_id: str, account: str, strategy: str, contract: str, signed_qty: int,
+                   price: Decimal, commission: Decimal, at: datetime, manual: bool,
+                   point_value: Decimal | None = None) -> bool:
+        raise NotImplementedError
+
     async def ingest_fill(self, broker: str, fill: Fill) -> bool:
         raise NotImplementedError
 

@@ -87,15 +87,15 @@ def test_rebased_ledger_measures_the_day_from_the_day_start_mark() -> None:
     assert day.net_pnl("apex-1", {}, {"MESZ6": MES}) == D(-2) * 2 * MES - D("0.50")
 
 
-def test_adjust_adopts_the_broker_truth_in_the_external_bucket() -> None:
+def test_a_trade_by_hand_opening_a_position_is_booked_to_no_strategy_without_touching_the_strategys() -> None:
     ledger = Ledger()
     fill(ledger, "a", 2, "6000")
-    assert ledger.adjust(account="apex-1", contract="MESZ6", to_quantity=3, price=D("6001")) == 1
+    assert ledger.apply(fill_id="adopted-1", account="apex-1", strategy=EXTERNAL_STRATEGY, contract="MESZ6",
+                        signed_qty=1, price=D("6001"), commission=D(0), point_value=MES, manual=True)
     assert ledger.account_position("apex-1", "MESZ6") == 3
     assert ledger.book("apex-1", "es-scalper", "MESZ6").quantity == 2
     assert ledger.book("apex-1", EXTERNAL_STRATEGY, "MESZ6").quantity == 1
     assert ledger.book("apex-1", EXTERNAL_STRATEGY, "MESZ6").realized == 0
-    assert ledger.adjust(account="apex-1", contract="MESZ6", to_quantity=3, price=D("6001")) == 0
 
 
 def test_floats_are_refused() -> None:
@@ -105,6 +105,9 @@ def test_floats_are_refused() -> None:
 
 
 def test_replay_rebuilds_the_ledger_from_journal_rows() -> None:
+    """A fill booked to no strategy that is not of an order of ours is a trade made by hand: it closes what the
+    strategy on the other side held (once, in its place); one of ours (an ``mb-`` id, an account-wide flatten's
+    exit of what belongs to nobody) is booked to nobody as it is."""
     rows = [
         {"broker": "paper-fast", "fill_id": "1", "account": "apex-1", "strategy": "es-scalper", "contract": "MESZ6",
          "side": "buy", "quantity": 2, "price": "6000.25", "commission": "0.50"},
@@ -112,11 +115,15 @@ def test_replay_rebuilds_the_ledger_from_journal_rows() -> None:
          "side": "buy", "quantity": 2, "price": "6000.25", "commission": "0.50"},
         {"broker": "paper-fast", "fill_id": "2", "account": "apex-1", "strategy": None, "contract": "MESZ6",
          "side": "sell", "quantity": 1, "price": "6001", "commission": "0.25"},
+        {"broker": "paper-fast", "fill_id": "3", "account": "apex-1", "strategy": None, "contract": "MESZ6",
+         "side": "buy", "quantity": 1, "price": "6002", "commission": "0.25", "client_order_id": "mb-abc"},
     ]
     ledger = replay(rows, lambda contract: MES)
-    assert ledger.book("apex-1", "es-scalper", "MESZ6").quantity == 2
-    assert ledger.book("apex-1", EXTERNAL_STRATEGY, "MESZ6").quantity == -1
-    assert ledger.account_positions("apex-1") == {"MESZ6": 1}
+    scalper = ledger.book("apex-1", "es-scalper", "MESZ6")
+    assert scalper.quantity == 1 and scalper.realized == D("0.75") * MES  # sold 1 by hand at 6001
+    assert ledger.book("apex-1", EXTERNAL_STRATEGY, "MESZ6").quantity == 1
+    assert ledger.book("apex-1", EXTERNAL_STRATEGY, "MESZ6").commissions == D("0.50")
+    assert ledger.account_positions("apex-1") == {"MESZ6": 2}
 
 
 def test_snapshot_rows_write_prices_as_plain_decimals_never_in_exponent_form() -> None:
@@ -130,14 +137,53 @@ def test_snapshot_rows_write_prices_as_plain_decimals_never_in_exponent_form() -
     assert rows["MESZ6"]["avg_price"] == "6001.25"
 
 
-def test_strategy_lines_net_a_manual_close_out_of_the_strategies_it_closed() -> None:
+def test_a_manual_close_closes_the_strategies_on_the_other_side_by_name() -> None:
     """Opposite strategies first by name; a same-side manual line stays booked to no strategy."""
     ledger = Ledger()
     for fid, strategy, qty in (("1", "beta", 2), ("2", "alpha", 1), ("3", "gamma", -1)):
         ledger.apply(fill_id=fid, account="a1", strategy=strategy, contract="MESH6", signed_qty=qty,
                      price=Decimal("5000"), commission=Decimal(0), point_value=Decimal(5))
-    ledger.adjust(account="a1", contract="MESH6", to_quantity=0, price=Decimal("5000"))  # closed by hand: -2
-    ledger.adjust(account="a1", contract="MESM6", to_quantity=1, price=Decimal("5000"))  # opened by hand
+    # sold 2 by hand at 5002: alpha's 1 and 1 of beta's 2, 2 points each, realized at that price
+    ledger.apply(fill_id="4", account="a1", strategy=EXTERNAL_STRATEGY, contract="MESH6", signed_qty=-2,
+                 price=Decimal("5002"), commission=Decimal(0), point_value=Decimal(5), manual=True)
+    ledger.apply(fill_id="5", account="a1", strategy=EXTERNAL_STRATEGY, contract="MESM6", signed_qty=1,
+                 price=Decimal("5000"), commission=Decimal(0), point_value=Decimal(5), manual=True)
     assert ledger.account_positions("a1") == {"MESM6": 1}
     assert ledger.strategy_lines() == {("a1", "beta", "MESH6"): 1, ("a1", "gamma", "MESH6"): -1,
                                        ("a1", EXTERNAL_STRATEGY, "MESM6"): 1}
+    assert ledger.book("a1", "alpha", "MESH6").realized == ledger.book("a1", "beta", "MESH6").realized == D(10)
+
+
+def _manual(ledger: Ledger, fid: str, qty: int, price: str = "5000") -> None:
+    ledger.apply(fill_id=fid, account="a1", strategy=EXTERNAL_STRATEGY, contract="MESH6", signed_qty=qty,
+                 price=D(price), commission=D("0.25"), point_value=MES, manual=True)
+
+
+def _ours(ledger: Ledger, fid: str, strategy: str, qty: int, price: str = "5000") -> None:
+    ledger.apply(fill_id=fid, account="a1", strategy=strategy, contract="MESH6", signed_qty=qty, price=D(price),
+                 commission=D(0), point_value=MES)
+
+
+def test_a_manual_close_is_booked_once_so_a_strategy_that_reopens_holds_what_it_reopened() -> None:
+    """mirror short 2, bought back by hand, then long 2 of its own: mirror holds 2 (its exit sells them), nothing
+    belongs to nobody. Netted at every read instead, the hand buy ate mirror's new long."""
+    ledger = Ledger()
+    _ours(ledger, "1", "mirror", -2)
+    _manual(ledger, "2", 2, "4990")
+    assert ledger.strategy_lines() == {} and ledger.book("a1", "mirror", "MESH6").realized == D(10) * 2 * MES
+    _ours(ledger, "3", "mirror", 2)
+    assert ledger.strategy_lines() == {("a1", "mirror", "MESH6"): 2}
+
+
+def test_a_position_opened_by_hand_is_nobodys_and_a_strategys_trade_does_not_net_it() -> None:
+    """Opened by hand long 1; mirror then shorts 2 (the broker nets to -1): mirror holds -2, nobody +1, and a
+    later hand sell closes what was opened by hand before it touches a strategy."""
+    ledger = Ledger()
+    _manual(ledger, "1", 1)
+    _ours(ledger, "2", "mirror", -2)
+    assert ledger.strategy_lines() == {("a1", EXTERNAL_STRATEGY, "MESH6"): 1, ("a1", "mirror", "MESH6"): -2}
+    _manual(ledger, "3", -1)
+    assert ledger.strategy_lines() == {("a1", "mirror", "MESH6"): -2}
+    _manual(ledger, "4", 2)  # buys mirror's short back
+    assert ledger.strategy_lines() == {}
+    assert ledger.book("a1", EXTERNAL_STRATEGY, "MESH6").commissions == D("0.75")  # the trader's commissions

@@ -623,14 +623,11 @@ async def test_a_crash_before_a_flattens_follow_up_is_journaled_does_not_leave_t
 
 # -- manual trades at the broker (``manual`` steps) -----------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="service: a manual trade is netted against the strategies' books at every "
-                                       "read (absorb_external), not once when it is made (MB_FUZZ_MANUAL_STRICT)")
 async def test_a_strategy_that_reopens_after_a_manual_close_is_closed_by_its_exit(tmp_path: Path) -> None:
     """Fuzz seed 10 under MB_FUZZ_MANUAL_STRICT (f2): mirror is short 2 at f1; the trader buys 2 back by hand (a
     manual close: mirror's next exit must send nothing, and does). mirror then goes long 2 (its own view: flat, so
-    it buys 2), and its exit should sell those 2. The ledger holds mirror's raw book 0 (-2 + 2) and +2 booked to
-    nobody, and ``absorb_external`` finds nothing of mirror's to net the +2 against: mirror's own long reads as a
-    position opened by hand, its exit sends nothing, and f1 stays long 2 that nobody will close."""
+    it buys 2), and its exit sells those 2. Netted against the strategies' books at every read (as it was), the hand
+    buy ate mirror's new long: its exit sent nothing and f1 stayed long 2 that nobody would close."""
     async with world(tmp_path, clock=Clock(NOON)) as w:
         opened = await w.submit(signal("mirror", "sell", 2, sid="short", position="short", position_size=2))
         await w.settle()

@@ -184,13 +184,6 @@ COMEUP_MOMENTS = ("lookup", "looked_up", "reconciled", "redo", "sent")
 """Where a crash inside a restart's come-up kills (``Runner._arm``); ``catchup`` too, after a drop and a target its
 catch_up accounts missed (a reconnect's come-up catches that up, and so does a restart's: ``Runtime._since_start``)."""
 CRASH_WAIT_S = 2.0
-MANUAL_STRICT = bool(os.environ.get("MB_FUZZ_MANUAL_STRICT"))
-"""Hold the service to the broker's fills at every check (``Runner.check_manual``) and check every follow-up of a
-manual trade. Off by default: the service nets a manual trade against the strategies' books each time it reads
-them, not once when the trade is made, so a strategy that trades after a manual close or open of its account has
-part of its own position booked to nobody, or a position opened by hand netted away (reported; pinned by
-``test_a_strategy_that_reopens_after_a_manual_close_is_closed_by_its_exit``, a strict xfail). Without it a
-follow-up is checked only where the service and the fills agreed before it."""
 MANUAL = "(manual)"
 """``Runner.model_lines``: a trade by hand (a broker fill with a ``manual-`` client order id, or a hand move)."""
 """How long a crash waits for its moment (a transition that never comes) before it kills anyway."""
@@ -1589,11 +1582,11 @@ class Runner:
         self.moves.append((account, contract, q, int(last)))
         return None
 
-    def model_lines(self, account: str, *, at_read: bool = False) -> dict[tuple[str, str], int] | None:
+    def model_lines(self, account: str) -> dict[tuple[str, str], int] | None:
         """What each strategy of ``account`` holds, and what belongs to nobody (``EXTERNAL_STRATEGY``), by
         contract, as the broker's own fills say in the order it made them, each manual trade netted at the moment
         it was made: first against what earlier trades by hand left (a position opened by hand, closed by hand),
-        then against the strategies on the other side (by name, as ``service.ledger.absorb_external``), the rest
+        then against the strategies on the other side (by name, as ``service.ledger.Ledger._book_manual``), the rest
         belonging to nobody. A strategy's own fills are its own whatever came before them: a position opened by
         hand is not closed by a strategy's later trade on the other side, and a strategy that re-opens after a
         manual close holds what it re-opened. The hand moves with no fill count at the account's ``adopt``
@@ -1601,11 +1594,7 @@ class Runner:
 
         Independent of the service's ledger: the broker's fills (``manual-`` client order ids are the trader's)
         and which strategy the journal booked each of ours to (an account-wide flatten's exit of what belongs to
-        nobody is booked to nobody). None while a fill of ours is not journaled yet.
-
-        ``at_read``: netted the way the service nets (``absorb_external``, at every read): all that is nobody's
-        summed, then netted against the strategies' books as they stand now. Where the two agree, the account's
-        history holds no trade that the two readings tell apart (``MANUAL_STRICT``)."""
+        nobody is booked to nobody). None while a fill of ours is not journaled yet."""
         w = self.w
         assert w is not None
         broker, acct, _, _ = ACCOUNTS[account]
@@ -1627,14 +1616,6 @@ class Runner:
             events += [(rowid, 1 + i, MANUAL, c, q) for i, (a, c, q, rowid) in enumerate(self.moves) if a == account]
         raw: dict[tuple[str, str], int] = {}
         nobody: dict[str, int] = {}
-        if at_read:
-            for _r, _o, who, contract, q in events:
-                if who in (EXTERNAL_STRATEGY, MANUAL):
-                    nobody[contract] = nobody.get(contract, 0) + q
-                else:
-                    raw[(who, contract)] = raw.get((who, contract), 0) + q
-            events = [(0, 0, MANUAL, c, q) for c, q in nobody.items()]
-            nobody = {}
         for _r, _o, who, contract, q in sorted(events):
             if who == EXTERNAL_STRATEGY:
                 nobody[contract] = nobody.get(contract, 0) + q
@@ -1673,10 +1654,7 @@ class Runner:
         broker = ACCOUNTS[account][0]
         return {"available": w.runtime.pool.available(broker), "at": self.clock(),
                 "since": self.clock().astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
-                "rules": self.live_rules,
-                # Netting each manual trade when it was made and netting them all at every read agree there before
-                # it (else the account is in the known drift, ``MANUAL_STRICT``, which the step would inherit).
-                "agreed": self.model_lines(account) == self.model_lines(account, at_read=True)}
+                "rules": self.live_rules}
 
     async def check_after_manual(self, step: Step, before: dict[str, Any]) -> None:
         """After the affected strategy's exit, flat target or flatten settled: what it held there is closed, and
@@ -1698,7 +1676,7 @@ class Runner:
         broker = ACCOUNTS[account][0]
         if step["do"] == "send":
             await self.soft_settle()
-        if not before["available"] or not rt.pool.available(broker) or not (before["agreed"] or MANUAL_STRICT):
+        if not before["available"] or not rt.pool.available(broker):
             return
         if any(t.job.account == account for t in rt.tracker.unsettled()) or self._retrying():
             return
@@ -1997,18 +1975,12 @@ class Runner:
                 self.fail(f"{account}: the strategies' books sum to {ledger} != broker {broker} "
                           f"(books {[(k, q) for k, q in lines.items() if k[0] == account]}, hand moves with no "
                           f"fill {self.hidden(account)})")
+        # What a restart would rebuild: the journal's fills, and the hand moves adopted among them, booked in order.
         replayed = {key: book.quantity for key, book in replay(w.journal.fills(), w.runtime._point_value).items()}
-        for account in ACCOUNTS:
-            if account not in self.halt_accounts:
-                for c, q in self.hidden(account).items():
-                    key = (account, EXTERNAL_STRATEGY, c)
-                    replayed[key] = replayed.get(key, 0) + q
         replayed = {k: q for k, q in replayed.items() if q}
         if replayed != self.ledger_lines():
-            self.fail(f"journal fills replayed (and hand moves adopted) {replayed} != runtime ledger "
-                      f"{self.ledger_lines()}")
-        if MANUAL_STRICT:
-            self.check_manual()
+            self.fail(f"journal fills (and adoptions) replayed {replayed} != runtime ledger {self.ledger_lines()}")
+        self.check_manual()
 
         # Best mode: the strategy's position lives at one account only (it sends targets and exits only: a target
         #    keeps one holder, closes any other and opens nowhere else; see engine.decide's docstring). Read from
