@@ -56,6 +56,7 @@ from service.flatten import FLATTEN_FAILED as FLATTEN_FAILED
 from service.flatten import FLATTEN_RETRY_DELAYS_S as FLATTEN_RETRY_DELAYS_S
 from service.flatten import REDO_LOOKBACK as REDO_LOOKBACK
 from service.flatten import FlattenMixin, _Netted, _Owed
+from service.exits import ExitsMixin, _ExitWatch
 from service.flatten import _clamp_exits as _clamp_exits
 from service.flatten import _clamp_to_broker as _clamp_to_broker
 from service.ledger import ADOPTED, EXTERNAL_STRATEGY, Arrivals, Ledger, is_manual, replay
@@ -79,7 +80,7 @@ MISSED_BY = frozenset({"connection", "paused"})
 SNAPSHOT_DEBOUNCE_S = 0.05
 
 
-class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
+class Runtime(FlattenMixin, ExitsMixin, RecoveryMixin, RestoreMixin):
     """See the module docstring; the public methods are the API the HTTP layer (service.app) uses."""
 
     def __init__(self, config: Any, journal: Any, watcher: Any, *, clock: Any = None,
@@ -101,6 +102,9 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
         self.tracker = OrderTracker(journal)
         self.tracker.hooks.append(self._on_status)
         self.tracker.settled_hooks.append(self._netted_settled)
+        self.tracker.settled_hooks.append(self._exit_watch_settled)
+        self._exit_watches: dict[str, _ExitWatch] = {}
+        self._counted_by: dict[str, _ExitWatch] = {}
         self.pool: BrokerPool | None = None
         self.dispatcher: Dispatcher | None = None
         self.risk = RiskMonitor(self._mark, self._point_value)
@@ -393,6 +397,7 @@ class Runtime(FlattenMixin, RecoveryMixin, RestoreMixin):
                     reserved.append(job.client_order_id)
         if unsent:
             self.journal.supersede(signal_id, unsent)  # before anything can write the signal
+        self._watch_exits(signal_id, jobs)  # before they count: what they counted on is what was there
         self._holds[signal_id] = _Hold(jobs, reserved, unsent=list(unsent))
         self._invalidate()
 

@@ -82,6 +82,7 @@ class RuntimeState:
     _day_start_journaled: date | None
     _tasks: list[asyncio.Task[None]]
     _holds: dict[str, _Hold]
+    _held_by_strategy: dict[str, dict[str, dict[str, int]]]
     _catch_up_guard: asyncio.Lock
     _catch_up_owed: dict[str, datetime | None]
     _redo_guard: asyncio.Lock
@@ -174,6 +175,9 @@ class RuntimeState:
         raise NotImplementedError
 
     def _wake_retries(self, broker: str) -> None:
+        raise NotImplementedError
+
+    def _follow_up(self, line: _Netted, left: int, what: str, *, covers: str) -> None:
         raise NotImplementedError
 
     def _hold_owed(self, debt: _Owed) -> None:

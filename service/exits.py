@@ -1,0 +1,176 @@
+"""Exits that counted on orders still in flight: made good when one of those orders does not fill.
+
+The engine decides from each strategy's position with its orders in flight counted as if they will fill (so that
+two signals a few milliseconds apart never close the same position twice). A signal's exit then closes what the
+line will hold once they fill. When one of them does not fill after all (the broker rejects an entry, it is
+``missed`` at a broker that went away, it fills in part), the exit closed too much or too little: "long 2" whose
+entry is rejected, then "short 1" a moment later, sells 2 to close the long and 1 to open the short, and the
+account ends short 3. TradingView sends an alert per order of a bar, so an exit and the next entry arrive together,
+and prop firms reject entries for margin routinely: this happens.
+
+Flattens have their own watch for this (``service.flatten._Netted``). A signal's exit is watched here: each order
+in flight on the line (same account, strategy and contract) when the exit was decided is *counted*. When a counted
+order settles with quantity unfilled, the line is off by that much. A stand-in, held at once in that same step,
+keeps the engine's view where the exit meant it to be (``_Hold`` of flatten kind: counted, never sent, never
+superseded), so that no signal decided meanwhile closes the difference a second time. Once the exit itself is final,
+the difference is made good by a follow-up exit (``<signal id>-follow-<n>``, a flatten of the line: journaled,
+retried when rejected, re-issued when missed), as far as it brings the line toward flat and never further from it:
+an exit the broker rejected closed nothing, and nothing is made good for it; an entry is never re-sent.
+
+One counted order is made good once, for the first exit that counted on it (a later exit on the same line saw the
+first one's exit too, which already closed for it). Held in memory: a crash between the counted order's settling
+and the follow-up's journaling loses it (reconciliation cannot tell, the ledger and the broker agree on the
+overshoot), as it loses nothing else; recorded in the closing notes as known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from service.dispatch import FINAL, Job, Tracked
+from service.flatten import _Netted
+from service.runtime_state import RuntimeState, _Hold
+
+log = logging.getLogger("service.runtime")
+
+
+@dataclass
+class _ExitWatch:
+    """A signal's exit on one line and the orders in flight it counted on."""
+
+    signal_id: str
+    account: str
+    strategy: str
+    contract: str
+    exit_id: str
+    counted: set[str]
+    """Client order ids not settled yet."""
+    lost: int = 0
+    """Signed: what the counted orders that settled left undone (a rejected buy 2: +2), not made good yet."""
+    causes: list[str] = field(default_factory=list)
+
+    @property
+    def standin(self) -> str:
+        """The key of the hold standing for ``lost`` until the exit is final (never a journaled signal id)."""
+        return f"standin:{self.exit_id}"
+
+
+class ExitsMixin(RuntimeState):
+    """The exit-watch part of ``Runtime`` (see the module docstring)."""
+
+    _exit_watches: dict[str, _ExitWatch]
+    """By the exit's client order id."""
+    _counted_by: dict[str, _ExitWatch]
+    """By a counted order's client order id: the first exit that counted on it."""
+
+    def _watch_exits(self, signal_id: str, jobs: list[Job]) -> None:
+        """Watch ``jobs``' exits (a signal's orders, about to be held) over the orders in flight on their lines.
+        Called in the step that decided them; O(1) per exit unless its line has orders in flight."""
+        for job in jobs:
+            if job.intent != "exit":
+                continue
+            line = (job.account, job.strategy, job.contract)
+            exposure = self.tracker.strategy_exposure(job.account).get(job.strategy, {}).get(job.contract, 0)
+            held = self._held_by_strategy.get(job.account, {}).get(job.strategy, {}).get(job.contract, 0)
+            held -= sum(j.quantity * j.sign for j in jobs if (j.account, j.strategy, j.contract) == line)  # its own
+            if not exposure and not held:
+                continue
+            counted = {t.job.client_order_id for t in self.tracker.unsettled()
+                       if (t.job.account, t.job.strategy, t.job.contract) == line}
+            counted |= {j.client_order_id for sid, h in self._holds.items() if not h.flatten and sid != signal_id
+                        for j in h.jobs if (j.account, j.strategy, j.contract) == line}
+            counted -= self._counted_by.keys()  # made good for the first exit that counted on it only
+            if not counted:
+                continue
+            watch = _ExitWatch(signal_id, job.account, job.strategy, job.contract, job.client_order_id, counted)
+            self._exit_watches[job.client_order_id] = watch
+            for coid in counted:
+                self._counted_by[coid] = watch
+
+    def _exit_watch_settled(self, tracked: Tracked) -> None:
+        """An order settled (``OrderTracker.settled_hooks``, before its exposure is taken off the books): a counted
+        order's unfilled quantity is held as a stand-in at once; once the watched exit is final too, the difference
+        is made good next (``_make_good``, after this order's exposure is off the books)."""
+        coid = tracked.job.client_order_id
+        watch = self._counted_by.pop(coid, None)
+        if watch is not None:
+            watch.counted.discard(coid)
+            unfilled = tracked.job.quantity - tracked.filled
+            exit_order = self.tracker.orders.get(watch.exit_id)
+            held = self._holds.get(watch.signal_id)
+            if exit_order is None and (held is None or all(j.client_order_id != watch.exit_id for j in held.jobs)):
+                self._drop_watch(watch)  # the exit will never leave (its signal was not journaled, or superseded)
+            elif unfilled > 0:
+                watch.lost += unfilled * tracked.job.sign
+                watch.causes.append(f"{tracked.job.side} {tracked.job.quantity} ({tracked.job.signal_id}) ended "
+                                    f"{tracked.status} with {unfilled} unfilled")
+                self._hold_standin(watch)
+                if exit_order is not None and exit_order.status in FINAL:
+                    asyncio.get_running_loop().call_soon(self._make_good, watch)
+            elif not watch.counted and exit_order is not None and exit_order.status in FINAL and not watch.lost:
+                self._drop_watch(watch)
+        own = self._exit_watches.get(coid)
+        if own is not None:
+            asyncio.get_running_loop().call_soon(self._make_good, own)
+
+    def _drop_watch(self, watch: _ExitWatch) -> None:
+        self.release(watch.standin)
+        self._exit_watches.pop(watch.exit_id, None)
+        for coid in watch.counted:
+            if self._counted_by.get(coid) is watch:
+                del self._counted_by[coid]
+
+    def _hold_standin(self, watch: _ExitWatch) -> None:
+        self.release(watch.standin)
+        doc = self._account(watch.account)
+        if not watch.lost or doc is None:
+            return
+        job = self._job({"account": watch.account, "broker": doc.broker, "contract": watch.contract,
+                         "side": "buy" if watch.lost > 0 else "sell", "quantity": abs(watch.lost), "intent": "exit",
+                         "client_order_id": watch.standin}, watch.strategy, watch.standin, Decimal(0))
+        if job is None:
+            return
+        self._holds[watch.standin] = _Hold([job], [], flatten=True)
+        self._count_held(job, 1)
+        self._invalidate()
+
+    def _make_good(self, watch: _ExitWatch) -> None:
+        """The exit is final: make good what the counted orders left undone, in proportion to what the exit did.
+
+        ``lost`` opposite to the exit (an entry it closed that never filled): the exit closed that much too many,
+        less what it did not fill itself: buy (or sell) back ``min(|lost|, filled - (quantity - |lost|))``. ``lost``
+        the exit's way (an earlier exit it counted, rejected): the line stays open by that much once the exit
+        filled: close ``min(|lost|, filled)`` more. Only ever toward flat (a final guard on where the line stands,
+        orders in flight and held counted). In one step with the stand-in's release: the engine's view never
+        shows the gap."""
+        exit_order = self.tracker.orders.get(watch.exit_id)
+        if exit_order is None or exit_order.status not in FINAL:
+            return
+        self.release(watch.standin)
+        lost, watch.lost = watch.lost, 0
+        causes, watch.causes = watch.causes, []
+        if not watch.counted:
+            self._drop_watch(watch)
+        if not lost:
+            return
+        exit_sign, quantity, filled = exit_order.job.sign, exit_order.job.quantity, exit_order.filled
+        if (lost > 0) != (exit_sign > 0):  # the exit closed what was never there: back the other way
+            size = min(abs(lost), max(0, filled - (quantity - abs(lost))))
+            trade = size if lost > 0 else -size
+        else:  # the exit left open what an earlier order it counted did not close: on, the exit's way
+            trade = min(abs(lost), filled) * exit_sign
+        stands = self.ledger.book(watch.account, watch.strategy, watch.contract).quantity
+        stands += self.tracker.strategy_exposure(watch.account).get(watch.strategy, {}).get(watch.contract, 0)
+        stands += self._held_by_strategy.get(watch.account, {}).get(watch.strategy, {}).get(watch.contract, 0)
+        what = f"the exit {watch.exit_id} ({exit_order.status}, {filled} of {quantity}) counted on " + "; ".join(causes)
+        if abs(trade) > abs(stands):
+            trade = -stands  # to flat, never through it
+        if trade == 0 or (stands > 0) == (trade > 0):
+            log.info("%s: %s %s (%s): %s; nothing to make good (line at %+d, %+d would not close)", watch.signal_id,
+                     watch.account, watch.contract, watch.strategy, what, stands, trade)
+            return
+        line = _Netted(watch.signal_id, watch.account, watch.strategy, watch.contract, counted=())
+        self._follow_up(line, -trade, what, covers=watch.exit_id)
