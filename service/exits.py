@@ -116,6 +116,20 @@ class ExitsMixin(RuntimeState):
         if own is not None:
             asyncio.get_running_loop().call_soon(self._make_good, own)
 
+    def _unwatch_exit(self, client_order_id: str) -> None:
+        """The exit ``client_order_id`` will never be sent (its signal was not journaled, or a flatten superseded
+        it): no watch, no stand-in."""
+        watch = self._exit_watches.get(client_order_id)
+        if watch is not None:
+            self._drop_watch(watch)
+
+    def _standin_void(self, job: Job) -> bool:
+        """Is ``job`` (a held flatten-kind job) the stand-in of an exit still held, not sent? A flatten computing
+        now supersedes that exit if the line is in its scope, and the stand-in with it: not to be counted."""
+        if not job.client_order_id.startswith("standin:"):
+            return False
+        return job.client_order_id.removeprefix("standin:") not in self.tracker.orders
+
     def _drop_watch(self, watch: _ExitWatch) -> None:
         self.release(watch.standin)
         self._exit_watches.pop(watch.exit_id, None)

@@ -507,6 +507,8 @@ class FlattenMixin(RuntimeState):
         for held in self._holds.values():
             if held.flatten:
                 for job in held.jobs:
+                    if self._standin_void(job):
+                        continue  # its exit is held still: this flatten supersedes it, and the stand-in goes too
                     key = (job.account, job.strategy, job.contract)
                     pending[key] = pending.get(key, 0) + job.quantity * job.sign
         in_flight: dict[tuple[str, str, str], list[Tracked]] = {}
@@ -771,6 +773,9 @@ class FlattenMixin(RuntimeState):
                 log.warning("%s: %s %s %d %s superseded by flatten %s before it was sent; never sent", sid,
                             job.account, job.side, job.quantity, job.contract, fid)
             held.jobs = keep
+        for voided in superseded.values():
+            for _fid, job in voided:
+                self._unwatch_exit(job.client_order_id)  # never sent: nothing to make good, no stand-in
         if superseded:
             self._invalidate()
         return superseded

@@ -407,6 +407,8 @@ class Runtime(FlattenMixin, ExitsMixin, RecoveryMixin, RestoreMixin):
         if held is None:
             return
         self._take_hold(signal_id)
+        for job in held.jobs:
+            self._unwatch_exit(job.client_order_id)  # never sent: nothing to make good
         for coid in held.reserved:
             self._drop_reservation(coid)
         if held.unsent:

@@ -180,5 +180,11 @@ class RuntimeState:
     def _follow_up(self, line: _Netted, left: int, what: str, *, covers: str) -> None:
         raise NotImplementedError
 
+    def _standin_void(self, job: Job) -> bool:
+        raise NotImplementedError
+
+    def _unwatch_exit(self, client_order_id: str) -> None:
+        raise NotImplementedError
+
     def _hold_owed(self, debt: _Owed) -> None:
         raise NotImplementedError

@@ -11,6 +11,7 @@ from typing import AsyncIterator
 
 import pytest
 
+from engine.signal import parse_signal
 from tests.harness.runtime import World, signal, wait_until
 from tests.test_strategy_positions import at_broker, books, open_world, target
 
@@ -96,5 +97,27 @@ async def test_while_the_difference_stands_in_a_new_exit_does_not_close_it_again
     again = await w.submit(signal("trend", "exit", sid="t-exit"))
     assert [(o.side, o.quantity) for o in again.orders] == [("buy", 1)]
     await w.settle()
+    assert at_broker(w) == {} and books(w) == {}
+    quiet(w)
+
+
+async def test_a_flatten_that_supersedes_the_held_exit_takes_its_stand_in_with_it(w: World) -> None:
+    """The counted entry is rejected while the exit is still held (its signal's journal commit): the stand-in
+    holds the difference; a flatten then supersedes the exit (never sent), and must not count the stand-in either:
+    the flatten sells the 1 the strategy holds, not 3."""
+    await w.submit(target("trend", "t-long", "long", 1))
+    await w.settle()
+    w.connector("fast").reject_next(1)
+    await w.submit(target("trend", "t-more", "long", 3))  # buy 2, rejected
+    now = w.clock()
+    held = parse_signal(target("trend", "t-short", "short", 1))
+    decision = w.watcher.engine.decide(held, w.runtime.engine_state(now), now)
+    assert [(o.side, o.quantity, o.intent) for o in decision.orders] == [("sell", 3, "exit"), ("sell", 1, "entry")]
+    w.runtime.hold(held.id, decision)  # not dispatched
+    await wait_until(lambda: any(k.startswith("standin:") for k in w.runtime._holds), what="the stand-in")
+    result = await w.runtime.flatten(strategy="trend", reason="operator")
+    w.runtime.release(held.id)
+    await w.settle()
+    assert [(o["side"], o["quantity"]) for o in result["orders"]] == [("sell", 1)]
     assert at_broker(w) == {} and books(w) == {}
     quiet(w)
