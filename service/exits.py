@@ -48,6 +48,9 @@ class _ExitWatch:
     exit_id: str
     counted: set[str]
     """Client order ids not settled yet."""
+    assumed: int
+    """What the exit counted on closing: the line's position then (its book, orders in flight and held) on the side
+    the exit closes, positive (0: the exit counted on nothing to close)."""
     lost: int = 0
     """Signed: what the counted orders that settled left undone (a rejected buy 2: +2), not made good yet."""
     causes: list[str] = field(default_factory=list)
@@ -85,7 +88,9 @@ class ExitsMixin(RuntimeState):
             counted -= self._counted_by.keys()  # made good for the first exit that counted on it only
             if not counted:
                 continue
-            watch = _ExitWatch(signal_id, job.account, job.strategy, job.contract, job.client_order_id, counted)
+            stands = self.ledger.book(*line).quantity + exposure + held
+            watch = _ExitWatch(signal_id, job.account, job.strategy, job.contract, job.client_order_id, counted,
+                               assumed=max(0, stands * -job.sign))
             self._exit_watches[job.client_order_id] = watch
             for coid in counted:
                 self._counted_by[coid] = watch
@@ -115,6 +120,19 @@ class ExitsMixin(RuntimeState):
         own = self._exit_watches.get(coid)
         if own is not None:
             asyncio.get_running_loop().call_soon(self._make_good, own)
+
+    def _flatten_counts(self, line: _Netted) -> None:
+        """A flatten counted orders in flight on ``line`` and watches them itself (``service.flatten._Netted``):
+        those are no longer this module's to make good (one counted order is made good once). A watch with a
+        difference held already keeps it: the flatten counted its stand-in as an exit to come."""
+        for watch in [w for w in self._exit_watches.values()
+                      if (w.account, w.strategy, w.contract) == (line.account, line.strategy, line.contract)]:
+            for coid in line.counted:
+                if coid in watch.counted:
+                    watch.counted.discard(coid)
+                    self._counted_by.pop(coid, None)
+            if not watch.lost and (watch.exit_id in line.counted or not watch.counted):
+                self._drop_watch(watch)
 
     def _unwatch_exit(self, client_order_id: str) -> None:
         """The exit ``client_order_id`` will never be sent (its signal was not journaled, or a flatten superseded
@@ -154,8 +172,8 @@ class ExitsMixin(RuntimeState):
     def _make_good(self, watch: _ExitWatch) -> None:
         """The exit is final: make good what the counted orders left undone, in proportion to what the exit did.
 
-        ``lost`` opposite to the exit (an entry it closed that never filled): the exit closed that much too many,
-        less what it did not fill itself: buy (or sell) back ``min(|lost|, filled - (quantity - |lost|))``. ``lost``
+        ``lost`` opposite to the exit (an entry it closed that never filled): the exit closed what was there
+        (``assumed - |lost|``) and then some: buy (or sell) back what it filled beyond that, at most ``|lost|``. ``lost``
         the exit's way (an earlier exit it counted, rejected): the line stays open by that much once the exit
         filled: close ``min(|lost|, filled)`` more. Only ever toward flat (a final guard on where the line stands,
         orders in flight and held counted). In one step with the stand-in's release: the engine's view never
@@ -172,7 +190,7 @@ class ExitsMixin(RuntimeState):
             return
         exit_sign, quantity, filled = exit_order.job.sign, exit_order.job.quantity, exit_order.filled
         if (lost > 0) != (exit_sign > 0):  # the exit closed what was never there: back the other way
-            size = min(abs(lost), max(0, filled - (quantity - abs(lost))))
+            size = min(abs(lost), max(0, filled - max(0, watch.assumed - abs(lost))))
             trade = size if lost > 0 else -size
         else:  # the exit left open what an earlier order it counted did not close: on, the exit's way
             trade = min(abs(lost), filled) * exit_sign

@@ -106,7 +106,6 @@ from engine.sessions import trading_day
 from engine.state import contract_root
 from service.dispatch import CANCELLED, FINAL, MISSED, REJECTED, Job, Tracked
 from service.journal import parse_utc
-from service.ledger import EXTERNAL_STRATEGY
 from service.runtime_state import RuntimeState, _Hold, _utc
 
 log = logging.getLogger("service.runtime")
@@ -215,10 +214,11 @@ class _Debt:
 
 def _outside(orders: list[dict[str, Any]],
              books: Mapping[tuple[str, str], Mapping[str, int]]) -> dict[tuple[str, str], int]:
-    """Per (account, contract) of ``orders``: what the strategies that are NOT exiting it in this batch hold there
-    (``books``: by account and contract, strategy -> signed quantity, lines booked to no strategy left out). The
-    broker nets every strategy of an account; the part of its position the exiting strategies may close is its
-    position less that (a strategy never closes another's; a manual trade, booked to no strategy, still caps)."""
+    """Per (account, contract) of ``orders``: what the lines that are NOT exiting it in this batch hold there
+    (``books``: by account and contract, strategy -> signed quantity, a position opened by hand under no strategy).
+    The broker nets every line of an account; the part of its position the exiting strategies may close is its
+    position less that (a strategy never closes another's, nor the trader's). A manual close not booked yet still
+    caps: the broker's position is read fresh."""
     exiting: dict[tuple[str, str], set[str]] = {}
     for order in orders:
         exiting.setdefault((str(order["account"]), str(order["contract"])), set()).add(str(order["strategy"]))
@@ -238,17 +238,15 @@ def _cap_batch(orders: list[dict[str, Any]], start: dict[tuple[str, str], int], 
             groups.setdefault(key, []).append(i)
     sent = [int(o["quantity"]) for o in orders]
     for key, members in groups.items():
-        # Only strategies' exits pair off: a line booked to no strategy is a position opened by hand (a trade by
-        # hand that closed strategies' positions was booked to them: ``Ledger._book_manual``); it pairs with
-        # nothing of ours, and trading both would be a round trip for nothing.
-        real = {i for i in members if orders[i]["strategy"] != EXTERNAL_STRATEGY}
-        sells = sum(int(orders[i]["quantity"]) for i in real if orders[i]["side"] == "sell")
-        buys = sum(int(orders[i]["quantity"]) for i in real if orders[i]["side"] == "buy")
+        # Every line's exits pair off, a position opened by hand (booked to no strategy) too: in an account-wide
+        # flatten it is closed like the strategies' (its exit and theirs go out matched, and the ledger closes both).
+        sells = sum(int(orders[i]["quantity"]) for i in members if orders[i]["side"] == "sell")
+        buys = sum(int(orders[i]["quantity"]) for i in members if orders[i]["side"] == "buy")
         pair = {"sell": min(sells, buys), "buy": min(sells, buys)}
         rest: dict[int, int] = {}
         for i in members:
             order = orders[i]
-            paired = min(int(order["quantity"]), pair[order["side"]]) if i in real else 0
+            paired = min(int(order["quantity"]), pair[order["side"]])
             pair[order["side"]] -= paired
             sent[i] = paired
             rest[i] = int(order["quantity"]) - paired
@@ -421,6 +419,7 @@ class FlattenMixin(RuntimeState):
         if netted:  # journaled with the flatten itself: a restart watches again (``_restore_watches``)
             body["watch"] = [line.as_json() for line in netted]
         for line in netted:  # before the first await: an order may become final at any moment after it
+            self._flatten_counts(line)  # a signal's exit watch hands these over (``service.exits``)
             for coid in line.counted:
                 self._netted.setdefault(coid, []).append(line)
         try:
@@ -1109,14 +1108,13 @@ class FlattenMixin(RuntimeState):
         return pending, books
 
     def _strategy_books(self, *, in_flight: bool) -> dict[tuple[str, str], dict[str, int]]:
-        """By (account, contract): each strategy's position there (its ledger book, a manual close of it booked to
-        it: ``Ledger._book_manual``) and, ``in_flight``, its orders not settled yet; never lines booked to no
-        strategy: what ``_outside`` subtracts from a broker's position."""
+        """By (account, contract): each line's position there (a strategy's ledger book, a manual close of it booked
+        to it: ``Ledger._book_manual``; a position opened by hand, under no strategy) and, ``in_flight``, its orders
+        not settled yet: what ``_outside`` subtracts from a broker's position."""
         books: dict[tuple[str, str], dict[str, int]] = {}
         for (acct, strat, contract), quantity in self.ledger.strategy_lines().items():
-            if strat != EXTERNAL_STRATEGY:
-                by = books.setdefault((acct, contract), {})
-                by[strat] = by.get(strat, 0) + quantity
+            by = books.setdefault((acct, contract), {})
+            by[strat] = by.get(strat, 0) + quantity
         if in_flight:  # the tracker keeps it per strategy as orders come and go
             for acct in self.ruleset.accounts:
                 for strat, lines in self.tracker.strategy_exposure(acct).items():

@@ -180,6 +180,9 @@ class RuntimeState:
     def _follow_up(self, line: _Netted, left: int, what: str, *, covers: str) -> None:
         raise NotImplementedError
 
+    def _flatten_counts(self, line: _Netted) -> None:
+        raise NotImplementedError
+
     def _standin_void(self, job: Job) -> bool:
         raise NotImplementedError
 

@@ -661,7 +661,8 @@ def test_the_fuzzer_reads_who_holds_what_from_the_brokers_fills_netting_each_man
             return SimpleNamespace(fetchall=lambda: rows)
 
     connector = SimpleNamespace(book=SimpleNamespace(db=Db()))
-    runner.w = SimpleNamespace(journal=SimpleNamespace(fills=lambda: journal),  # type: ignore[assignment]
+    runner.w = SimpleNamespace(journal=SimpleNamespace(fills=lambda: journal,  # type: ignore[assignment]
+                                                       _query=lambda sql, params: []),
                                connector=lambda broker: connector)
     # mirror -2, closed by hand (nothing left to nobody), then +2 of its own; the hand sell 1 closes 1 of it
     # (mirror 1); trend +1; the hand sell 3 closes mirror's 1 and trend's 1 (by name), and 1 is nobody's.

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
+from brokers.base import Side
 from engine.signal import parse_signal
 from service.dispatch import FILLED
 from service.ledger import EXTERNAL_STRATEGY
@@ -245,3 +246,26 @@ async def test_a_retried_flatten_caps_against_what_the_other_strategies_still_ho
     await wait_until(lambda: not at_broker(w), 5, what="m1 flat at the broker after the retry")
     await w.settle()
     assert not any(e["kind"] == "flatten_failed" for e in w.journal.risk_events(50))
+
+
+async def test_an_account_wide_flatten_closes_a_position_opened_by_hand_and_a_strategys_opposite_it(
+        w: World) -> None:
+    """Opened by hand long 2 (nobody's), then trend shorts 2: the broker nets to flat, the books hold both. A flatten
+    of the account closes both lines, also when its exits are rejected and retried against the broker's (flat)
+    position: they go out matched, so that trend's book is flat too. Left open, its next exit would buy 2 and put
+    the trader's long back."""
+    fill = w.connector("fast").manual_trade("M-1", "MESH6", Side.BUY, 2, "manual-1")
+    await wait_until(lambda: f"fast:{fill.fill_id}" in w.runtime.ledger.seen_fills, what="the manual fill")
+    await w.submit(target("trend", "t-short", "short", 2))
+    await w.settle()
+    assert books(w) == {EXTERNAL_STRATEGY: {"MESH6": 2}, "trend": {"MESH6": -2}} and at_broker(w) == {}
+    w.runtime.flatten_retry_delays_s = (0.05, 0.05)
+    w.connector("fast").reject_next(2)  # both exits: the retry reconciles and caps them to the broker's flat
+    result = await w.runtime.flatten(account="m1", reason="operator")
+    assert sorted((o["side"], o["quantity"]) for o in result["orders"]) == [("buy", 2), ("sell", 2)]
+    retry = f"{result['signal_id']}-retry-fast-1"
+    await wait_until(lambda: w.journal.get_signal(retry) is not None, 5, what="the retry")
+    await w.settle()
+    assert sorted((o["side"], o["quantity"], o["status"]) for o in w.journal.get_signal(retry)["orders"]) == \
+        [("buy", 2, FILLED), ("sell", 2, FILLED)]
+    assert books(w) == {} and at_broker(w) == {}

@@ -113,7 +113,7 @@ from engine.symbols import resolve
 from service.config import ServiceConfig
 from service.dispatch import CANCELLED, FILLED, FINAL, MISSED, REJECTED, Tracked
 from service.journal import Journal, parse_utc
-from service.ledger import EXTERNAL_STRATEGY, replay
+from service.ledger import ADOPTED, EXTERNAL_STRATEGY, replay
 from service.runtime import Runtime
 from service.webhook import Webhook
 from tests.harness.runtime import Clock, StaticWatcher, World, account_doc, documents, wait_until, write_rules
@@ -1590,7 +1590,8 @@ class Runner:
         belonging to nobody. A strategy's own fills are its own whatever came before them: a position opened by
         hand is not closed by a strategy's later trade on the other side, and a strategy that re-opens after a
         manual close holds what it re-opened. The hand moves with no fill count at the account's ``adopt``
-        (reconciliation books them), not at a ``halt`` account (its ledger keeps its books: ``check``).
+        (reconciliation books them, after the fills it booked before: placed there), not at a ``halt`` account
+        (its ledger keeps its books: ``check``).
 
         Independent of the service's ledger: the broker's fills (``manual-`` client order ids are the trader's)
         and which strategy the journal booked each of ours to (an account-wide flatten's exit of what belongs to
@@ -1600,7 +1601,11 @@ class Runner:
         broker, acct, _, _ = ACCOUNTS[account]
         booked = {str(f["fill_id"]): str(f.get("strategy") or EXTERNAL_STRATEGY)
                   for f in w.journal.fills() if f["broker"] == broker and f["account"] == account}
+        journaled = w.journal._query("SELECT rowid AS n, fill_id, kind, contract, side, quantity FROM fills "
+                                     "WHERE broker = ? AND account = ? ORDER BY rowid", (broker, account))
+        journal_n = {str(r["fill_id"]): int(r["n"]) for r in journaled if not r["kind"]}
         events: list[tuple[int, int, str, str, int]] = []
+        placed: list[tuple[int, int]] = []  # (journal row, broker row) of each broker fill
         for row in w.connector(broker).book.db.execute(
                 "select rowid, fill_id, client_order_id, contract, side, quantity from fills where account = ?",
                 [acct]).fetchall():
@@ -1612,8 +1617,15 @@ class Runner:
                 events.append((int(rowid), 0, booked[str(fill_id)], str(contract), signed))
             else:
                 return None
+            if str(fill_id) in journal_n:
+                placed.append((journal_n[str(fill_id)], int(rowid)))
         if account not in self.halt_accounts:
-            events += [(rowid, 1 + i, MANUAL, c, q) for i, (a, c, q, rowid) in enumerate(self.moves) if a == account]
+            # A hand move with no fill: when it happened, only the broker knew; the service books it when a pass
+            # adopts it (``Journal.record_adoption``), after the fills it had booked by then, and so does this.
+            for i, row in enumerate(r for r in journaled if r["kind"] == ADOPTED):
+                after = max((b for j, b in placed if j < int(row["n"])), default=0)
+                q = int(row["quantity"])
+                events.append((after, 1 + i, MANUAL, str(row["contract"]), q if row["side"] == "buy" else -q))
         raw: dict[tuple[str, str], int] = {}
         nobody: dict[str, int] = {}
         for _r, _o, who, contract, q in sorted(events):
