@@ -18,9 +18,10 @@ retried when rejected, re-issued when missed), as far as it brings the line towa
 an exit the broker rejected closed nothing, and nothing is made good for it; an entry is never re-sent.
 
 One counted order is made good once, for the first exit that counted on it (a later exit on the same line saw the
-first one's exit too, which already closed for it). Held in memory: a crash between the counted order's settling
-and the follow-up's journaling loses it (reconciliation cannot tell, the ledger and the broker agree on the
-overshoot), as it loses nothing else; recorded in the closing notes as known.
+first one's exit too, which already closed for it); a flatten that counts them takes them over (its own watch
+makes them good). The watch is held in memory, not journaled: a crash between a counted order's settling and the
+follow-up's journal commit loses the follow-up, and reconciliation cannot find it (the ledger and the broker agree
+on the overshoot). The flatten watch is journaled; this one is not yet.
 """
 
 from __future__ import annotations

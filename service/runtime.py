@@ -9,7 +9,8 @@ The runtime is one class assembled from mixins, one per concern, each in its own
 description that concerns it: restoring the state at start from the journal (``service.restore``); a broker's
 come-up, with recovery of orders in flight, reconciliation and catch-up (``service.recovery``); flattens, with the
 held orders they supersede, their follow-ups, the re-issue of missed exits and the retry of rejected ones
-(``service.flatten``). The state they share is declared in ``service.runtime_state``. Here: the lifecycle, holds
+(``service.flatten``); a signal's exits that counted on orders in flight which then did not fill, made good
+(``service.exits``). The state they share is declared in ``service.runtime_state``. Here: the lifecycle, holds
 and dispatch, broker events and fills, risk, the admin levers and the engine's view.
 
 Exposure: an entry reserves its margin from the moment it is dispatched until the broker resolves it *and* a

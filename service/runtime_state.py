@@ -1,7 +1,7 @@
 """What the runtime's parts share: the state ``Runtime.__init__`` sets, declared once for the type checker.
 
 ``Runtime`` (``service.runtime``) is one object assembled from mixins, one per concern (``service.restore``,
-``service.recovery``, ``service.flatten``), because its concerns act on one state under one event loop: a flatten
+``service.recovery``, ``service.flatten``, ``service.exits``), because its concerns act on one state under one event loop: a flatten
 nets out the holds a webhook made, a come-up redoes the flattens a drop made miss. Each mixin inherits
 ``RuntimeState``, whose annotations type the attributes it reads and whose stubs type the methods it calls that
 live in another part; the class holding each method overrides the stub. ``RuntimeState`` itself holds no value
