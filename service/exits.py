@@ -18,8 +18,8 @@ retried when rejected, re-issued when missed), as far as it brings the line towa
 an exit the broker rejected closed nothing, and nothing is made good for it; an entry is never re-sent.
 
 One counted order is made good once, for the first exit that counted on it (a later exit on the same line saw the
-first one's exit too, which already closed for it); a flatten that counts them takes them over (its own watch
-makes them good). The watch is held in memory, not journaled: a crash between a counted order's settling and the
+first one's exit too, which already closed for it); a flatten of the line takes it over before it computes (its
+own watch makes good what it counted). The watch is held in memory, not journaled: a crash between a counted order's settling and the
 follow-up's journal commit loses the follow-up, and reconciliation cannot find it (the ledger and the broker agree
 on the overshoot). The flatten watch is journaled; this one is not yet.
 """
@@ -31,6 +31,7 @@ import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from engine.state import contract_root
 from service.dispatch import FINAL, Job, Tracked
 from service.flatten import _Netted
 from service.runtime_state import RuntimeState, _Hold
@@ -122,17 +123,15 @@ class ExitsMixin(RuntimeState):
         if own is not None:
             asyncio.get_running_loop().call_soon(self._make_good, own)
 
-    def _flatten_counts(self, line: _Netted) -> None:
-        """A flatten counted orders in flight on ``line`` and watches them itself (``service.flatten._Netted``):
-        those are no longer this module's to make good (one counted order is made good once). A watch with a
-        difference held already keeps it: the flatten counted its stand-in as an exit to come."""
-        for watch in [w for w in self._exit_watches.values()
-                      if (w.account, w.strategy, w.contract) == (line.account, line.strategy, line.contract)]:
-            for coid in line.counted:
-                if coid in watch.counted:
-                    watch.counted.discard(coid)
-                    self._counted_by.pop(coid, None)
-            if not watch.lost and (watch.exit_id in line.counted or not watch.counted):
+    def _flatten_takes_over(self, accounts: set[str] | None, strategy: str | None,
+                            roots: frozenset[str] | None) -> None:
+        """A flatten is about to compute its exits for this scope: it counts every order in flight there and
+        watches them itself (``service.flatten._Netted``), so the watches of signals' exits in scope end here, their
+        stand-ins with them, before it computes (counted as an exit to come, a stand-in would have the flatten
+        close a difference that this module then no longer makes good)."""
+        for watch in list(self._exit_watches.values()):
+            if (accounts is None or watch.account in accounts) and (strategy is None or watch.strategy == strategy) \
+                    and (roots is None or contract_root(watch.contract) in roots):
                 self._drop_watch(watch)
 
     def _unwatch_exit(self, client_order_id: str) -> None:

@@ -415,11 +415,11 @@ class FlattenMixin(RuntimeState):
         if roots is not None:
             body["instruments"] = sorted(roots)
         netted: list[_Netted] = []
+        self._flatten_takes_over(accounts, strategy, roots)  # signals' exit watches in scope end (``service.exits``)
         orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots, netted=netted)
         if netted:  # journaled with the flatten itself: a restart watches again (``_restore_watches``)
             body["watch"] = [line.as_json() for line in netted]
         for line in netted:  # before the first await: an order may become final at any moment after it
-            self._flatten_counts(line)  # a signal's exit watch hands these over (``service.exits``)
             for coid in line.counted:
                 self._netted.setdefault(coid, []).append(line)
         try:

@@ -180,7 +180,8 @@ class RuntimeState:
     def _follow_up(self, line: _Netted, left: int, what: str, *, covers: str) -> None:
         raise NotImplementedError
 
-    def _flatten_counts(self, line: _Netted) -> None:
+    def _flatten_takes_over(self, accounts: set[str] | None, strategy: str | None,
+                            roots: frozenset[str] | None) -> None:
         raise NotImplementedError
 
     def _standin_void(self, job: Job) -> bool:
