@@ -29,12 +29,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from decimal import Decimal
 
 from engine.state import contract_root
 from service.dispatch import FINAL, Job, Tracked
 from service.flatten import _Netted
-from service.runtime_state import RuntimeState, _Hold
+from service.runtime_state import RuntimeState
 
 log = logging.getLogger("service.runtime")
 
@@ -78,11 +77,11 @@ class ExitsMixin(RuntimeState):
             if job.intent != "exit":
                 continue
             line = (job.account, job.strategy, job.contract)
-            exposure = self.tracker.strategy_exposure(job.account).get(job.strategy, {}).get(job.contract, 0)
-            held = self._held_by_strategy.get(job.account, {}).get(job.strategy, {}).get(job.contract, 0)
-            held -= sum(j.quantity * j.sign for j in jobs if (j.account, j.strategy, j.contract) == line)  # its own
-            if not exposure and not held:
-                continue
+            own = sum(j.quantity * j.sign for j in jobs if (j.account, j.strategy, j.contract) == line)
+            flying = self.tracker.strategy_exposure(job.account).get(job.strategy, {}).get(job.contract, 0)
+            held = self._held_by_strategy.get(job.account, {}).get(job.strategy, {}).get(job.contract, 0) - own
+            if not flying and not held:
+                continue  # nothing in flight or held there (the O(1) common case)
             counted = {t.job.client_order_id for t in self.tracker.unsettled()
                        if (t.job.account, t.job.strategy, t.job.contract) == line}
             counted |= {j.client_order_id for sid, h in self._holds.items() if not h.flatten and sid != signal_id
@@ -90,7 +89,7 @@ class ExitsMixin(RuntimeState):
             counted -= self._counted_by.keys()  # made good for the first exit that counted on it only
             if not counted:
                 continue
-            stands = self.ledger.book(*line).quantity + exposure + held
+            stands = self._line_stands(*line) - own  # what it counted on closing
             watch = _ExitWatch(signal_id, job.account, job.strategy, job.contract, job.client_order_id, counted,
                                assumed=max(0, stands * -job.sign))
             self._exit_watches[job.client_order_id] = watch
@@ -157,17 +156,13 @@ class ExitsMixin(RuntimeState):
 
     def _hold_standin(self, watch: _ExitWatch) -> None:
         self.release(watch.standin)
-        doc = self._account(watch.account)
-        if not watch.lost or doc is None:
-            return
-        job = self._job({"account": watch.account, "broker": doc.broker, "contract": watch.contract,
-                         "side": "buy" if watch.lost > 0 else "sell", "quantity": abs(watch.lost), "intent": "exit",
-                         "client_order_id": watch.standin}, watch.strategy, watch.standin, Decimal(0))
-        if job is None:
-            return
-        self._holds[watch.standin] = _Hold([job], [], flatten=True)
-        self._count_held(job, 1)
-        self._invalidate()
+        self._hold_closing(watch.standin, watch.account, watch.strategy, watch.contract, -watch.lost)
+
+    def _line_stands(self, account: str, strategy: str, contract: str) -> int:
+        """Where a strategy's line stands as the engine sees it: its book, its orders in flight and held."""
+        return (self.ledger.book(account, strategy, contract).quantity
+                + self.tracker.strategy_exposure(account).get(strategy, {}).get(contract, 0)
+                + self._held_by_strategy.get(account, {}).get(strategy, {}).get(contract, 0))
 
     def _make_good(self, watch: _ExitWatch) -> None:
         """The exit is final: make good what the counted orders left undone, in proportion to what the exit did.
@@ -194,9 +189,7 @@ class ExitsMixin(RuntimeState):
             trade = size if lost > 0 else -size
         else:  # the exit left open what an earlier order it counted did not close: on, the exit's way
             trade = min(abs(lost), filled) * exit_sign
-        stands = self.ledger.book(watch.account, watch.strategy, watch.contract).quantity
-        stands += self.tracker.strategy_exposure(watch.account).get(watch.strategy, {}).get(watch.contract, 0)
-        stands += self._held_by_strategy.get(watch.account, {}).get(watch.strategy, {}).get(watch.contract, 0)
+        stands = self._line_stands(watch.account, watch.strategy, watch.contract)
         what = f"the exit {watch.exit_id} ({exit_order.status}, {filled} of {quantity}) counted on " + "; ".join(causes)
         if abs(trade) > abs(stands):
             trade = -stands  # to flat, never through it

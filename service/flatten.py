@@ -649,13 +649,19 @@ class FlattenMixin(RuntimeState):
         (``_issue_owed_follow_ups``), as a follow-up made while its broker recovers is held: the engine, the
         portfolio's counts and best mode's holder see the line flat, as they would have without the crash, and an
         operator flatten computed meanwhile does not close the same difference again. Never dispatched."""
-        doc = self._account(debt.line.account)
-        if doc is None or debt.left == 0:
+        self._hold_closing(self._owed_hold(debt), debt.line.account, debt.line.strategy, debt.line.contract,
+                           debt.left)
+
+    def _hold_closing(self, key: str, account: str, strategy: str, contract: str, left: int) -> None:
+        """Hold, under ``key`` (never a journaled signal id), an exit closing ``left`` (signed: what the line holds
+        beyond where it should) that is not sent from this hold: counted as a flatten exit held (the engine's view,
+        the portfolio's counts, a flatten's pending exits), never dispatched nor superseded, until ``release``."""
+        doc = self._account(account)
+        if doc is None or left == 0:
             return
-        key = self._owed_hold(debt)
-        job = self._job({"account": debt.line.account, "broker": doc.broker, "contract": debt.line.contract,
-                         "side": "sell" if debt.left > 0 else "buy", "quantity": abs(debt.left), "intent": "exit",
-                         "client_order_id": key}, debt.line.strategy, key, Decimal(0))
+        job = self._job({"account": account, "broker": doc.broker, "contract": contract,
+                         "side": "sell" if left > 0 else "buy", "quantity": abs(left), "intent": "exit",
+                         "client_order_id": key}, strategy, key, Decimal(0))
         if job is None:
             return
         self._holds[key] = _Hold([job], [], flatten=True)

@@ -316,7 +316,8 @@ class RecoveryMixin(RuntimeState):
                                                          contract=m.contract, quantity=delta, price=mark, at=now)
             self.book_entry(fill_id=f"{account.broker}:{fill_id}", account=account.name, strategy=EXTERNAL_STRATEGY,
                             contract=m.contract, signed_qty=delta, price=mark or Decimal(0), commission=Decimal(0),
-                            at=now, manual=True, point_value=None if mark is not None else Decimal(0))
+                            at=now, manual=True, point_value=None if mark is not None else Decimal(0),
+                            day_book=mark is not None)
         alert = {"account": account.name, "kind": "reconciliation_adopted", "detail": text, "at": _utc(now)}
         self.alerts.append(alert)
         log.warning("reconciliation: %s adopted the broker's positions (%s)", account.name, text)

@@ -212,7 +212,7 @@ class RestoreMixin(RuntimeState):
         self.risk.open_day(today, opening, marks)
         for fill in during:
             if fill.get("kind") == ADOPTED and fill.get("price") in (None, ""):
-                continue  # adopted with no mark known: the day book did not follow it either (``RiskMonitor.adjust``)
+                continue  # adopted with no mark known: the day book did not follow it live either (``book_entry``)
             entry = fill_entry(fill, self._point_value)
             del entry["point_value"]  # the day book's own
             self.risk.apply_fill(**entry, at=self._fill_time(fill))  # type: ignore[arg-type]

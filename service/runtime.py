@@ -668,12 +668,13 @@ class Runtime(FlattenMixin, ExitsMixin, RecoveryMixin, RestoreMixin):
 
     def book_entry(self, *, fill_id: str, account: str, strategy: str, contract: str, signed_qty: int,
                    price: Decimal, commission: Decimal, at: datetime, manual: bool,
-                   point_value: Decimal | None = None) -> bool:
+                   point_value: Decimal | None = None, day_book: bool = True) -> bool:
         """Book a journaled fill (or adoption) in the ledger and the day book; False when it was booked before.
 
         In the broker's order: one that comes out of it across a trade made by hand (``Arrivals.late``) rebuilds
         the ledger's books from the journal, the fills booked so far and this one, as a restart would. The day
-        book is not rebuilt: an account's P&L does not depend on which of its books a contract is booked to."""
+        book is not rebuilt: an account's P&L does not depend on which of its books a contract is booked to.
+        ``day_book=False``: not in the day book (an adoption with no mark known moves no P&L)."""
         if fill_id in self.ledger.seen_fills:
             return False
         if point_value is None:
@@ -689,7 +690,7 @@ class Runtime(FlattenMixin, ExitsMixin, RecoveryMixin, RestoreMixin):
                               signed_qty=signed_qty, price=price, commission=commission, point_value=point_value,
                               manual=manual)
         self.arrivals.note(account, contract, at, manual)
-        if point_value:  # an adoption with no mark known moves no P&L: the day book does not follow it
+        if day_book:
             self.risk.apply_fill(fill_id=fill_id, account=account, strategy=strategy, contract=contract,
                                  signed_qty=signed_qty, price=price, commission=commission, at=at, manual=manual)
         return True

@@ -146,7 +146,7 @@ class RuntimeState:
 
     def book_entry(self, *, fill_id: str, account: str, strategy: str, contract: str, signed_qty: int,
                    price: Decimal, commission: Decimal, at: datetime, manual: bool,
-                   point_value: Decimal | None = None) -> bool:
+                   point_value: Decimal | None = None, day_book: bool = True) -> bool:
         raise NotImplementedError
 
     async def ingest_fill(self, broker: str, fill: Fill) -> bool:
@@ -178,6 +178,12 @@ class RuntimeState:
         raise NotImplementedError
 
     def _follow_up(self, line: _Netted, left: int, what: str, *, covers: str) -> None:
+        raise NotImplementedError
+
+    def _hold_closing(self, key: str, account: str, strategy: str, contract: str, left: int) -> None:
+        raise NotImplementedError
+
+    def _line_stands(self, account: str, strategy: str, contract: str) -> int:
         raise NotImplementedError
 
     def _flatten_takes_over(self, accounts: set[str] | None, strategy: str | None,
