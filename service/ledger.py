@@ -134,6 +134,11 @@ class Ledger:
 
     books: dict[Key, Book] = field(default_factory=dict)
     seen_fills: set[str] = field(default_factory=set)
+    hand_closed: dict[Key, int] = field(default_factory=dict)
+    """Per line, the signed contracts trades made by hand have closed there so far (a buy closing a short: > 0).
+    An exit decided before such a trade, and filled after it, closed the same position a second time: the runtime
+    compares this count at the exit's decision and after its fills (``service.overtaken``). Rebuilt by ``replay``
+    in the broker's order, like the books."""
 
     def apply(self, *, fill_id: str, account: str, strategy: str, contract: str, signed_qty: int,
               price: Decimal, commission: Decimal, point_value: Decimal, manual: bool = False) -> bool:
@@ -182,6 +187,7 @@ class Ledger:
                 continue
             take = min(abs(held), abs(left)) * (1 if left > 0 else -1)
             self.books[key] = book.fill(take, price, Decimal(0), point_value)  # type: ignore[union-attr]
+            self.hand_closed[key] = self.hand_closed.get(key, 0) + take
             left -= take
         book = self.books.get(external)
         if left or commission or book is not None:

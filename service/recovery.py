@@ -245,6 +245,7 @@ class RecoveryMixin(RuntimeState):
         connector = self.pool.connector(broker)
         now = self.clock()
         since = trading_day_start(now) - timedelta(days=1)
+        ending = self._overtaken_window(broker)  # exits final before this pass: it reads every fill they could miss
         rows = []
         for account in sorted(self.ruleset.accounts.values(), key=lambda a: a.name):
             if account.broker != broker:
@@ -272,6 +273,7 @@ class RecoveryMixin(RuntimeState):
             rows.append({**row, "orders_at_read": at_read})
             await self._apply_policy(account, mismatches, now)
         self._invalidate()
+        self._overtaken_window_ends(ending)
         await self._snapshot_positions(broker, [str(r["account"]) for r in rows], now, reason)
         return rows
 

@@ -58,6 +58,7 @@ from service.flatten import FLATTEN_RETRY_DELAYS_S as FLATTEN_RETRY_DELAYS_S
 from service.flatten import REDO_LOOKBACK as REDO_LOOKBACK
 from service.flatten import FlattenMixin, _Netted, _Owed
 from service.exits import ExitsMixin, _ExitWatch
+from service.overtaken import OvertakenMixin, _Overtaken
 from service.flatten import _clamp_exits as _clamp_exits
 from service.flatten import _clamp_to_broker as _clamp_to_broker
 from service.ledger import ADOPTED, EXTERNAL_STRATEGY, Arrivals, Ledger, is_manual, replay
@@ -81,7 +82,7 @@ MISSED_BY = frozenset({"connection", "paused"})
 SNAPSHOT_DEBOUNCE_S = 0.05
 
 
-class Runtime(FlattenMixin, ExitsMixin, RecoveryMixin, RestoreMixin):
+class Runtime(FlattenMixin, ExitsMixin, OvertakenMixin, RecoveryMixin, RestoreMixin):
     """See the module docstring; the public methods are the API the HTTP layer (service.app) uses."""
 
     def __init__(self, config: Any, journal: Any, watcher: Any, *, clock: Any = None,
@@ -104,8 +105,12 @@ class Runtime(FlattenMixin, ExitsMixin, RecoveryMixin, RestoreMixin):
         self.tracker.hooks.append(self._on_status)
         self.tracker.settled_hooks.append(self._netted_settled)
         self.tracker.settled_hooks.append(self._exit_watch_settled)
+        self.tracker.settled_hooks.append(self._overtaken_settled)
         self._exit_watches: dict[str, _ExitWatch] = {}
         self._counted_by: dict[str, _ExitWatch] = {}
+        self._hand_basis: dict[str, int] = {}
+        self._overtaken: dict[tuple[str, str], list[_Overtaken]] = {}
+        self._overtaking: dict[str, _Overtaken] = {}
         self.pool: BrokerPool | None = None
         self.dispatcher: Dispatcher | None = None
         self.risk = RiskMonitor(self._mark, self._point_value)
@@ -335,10 +340,12 @@ class Runtime(FlattenMixin, ExitsMixin, RecoveryMixin, RestoreMixin):
                 margin = per * int(order["quantity"])
             else:
                 margin = Decimal(0)
-        return Job(client_order_id=order["client_order_id"], signal_id=signal_id, strategy=strategy,
-                   account=account.name, broker=order.get("broker") or account.broker,
-                   broker_account=account.broker_account, contract=order["contract"], side=order["side"],
-                   quantity=int(order["quantity"]), intent=order.get("intent") or "entry", margin_usd=margin)
+        job = Job(client_order_id=order["client_order_id"], signal_id=signal_id, strategy=strategy,
+                  account=account.name, broker=order.get("broker") or account.broker,
+                  broker_account=account.broker_account, contract=order["contract"], side=order["side"],
+                  quantity=int(order["quantity"]), intent=order.get("intent") or "entry", margin_usd=margin)
+        self._note_hand_basis(job)  # what trades by hand had closed on its line by now (``service.overtaken``)
+        return job
 
     # -- dispatch ----------------------------------------------------------------------------------------------
     def dispatch(self, signal_id: str, decision: Decision) -> None:
@@ -410,6 +417,7 @@ class Runtime(FlattenMixin, ExitsMixin, RecoveryMixin, RestoreMixin):
         self._take_hold(signal_id)
         for job in held.jobs:
             self._unwatch_exit(job.client_order_id)  # never sent: nothing to make good
+            self._hand_basis.pop(job.client_order_id, None)
         for coid in held.reserved:
             self._drop_reservation(coid)
         if held.unsent:
@@ -679,7 +687,8 @@ class Runtime(FlattenMixin, ExitsMixin, RecoveryMixin, RestoreMixin):
             return False
         if point_value is None:
             point_value = self._point_value(contract)
-        if self.arrivals.late(account, contract, at, manual):
+        rebuilt = self.arrivals.late(account, contract, at, manual)
+        if rebuilt:
             wanted = self.ledger.seen_fills | {fill_id}
             self.ledger = replay([row for row in self.journal.fills()
                                   if f"{row['broker']}:{row['fill_id']}" in wanted], self._point_value)
@@ -690,6 +699,8 @@ class Runtime(FlattenMixin, ExitsMixin, RecoveryMixin, RestoreMixin):
                               signed_qty=signed_qty, price=price, commission=commission, point_value=point_value,
                               manual=manual)
         self.arrivals.note(account, contract, at, manual)
+        if manual or rebuilt:
+            self._hand_trade_booked(account, contract)  # an exit final before it may have closed it twice
         if day_book:
             self.risk.apply_fill(fill_id=fill_id, account=account, strategy=strategy, contract=contract,
                                  signed_qty=signed_qty, price=price, commission=commission, at=at, manual=manual)

@@ -1,11 +1,12 @@
 """What the runtime's parts share: the state ``Runtime.__init__`` sets, declared once for the type checker.
 
 ``Runtime`` (``service.runtime``) is one object assembled from mixins, one per concern (``service.restore``,
-``service.recovery``, ``service.flatten``, ``service.exits``), because its concerns act on one state under one event loop: a flatten
-nets out the holds a webhook made, a come-up redoes the flattens a drop made miss. Each mixin inherits
-``RuntimeState``, whose annotations type the attributes it reads and whose stubs type the methods it calls that
-live in another part; the class holding each method overrides the stub. ``RuntimeState`` itself holds no value
-and runs nothing: ``Runtime.__init__`` sets every attribute, and the type checker holds the two to one type."""
+``service.recovery``, ``service.flatten``, ``service.exits``, ``service.overtaken``), because its concerns act on
+one state under one event loop: a flatten nets out the holds a webhook made, a come-up redoes the flattens a drop
+made miss. Each mixin inherits ``RuntimeState``, whose annotations type the attributes it reads and whose stubs
+type the methods it calls that live in another part; the class holding each method overrides the stub.
+``RuntimeState`` itself holds no value and runs nothing: ``Runtime.__init__`` sets every attribute, and the type
+checker holds the two to one type."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from service.risk import RiskMonitor
 
 if TYPE_CHECKING:
     from service.flatten import _Netted, _Owed
+    from service.overtaken import _Overtaken
     from service.notify import Notifier
 
 
@@ -197,4 +199,11 @@ class RuntimeState:
         raise NotImplementedError
 
     def _hold_owed(self, debt: _Owed) -> None:
+        raise NotImplementedError
+
+    # -- held in service.overtaken -----------------------------------------------------------------------------
+    def _overtaken_window(self, broker: str) -> list[_Overtaken]:
+        raise NotImplementedError
+
+    def _overtaken_window_ends(self, ending: list[_Overtaken]) -> None:
         raise NotImplementedError

@@ -187,3 +187,22 @@ def test_a_position_opened_by_hand_is_nobodys_and_a_strategys_trade_does_not_net
     _manual(ledger, "4", 2)  # buys mirror's short back
     assert ledger.strategy_lines() == {}
     assert ledger.book("a1", EXTERNAL_STRATEGY, "MESH6").commissions == D("0.75")  # the trader's commissions
+
+
+def test_what_trades_by_hand_closed_is_counted_per_line_and_replayed_alike() -> None:
+    """``hand_closed``: what an exit decided before a trade by hand compares against (``service.overtaken``).
+    Only closes count (what a trade by hand opens is nobody's, not closed), on the line they closed, and a replay
+    of the same rows in the same order counts the same."""
+    ledger = Ledger()
+    _ours(ledger, "1", "mirror", 2)
+    _ours(ledger, "2", "trend", -1)
+    _manual(ledger, "3", -3)  # closes mirror's 2 (the side it opposes), opens 1 of nobody's
+    _manual(ledger, "4", 2)  # closes nobody's 1 first, then trend's short 1
+    assert ledger.hand_closed == {("a1", "mirror", "MESH6"): -2, ("a1", EXTERNAL_STRATEGY, "MESH6"): 1,
+                                  ("a1", "trend", "MESH6"): 1}
+    rows = [{"broker": "b", "fill_id": fid, "account": "a1", "strategy": strategy, "contract": "MESH6",
+             "side": "buy" if qty > 0 else "sell", "quantity": abs(qty), "price": "5000", "commission": "0",
+             "client_order_id": None if strategy == EXTERNAL_STRATEGY else f"mb-{fid}"}
+            for fid, strategy, qty in (("1", "mirror", 2), ("2", "trend", -1), ("3", EXTERNAL_STRATEGY, -3),
+                                       ("4", EXTERNAL_STRATEGY, 2))]
+    assert replay(rows, lambda contract: MES).hand_closed == ledger.hand_closed
