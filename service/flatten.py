@@ -2,7 +2,10 @@
 
 Missed flattens: a flatten (schedule, risk ``flatten_and_halt``, operator) sends its exits to every account holding
 a position in scope; an exit whose broker was down or paused becomes ``missed`` (also one whose request failed in a
-drop and that recovery then did not find at the broker). When that broker comes back (``_on_up``: after recovery
+drop and that recovery then did not find at the broker). An account in its scope whose broker was down or paused
+as it was computed counts as missed there too (its body's ``away``, ``_away``), exit or no exit: the ledger it read
+did not know what happened at that broker meanwhile (a position opened there by hand and reported at the come-up,
+the exits it counted on in flight there). When that broker comes back (``_on_up``: after recovery
 and reconciliation, before catch-up), every flatten of the current trading day with an exit missed there is carried
 out now for those accounts, whatever their ``catch_up``: a flatten signal of its own, ``<flatten id>-redo-<broker>-
 <n>``, with exits only (never blocked by risk or schedule: exits never are) for the positions in the original's
@@ -102,7 +105,7 @@ from typing import Any, Iterable, Mapping
 from brokers.base import BrokerError
 from engine.decision import client_order_id, ruleset_ref
 from engine.schedule import Firing
-from engine.sessions import trading_day
+from engine.sessions import trading_day, trading_day_start
 from engine.state import contract_root
 from service.dispatch import CANCELLED, FINAL, MISSED, REJECTED, Job, Tracked
 from service.journal import parse_utc
@@ -414,6 +417,9 @@ class FlattenMixin(RuntimeState):
         body: dict[str, Any] = {"flatten": True, "account": account, "strategy": strategy, "reason": reason}
         if roots is not None:
             body["instruments"] = sorted(roots)
+        away = self._away(accounts)
+        if away:  # carried out there at the come-up, on what the broker shows then (``_flatten_debts``)
+            body["away"] = away
         netted: list[_Netted] = []
         self._flatten_takes_over(accounts, strategy, roots)  # signals' exit watches in scope end (``service.exits``)
         orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots, netted=netted)
@@ -435,6 +441,22 @@ class FlattenMixin(RuntimeState):
                         self._netted.pop(coid, None)
             raise
         return {"signal_id": fid, "orders": decision["orders"], "reason": reason}
+
+    def _away(self, accounts: set[str] | None) -> dict[str, list[str]]:
+        """The accounts in a flatten's scope whose broker is down or paused as it is computed, by broker.
+
+        The flatten computes from the ledger, and the ledger does not know what happened at a broker that is away:
+        a trade made by hand there (reported at the come-up, made before the flatten) is not closed by it, and the
+        exits it counted on in flight there end ``missed``. So such an account is owed the flatten at its broker's
+        come-up, whether or not it had an exit there (one it had is missed anyway): the redo closes what the
+        account holds in scope after reconciliation (``_flatten_debts``, ``_redo_missed_flattens``)."""
+        if self.pool is None:
+            return {}
+        away: dict[str, list[str]] = {}
+        for name, doc in sorted(self.ruleset.accounts.items()):
+            if (accounts is None or name in accounts) and not self.pool.available(doc.broker):
+                away.setdefault(doc.broker, []).append(name)
+        return away
 
     async def _issue_flatten(self, fid: str, body: dict[str, Any], orders: list[dict[str, Any]], *,
                              accounts: set[str] | None, strategy: str | None, roots: frozenset[str] | None,
@@ -818,6 +840,9 @@ class FlattenMixin(RuntimeState):
             if order["broker"] == broker and order.get("intent") == "exit":
                 sids.add(str(order["signal_id"]))
         origins: dict[str, dict[str, Any]] = {}
+        for flat in self.journal.flattens_between(trading_day_start(now), now):  # away at the broker (``_away``)
+            if broker in ((flat["signal"].get("away") or {}) if isinstance(flat["signal"], dict) else {}):
+                sids.add(str(flat["id"]))
         for sid in sids:
             row = self.journal.get_signal(sid)
             scope = None if row is None else _flatten_scope(row)
@@ -850,10 +875,13 @@ class FlattenMixin(RuntimeState):
                 for order in member.get("orders") or ():
                     if order["broker"] == broker and order.get("intent") == "exit":
                         exits.setdefault(str(order["account"]), []).append(order)
-                listed = (member.get("signal") or {}).get("accounts") if member is not first else None
+                body = member.get("signal") or {}
+                listed = body.get("accounts") if member is not first else (body.get("away") or {}).get(broker)
                 for account in set(exits) | {str(a) for a in listed or ()}:
                     mine = exits.get(account, [])
-                    latest[account] = (member, _exit_outcome(mine), mine)
+                    # An account the original found away and had no exit for is owed it as if its exit was missed.
+                    outcome = _MISSED_EXIT if member is first and not mine else _exit_outcome(mine)
+                    latest[account] = (member, outcome, mine)
             for account, (member, outcome, mine) in sorted(latest.items()):
                 if outcome == _MISSED_EXIT:
                     debt.missed.add(account)

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from brokers.base import BrokerUnavailable
+from brokers.base import BrokerUnavailable, Side
 from service.dispatch import FILLED, MISSED, REJECTED
 from tests.harness.runtime import (Clock, World, account_doc, documents, routing_doc, wait_until, world,
                                   write_rules)
@@ -287,3 +287,28 @@ def test_a_reissued_exit_never_exceeds_what_the_broker_holds_where_the_ledger_di
     assert [(o["account"], o["strategy"], o["contract"], o["quantity"]) for o in _clamp_exits(orders, reconciled)] \
         == [("s0", "mirror", "ESH6", 2), ("s0", "trend", "ESH6", 1), ("s0", "mirror", "MESH6", 5),
             ("s1", "mirror", "ESH6", 2)]
+
+
+async def test_a_flatten_decided_while_the_broker_is_away_closes_what_a_trade_by_hand_opened_there(w: World) -> None:
+    """s0 holds nothing by the ledger; while ``slow`` is down the trader buys 2 there by hand (its fill is reported
+    at the come-up). An operator flatten of s0 meanwhile has nothing to exit by the ledger, but its broker was away:
+    it is owed there all the same, and the come-up closes what reconciliation finds. Before, the account stayed
+    long 2 after a flatten that reported success (fuzz crash seed 384, with a risk flatten)."""
+    contract = await open_mirror(w)
+    closed = await w.runtime.flatten(account="s0", reason="operator")  # s0 flat, its broker up: nothing owed
+    await w.settle()
+    assert held(w, "slow", "S-0") == {} and "away" not in w.journal.get_signal(closed["signal_id"])["signal"]
+    await drop(w, "slow")
+    w.connector("slow").manual_trade("S-0", contract, Side.BUY, 2, "manual-1")
+    result = await w.runtime.flatten(account="s0", reason="operator")
+    assert result["orders"] == []
+    assert w.journal.get_signal(result["signal_id"])["signal"]["away"] == {"slow": ["s0"]}
+    await come_back(w, "slow")
+    [redo] = redos(w)
+    assert redo["id"] == f"{result['signal_id']}-redo-slow-1"
+    assert [(o["side"], o["quantity"], o["status"]) for o in w.journal.get_signal(redo["id"])["orders"]] == \
+        [("sell", 2, FILLED)]
+    assert held(w, "slow", "S-0") == {} and held(w, "slow", "S-1") == {contract: 2}  # s1 was not in its scope
+    await drop(w, "slow")
+    await come_back(w, "slow")
+    assert len(redos(w)) == 1 and held(w, "slow", "S-0") == {}
