@@ -47,11 +47,13 @@ still run with MB_FUZZ_SEEDS / MB_FUZZ_SEED). None today."""
 DEFAULT_SEEDS = [seed for seed in range(40) if seed not in KNOWN_FAILING]
 KNOWN_FAILING_CRASH: dict[int, str] = {}
 """The same for ``generate(seed, crash=True)`` (crashes and rules reloads), out of ``DEFAULT_CRASH_SEEDS``."""
-DEFAULT_CRASH_SEEDS = [seed for seed in (*range(7), 12, 21, 27, 126) if seed not in KNOWN_FAILING_CRASH]
+DEFAULT_CRASH_SEEDS = [seed for seed in (*range(7), 12, 21, 27, 108, 126, 384) if seed not in KNOWN_FAILING_CRASH]
 """About 0.8 s a seed (each kills the process 0-3 times: mid-flight, inside a restart's or a reconnect's come-up,
 and reloads the rules 0-4 times: multipliers, the contract cap, routing, invalid edits). 12 and 27 for a crash in
 a reconnect's re-issue of missed flatten exits and in its catch-up, with routing edits; 126 for an exit that
-counted on an entry the broker rejected (``service.exits``), 21 for a flatten taking over such an exit's watch."""
+counted on an entry the broker rejected (``service.exits``), 21 for a flatten taking over such an exit's watch; 108
+for a flatten exit a trade by hand overtook while the process was dead (``service.overtaken``), 384 for a flatten
+decided while the account's broker was away, with a position opened there by hand (``FlattenMixin._away``)."""
 """About 0.45 s a seed (300 seeds: 128 s). The bugs below were found by seeds 11, 16, 26, 35, 36, 40, 41, 46, 68, 72,
 80, 101, 114, 122, 130, 176, 207, 319, 425, 465 and others; all of 0..299 pass since their fixes."""
 
