@@ -440,6 +440,9 @@ class FlattenMixin(RuntimeState):
                     if not watching:
                         self._netted.pop(coid, None)
             raise
+        if self.running:
+            for broker in away:  # one coming back now: its come-up may have read the journal before this flatten
+                self._redo_once_open(broker)
         return {"signal_id": fid, "orders": decision["orders"], "reason": reason}
 
     def _away(self, accounts: set[str] | None) -> dict[str, list[str]]:

@@ -164,6 +164,9 @@ class RuntimeState:
     def _invalidate(self) -> None:
         raise NotImplementedError
 
+    def _redo_once_open(self, broker: str) -> None:
+        raise NotImplementedError
+
     # -- held in service.recovery ------------------------------------------------------------------------------
     async def reconcile_broker(self, broker: str, *, reason: str) -> list[dict[str, Any]]:
         raise NotImplementedError

@@ -312,3 +312,20 @@ async def test_a_flatten_decided_while_the_broker_is_away_closes_what_a_trade_by
     await drop(w, "slow")
     await come_back(w, "slow")
     assert len(redos(w)) == 1 and held(w, "slow", "S-0") == {}
+
+
+async def test_a_flatten_decided_while_the_broker_is_paused_is_carried_out_on_resume(w: World) -> None:
+    """The same with an operator's pause: the resume closes what the trader opened there by hand."""
+    contract = await open_mirror(w)
+    await w.runtime.flatten(account="s0", reason="operator")
+    await w.settle()
+    await w.runtime.pause_broker("slow")
+    w.connector("slow").manual_trade("S-0", contract, Side.SELL, 1, "manual-1")
+    result = await w.runtime.flatten(account="s0", reason="operator")
+    assert w.journal.get_signal(result["signal_id"])["signal"]["away"] == {"slow": ["s0"]}
+    await w.runtime.resume_broker("slow")
+    await w.settle()
+    [redo] = redos(w)
+    assert [(o["side"], o["quantity"], o["status"]) for o in w.journal.get_signal(redo["id"])["orders"]] == \
+        [("buy", 1, FILLED)]
+    assert held(w, "slow", "S-0") == {}
