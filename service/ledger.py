@@ -193,6 +193,20 @@ class Ledger:
         if left or commission or book is not None:
             self.books[external] = (_EMPTY if book is None else book).fill(left, price, commission, point_value)
 
+    def rebuild(self, account: str, contract: str, rows: Iterable[Mapping[str, object]],
+                point_value: Callable[[str], Decimal]) -> None:
+        """Book ``account``'s ``contract`` lines again from journaled fills rows (``rows``: that account and
+        contract's, in the broker's order), as ``replay`` would, leaving every other line as it is: a trade by hand
+        only ever nets the lines of its own account and contract, so theirs are all a late fill can change."""
+        for key in [k for k in self.books if k[0] == account and k[2] == contract]:
+            del self.books[key]
+        for key in [k for k in self.hand_closed if k[0] == account and k[2] == contract]:
+            del self.hand_closed[key]
+        part = replay(rows, point_value)
+        self.books.update(part.books)
+        self.hand_closed.update(part.hand_closed)
+        self.seen_fills |= part.seen_fills
+
     # -- reading --------------------------------------------------------------------------------------------
     def book(self, account: str, strategy: str, contract: str) -> Book:
         return self.books.get((account, strategy, contract), Book())

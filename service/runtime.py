@@ -680,7 +680,8 @@ class Runtime(FlattenMixin, ExitsMixin, OvertakenMixin, RecoveryMixin, RestoreMi
         """Book a journaled fill (or adoption) in the ledger and the day book; False when it was booked before.
 
         In the broker's order: one that comes out of it across a trade made by hand (``Arrivals.late``) rebuilds
-        the ledger's books from the journal, the fills booked so far and this one, as a restart would. The day
+        the books of its account and contract from the journal, the fills booked so far and this one, as a restart
+        would (``Ledger.rebuild``). The day
         book is not rebuilt: an account's P&L does not depend on which of its books a contract is booked to.
         ``day_book=False``: not in the day book (an adoption with no mark known moves no P&L)."""
         if fill_id in self.ledger.seen_fills:
@@ -689,9 +690,11 @@ class Runtime(FlattenMixin, ExitsMixin, OvertakenMixin, RecoveryMixin, RestoreMi
             point_value = self._point_value(contract)
         rebuilt = self.arrivals.late(account, contract, at, manual)
         if rebuilt:
-            wanted = self.ledger.seen_fills | {fill_id}
-            self.ledger = replay([row for row in self.journal.fills()
-                                  if f"{row['broker']}:{row['fill_id']}" in wanted], self._point_value)
+            seen = self.ledger.seen_fills
+            self.ledger.rebuild(account, contract, [  # that account and contract only: nothing else can change
+                row for row in self.journal.fills(account=account) if row["contract"] == contract
+                and (f"{row['broker']}:{row['fill_id']}" in seen or f"{row['broker']}:{row['fill_id']}" == fill_id)],
+                self._point_value)
             log.info("ledger rebuilt from the journal in the broker's order: %s at %s came after a later %s", fill_id,
                      account, "fill" if manual else "trade made by hand")
         else:

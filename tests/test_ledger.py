@@ -206,3 +206,23 @@ def test_what_trades_by_hand_closed_is_counted_per_line_and_replayed_alike() -> 
             for fid, strategy, qty in (("1", "mirror", 2), ("2", "trend", -1), ("3", EXTERNAL_STRATEGY, -3),
                                        ("4", EXTERNAL_STRATEGY, 2))]
     assert replay(rows, lambda contract: MES).hand_closed == ledger.hand_closed
+
+
+def test_rebuilding_one_account_and_contract_leaves_the_other_lines_and_matches_a_full_replay() -> None:
+    """``Ledger.rebuild``: a fill reported late across a trade by hand re-books its account and contract only."""
+    def row(fid: str, account: str, contract: str, strategy: str, qty: int) -> dict[str, object]:
+        return {"broker": "b", "fill_id": fid, "account": account, "strategy": strategy, "contract": contract,
+                "side": "buy" if qty > 0 else "sell", "quantity": abs(qty), "price": "5000", "commission": "0",
+                "client_order_id": None if strategy == EXTERNAL_STRATEGY else f"mb-{fid}"}
+    in_order = [row("1", "a1", "MESH6", "mirror", 2), row("2", "a1", "MESH6", EXTERNAL_STRATEGY, -2),
+                row("3", "a1", "MESH6", "mirror", -2), row("4", "a1", "MESM6", "mirror", 1),
+                row("5", "a2", "MESH6", "mirror", 3)]
+    arrived = [in_order[i] for i in (0, 2, 3, 4, 1)]  # our exit's fill (3) booked before the hand close (2)
+    live = replay(arrived, lambda contract: MES)
+    assert live.strategy_lines()[("a1", EXTERNAL_STRATEGY, "MESH6")] == -2  # booked out of order: nobody's short
+    live.rebuild("a1", "MESH6", [r for r in in_order if (r["account"], r["contract"]) == ("a1", "MESH6")],
+                 lambda contract: MES)
+    full = replay(in_order, lambda contract: MES)
+    assert live.books == full.books and live.hand_closed == full.hand_closed and live.seen_fills == full.seen_fills
+    assert live.strategy_lines() == {("a1", "mirror", "MESH6"): -2, ("a1", "mirror", "MESM6"): 1,
+                                     ("a2", "mirror", "MESH6"): 3}
