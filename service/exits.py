@@ -87,6 +87,9 @@ class ExitsMixin(RuntimeState):
             counted |= {j.client_order_id for sid, h in self._holds.items() if not h.flatten and sid != signal_id
                         for j in h.jobs if (j.account, j.strategy, j.contract) == line}
             counted -= self._counted_by.keys()  # made good for the first exit that counted on it only
+            # Another exit that is watched itself lands the line where it meant with its own make-good, whatever
+            # becomes of it: counted here too, its failure would be made good twice (fuzz crash seed 126 under load).
+            counted -= self._exit_watches.keys()
             if not counted:
                 continue
             stands = self._line_stands(*line) - own  # what it counted on closing

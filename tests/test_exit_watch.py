@@ -121,3 +121,18 @@ async def test_a_flatten_that_supersedes_the_held_exit_takes_its_stand_in_with_i
     assert [(o["side"], o["quantity"]) for o in result["orders"]] == [("sell", 1)]
     assert at_broker(w) == {} and books(w) == {}
     quiet(w)
+
+
+async def test_an_exit_counting_on_another_watched_exit_leaves_its_make_good_to_that_watch(w: World) -> None:
+    """"long 2" (rejected), "short 1" (its exit sell 2 counted on the buy: rejected too; its entry sell 1 fills),
+    then "long 2" while those are in flight: it buys 1 to close the short and 2 to open. The first exit's watch
+    lands the line where it meant, whatever becomes of that exit; the second one counting the first exit as well
+    made its rejection good a second time and sold 1 (fuzz crash seed 126, under load)."""
+    w.connector("fast").reject_next(2)  # trend's buy 2, then the exit sell 2 of "short 1"
+    await w.submit(target("trend", "t-long", "long", 2))
+    await w.submit(target("trend", "t-short", "short", 1))
+    await w.submit(target("trend", "t-long2", "long", 2))
+    await w.settle()
+    assert w.statuses("t-long") == {"m1": "rejected"}
+    assert at_broker(w) == {"MESH6": 2} and books(w) == {"trend": {"MESH6": 2}}
+    quiet(w)
