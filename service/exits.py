@@ -19,9 +19,18 @@ an exit the broker rejected closed nothing, and nothing is made good for it; an 
 
 One counted order is made good once, for the first exit that counted on it (a later exit on the same line saw the
 first one's exit too, which already closed for it); a flatten of the line takes it over before it computes (its
-own watch makes good what it counted). The watch is held in memory, not journaled: a crash between a counted order's settling and the
-follow-up's journal commit loses the follow-up, and reconciliation cannot find it (the ledger and the broker agree
-on the overshoot). The flatten watch is journaled; this one is not yet.
+own watch makes good what it counted).
+
+The watch survives a crash, as the flatten's does (reconciliation would not tell: the ledger and the broker agree on
+the overshoot). It is journaled with its signal, in the signal's own transaction (``Journal.watch_exit``: the body's
+``exit_watch``, per watched exit its client order id, line, counted orders and ``assumed``), and each make-good
+follow-up names the exit it covers (``covers``). A start rebuilds the watches of the current trading day's signals
+from the journal (``_restore_exit_watches``), leaving out those a flatten in scope journaled after the signal took
+over: counted orders not final yet are watched again (settling during recovery makes good as usual, held through
+the broker's come-up); an exit final with counted orders final and unfilled, and no journaled follow-up covering
+it (the process died before the follow-up's commit), is owed its make-good, sized as ``_make_good`` sizes it, held
+from the start and issued at the broker's come-up after reconciliation, never more than the broker holds
+(``FlattenMixin._issue_owed_follow_ups``). A journaled follow-up is the end of it: a second restart issues nothing.
 """
 
 from __future__ import annotations
@@ -29,10 +38,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
 
+from engine.sessions import trading_day, trading_day_start
 from engine.state import contract_root
 from service.dispatch import FINAL, Job, Tracked
-from service.flatten import _Netted
+from service.flatten import _flatten_scope, _Netted, _Owed
+from service.journal import parse_utc
 from service.runtime_state import RuntimeState
 
 log = logging.getLogger("service.runtime")
@@ -55,11 +68,36 @@ class _ExitWatch:
     lost: int = 0
     """Signed: what the counted orders that settled left undone (a rejected buy 2: +2), not made good yet."""
     causes: list[str] = field(default_factory=list)
+    ended: tuple[str, int, int, int] | None = None
+    """(status, sign, quantity, filled) of an exit already final when a restart rebuilt the watch (a start tracks
+    the open orders only); None: the tracker has it."""
 
     @property
     def standin(self) -> str:
         """The key of the hold standing for ``lost`` until the exit is final (never a journaled signal id)."""
         return f"standin:{self.exit_id}"
+
+    def as_json(self) -> dict[str, Any]:
+        """The watch as its signal's journaled body keeps it (``exit_watch``), as it was decided."""
+        return {"exit": self.exit_id, "account": self.account, "strategy": self.strategy, "contract": self.contract,
+                "counted": sorted(self.counted), "assumed": self.assumed}
+
+
+def _make_good_trade(lost: int, assumed: int, exit_sign: int, filled: int, stands: int) -> tuple[int, int]:
+    """What makes good ``lost`` (signed, see ``_ExitWatch``) for an exit of ``exit_sign`` that counted on closing
+    ``assumed`` and filled ``filled``, on a line that stands at ``stands`` now: (the trade, signed; the trade before
+    it was kept toward flat). Pure: the live watch and a restart's owed make-good size it alike (``_make_good``)."""
+    if (lost > 0) != (exit_sign > 0):  # the exit closed what was never there: back the other way
+        size = min(abs(lost), max(0, filled - max(0, assumed - abs(lost))))
+        trade = size if lost > 0 else -size
+    else:  # the exit left open what an earlier order it counted did not close: on, the exit's way
+        trade = min(abs(lost), filled) * exit_sign
+    raw = trade
+    if abs(trade) > abs(stands):
+        trade = -stands  # to flat, never through it
+    if trade == 0 or (stands > 0) == (trade > 0):
+        return 0, raw
+    return trade, raw
 
 
 class ExitsMixin(RuntimeState):
@@ -95,6 +133,7 @@ class ExitsMixin(RuntimeState):
             stands = self._line_stands(*line) - own  # what it counted on closing
             watch = _ExitWatch(signal_id, job.account, job.strategy, job.contract, job.client_order_id, counted,
                                assumed=max(0, stands * -job.sign))
+            self.journal.watch_exit(signal_id, watch.as_json())  # journaled with the signal: a restart watches again
             self._exit_watches[job.client_order_id] = watch
             for coid in counted:
                 self._counted_by[coid] = watch
@@ -108,7 +147,7 @@ class ExitsMixin(RuntimeState):
         if watch is not None:
             watch.counted.discard(coid)
             unfilled = tracked.job.quantity - tracked.filled
-            exit_order = self.tracker.orders.get(watch.exit_id)
+            exit_order = self._exit_outcome(watch)
             held = self._holds.get(watch.signal_id)
             if exit_order is None and (held is None or all(j.client_order_id != watch.exit_id for j in held.jobs)):
                 self._drop_watch(watch)  # the exit will never leave (its signal was not journaled, or superseded)
@@ -117,13 +156,104 @@ class ExitsMixin(RuntimeState):
                 watch.causes.append(f"{tracked.job.side} {tracked.job.quantity} ({tracked.job.signal_id}) ended "
                                     f"{tracked.status} with {unfilled} unfilled")
                 self._hold_standin(watch)
-                if exit_order is not None and exit_order.status in FINAL:
+                if exit_order is not None and exit_order[0] in FINAL:
                     asyncio.get_running_loop().call_soon(self._make_good, watch)
-            elif not watch.counted and exit_order is not None and exit_order.status in FINAL and not watch.lost:
+            elif not watch.counted and exit_order is not None and exit_order[0] in FINAL and not watch.lost:
                 self._drop_watch(watch)
         own = self._exit_watches.get(coid)
         if own is not None:
             asyncio.get_running_loop().call_soon(self._make_good, own)
+
+    def _restore_exit_watches(self, booked: dict[Any, int]) -> None:
+        """Rebuild the exit watches of this trading day's signals from the journal (see the module docstring). Run
+        after ``_load_open_orders`` (``booked``: its fills by client order id) and ``_restore_watches`` (the
+        follow-up counters, the flattens' owed follow-ups held), before any broker comes up.
+
+        A flatten journaled after a signal, in scope of one of its watches, took that watch over (it ends for good:
+        the flatten's own watch counted its orders). A journaled follow-up covering the exit made good what its
+        counted orders had left undone until then: only those still in flight are watched again. Each counted order
+        once, for the first exit that counted on it, as live."""
+        assert self._started_at is not None, "start() sets it first"
+        covered: set[str] = set()
+        found: list[tuple[str, date, dict[str, Any]]] = []
+        for row in self.journal.exit_watches_since(trading_day_start(self._started_at)):  # as written
+            body, scope = row["signal"], _flatten_scope(row)
+            if scope is not None:
+                if scope.follow_of:
+                    if body.get("covers"):
+                        covered.add(str(body["covers"]))
+                elif scope.origin is None:  # an original ``flatten``: took over the watches in scope before it
+                    found = [(sid, day, item) for sid, day, item in found if not (
+                        (scope.account is None or item.get("account") == scope.account)
+                        and (scope.strategy is None or item.get("strategy") == scope.strategy)
+                        and (scope.roots is None or contract_root(str(item.get("contract"))) in scope.roots))]
+                continue
+            day = trading_day(parse_utc(str(row["received_at"])))
+            found += [(str(row["id"]), day, item) for item in body.get("exit_watch") or []]
+        unsettled = {t.job.client_order_id for t in self.tracker.unsettled()}
+        seen: set[str] = set()
+        for sid, day, item in found:
+            exit_id = str(item["exit"])
+            exit_row = self.journal.get_order(exit_id)
+            if exit_row is None:
+                continue
+            counted = [str(c) for c in item.get("counted") or () if str(c) not in seen]
+            seen.update(counted)
+            watch = _ExitWatch(sid, str(item["account"]), str(item["strategy"]), str(item["contract"]), exit_id,
+                               {c for c in counted if c in unsettled}, assumed=int(item.get("assumed") or 0))
+            if exit_id not in self.tracker.orders:
+                watch.ended = (str(exit_row["status"]), 1 if exit_row["side"] == "buy" else -1,
+                               int(exit_row["quantity"]), self._booked(booked, exit_row))
+            if exit_id not in covered:  # else what settled before its follow-up was made good
+                for coid in counted:
+                    order = None if coid in unsettled else self.journal.get_order(coid)
+                    if order is None or order["status"] not in FINAL:
+                        continue
+                    unfilled = int(order["quantity"]) - self._booked(booked, order)
+                    if unfilled > 0:
+                        watch.lost += unfilled * (1 if order["side"] == "buy" else -1)
+                        watch.causes.append(f"{order['side']} {order['quantity']} ({order['signal_id']}) ended "
+                                            f"{order['status']} with {unfilled} unfilled")
+            final = exit_id not in unsettled and exit_row["status"] in FINAL
+            if final and watch.lost:
+                self._owe_make_good(watch, str(exit_row["broker"]), day)
+            if watch.counted or watch.lost:
+                self._exit_watches[exit_id] = watch
+                for coid in watch.counted:
+                    self._counted_by[coid] = watch
+                if watch.lost:
+                    self._hold_standin(watch)
+
+    @staticmethod
+    def _booked(booked: dict[Any, int], order: dict[str, Any]) -> int:
+        """Contracts of journaled ``order`` in the ledger (a broker may leave the client order id off its fills)."""
+        by_broker = (order.get("broker"), order.get("broker_order_id"))
+        return booked.get(order["client_order_id"], 0) + booked.get(by_broker, 0)
+
+    def _owe_make_good(self, watch: _ExitWatch, broker: str, day: date) -> None:
+        """A start found ``watch``'s exit final and its make-good lost with the process: owe it, sized as
+        ``_make_good`` sizes it, held from now (``_hold_owed``) and issued at ``broker``'s come-up after
+        reconciliation, capped to what the broker holds (``_issue_owed_follow_ups``)."""
+        outcome = self._exit_outcome(watch)
+        if outcome is None:
+            return
+        status, exit_sign, quantity, filled = outcome
+        lost, watch.lost = watch.lost, 0
+        causes, watch.causes = watch.causes, []
+        stands = self._line_stands(watch.account, watch.strategy, watch.contract)
+        trade, raw = _make_good_trade(lost, watch.assumed, exit_sign, filled, stands)
+        what = (f"the exit {watch.exit_id} ({status}, {filled} of {quantity}) counted on " + "; ".join(causes)
+                + ", and its make-good was lost in a restart")
+        if trade == 0:
+            log.info("%s: %s %s (%s): %s; nothing to make good (line at %+d, %+d would not close)", watch.signal_id,
+                     watch.account, watch.contract, watch.strategy, what, stands, raw)
+            return
+        log.warning("%s: %s %s (%s) is owed a make-good closing %+d: %s; issued when %s comes up", watch.signal_id,
+                    watch.account, watch.contract, watch.strategy, -trade, what, broker)
+        owed = _Owed(_Netted(watch.signal_id, watch.account, watch.strategy, watch.contract, counted=()),
+                     watch.exit_id, -trade, what, day)
+        self._owed_follow_ups.setdefault(broker, []).append(owed)
+        self._hold_owed(owed)  # the engine sees the line where the exit meant it until the come-up issues it
 
     def _flatten_takes_over(self, accounts: set[str] | None, strategy: str | None,
                             roots: frozenset[str] | None) -> None:
@@ -149,6 +279,14 @@ class ExitsMixin(RuntimeState):
         if not job.client_order_id.startswith("standin:"):
             return False
         return job.client_order_id.removeprefix("standin:") not in self.tracker.orders
+
+    def _exit_outcome(self, watch: _ExitWatch) -> tuple[str, int, int, int] | None:
+        """(status, sign, quantity, filled) of the watched exit, tracked or final before a restart; None when it is
+        neither (still held, or never to leave)."""
+        tracked = self.tracker.orders.get(watch.exit_id)
+        if tracked is not None:
+            return tracked.status, tracked.job.sign, tracked.job.quantity, tracked.filled
+        return watch.ended
 
     def _drop_watch(self, watch: _ExitWatch) -> None:
         self.release(watch.standin)
@@ -176,8 +314,8 @@ class ExitsMixin(RuntimeState):
         filled: close ``min(|lost|, filled)`` more. Only ever toward flat (a final guard on where the line stands,
         orders in flight and held counted). In one step with the stand-in's release: the engine's view never
         shows the gap."""
-        exit_order = self.tracker.orders.get(watch.exit_id)
-        if exit_order is None or exit_order.status not in FINAL:
+        exit_order = self._exit_outcome(watch)
+        if exit_order is None or exit_order[0] not in FINAL:
             return
         self.release(watch.standin)
         lost, watch.lost = watch.lost, 0
@@ -186,19 +324,13 @@ class ExitsMixin(RuntimeState):
             self._drop_watch(watch)
         if not lost:
             return
-        exit_sign, quantity, filled = exit_order.job.sign, exit_order.job.quantity, exit_order.filled
-        if (lost > 0) != (exit_sign > 0):  # the exit closed what was never there: back the other way
-            size = min(abs(lost), max(0, filled - max(0, watch.assumed - abs(lost))))
-            trade = size if lost > 0 else -size
-        else:  # the exit left open what an earlier order it counted did not close: on, the exit's way
-            trade = min(abs(lost), filled) * exit_sign
+        status, exit_sign, quantity, filled = exit_order
         stands = self._line_stands(watch.account, watch.strategy, watch.contract)
-        what = f"the exit {watch.exit_id} ({exit_order.status}, {filled} of {quantity}) counted on " + "; ".join(causes)
-        if abs(trade) > abs(stands):
-            trade = -stands  # to flat, never through it
-        if trade == 0 or (stands > 0) == (trade > 0):
+        trade, raw = _make_good_trade(lost, watch.assumed, exit_sign, filled, stands)
+        what = f"the exit {watch.exit_id} ({status}, {filled} of {quantity}) counted on " + "; ".join(causes)
+        if trade == 0:
             log.info("%s: %s %s (%s): %s; nothing to make good (line at %+d, %+d would not close)", watch.signal_id,
-                     watch.account, watch.contract, watch.strategy, what, stands, trade)
+                     watch.account, watch.contract, watch.strategy, what, stands, raw)
             return
         line = _Netted(watch.signal_id, watch.account, watch.strategy, watch.contract, counted=())
         self._follow_up(line, -trade, what, covers=watch.exit_id)

@@ -360,6 +360,9 @@ class Journal:
         self._superseded: dict[str, dict[str, str]] = {}
         """Signal id -> {client order id: detail} of orders a flatten superseded before the signal was written
         (``supersede``): its own write journals them ``missed``."""
+        self._exit_watch_rows: dict[str, list[dict[str, Any]]] = {}
+        """Signal id -> the exit watches its decision made before it was written (``watch_exit``): its own write
+        journals them in its body (``exit_watch``)."""
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -728,7 +731,8 @@ class Journal:
         ``missed``: (signal id, orders, detail) of other signals' orders that never leave, journaled ``missed`` in
         the same transaction exactly as ``record_orders`` does: a flatten and the held orders it superseded reach
         the disk together or not at all. An order of this signal that a flatten declared superseded before this
-        write (``supersede``) is written ``missed`` instead of ``new``.
+        write (``supersede``) is written ``missed`` instead of ``new``. The exit watches declared for this signal
+        (``watch_exit``) are written in its body, in the same transaction.
         """
         if status not in SIGNAL_STATUSES:
             raise ValueError(f"signal status {status!r} is not one of {', '.join(SIGNAL_STATUSES)}")
@@ -736,6 +740,9 @@ class Journal:
         when = utc_iso(at or self.clock())
         raw_text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         strategy = (signal or {}).get("strategy") if signal else None
+        watched = self._exit_watch_rows.pop(sid, None) if self._exit_watch_rows else None
+        if watched:
+            signal = {**(signal or {}), "exit_watch": watched}
         decision_text = decision if decision is None or isinstance(decision, str) else dumps(decision)
         common = decision if isinstance(decision, Mapping) else {}
         signal_row = (sid, when, remote, status, reason, key, strategy, raw_text,
@@ -938,6 +945,13 @@ class Journal:
         no superseded order is ever on disk as ``new`` next to the flatten (a restart would send it). Synchronous:
         call it in the step that supersedes them, before anything else can write the signal."""
         self._superseded.setdefault(signal_id, {}).update(orders)
+
+    def watch_exit(self, signal_id: str, watch: Mapping[str, Any]) -> None:
+        """Declare an exit watch of ``signal_id`` (``service.exits``: the exit's client order id, its line, the
+        orders in flight it counted on and what it counted on closing), to be journaled in the signal's body
+        (``exit_watch``) by its own write, so that the watch reaches the disk with the exit it watches or not at
+        all. Synchronous: call it in the step that decided the signal, before anything can write it."""
+        self._exit_watch_rows.setdefault(signal_id, []).append(dict(watch))
 
     def withdraw_superseded(self, signal_id: str, client_order_ids: Iterable[str]) -> None:
         """Undo ``supersede`` for orders whose flatten was not journaled (its write failed)."""
@@ -1163,6 +1177,18 @@ class Journal:
             "SELECT id, received_at, signal FROM signals WHERE received_at >= ? AND "
             "(json_extract(signal, '$.watch') IS NOT NULL OR json_extract(signal, '$.follow_of') IS NOT NULL) "
             "ORDER BY received_at, rowid", (utc_iso(at),))
+        return [{"id": r["id"], "received_at": r["received_at"], "signal": _loads(r["signal"]) or {}}
+                for r in rows]
+
+    def exit_watches_since(self, at: datetime) -> list[dict[str, Any]]:
+        """The signals received at or after ``at`` that journaled an exit watch (``exit_watch``) and every flatten
+        signal (a follow-up names the exit it covers; any other may have taken a watch over), in the order they
+        were written: ``id``, ``received_at`` and the parsed ``signal`` body. What a restart rebuilds the exit
+        watches from (``ExitsMixin._restore_exit_watches``)."""
+        rows = self._query(
+            "SELECT id, received_at, signal FROM signals WHERE received_at >= ? AND "
+            "(json_extract(signal, '$.exit_watch') IS NOT NULL OR json_extract(signal, '$.flatten') IS NOT NULL) "
+            "ORDER BY rowid", (utc_iso(at),))
         return [{"id": r["id"], "received_at": r["received_at"], "signal": _loads(r["signal"]) or {}}
                 for r in rows]
 

@@ -240,6 +240,7 @@ class Runtime(FlattenMixin, ExitsMixin, OvertakenMixin, RecoveryMixin, RestoreMi
             booked[key] = booked.get(key, 0) + int(fill["quantity"])
         self._load_open_orders(booked)
         self._restore_watches(booked)  # after the open orders: what a flatten counted on and is still in flight
+        self._restore_exit_watches(booked)  # and what a signal's exit counted on (``service.exits``)
         self._restore_halts(events)
         self.prepare()
         assert self.pool is not None
