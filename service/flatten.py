@@ -36,8 +36,10 @@ in between saw the line still open, so what it added, or a reversal it made, is 
 never exits more than the broker holds, in any contract (``_clamp_to_broker``: a position closed by
 hand at the broker is booked to no strategy, so the strategy's book alone would sell into a short), net of what our
 orders may still add to that position as they stood when the broker read it (``OrdersAtRead``: counted when the
-exits are computed, an order that fills in between counts nowhere and the retry closes too little). Nothing left to
-close settles it with no order. What is owed is read from the journal (``_flatten_debts``): per account, the latest
+exits are computed, an order that fills in between counts nowhere and the retry closes too little) and of what
+the capped lines keep back (``_kept_back``: the broker holds that too, and counted as the batch's to close it would
+cut an opposite line's exit, leaving that line open with nobody owing it). Nothing left to close settles it with no
+order. What is owed is read from the journal (``_flatten_debts``): per account, the latest
 of the original, its re-issues and its retries decides, so an account is owed a redo (missed exits: the come-up)
 or a retry (rejected ones), never both; the two run under one lock and each nets out the other's exits in flight,
 and a retry whose own exit is lost in a drop is redone by the come-up instead of retried as well. A broker that is
@@ -291,7 +293,8 @@ def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, A
 
 def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]],
                      pending: dict[tuple[str, str], int],
-                     books: Mapping[tuple[str, str], Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
+                     books: Mapping[tuple[str, str], Mapping[str, int]] | None = None, *,
+                     kept: Mapping[tuple[str, str], int] | None = None) -> list[dict[str, Any]]:
     """A retry's exits, each no larger than what the broker holds on its side in every contract, net of our orders
     there still in flight (``pending``: by account and contract, signed, what they may yet add to the broker's
     position as the reconciliation read it, and the flatten exits held: ``Runtime._clamp_basis``), in exit order.
@@ -302,10 +305,18 @@ def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[st
     strategy's book still shows the position; a sell computed from that book would open a short. ``reconciled``:
     rows of the reconciliation just run, by account; an account without one is not exited at all. The broker's
     position is first less what the account's strategies outside this batch hold, their orders in flight included
-    (``_outside``: in an account that follows several strategies, each closes only its own), and the batch's exits
-    are capped together (``_cap_batch``: two strategies on opposite sides net to zero at the broker)."""
+    (``_outside``: in an account that follows several strategies, each closes only its own), and less what the
+    batch's own lines keep back (``kept``: by account and contract, signed like a position, what ``_kept_back``
+    says the retry leaves open on its lines), and the batch's exits are capped together (``_cap_batch``: two
+    strategies on opposite sides net to zero at the broker).
+
+    Why ``kept``: the broker holds what a line keeps back as surely as another strategy's book (a follow-up of the
+    flatten closes it, or a signal decided after the flatten opened it). Left in, it offsets the opposite line's
+    exit in the batch, which the cap then cut as if it would take the broker past flat, and what it cut is owed by
+    nobody: the retry fills, the flatten counts as settled, and the line stays open (fuzz seed 733: mirror +2 and
+    trend -2 at a broker holding 0, the retry selling mirror 1 of 2 and buying trend 1 of 2)."""
     outside = _outside(orders, books or {})
-    kept = []
+    exits = []
     start: dict[tuple[str, str], int] = {}
     for order in orders:
         key = (str(order["account"]), str(order["contract"]))
@@ -313,10 +324,27 @@ def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[st
         if row is None:
             log.error("%s %s: not reconciled, so what the broker holds is unknown; not exited", *key)
             continue
-        kept.append(order)
+        exits.append(order)
         start[key] = int((row.get("broker_positions") or {}).get(key[1], 0)) + pending.get(key, 0) \
-            - outside.get(key, 0)
-    return _cap_batch(kept, start, "retry")
+            - outside.get(key, 0) - (kept or {}).get(key, 0)
+    return _cap_batch(exits, start, "retry")
+
+
+def _kept_back(computed: list[dict[str, Any]], capped: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
+    """By (account, contract), signed like a position: what ``capped`` (a retry's exits after ``_cap_to_unfilled``)
+    leaves open on the lines it still exits, of what ``computed`` (the same exits from the whole line) would have
+    closed. A line ``capped`` no longer exits at all is left out: ``_outside`` counts its whole book already."""
+    left = {str(o["client_order_id"]): int(o["quantity"]) for o in capped}
+    out: dict[tuple[str, str], int] = {}
+    for order in computed:
+        coid = str(order["client_order_id"])
+        if coid not in left or left[coid] >= int(order["quantity"]):
+            continue
+        key = (str(order["account"]), str(order["contract"]))
+        back = int(order["quantity"]) - left[coid]
+        out[key] = out.get(key, 0) + (back if order["side"] == "sell" else -back)
+    return out
+
 
 def _cap_to_unfilled(orders: list[dict[str, Any]],
                      unfilled: Mapping[str, Mapping[tuple[str, str], int]]) -> list[dict[str, Any]]:
@@ -1059,9 +1087,10 @@ class FlattenMixin(RuntimeState):
                 rid = _retry_id(debt.origin, broker, attempt)
                 accounts = set(debt.rejected)
                 # Per debt, in the step that computes its exits: the retries issued before it count.
-                orders = _cap_to_unfilled(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,
-                                                               roots=scope.roots), unfilled[debt.origin])
-                orders = _clamp_to_broker(orders, by_account, *self._clamp_basis(by_account))
+                computed = self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy, roots=scope.roots)
+                orders = _cap_to_unfilled(computed, unfilled[debt.origin])
+                orders = _clamp_to_broker(orders, by_account, *self._clamp_basis(by_account),
+                                          kept=_kept_back(computed, orders))
                 day = trading_day(parse_utc(str(debt.row["received_at"])))
                 late = day != trading_day(now)
                 if orders and (late or attempt > len(self.flatten_retry_delays_s)):
