@@ -26,7 +26,8 @@ when its job is made (``Runtime._job``; only a non-zero count is kept, so the co
 The trade by hand may be booked after the exit's fill. Outside a come-up a broker's stream reports fills in its
 own order, but a come-up books the exit found at the broker before the reconciliation pass reads the trader's
 fill, made earlier (the ledger is then rebuilt in the broker's order, ``service.ledger.Arrivals``). So an exit
-that settles while its broker is recovering, or that a trade by hand overtook in flight, stays under watch until the
+that settles while its broker is not open (connecting, recovering: the fills a broker reports as the link comes
+back arrive before ``_on_up`` even begins), or that a trade by hand overtook in flight, stays under watch until the
 end of the next reconciliation pass of its broker that began after it settled (that pass reads every fill of the
 day and adopts what the broker shows beyond them), and each trade by hand booked on its account and contract
 meanwhile checks it again. Other exits are not kept: memory stays flat however many exits a day sends.
@@ -112,7 +113,7 @@ class OvertakenMixin(RuntimeState):
         watch = self._overtaking.pop(job.client_order_id, None)
         if watch is None:
             slot = None if self.pool is None else self.pool.slots.get(job.broker)
-            if not tracked.filled or slot is None or not slot.recovering:
+            if not tracked.filled or slot is None or slot.available:
                 return  # only a come-up books a trade by hand made before our fill after it (see the docstring)
             watch = _Overtaken(job.client_order_id, job.signal_id, job.broker, job.account, job.strategy,
                                job.contract, job.sign, job.quantity, basis)
