@@ -439,7 +439,8 @@ class FlattenMixin(RuntimeState):
         if account is not None and account not in self.ruleset.accounts:
             raise KeyError(f"no account named {account!r}")
         fid = flatten_id or f"flatten-{_utc(now)}-{account or '*'}-{strategy or '*'}"
-        if self.journal.get_signal(fid) is not None:
+        if fid in self._holds or self.journal.get_signal(fid) is not None:
+            # Held: the same flatten is being journaled right now (two risk checks of one breach at once).
             return {"signal_id": fid, "orders": [], "duplicate": True}
         accounts = None if account is None else {account}
         body: dict[str, Any] = {"flatten": True, "account": account, "strategy": strategy, "reason": reason}

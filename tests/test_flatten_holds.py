@@ -478,3 +478,20 @@ async def test_a_flatten_and_the_orders_it_superseded_are_journaled_in_one_trans
         assert journal.get_order("mb-e")["status"] == "new"
     finally:
         await journal.close()
+
+
+async def test_one_flatten_id_issued_twice_at_once_is_one_flatten(tmp_path: Path) -> None:
+    """Two risk checks of one breach (the risk loop's and a direct call) issue ``risk-...`` together: the second
+    finds the first held, not yet journaled. Before, it passed the journal's check, its write failed on the id, and
+    dropping its hold dropped the first's too: the first's journaled exits stayed ``new``, never sent (fuzz seed
+    54)."""
+    async with world(tmp_path, clock=Clock(NOON)) as w:
+        await open_mirror(w)
+        first, second = await asyncio.gather(
+            w.runtime.flatten(strategy="mirror", reason="risk", flatten_id="risk-x"),
+            w.runtime.flatten(strategy="mirror", reason="risk", flatten_id="risk-x"))
+        assert sorted(bool(r.get("duplicate")) for r in (first, second)) == [False, True]
+        await w.settle()
+        assert w.statuses("risk-x") == {a: FILLED for a in MIRROR}
+        assert {a: held(w, a) for a in MIRROR} == {a: 0 for a in MIRROR}
+        await nothing_held(w)
