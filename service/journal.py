@@ -1167,6 +1167,10 @@ class Journal:
             "SELECT id, received_at, signal FROM signals WHERE received_at > ? AND received_at <= ? AND "
             "json_extract(signal, '$.flatten') IS NOT NULL ORDER BY received_at DESC, rowid DESC",
             (utc_iso(after), utc_iso(until)))
+        return self._bodies(rows)
+
+    def _bodies(self, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """``id``, ``received_at`` and the parsed ``signal`` body of signal rows (what the runtime's restores read)."""
         return [{"id": r["id"], "received_at": r["received_at"], "signal": _loads(r["signal"]) or {}} for r in rows]
 
     def flatten_watches_since(self, at: datetime) -> list[dict[str, Any]]:
@@ -1177,8 +1181,7 @@ class Journal:
             "SELECT id, received_at, signal FROM signals WHERE received_at >= ? AND "
             "(json_extract(signal, '$.watch') IS NOT NULL OR json_extract(signal, '$.follow_of') IS NOT NULL) "
             "ORDER BY received_at, rowid", (utc_iso(at),))
-        return [{"id": r["id"], "received_at": r["received_at"], "signal": _loads(r["signal"]) or {}}
-                for r in rows]
+        return self._bodies(rows)
 
     def exit_watches_since(self, at: datetime) -> list[dict[str, Any]]:
         """The signals received at or after ``at`` that journaled an exit watch (``exit_watch``) and every flatten
@@ -1189,8 +1192,7 @@ class Journal:
             "SELECT id, received_at, signal FROM signals WHERE received_at >= ? AND "
             "(json_extract(signal, '$.exit_watch') IS NOT NULL OR json_extract(signal, '$.flatten') IS NOT NULL) "
             "ORDER BY rowid", (utc_iso(at),))
-        return [{"id": r["id"], "received_at": r["received_at"], "signal": _loads(r["signal"]) or {}}
-                for r in rows]
+        return self._bodies(rows)
 
     async def record_position_snapshot(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Positions as seen at one instant (one row per account/contract), all in one transaction."""

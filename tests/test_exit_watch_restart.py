@@ -86,6 +86,19 @@ async def long_then_short(w: World) -> None:
         ("a1", "sell", 2, "exit"), ("a1", "sell", 1, "entry")]
 
 
+async def long_then_short_unanswered(w: World) -> None:
+    """``long_then_short`` with the entry's request gone to the broker and no answer coming before the kill."""
+    arrived = asyncio.Event()
+
+    async def lost(request: Any) -> Any:
+        arrived.set()
+        await asyncio.Event().wait()
+
+    w.connector("fast")._submit = lost
+    await long_then_short(w)
+    await asyncio.wait_for(arrived.wait(), 5)
+
+
 async def restart_is_quiet(tmp_path: Path, clock: Clock, sid: str, where: dict[str, int]) -> None:
     """Another restart, with nothing owed: no follow-up, no order, nothing moves at the broker."""
     async with trend_world(tmp_path, clock, accounts=tuple(where)) as w:
@@ -107,15 +120,7 @@ async def test_a_counted_entry_in_flight_at_the_crash_and_rejected_in_recovery_i
     goes out and fills. The rebuilt watch makes good the overshoot (buy 2): short 1, not short 3."""
     clock = Clock(NOON)
     async with trend_world(tmp_path, clock) as w:
-        fast, arrived = w.connector("fast"), asyncio.Event()
-
-        async def lost(request: Any) -> Any:  # the request leaves; no answer comes before the kill
-            arrived.set()
-            await asyncio.Event().wait()
-
-        fast._submit = lost
-        await long_then_short(w)
-        await asyncio.wait_for(arrived.wait(), 5)
+        await long_then_short_unanswered(w)
         entry, exit_ = coid(w, "t-long", "a1", "entry"), coid(w, "t-short", "a1", "exit")
         kill = Kill(w.journal)
         kill.now()
@@ -169,15 +174,7 @@ async def test_a_watch_rebuilt_whose_entry_fills_in_recovery_owes_nothing(tmp_pa
     with nothing to make good, and neither this restart nor the next sends anything of its own."""
     clock = Clock(NOON)
     async with trend_world(tmp_path, clock) as w:
-        fast, arrived = w.connector("fast"), asyncio.Event()
-
-        async def lost(request: Any) -> Any:
-            arrived.set()
-            await asyncio.Event().wait()
-
-        fast._submit = lost
-        await long_then_short(w)
-        await asyncio.wait_for(arrived.wait(), 5)
+        await long_then_short_unanswered(w)
         entry, exit_ = coid(w, "t-long", "a1", "entry"), coid(w, "t-short", "a1", "exit")
         assert (w.journal.get_signal("t-short") or {})["signal"]["exit_watch"] == [
             {"exit": exit_, "account": "a1", "strategy": "trend", "contract": CONTRACT, "counted": [entry],
