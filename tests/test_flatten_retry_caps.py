@@ -23,6 +23,7 @@ from brokers.base import Order, OrderRequest
 from service.dispatch import FILLED, FINAL, REJECTED
 from tests.harness.runtime import (NOON, Clock, World, account_doc, documents, routing_doc, signal, wait_until, world,
                                    write_rules)
+from tests.test_flatten_race import books, held  # f1 at the broker, f1's ledger by strategy
 
 
 def rules(tmp_path: Path) -> Path:
@@ -30,18 +31,6 @@ def rules(tmp_path: Path) -> Path:
     (directory / "accounts.yaml").write_text(documents(account_doc("f1", "fast", "F-1", "trend, mirror")))
     (directory / "routing.yaml").write_text(routing_doc("trend", "mirror"))
     return directory
-
-
-def held(w: World) -> dict[str, int]:
-    """What the paper broker holds for f1 (not what the ledger believes)."""
-    return {p["contract"]: int(p["quantity"]) for p in w.connector("fast").book.positions("F-1")
-            if int(p["quantity"])}
-
-
-def books(w: World) -> dict[str, int]:
-    """f1's ledger by strategy (a line of no strategy under its own name)."""
-    return {strategy: book.quantity for (account, strategy, _c), book in w.runtime.ledger.items()
-            if account == "f1" and book.quantity}
 
 
 def exits(w: World, sid: str) -> dict[str, tuple[str, int, str]]:
