@@ -46,6 +46,7 @@ from engine.state import contract_root
 from service.dispatch import FINAL, Job, Tracked
 from service.flatten import _flatten_scope, _Netted, _Owed
 from service.journal import parse_utc
+from service.restore import booked_of
 from service.runtime_state import RuntimeState
 
 log = logging.getLogger("service.runtime")
@@ -203,13 +204,13 @@ class ExitsMixin(RuntimeState):
                                {c for c in counted if c in unsettled}, assumed=int(item.get("assumed") or 0))
             if exit_id not in self.tracker.orders:
                 watch.ended = (str(exit_row["status"]), 1 if exit_row["side"] == "buy" else -1,
-                               int(exit_row["quantity"]), self._booked(booked, exit_row))
+                               int(exit_row["quantity"]), booked_of(booked, exit_row))
             if exit_id not in covered:  # else what settled before its follow-up was made good
                 for coid in counted:
                     order = None if coid in unsettled else self.journal.get_order(coid)
                     if order is None or order["status"] not in FINAL:
                         continue
-                    unfilled = int(order["quantity"]) - self._booked(booked, order)
+                    unfilled = int(order["quantity"]) - booked_of(booked, order)
                     if unfilled > 0:
                         watch.lost += unfilled * (1 if order["side"] == "buy" else -1)
                         watch.causes.append(f"{order['side']} {order['quantity']} ({order['signal_id']}) ended "
@@ -223,12 +224,6 @@ class ExitsMixin(RuntimeState):
                     self._counted_by[coid] = watch
                 if watch.lost:
                     self._hold_standin(watch)
-
-    @staticmethod
-    def _booked(booked: dict[Any, int], order: dict[str, Any]) -> int:
-        """Contracts of journaled ``order`` in the ledger (a broker may leave the client order id off its fills)."""
-        by_broker = (order.get("broker"), order.get("broker_order_id"))
-        return booked.get(order["client_order_id"], 0) + booked.get(by_broker, 0)
 
     def _owe_make_good(self, watch: _ExitWatch, broker: str, day: date) -> None:
         """A start found ``watch``'s exit final and its make-good lost with the process: owe it, sized as
@@ -290,6 +285,7 @@ class ExitsMixin(RuntimeState):
 
     def _drop_watch(self, watch: _ExitWatch) -> None:
         self.release(watch.standin)
+        self.journal.withdraw_exit_watch(watch.signal_id, watch.exit_id)  # a no-op once its signal is written
         self._exit_watches.pop(watch.exit_id, None)
         for coid in watch.counted:
             if self._counted_by.get(coid) is watch:

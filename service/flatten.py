@@ -872,8 +872,8 @@ class FlattenMixin(RuntimeState):
             if order["broker"] == broker and order.get("intent") == "exit":
                 sids.add(str(order["signal_id"]))
         origins: dict[str, dict[str, Any]] = {}
-        for flat in self.journal.flattens_between(trading_day_start(now), now):  # away at the broker (``_away``)
-            if broker in ((flat["signal"].get("away") or {}) if isinstance(flat["signal"], dict) else {}):
+        for flat in self.journal.flattens_away_since(trading_day_start(now)):  # away at the broker (``_away``)
+            if broker in (flat["signal"].get("away") or {}):
                 sids.add(str(flat["id"]))
         for sid in sids:
             row = self.journal.get_signal(sid)

@@ -953,6 +953,15 @@ class Journal:
         all. Synchronous: call it in the step that decided the signal, before anything can write it."""
         self._exit_watch_rows.setdefault(signal_id, []).append(dict(watch))
 
+    def withdraw_exit_watch(self, signal_id: str, exit_id: str) -> None:
+        """Undo ``watch_exit`` for an exit whose watch ended before its signal was written (the signal was not
+        acknowledged, or a flatten took the watch over): its body says what is watched, nothing more."""
+        parked = self._exit_watch_rows.get(signal_id)
+        if parked is not None:
+            parked[:] = [w for w in parked if w.get("exit") != exit_id]
+            if not parked:
+                del self._exit_watch_rows[signal_id]
+
     def withdraw_superseded(self, signal_id: str, client_order_ids: Iterable[str]) -> None:
         """Undo ``supersede`` for orders whose flatten was not journaled (its write failed)."""
         found = self._superseded.get(signal_id)
@@ -1172,6 +1181,15 @@ class Journal:
     def _bodies(self, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """``id``, ``received_at`` and the parsed ``signal`` body of signal rows (what the runtime's restores read)."""
         return [{"id": r["id"], "received_at": r["received_at"], "signal": _loads(r["signal"]) or {}} for r in rows]
+
+    def flattens_away_since(self, at: datetime) -> list[dict[str, Any]]:
+        """The flatten signals received at or after ``at`` that were computed while a broker in their scope was
+        away (their body's ``away``: by broker, the accounts there), oldest first: ``id``, ``received_at`` and
+        the parsed ``signal`` body. Few, so that reading what a come-up owes does not parse every flatten."""
+        rows = self._query(
+            "SELECT id, received_at, signal FROM signals WHERE received_at >= ? AND "
+            "json_extract(signal, '$.away') IS NOT NULL ORDER BY received_at, rowid", (utc_iso(at),))
+        return self._bodies(rows)
 
     def flatten_watches_since(self, at: datetime) -> list[dict[str, Any]]:
         """The flatten signals received at or after ``at`` that journaled a watch over orders they counted on

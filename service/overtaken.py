@@ -131,12 +131,12 @@ class OvertakenMixin(RuntimeState):
                 continue
             watch = self._overtaking.get(job.client_order_id)
             if watch is None:
-                watch = _Overtaken(job.client_order_id, job.signal_id, job.broker, job.account, job.strategy,
-                                   job.contract, job.sign, job.quantity,
-                                   self._hand_basis.get(job.client_order_id, 0), filled_before=tracked.filled)
-                if self._closed_by_hand(watch) <= 0:
-                    continue
-                self._overtaking[job.client_order_id] = watch
+                basis = self._hand_basis.get(job.client_order_id, 0)
+                if (self.ledger.hand_closed.get((account, job.strategy, contract), 0) - basis) * job.sign <= 0:
+                    continue  # not overtaken: nothing closed by hand its way since its decision
+                watch = self._overtaking[job.client_order_id] = _Overtaken(
+                    job.client_order_id, job.signal_id, job.broker, job.account, job.strategy, job.contract,
+                    job.sign, job.quantity, basis, filled_before=tracked.filled)
             size = min(self._closed_by_hand(watch), watch.quantity - watch.filled_before)
             self.release(watch.standin)
             # Counted from now, so that the engine sees the line where the exit meant it (a signal decided while

@@ -28,6 +28,12 @@ DAY_START = "day_start"
 """Risk event kind: the marks a trading day's book was opened at (``Runtime._open_day_book``)."""
 
 
+def booked_of(booked: dict[Any, int], order: dict[str, Any]) -> int:
+    """Contracts of journaled ``order`` in the ledger at a start (``booked``: by client order id, and by (broker,
+    broker order id) for the fills a broker reported without the client order id)."""
+    return booked.get(order["client_order_id"], 0) + booked.get((order.get("broker"), order.get("broker_order_id")), 0)
+
+
 class RestoreMixin(RuntimeState):
     """The start-up restore part of ``Runtime`` (see the module docstring)."""
 
@@ -45,8 +51,7 @@ class RestoreMixin(RuntimeState):
         # event, or reconciliation's fills_since) is booked to it instead of waiting forever as not ours yet.
         rows += [row for row in self.journal.orders(status=["filled"],
                                                     updated_since=self._started_at - timedelta(days=7))
-                 if booked.get(row["client_order_id"], 0)
-                 + booked.get((row.get("broker"), row.get("broker_order_id")), 0) < int(row["quantity"])]
+                 if booked_of(booked, row) < int(row["quantity"])]
         for row in rows:
             sid = row["signal_id"]
             if sid not in strategies:
@@ -56,8 +61,7 @@ class RestoreMixin(RuntimeState):
             job = self._job(row, row.get("strategy") or strategies[sid], sid)  # a flatten's exit: its own
             if job is None:
                 continue
-            filled = booked.get(job.client_order_id, 0) + booked.get((job.broker, row.get("broker_order_id")), 0)
-            self.tracker.track(job, row["status"], row.get("broker_order_id"), filled=filled)
+            self.tracker.track(job, row["status"], row.get("broker_order_id"), filled=booked_of(booked, row))
             if job.margin_usd > 0 and row["status"] not in FINAL:
                 self._add_reservation(job.client_order_id, _Reservation(job.account, job.margin_usd))
             if row["status"] in IN_FLIGHT:
@@ -107,8 +111,7 @@ class RestoreMixin(RuntimeState):
                     order = self.journal.get_order(coid)
                     if order is None or order["status"] not in FINAL:
                         continue
-                    filled = booked.get(coid, 0) + booked.get((order.get("broker"), order.get("broker_order_id")), 0)
-                    unfilled = int(order["quantity"]) - filled
+                    unfilled = int(order["quantity"]) - booked_of(booked, order)
                     if unfilled <= 0:
                         continue
                     left = -unfilled if order["side"] == "buy" else unfilled
