@@ -8,8 +8,9 @@ moments, among them inside a restart's or a reconnect's come-up (recovery, recon
 catch-up), restarts it, and hot-reloads the rules (size multipliers, a ``max_contracts`` cap, the mirror routing;
 valid and invalid edits) while signals flow.
 
-CI runs ``DEFAULT_SEEDS`` and ``DEFAULT_CRASH_SEEDS``; ``MB_FUZZ_SEEDS=500`` runs seeds 0..499 of both instead,
-``MB_FUZZ_SEED=<n>`` replays one seed of both (a failure prints the seed and its steps).
+CI runs ``DEFAULT_SEEDS`` and ``DEFAULT_CRASH_SEEDS``; ``MB_FUZZ_SEEDS=500`` runs seeds 0..499 of both instead
+(``MB_FUZZ_SEEDS=500-999``: seeds 500..999), ``MB_FUZZ_SEED=<n>`` replays one seed of both (a failure prints the
+seed and its steps).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def _seeds() -> list[int]:
     if os.environ.get("MB_FUZZ_SEED"):
         return [int(os.environ["MB_FUZZ_SEED"])]
     if os.environ.get("MB_FUZZ_SEEDS"):
-        return list(range(int(os.environ["MB_FUZZ_SEEDS"])))
+        first, _, last = os.environ["MB_FUZZ_SEEDS"].rpartition("-")
+        return list(range(int(first), int(last) + 1) if first else range(int(last)))
     return DEFAULT_SEEDS
 
 
