@@ -158,9 +158,15 @@ class RulesWatcher:
         debounce_s: float = 0.2,
         max_delay_s: float = 0.6,
         history_size: int = 100,
+        first_generation: int = 1,
     ):
         """``debounce_s`` is the quiet time awaited after the last change of a burst; ``max_delay_s`` bounds
-        the wait under a never-ending stream of writes so that new rules still apply within about a second."""
+        the wait under a never-ending stream of writes so that new rules still apply within about a second.
+        ``first_generation``: the number the first applied set gets; the service continues from what its journal
+        last recorded, so that a number names one rule set for the life of the journal, across restarts (a
+        decision record says "generation 3": an auditor must not find two different generations 3)."""
+        if first_generation < 1:
+            raise ValueError(f"first_generation must be >= 1, not {first_generation}")
         self.rules_dir = Path(rules_dir)
         self._root = self.rules_dir.absolute()  # not resolve(): a re-pointed symlink is a new directory
         self._build = build
@@ -170,6 +176,7 @@ class RulesWatcher:
         self._callbacks: list[ReloadCallback] = []
         self._live: Generation | None = None
         self._generation = 0
+        self._next_generation = first_generation
         self._lock = threading.Lock()  # holders/retired flags: release() may run on a worker thread
         self._reload_lock = asyncio.Lock()  # one load-validate-swap at a time (watcher and admin trigger)
         self._dirty = asyncio.Event()
@@ -189,7 +196,8 @@ class RulesWatcher:
 
     @property
     def generation(self) -> int:
-        """Number of the live generation: 1 after start, +1 on every applied reload; 0 before start."""
+        """Number of the live generation: ``first_generation`` after start, +1 on every applied reload; 0 before
+        start."""
         return self._generation
 
     @property
@@ -314,7 +322,8 @@ class RulesWatcher:
                 logger.exception("building rules generation %s failed", result.content_hash[:12])
                 reason = f"{self.rules_dir}: engine build failed: {type(exc).__name__}: {exc}"
                 return await self._record(result.content_hash, "build_failed", trigger, (reason,))
-            self._generation += 1
+            self._generation = self._next_generation
+            self._next_generation += 1
             new = Generation(self._generation, result.ruleset, engine, datetime.now(timezone.utc))
             with self._lock:
                 old, self._live = self._live, new

@@ -58,7 +58,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                       key_horizon_s=max(config.idempotency_window_s, config.content_key_window_s))
     await journal.start()
     builder = app[ENGINE_BUILDER]
-    watcher = RulesWatcher(config.rules_dir) if builder is None else RulesWatcher(config.rules_dir, build=builder)
+    # Numbered on from the journal's last generation: "generation N" in a decision record names one rule set for
+    # the life of the journal, not one per process.
+    first = journal.last_generation() + 1
+    watcher = (RulesWatcher(config.rules_dir, first_generation=first) if builder is None
+               else RulesWatcher(config.rules_dir, build=builder, first_generation=first))
 
     async def journal_reload(record: Reload) -> None:
         await journal.record_reload(record.as_dict())

@@ -1082,6 +1082,11 @@ class Journal:
     def reloads(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._recent_rows("reloads", limit)
 
+    def last_generation(self) -> int:
+        """The highest rules generation any process recorded in this journal (0: none yet)."""
+        row = self._query("SELECT MAX(generation) AS n FROM reloads")
+        return int(row[0]["n"] or 0)
+
     async def record_risk_event(self, row: Mapping[str, Any]) -> None:
         """A breach, halt, flatten or halt clearance (``scope``, ``name``, ``kind`` indexed)."""
         await self._record_rows("risk_events", ("scope", "name", "kind"), [row])

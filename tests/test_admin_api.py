@@ -116,6 +116,23 @@ async def test_without_a_configured_token_the_admin_api_answers_503(serve: Any) 
 # -- reads --------------------------------------------------------------------------------------------------------
 
 
+async def test_a_restart_numbers_its_rules_generation_on_from_the_journal(serve: Any, rules_dir: Path) -> None:
+    """Two processes in a row on one journal: the second's first generation is the first's last + 1, so that a
+    decision record's ``ruleset.generation`` names one rule set for the life of the journal."""
+    client, app = await serve()
+    accounts = rules_dir / "accounts.yaml"
+    accounts.write_text(accounts.read_text(encoding="utf-8").replace("capital: 50000", "capital: 60000", 1),
+                        encoding="utf-8")
+    assert (await app[WATCHER].reload_now()).generation == 2
+    await client.close()
+
+    client, app = await serve()
+    _s, body = await call(client, "GET", "/api/status")
+    assert body["rules"]["generation"] == 3
+    assert [(r["generation"], r["outcome"]) for r in app[JOURNAL].reloads(10)] == [(3, "applied"), (2, "applied"),
+                                                                                  (1, "applied")]
+
+
 async def test_status_shows_brokers_rules_generation_and_the_last_reload(serve: Any, rules_dir: Path) -> None:
     client, app = await serve()
     status, body = await call(client, "GET", "/api/status")

@@ -151,6 +151,21 @@ async def test_start_loads_generation_one(watcher: RulesWatcher, builds: Builds,
     assert watcher.watching
 
 
+async def test_numbering_starts_where_the_caller_says_and_goes_on(rules_dir: Path, builds: Builds) -> None:
+    w = RulesWatcher(rules_dir, build=builds, first_generation=7)
+    assert w.generation == 0
+    await w.start()
+    try:
+        assert w.generation == 7 and w.history[-1].generation == 7
+        replace_in(rules_dir / "accounts.yaml", "capital: 50000", "capital: 60000")
+        record = await w.reload_now()
+        assert (record.outcome, record.generation, w.generation) == ("applied", 8, 8)
+    finally:
+        await w.stop()
+    with pytest.raises(ValueError, match="first_generation"):
+        RulesWatcher(rules_dir, build=builds, first_generation=0)
+
+
 async def test_invalid_rules_at_start_refuse_to_start(rules_dir: Path, builds: Builds) -> None:
     replace_in(rules_dir / "accounts.yaml", "capital: 50000", "capital: lots")
     w = RulesWatcher(rules_dir, build=builds)
