@@ -69,8 +69,8 @@ With ``generate(seed, crash=True)`` (``options["crash"]``) two more steps, and t
 
 Every scenario, crash or not: each journaled decision record (the webhook's, a flatten's, a catch-up's) names a
 rules generation its process applied, by content hash and number, as that process journaled it in its reloads
-(``check_rulesets``; the static rules of a scenario without reloads are journaled as generation 1 at each start,
-as ``service.app``'s watcher journals its start).
+(``check_rulesets``; the static rules of a scenario without reloads are journaled as the next generation at each
+start, as ``service.app``'s watcher journals its start).
 
 Options per seed (``Scenario.options``): latencies; ``schedule`` (15:55 ET flatten of mirror, entries blocked 15:50-
 18:00 ET); a start shortly before 18:00 ET, so that advances cross into the next CME trading day; the paper quirks
@@ -530,11 +530,14 @@ def generate(seed: int, *, steps: int | None = None, crash: bool = False) -> Sce
 
 class _Watcher(StaticWatcher):
     """``StaticWatcher`` with the ``acquire`` the webhook pins a generation with, and a generation number: a
-    static rule set is the first and only generation of its process (``RulesWatcher.generation`` after start), so
-    every decision record names it as ``RulesWatcher`` would (the webhook reads the pinned generation's
-    ``number``, flattens and catch-ups the watcher's ``generation``)."""
+    static rule set is the first and only generation of its process (``RulesWatcher.generation`` after start,
+    numbered on from the journal's last one as ``service.app`` numbers it), so every decision record names it as
+    ``RulesWatcher`` would (the webhook reads the pinned generation's ``number``, flattens and catch-ups the
+    watcher's ``generation``)."""
 
-    generation = 1
+    def __init__(self, rules: Path, generation: int) -> None:
+        super().__init__(rules)
+        self.generation = generation
 
     @contextlib.contextmanager
     def acquire(self) -> Iterator[Any]:
@@ -800,7 +803,8 @@ class Runner:
         self._begin_epoch(journal)
         watcher: Any
         if self.tracing:
-            watcher = RulesWatcher(rules, build=self._build, debounce_s=0.05, max_delay_s=0.2)
+            watcher = RulesWatcher(rules, build=self._build, debounce_s=0.05, max_delay_s=0.2,
+                                   first_generation=journal.last_generation() + 1)  # as service.app numbers them
 
             async def journal_reload(record: Reload) -> None:  # as service.app wires it
                 await journal.record_reload(record.as_dict())
@@ -811,7 +815,7 @@ class Runner:
             self._watcher = watcher
             self._check_live_rules(watcher.current[0], "start")
         else:
-            watcher = _Watcher(rules)
+            watcher = _Watcher(rules, journal.last_generation() + 1)
             stack.callback(watcher.close)
             # Journaled as service.app's watcher journals its start: the generation every record here names.
             await journal.record_reload(Reload(datetime.now(timezone.utc), watcher.ruleset.content_hash, True, (),
@@ -2166,18 +2170,25 @@ class Runner:
         ``ruleset`` (content hash, generation number) is one the process journaled as an ``applied`` reload (at
         its start, or later), so that an auditor reading the journal can tell which rules decided, and which
         reload made them live. The webhook's records (pinned generation), and the runtime's own alike: flattens,
-        their follow-ups, re-issues and retries, catch-ups. A generation number is the process's own count (a
-        restart begins at 1 again): only the reloads of the record's process can vouch for it."""
+        their follow-ups, re-issues and retries, catch-ups. Only the reloads of the record's process can vouch for
+        it; and a number names one rule set for the life of the journal (a restart numbers on), so no two applied
+        reloads anywhere in the journal give one number two content hashes."""
         w = self.w
         assert w is not None
         self._assign_epochs(w.journal)
         applied: list[set[tuple[str, int]]] = [set() for _ in self._reload_floors]
+        numbered: dict[int, str] = {}
         for row in w.journal._query("select id, data from reloads order by id"):
             record = json.loads(row["data"])
             if record.get("outcome") != "applied":
                 continue
             epoch = sum(1 for floor in self._reload_floors if floor < int(row["id"])) - 1
-            applied[epoch].add((str(record.get("content_hash")), int(record.get("generation"))))
+            pair = (str(record.get("content_hash")), int(record.get("generation")))
+            applied[epoch].add(pair)
+            named = numbered.setdefault(pair[1], pair[0])
+            if named != pair[0]:
+                self.fail(f"rules generation {pair[1]} names two rule sets in one journal: {named[:12]} and "
+                          f"{pair[0][:12]} (reload row {row['id']}, start #{epoch + 1})")
         for row in w.journal.recent_signals(100_000):
             decision = row.get("decision")
             if decision is None:
