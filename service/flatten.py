@@ -452,6 +452,7 @@ class FlattenMixin(RuntimeState):
         netted: list[_Netted] = []
         self._flatten_takes_over(accounts, strategy, roots)  # signals' exit watches in scope end (``service.exits``)
         orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots, netted=netted)
+        blind = self._unreconciled_lines(orders, netted, accounts=accounts, strategy=strategy, roots=roots)
         if netted:  # journaled with the flatten itself: a restart watches again (``_restore_watches``)
             body["watch"] = [line.as_json() for line in netted]
         for line in netted:  # before the first await: an order may become final at any moment after it
@@ -472,7 +473,65 @@ class FlattenMixin(RuntimeState):
         if self.running:
             for broker in away:  # one coming back now: its come-up may have read the journal before this flatten
                 self._redo_once_open(broker)
+        for name, lines in sorted(blind.items()):
+            await self._flatten_refused(fid, name, lines, now)
         return {"signal_id": fid, "orders": decision["orders"], "reason": reason}
+
+    def _unreconciled_lines(self, orders: list[dict[str, Any]], netted: list[_Netted], *, accounts: set[str] | None,
+                            strategy: str | None, roots: frozenset[str] | None) -> dict[str, dict[str, Any]]:
+        """Take out of ``orders`` (and ``netted``) every exit in a contract where the account's last reconciliation
+        found its ledger and its broker disagreeing (``on_mismatch: halt`` keeps the ledger as it was); returns, by
+        account, those contracts with the exits taken out, for ``_flatten_refused``.
+
+        Such an exit is computed from a position the broker does not hold: the ledger short 1 by hand while the
+        broker is long 1 made a flatten *buy* 1, which would have left the account long 2 (fuzz seed 646). The
+        policy says a person decides which side is right, so the flatten does not guess either way: it closes
+        the rest of its scope and names these in a ``flatten_failed`` event. An account flatten names every such
+        contract, exit or not (the ledger flat while the broker holds 2 is no flatter); a strategy's names those
+        where the strategy has something to close."""
+        if not self._unreconciled:
+            return {}
+        blind: dict[str, dict[str, Any]] = {}
+        for name, contracts in self._unreconciled.items():
+            if accounts is not None and name not in accounts:
+                continue
+            for contract, (ledger, broker) in contracts.items():
+                if roots is not None and contract_root(contract) not in roots:
+                    continue
+                taken = [o for o in orders if o["account"] == name and o["contract"] == contract]
+                if strategy is None or taken:
+                    # Both sides moved alike by every fill booked since the pass: the broker's is an estimate.
+                    now = self.ledger.account_position(name, contract)
+                    blind.setdefault(name, {})[contract] = {"ledger": ledger, "broker": broker, "now": now,
+                                                            "broker_now": broker + now - ledger, "exits": taken}
+        if blind:
+            orders[:] = [o for o in orders if o["contract"] not in blind.get(str(o["account"]), {})]
+            netted[:] = [n for n in netted if n.contract not in blind.get(n.account, {})]
+        return blind
+
+    async def _flatten_refused(self, fid: str, account: str, lines: dict[str, dict[str, Any]], now: datetime) -> None:
+        """A ``flatten_failed`` event for contracts the flatten did not exit because the account's ledger and its
+        broker disagree there (``_unreconciled_lines``), with the halt every ``flatten_failed`` carries."""
+        doc = self._account(account)
+        broker = doc.broker if doc is not None else "?"
+        held = "; ".join(f"{contract}: ledger {line['now']:+d}, broker {line['broker_now']:+d} (the last "
+                         f"reconciliation's {line['broker']:+d} moved by the fills booked since)"
+                         for contract, line in sorted(lines.items()))
+        text = (f"flatten {fid} did not close {account} at {broker}: its ledger and the broker disagree ({held}); "
+                f"an exit computed from either could open a position instead of closing one. Resolve the mismatch "
+                f"(trade at the broker, or set on_mismatch: adopt), then flatten again")
+        log.error("%s; entries halted until an operator clears the halt", text)
+        halt = self.risk.halts.get(account)
+        self.risk.halt(account, text, f"flatten:{fid}", now, until_day_end=halt is None or halt.day is not None)
+        self.alerts.append({"account": account, "kind": FLATTEN_FAILED, "detail": text, "at": _utc(now)})
+        self._invalidate()
+        positions = [{"contract": contract, "ledger": line["now"], "broker": line["broker_now"],
+                      "exits_withheld": [{k: o[k] for k in ("strategy", "side", "quantity")} for o in line["exits"]]}
+                     for contract, line in sorted(lines.items())]
+        first = min(lines)
+        await self._risk_event(account, FLATTEN_FAILED, text, f"flatten:{fid}", now, key=account, origin=fid,
+                               broker=broker, settles=[], contract=first, quantity=lines[first]["broker_now"],
+                               positions=positions, last_reason="reconciliation mismatch", retries=0)
 
     def _away(self, accounts: set[str] | None) -> dict[str, list[str]]:
         """The accounts in a flatten's scope whose broker is down or paused as it is computed, by broker.

@@ -271,6 +271,10 @@ class RecoveryMixin(RuntimeState):
                    "broker_positions": held, "at": now}
             await self.journal.record_reconciliation(row)
             rows.append({**row, "orders_at_read": at_read})
+            if mismatches and account.on_mismatch == reconcile.HALT:  # the ledger is kept: a flatten must not trust it
+                self._unreconciled[account.name] = {m.contract: (m.ledger, m.broker) for m in mismatches}
+            else:
+                self._unreconciled.pop(account.name, None)
             await self._apply_policy(account, mismatches, now)
         self._invalidate()
         self._overtaken_window_ends(ending)

@@ -118,6 +118,7 @@ class Runtime(FlattenMixin, ExitsMixin, OvertakenMixin, RecoveryMixin, RestoreMi
         """The trading day whose day-start marks are in the journal (``_journal_day_start``)."""
         self.scheduler: ScheduleExecutor | None = None
         self._snapshots: dict[str, AccountSnapshot] = {}
+        self._unreconciled: dict[str, dict[str, tuple[int, int]]] = {}
         self._reservations: dict[str, _Reservation] = {}
         self._reserved_by: dict[str, tuple[Decimal, int]] = {}
         """Per account: the sum and the number of its reservations (kept as they come and go)."""

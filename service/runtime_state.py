@@ -94,6 +94,9 @@ class RuntimeState:
     _netted: dict[str, list[_Netted]]
     _follow_ups: dict[str, int]
     _owed_follow_ups: dict[str, list[_Owed]]
+    _unreconciled: dict[str, dict[str, tuple[int, int]]]
+    """Account (``on_mismatch: halt``) -> contract -> (ledger, broker) where its last reconciliation pass found the two
+    disagreeing; an account leaves it when a pass finds them agreeing (``reconcile_broker``)."""
 
     def _rules_generation(self) -> int | None:
         """The live rules generation's number, what a runtime-made decision record names next to the content hash

@@ -179,8 +179,9 @@ def test_the_fuzzer_takes_the_rules_that_decided_from_the_record_not_from_which_
 
 async def test_the_fuzzer_requires_each_record_to_name_a_generation_its_own_process_applied(tmp_path: Path) -> None:
     """``check_rulesets``: a decision record names (content hash, generation) of a reload its process journaled as
-    applied. A generation number is per process (a restart counts from 1 again): the first process's generation 2
-    does not vouch for a record of the second; a record without ``ruleset`` fails too."""
+    applied: the first process's generation 2 does not vouch for a record of the second; a record without
+    ``ruleset`` fails too. A restart numbers on from the journal (``service.app``), so one number naming two rule
+    sets in one journal fails as well."""
     runner = Runner(tmp_path, generate(0))
     journal = Journal(tmp_path / "journal.db", clock=Clock(NOON))
     await journal.start()
@@ -202,9 +203,9 @@ async def test_the_fuzzer_requires_each_record_to_name_a_generation_its_own_proc
         await reload("B", 2)
         await reload("C", 2, "invalid")
         await record("first-b", {"content_hash": "B", "generation": 2}, key="k1")
-        runner._begin_epoch(journal)  # a restart: B again, as generation 1
-        await reload("B", 1)
-        await record("flatten-1", {"content_hash": "B", "generation": 1}, flatten=True)
+        runner._begin_epoch(journal)  # a restart: B again, numbered on as generation 3
+        await reload("B", 3)
+        await record("flatten-1", {"content_hash": "B", "generation": 3}, flatten=True)
         runner.check_rulesets()
         await record("second-b2", {"content_hash": "B", "generation": 2}, key="k2")
         with pytest.raises(InvariantError, match=r"webhook signal second-b2 names rules B generation 2, which its "
@@ -217,6 +218,12 @@ async def test_the_fuzzer_requires_each_record_to_name_a_generation_its_own_proc
         await journal.execute("delete from signals where id = ?", ["catch-c"])
         await record("bare", None, key="k3")
         with pytest.raises(InvariantError, match="webhook signal bare does not name its rules"):
+            runner.check_rulesets()
+        await journal.execute("delete from signals where id = ?", ["bare"])
+        runner.check_rulesets()
+        runner._begin_epoch(journal)  # a process that counts from 1 again: generation 1 would name A and B
+        await reload("B", 1)
+        with pytest.raises(InvariantError, match="rules generation 1 names two rule sets in one journal: A and B"):
             runner.check_rulesets()
     finally:
         await journal.close()
