@@ -73,7 +73,10 @@ journaled and sent like the flatten's own exits (retried when rejected, re-issue
 own exit on the line fails too, its retry or re-issue recomputes the line from the ledger and the broker, counting
 the follow-ups in flight: the two never close the same contracts twice, at the price of a round trip when both
 fail. When the exit had already failed (missed, rejected, cancelled unfilled) by the time the counted order
-settles, no follow-up is issued at all (``_own_exit_failed``): the retry or re-issue alone closes what is there.
+settles, no follow-up is issued at all (``_own_exit_failed``): the retry or re-issue alone closes what is there, a
+retry's cap counting what such counted orders left undone (``_counted_undone``), and a retry never computes while
+orders are in flight on the lines it may close (``_retry_waits``): it would count them as the flatten did, with
+nobody watching them.
 Orders decided after the flatten are not part of it: a new signal may open the line again. One counted order
 is followed up once, however many flattens counted on it (a later flatten counts the earlier one's exit as well,
 which already sold for it).
@@ -659,6 +662,9 @@ class FlattenMixin(RuntimeState):
         """An order settled (``OrderTracker.settled_hooks``). One a flatten counted on to fill what it had left: what
         it left unfilled is what the line is now off flat; close it at once (``_Netted``)."""
         coid = tracked.job.client_order_id
+        runner = self._retry_runners.get(tracked.job.broker)
+        if runner is not None and not runner.done():  # a retry there may wait for it (``_retry_waits``)
+            self._wake_retries(tracked.job.broker)
         if coid not in self._netted:
             return
         unfilled = tracked.job.quantity - tracked.filled
@@ -1100,8 +1106,11 @@ class FlattenMixin(RuntimeState):
                 states = {debt.state(broker) for debt in owed}
                 for state in [k for k in self._retry_seen if k[0] == broker and k not in states]:
                     del self._retry_seen[state]  # settled (or moved on to the next attempt)
-                dues = [self._retry_due(broker, debt) for debt in owed]
+                dues = [self._retry_due(broker, debt) for debt in owed if not self._retry_waits(debt, broker, now)]
                 if not dues:
+                    if owed:  # each waits for orders in flight: their settling wakes this loop
+                        await wake.wait()
+                        continue
                     return
                 wait = (min(dues) - now).total_seconds()
                 if wait > 0:
@@ -1120,6 +1129,21 @@ class FlattenMixin(RuntimeState):
                         type(exc).__name__, exc, pause, exc_info=level == logging.ERROR)
                 await asyncio.sleep(pause)
 
+    def _retry_waits(self, debt: _Debt, broker: str, now: datetime) -> bool:
+        """Whether the retry of ``debt`` at ``broker`` waits for orders still in flight on the lines it may close
+        (its accounts there, in its scope): computed now, it would count them as if they will fill, and one that
+        then did not would leave the line off flat with nobody watching it (the retry's exit is no flatten's
+        watched line), or, capped, short of what it counted. Once they settle, the retry computes from what they
+        did (``_counted_undone``). Not past the flatten's trading day: then it gives up as usual."""
+        if trading_day(parse_utc(str(debt.row["received_at"]))) != trading_day(now):
+            return False
+        scope = _flatten_scope(debt.row)
+        assert scope is not None
+        return any(t.job.broker == broker and t.job.account in debt.rejected
+                   and (scope.strategy is None or t.job.strategy == scope.strategy)
+                   and (scope.roots is None or contract_root(t.job.contract) in scope.roots)
+                   for t in self.tracker.unsettled())
+
     async def _retry_flattens(self, broker: str) -> list[str]:
         """Retry, at ``broker``, the flatten exits it rejected whose backoff is over (see the module docstring);
         returns the ids of the retry signals journaled.
@@ -1132,7 +1156,8 @@ class FlattenMixin(RuntimeState):
             if not self.pool.available(broker):
                 return []
             now = self.clock()
-            due = [d for d in self._flatten_debts(broker, now) if d.rejected and self._retry_due(broker, d) <= now]
+            due = [d for d in self._flatten_debts(broker, now) if d.rejected and self._retry_due(broker, d) <= now
+                   and not self._retry_waits(d, broker, now)]
             if not due:
                 return []
             by_account = {str(row["account"]): row
@@ -1207,7 +1232,38 @@ class FlattenMixin(RuntimeState):
                 left = int(o["quantity"]) - filled.get(str(o["client_order_id"]), 0)
                 key = (str(o["strategy"]), str(o["contract"]))
                 lines[key] = lines.get(key, 0) + (left if o["side"] == "sell" else -left)
+            for key, undone in self._counted_undone(sid, account).items():
+                lines[key] = lines.get(key, 0) + undone
             out[account] = lines
+        return out
+
+    def _counted_undone(self, sid: str, account: str) -> dict[tuple[str, str], int]:
+        """By (strategy, contract), signed like a position: what the orders flatten signal ``sid`` counted on in
+        ``account`` (its journaled ``watch``) left unfilled with no follow-up covering it: they settled after its
+        exit there had failed (``_own_exit_failed``: no follow-up), so the line holds that much more (or less)
+        beyond flat than the exit was sized for. Part of what the retry closes (``_rejected_unfilled``): sized on
+        the counted orders filling, the rejected exit left open on a sell counted on a long line less than the line
+        holds, and capped to it the retry left the rest owed by nobody."""
+        row = self.journal.get_signal(sid)
+        watch = [item for item in ((row or {}).get("signal") or {}).get("watch") or ()
+                 if str(item["account"]) == account]
+        if row is None or not watch:
+            return {}
+        covered = {str(r["signal"].get("covers")) for r in
+                   self.journal.flatten_watches_since(trading_day_start(parse_utc(str(row["received_at"]))))
+                   if r["signal"].get("follow_of") and r["signal"].get("covers")}
+        out: dict[tuple[str, str], int] = {}
+        for item in watch:
+            orders = [o for o in (self.journal.get_order(str(c)) for c in item["counted"] if str(c) not in covered)
+                      if o is not None and o["status"] in FINAL]
+            filled = self._journaled_fills(account, orders)
+            for o in orders:
+                coid = str(o["client_order_id"])
+                left = 0 if o["status"] not in (MISSED, REJECTED, CANCELLED) else \
+                    int(o["quantity"]) - filled.get(coid, 0)
+                if left > 0:
+                    key = (str(item["strategy"]), str(item["contract"]))
+                    out[key] = out.get(key, 0) + (left if o["side"] == "sell" else -left)
         return out
 
     def _clamp_basis(self, by_account: Mapping[str, Mapping[str, Any]]

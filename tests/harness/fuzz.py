@@ -1500,19 +1500,34 @@ class Runner:
                 await w.runtime.resume_broker(broker)
 
     async def soft_settle(self, timeout_s: float = 8.0) -> None:
-        """Until every order that can settle did: the queues are empty, what is still unsettled is at a broker
-        that is not available (down, recovering or paused), and no retry of a rejected flatten exit is pending at
-        an available broker (retried until flat, or given up with ``flatten_failed``: ``RETRY_DELAYS_S``)."""
+        """Until every order that can settle did: the queues are empty, no flatten's exits are held (but stand-ins
+        and owed follow-ups waiting for a broker that is away), what is still unsettled is at a broker that is not
+        available (down, recovering or paused), and no retry of a rejected flatten exit is pending at an available
+        broker (retried until flat, or given up with ``flatten_failed``: ``RETRY_DELAYS_S``)."""
         w = self.w
         assert w is not None and w.runtime.pool is not None and w.runtime.dispatcher is not None
         rt = w.runtime
         pool = rt.pool
 
+        def waits_for_broker(key: str, held: Any) -> bool:
+            # A hold that is never sent and ends only when its broker is back: a stand-in for what an exit in
+            # flight there will have done (``service.exits``' ``standin:``, ``service.overtaken``'s ``overtaken:``:
+            # released once the exit is final, which a broker that is away cannot tell), or a follow-up a start
+            # found owed (``owed:``: issued at its broker's come-up). Any other flatten hold is a flatten, follow-up
+            # or re-issue on its way out, and so is one of these whose broker is available.
+            kind, _, exit_id = key.partition(":")
+            if kind == "owed":
+                return all(not pool.available(job.broker) for job in held.jobs)
+            if kind in ("standin", "overtaken"):
+                tracked = rt.tracker.orders.get(exit_id)
+                return tracked is not None and tracked.status not in FINAL and not pool.available(tracked.job.broker)
+            return False
+
         def quiet() -> bool:
             if rt.dispatcher._running or any(rt.dispatcher.queued().values()):  # type: ignore[union-attr]
                 return False
-            if any(h.flatten for h in rt._holds.values()) or rt.redo_tasks:  # a flatten, follow-up or re-issue
-                return False
+            if rt.redo_tasks or any(h.flatten and not waits_for_broker(k, h) for k, h in rt._holds.items()):
+                return False  # a flatten, follow-up or re-issue on its way out
             if self._retrying():
                 return False
             return all(not pool.available(t.job.broker) for t in rt.tracker.unsettled())  # type: ignore[union-attr]
