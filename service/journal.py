@@ -1298,6 +1298,56 @@ class Journal:
         result: int = await self._write(write, bare=not transaction)
         return result
 
+    # -- what is journaled with an exit ------------------------------------------------------------------------
+
+    def note_with_exit(self, signal_id: str, client_order_id: str, entry: Mapping[str, Any]) -> None:
+        """Journal ``entry`` with the exit ``client_order_id`` of ``signal_id``, in its signal's body
+        (``exit_watch``), so that it is on disk no later than the exit can leave: when the exit is not journaled
+        yet, parked for the signal's own write (``watch_exit``, withdrawn by ``withdraw_exit_watch``); when it is
+        journaled and still ``new`` (decided after its signal's commit: a come-up's re-issue), appended to the
+        body by a write queued now, ahead of the exit's ``sending``; when it is journaled in any other status, not
+        at all (it left already: what a restart loads is not re-noted). Synchronous; one read by primary key."""
+        found = self._query("SELECT status FROM orders WHERE client_order_id = ?", (client_order_id,))
+        if not found:
+            self.watch_exit(signal_id, entry)
+            return
+        if found[0]["status"] != "new":
+            return
+        item = dict(entry)
+
+        def write(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT signal FROM signals WHERE id = ?", (signal_id,)).fetchone()
+            if row is None:
+                return
+            body = _loads(row[0]) or {}
+            body["exit_watch"] = [*(body.get("exit_watch") or []), item]
+            conn.execute("UPDATE signals SET signal = ? WHERE id = ?", (dumps(body), signal_id))
+
+        def done(future: asyncio.Future[Any]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                logger.error("%s: %r not journaled with exit %s: %s", signal_id, item, client_order_id,
+                             future.exception())
+
+        self._enqueue(write).add_done_callback(done)
+
+    def exit_watch_entries_since(self, at: datetime, field: str) -> list[dict[str, Any]]:
+        """The entries with ``field`` of the ``exit_watch`` bodies of the signals received at or after ``at``, in
+        the order they were written (``note_with_exit``): few, and only those signals' bodies are parsed."""
+        rows = self._query(
+            "SELECT j.value AS entry FROM signals AS s, json_each(s.signal, '$.exit_watch') AS j "
+            "WHERE s.received_at >= ? AND json_extract(s.signal, '$.exit_watch') IS NOT NULL "
+            "AND json_extract(j.value, '$.' || ?) IS NOT NULL ORDER BY s.rowid, j.key", (utc_iso(at), field))
+        return [entry for r in rows if isinstance(entry := _loads(r["entry"]), dict)]
+
+    def exits_since(self, at: datetime) -> list[dict[str, Any]]:
+        """Our exits (client order ids ``mb-``) created at or after ``at``, oldest first, each with the strategy of
+        its line (``line_strategy``: its own, a flatten's exit, else its signal's)."""
+        rows = self._query(
+            "SELECT o.*, COALESCE(o.strategy, s.strategy) AS line_strategy FROM orders AS o "
+            "LEFT JOIN signals AS s ON s.id = o.signal_id WHERE o.intent = 'exit' AND o.created_at >= ? "
+            "AND o.client_order_id LIKE 'mb-%' ORDER BY o.created_at, o.seq", (utc_iso(at),))
+        return [_order(r) for r in rows]
+
 
 def _final_rows(orders: Iterable[Mapping[str, Any]], detail: Any) -> list[tuple[Any, ...]]:
     """The rows ``_write_final`` takes, built when the write is queued (an order's own ``detail`` first)."""

@@ -32,10 +32,17 @@ end of the next reconciliation pass of its broker that began after it settled (t
 day and adopts what the broker shows beyond them), and each trade by hand booked on its account and contract
 meanwhile checks it again. Other exits are not kept: memory stays flat however many exits a day sends.
 
-Not journaled: a crash between the exit's settling and the follow-up's journal commit loses the follow-up. A
-start notes the count for the exits it loads in flight (``RestoreMixin``'s ``_job``), from the ledger replayed
-from the journal, so trades by hand made while the service was down, with our exit at the broker, are seen (the
-case the crash fuzz found). Journaling the noted count with the exit would close the rest of the gap.
+The watch survives a crash. A non-zero basis is journaled with its exit (``Journal.note_with_exit``: an entry
+``{"exit": "overtaken:<exit id>", "hand_basis": n}`` in its signal's body ``exit_watch``, written in the signal's
+own transaction, or appended to a signal already written before the exit goes out); no entry means the basis was
+zero, so the common case writes nothing. A start rebuilds, for the exits of the current trading day
+(``_restore_overtaken``), what the live watch holds: the basis of the exits loaded in flight (not the count of the
+ledger replayed at load, which includes the trades by hand made since the decision), the stand-in of those already
+overtaken, and, for a final exit that no journaled follow-up covers (``covers``: ``overtaken:<exit id>``; the
+process died before its commit), the follow-up it is owed, sized by the same ``overshoot`` from the replayed ledger
+(what it filled after the first trade by hand that overtook it: ``filled_before_overtaken``), held from the start
+and issued at its broker's come-up after reconciliation, never more than the broker holds
+(``FlattenMixin._issue_owed_follow_ups``). A journaled follow-up is the end of it: a second restart issues nothing.
 """
 
 from __future__ import annotations
@@ -43,12 +50,57 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from typing import Any, Callable, Iterable, Mapping
 
-from service.dispatch import Job, Tracked
-from service.flatten import _Netted
+from engine.sessions import trading_day, trading_day_start
+from service.dispatch import FINAL, Job, Tracked
+from service.flatten import _Netted, _Owed
+from service.journal import parse_utc
+from service.ledger import ADOPTED, Key, Ledger, fill_entry
+from service.restore import booked_of
 from service.runtime_state import RuntimeState
 
 log = logging.getLogger("service.runtime")
+
+BASIS_PREFIX = "overtaken:"
+"""What an exit's journaled basis entry (``exit``) and its follow-up's ``covers`` put before the exit's id: the key
+of its stand-in, never an order's id (``service.exits``'s restore passes over such an entry)."""
+
+
+def overshoot(closed: int, filled: int, filled_before: int, made_good: int, stands: int, sign: int
+              ) -> tuple[int, int]:
+    """What an exit of side ``sign`` closed a second time and is not made good yet, and what to close of it now:
+    (over, size). ``closed``: what trades by hand closed on its line, its way, since its decision; ``filled`` in
+    all, ``filled_before`` when the first of them was booked; ``stands``: where the line stands (book, orders in
+    flight and held). Only what it filled after that trade closed twice; never more than the line stands beyond
+    flat the exit's way. Pure: the live watch and a restart's owed follow-up size it alike."""
+    over = min(closed, filled - filled_before) - made_good
+    return over, (min(over, max(0, stands * sign)) if over > 0 else 0)
+
+
+def filled_before_overtaken(rows: Iterable[Mapping[str, Any]], point_value: Callable[[str], Decimal], key: Key,
+                            basis: int, sign: int, exit_id: str, at_broker: tuple[Any, Any]) -> int | None:
+    """What the exit had filled when the trade by hand that overtook it was booked, from the journaled fills
+    ``rows`` of its account and contract in the broker's order (as ``replay`` books them; the exit's fills name
+    ``exit_id``, or only its (broker, broker order id), ``at_broker``): the live watch's ``filled_before`` for a
+    restart, which has no memory of it. The last
+    time the line's count moved past ``basis`` the exit's way, so that what trades by hand did before the decision
+    (back to ``basis`` by then) does not count. None when the line does not end overtaken."""
+    ledger = Ledger()
+    filled, before = 0, None
+    for row in rows:
+        ledger.apply(**fill_entry(row, point_value))  # type: ignore[arg-type]
+        ours = row.get("client_order_id")
+        if row.get("kind") != ADOPTED and (ours == exit_id or (
+                not ours and at_broker[1] is not None and (row.get("broker"), row.get("broker_order_id")) == at_broker)):
+            filled += int(row["quantity"])
+        if (ledger.hand_closed.get(key, 0) - basis) * sign > 0:
+            before = filled if before is None else before
+        else:
+            before = None
+    return before
 
 
 @dataclass(eq=False)
@@ -78,7 +130,7 @@ class _Overtaken:
     @property
     def standin(self) -> str:
         """The key of the hold standing for the overshoot while the exit is in flight (never a signal id)."""
-        return f"overtaken:{self.exit_id}"
+        return BASIS_PREFIX + self.exit_id
 
 
 class OvertakenMixin(RuntimeState):
@@ -92,11 +144,22 @@ class OvertakenMixin(RuntimeState):
     """Exit client order id -> an exit in flight that a trade by hand has overtaken."""
 
     def _note_hand_basis(self, job: Job) -> None:
-        """An exit's job is made: note what trades by hand had closed on its line by then."""
+        """An exit's job is made: note what trades by hand had closed on its line by then, and journal it with the
+        exit when it is not zero (a start loading the exits in flight journals nothing: ``_restore_overtaken``
+        sets their basis from the journal)."""
         if job.intent == "exit" and job.client_order_id.startswith("mb-"):  # not a stand-in: those never settle
             closed = self.ledger.hand_closed.get((job.account, job.strategy, job.contract))
             if closed:
                 self._hand_basis[job.client_order_id] = closed
+                if self.running:
+                    self.journal.note_with_exit(job.signal_id, job.client_order_id,
+                                                {"exit": BASIS_PREFIX + job.client_order_id, "hand_basis": closed})
+
+    def _forget_hand_basis(self, job: Job) -> None:
+        """``job`` will never be sent (its hold was released: the signal was not journaled): no basis, in memory or
+        parked for the signal's write."""
+        if self._hand_basis.pop(job.client_order_id, None) is not None:
+            self.journal.withdraw_exit_watch(job.signal_id, BASIS_PREFIX + job.client_order_id)
 
     def _closed_by_hand(self, watch: _Overtaken) -> int:
         """Contracts trades by hand have closed on the exit's line, the exit's way, since it was decided."""
@@ -149,11 +212,10 @@ class OvertakenMixin(RuntimeState):
         """The exit is final: make good what it closed a second time (see the module docstring)."""
         self.release(watch.standin)
         closed = self._closed_by_hand(watch)
-        over = min(closed, watch.filled - watch.filled_before) - watch.made_good
+        stands = self._line_stands(watch.account, watch.strategy, watch.contract)
+        over, size = overshoot(closed, watch.filled, watch.filled_before, watch.made_good, stands, watch.sign)
         if over <= 0:
             return
-        stands = self._line_stands(watch.account, watch.strategy, watch.contract)
-        size = min(over, max(0, stands * watch.sign))
         what = (f"a trade by hand closed {closed} of the position that the exit {watch.exit_id} "
                 f"({'buy' if watch.sign > 0 else 'sell'}, {watch.filled} of {watch.quantity} filled) closed too")
         if size <= 0:
@@ -177,3 +239,84 @@ class OvertakenMixin(RuntimeState):
                 watches.remove(watch)
             if not watches:
                 self._overtaken.pop(key, None)
+
+    # -- restoring at start ------------------------------------------------------------------------------------
+    def _restore_overtaken(self, booked: dict[Any, int]) -> None:
+        """Rebuild the overtaken watch of this trading day's exits from the journal (see the module docstring). Run
+        after ``_load_open_orders`` (``booked``: its fills by client order id) and the other restores (the
+        follow-up counters, the holds they owe), before any broker comes up.
+
+        An exit loaded in flight takes its journaled basis (none: zero); one already overtaken gets its stand-in
+        (``_hand_trade_booked``), and its settling in recovery or later issues its follow-up as live. A final one
+        overtaken that no journaled follow-up covers is owed the follow-up the live watch would have issued
+        (``overshoot``), held from now and issued at its broker's come-up (``_issue_owed_follow_ups``)."""
+        assert self._started_at is not None, "start() sets it first"
+        if not self.ledger.hand_closed:
+            return  # no trade by hand ever closed a strategy's line: no basis, nothing overtaken
+        since = trading_day_start(self._started_at)
+        bases: dict[str, int] = {}
+        for entry in self.journal.exit_watch_entries_since(since, "hand_basis"):
+            bases.setdefault(str(entry.get("exit")), int(entry["hand_basis"]))  # the first: noted at the decision
+        covered = {str(row["signal"].get("covers")) for row in self.journal.flatten_watches_since(since)
+                   if row["signal"].get("follow_of")}
+        unsettled = {t.job.client_order_id: t for t in self.tracker.unsettled()}
+        fills: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        lines: set[tuple[str, str]] = set()
+        for row in self.journal.exits_since(since):
+            coid, account, contract = str(row["client_order_id"]), str(row["account"]), str(row["contract"])
+            basis = bases.get(BASIS_PREFIX + coid, 0)
+            tracked = unsettled.get(coid)
+            if tracked is not None:  # not the ledger's count at load: trades by hand since the decision are in it
+                if basis:
+                    self._hand_basis[coid] = basis
+                else:
+                    self._hand_basis.pop(coid, None)
+            if BASIS_PREFIX + coid in covered:
+                continue  # its follow-up is journaled: done, whatever became of it
+            strategy = tracked.job.strategy if tracked is not None else str(row.get("line_strategy") or "")
+            sign = 1 if row["side"] == "buy" else -1
+            key = (account, strategy, contract)
+            closed = (self.ledger.hand_closed.get(key, 0) - basis) * sign
+            if closed <= 0:
+                continue
+            if (account, contract) not in fills:
+                fills[(account, contract)] = [f for f in self.journal.fills(account=account)
+                                              if f["contract"] == contract]
+            before = filled_before_overtaken(fills[(account, contract)], self._point_value, key, basis, sign, coid,
+                                             (row.get("broker"), row.get("broker_order_id")))
+            if before is None:
+                continue
+            if tracked is not None:
+                self._overtaking[coid] = _Overtaken(coid, str(row["signal_id"]), tracked.job.broker, account, strategy,
+                                                    contract, sign, int(row["quantity"]), basis, filled_before=before)
+                lines.add((account, contract))
+            elif row["status"] in FINAL:
+                self._owe_overtaken(row, strategy, sign, closed, basis, before, booked)
+        for account, contract in sorted(lines):
+            self._hand_trade_booked(account, contract)  # their stand-ins, as live
+
+    def _owe_overtaken(self, row: dict[str, Any], strategy: str, sign: int, closed: int, basis: int, before: int,
+                       booked: dict[Any, int]) -> None:
+        """A start found the final exit ``row`` overtaken and its follow-up lost with the process: owe it, sized
+        as ``_check_overtaken`` sizes it, held from now (``_hold_owed``) and issued at its broker's come-up after
+        reconciliation, capped to what the broker holds (``_issue_owed_follow_ups``)."""
+        coid, account, contract = str(row["client_order_id"]), str(row["account"]), str(row["contract"])
+        filled = booked_of(booked, row)
+        stands = self._line_stands(account, strategy, contract)
+        over, size = overshoot(closed, filled, before, 0, stands, sign)
+        if over <= 0:
+            return
+        what = (f"a trade by hand closed {closed} of the position that the exit {coid} "
+                f"({row['side']}, {filled} of {row['quantity']} filled) closed too, and its follow-up was lost in "
+                "a restart")
+        if size <= 0:
+            log.info("%s: %s %s (%s): %s; nothing to make good (line at %+d)", row["signal_id"], account, contract,
+                     strategy, what, stands)
+            return
+        log.warning("%s: %s %s (%s) is owed a follow-up closing %+d: %s; issued when %s comes up", row["signal_id"],
+                    account, contract, strategy, size * sign, what, row["broker"])
+        day: date = trading_day(parse_utc(str(row["created_at"])))
+        owed = _Owed(_Netted(str(row["signal_id"]), account, strategy, contract, counted=()), BASIS_PREFIX + coid,
+                     size * sign, what, day)
+        self._owed_follow_ups.setdefault(str(row["broker"]), []).append(owed)
+        self._hold_owed(owed)  # the engine sees the line where the exit meant it until the come-up issues it

@@ -242,6 +242,7 @@ class Runtime(FlattenMixin, ExitsMixin, OvertakenMixin, RecoveryMixin, RestoreMi
         self._load_open_orders(booked)
         self._restore_watches(booked)  # after the open orders: what a flatten counted on and is still in flight
         self._restore_exit_watches(booked)  # and what a signal's exit counted on (``service.exits``)
+        self._restore_overtaken(booked)  # and the exits a trade by hand overtook (``service.overtaken``)
         self._restore_halts(events)
         self.prepare()
         assert self.pool is not None
@@ -419,7 +420,7 @@ class Runtime(FlattenMixin, ExitsMixin, OvertakenMixin, RecoveryMixin, RestoreMi
         self._take_hold(signal_id)
         for job in held.jobs:
             self._unwatch_exit(job.client_order_id)  # never sent: nothing to make good
-            self._hand_basis.pop(job.client_order_id, None)
+            self._forget_hand_basis(job)  # nor its basis, parked for the signal's write
         for coid in held.reserved:
             self._drop_reservation(coid)
         if held.unsent:
