@@ -127,9 +127,12 @@ FLATTEN_RETRY_DELAYS_S: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0, 60.0)
 five attempts over about two minutes, long enough for a broker-side hiccup (a risk check timing out, a rate limit
 answered as a reject) to pass, short enough that the position does not drift far past its flatten."""
 FLATTEN_FAILED = "flatten_failed"
-"""Risk event kind: a flatten's exits were rejected until its retries ran out (or its trading day ended); the
-account's entries are halted (a halt like any other: restored after a restart, lifted by an operator or the next
+"""Risk event kind: a flatten's exits were rejected until its retries ran out (or its trading day ended), or were
+withheld where the account's ledger and its broker disagree (``_unreconciled_lines``); the account's entries are
+halted (a halt like any other: restored after a restart, lifted by an operator or the next
 trading day)."""
+RETRY_WAIT_LOOK_S = 1.0
+"""How often a retry waiting for orders in flight on its lines (``_retry_waits``) looks again without being woken."""
 
 
 @dataclass(frozen=True)
@@ -1108,8 +1111,12 @@ class FlattenMixin(RuntimeState):
                     del self._retry_seen[state]  # settled (or moved on to the next attempt)
                 dues = [self._retry_due(broker, debt) for debt in owed if not self._retry_waits(debt, broker, now)]
                 if not dues:
-                    if owed:  # each waits for orders in flight: their settling wakes this loop
-                        await wake.wait()
+                    if owed:  # each waits for orders in flight: their settling wakes this loop; and a look
+                        # every second, so that the end of the trading day (give up) is not missed either
+                        try:
+                            await asyncio.wait_for(wake.wait(), RETRY_WAIT_LOOK_S)
+                        except TimeoutError:
+                            pass
                         continue
                     return
                 wait = (min(dues) - now).total_seconds()
