@@ -60,9 +60,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     builder = app[ENGINE_BUILDER]
     # Numbered on from the journal's last generation: "generation N" in a decision record names one rule set for
     # the life of the journal, not one per process.
-    first = journal.last_generation() + 1
-    watcher = (RulesWatcher(config.rules_dir, first_generation=first) if builder is None
-               else RulesWatcher(config.rules_dir, build=builder, first_generation=first))
+    watcher = RulesWatcher(config.rules_dir, **({} if builder is None else {"build": builder}),
+                           first_generation=journal.last_generation() + 1)
 
     async def journal_reload(record: Reload) -> None:
         await journal.record_reload(record.as_dict())

@@ -280,6 +280,17 @@ def _cap_batch(orders: list[dict[str, Any]], start: dict[tuple[str, str], int], 
     return [{**o, "quantity": q} for o, q in zip(orders, sent) if q > 0]
 
 
+def _left_open(orders: Iterable[Mapping[str, Any]], filled: Mapping[str, int]) -> dict[tuple[str, str], int]:
+    """By (strategy, contract), signed like a position, what final ``orders`` left unfilled (``filled``: by client
+    order id): a sell's unfilled quantity is a long still held, a buy's a short."""
+    out: dict[tuple[str, str], int] = {}
+    for o in orders:
+        left = int(o["quantity"]) - filled.get(str(o["client_order_id"]), 0)
+        key = (str(o.get("strategy")), str(o["contract"]))
+        out[key] = out.get(key, 0) + (left if o["side"] == "sell" else -left)
+    return out
+
+
 def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]],
                  books: Mapping[tuple[str, str], Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
     """Exits never larger than what the broker holds, on its side, in a contract where the reconciliation just run
@@ -526,18 +537,25 @@ class FlattenMixin(RuntimeState):
         text = (f"flatten {fid} did not close {account} at {broker}: its ledger and the broker disagree ({held}); "
                 f"an exit computed from either could open a position instead of closing one. Resolve the mismatch "
                 f"(trade at the broker, or set on_mismatch: adopt), then flatten again")
-        log.error("%s; entries halted until an operator clears the halt", text)
-        halt = self.risk.halts.get(account)
-        self.risk.halt(account, text, f"flatten:{fid}", now, until_day_end=halt is None or halt.day is not None)
-        self.alerts.append({"account": account, "kind": FLATTEN_FAILED, "detail": text, "at": _utc(now)})
-        self._invalidate()
         positions = [{"contract": contract, "ledger": line["now"], "broker": line["broker_now"],
                       "exits_withheld": [{k: o[k] for k in ("strategy", "side", "quantity")} for o in line["exits"]]}
                      for contract, line in sorted(lines.items())]
         first = min(lines)
-        await self._risk_event(account, FLATTEN_FAILED, text, f"flatten:{fid}", now, key=account, origin=fid,
-                               broker=broker, settles=[], contract=first, quantity=lines[first]["broker_now"],
-                               positions=positions, last_reason="reconciliation mismatch", retries=0)
+        await self._give_up(account, text, fid, now, broker=broker, settles=[], contract=first,
+                            quantity=lines[first]["broker_now"], positions=positions,
+                            last_reason="reconciliation mismatch", retries=0)
+
+    async def _give_up(self, account: str, text: str, origin: str, now: datetime, **fields: Any) -> None:
+        """What every ``flatten_failed`` does: log at ERROR, halt the account's entries (exits stay allowed) until
+        an operator clears it or the next trading day (a halt that lasts until cleared stays so), alert, and
+        journal the risk event with ``fields``."""
+        log.error("%s; entries halted until an operator clears the halt", text)
+        halt = self.risk.halts.get(account)
+        self.risk.halt(account, text, f"flatten:{origin}", now, until_day_end=halt is None or halt.day is not None)
+        self.alerts.append({"account": account, "kind": FLATTEN_FAILED, "detail": text, "at": _utc(now)})
+        self._invalidate()
+        await self._risk_event(account, FLATTEN_FAILED, text, f"flatten:{origin}", now, key=account, origin=origin,
+                               **fields)
 
     def _away(self, accounts: set[str] | None) -> dict[str, list[str]]:
         """The accounts in a flatten's scope whose broker is down or paused as it is computed, by broker.
@@ -1233,12 +1251,7 @@ class FlattenMixin(RuntimeState):
                     and o["broker"] == broker and o.get("intent") == "exit" and o["status"] in (REJECTED, CANCELLED)]
             if any(not o.get("strategy") for o in rows):
                 continue
-            filled = self._journaled_fills(account, rows)
-            lines: dict[tuple[str, str], int] = {}
-            for o in rows:
-                left = int(o["quantity"]) - filled.get(str(o["client_order_id"]), 0)
-                key = (str(o["strategy"]), str(o["contract"]))
-                lines[key] = lines.get(key, 0) + (left if o["side"] == "sell" else -left)
+            lines = _left_open(rows, self._journaled_fills(account, rows))
             for key, undone in self._counted_undone(sid, account).items():
                 lines[key] = lines.get(key, 0) + undone
             out[account] = lines
@@ -1256,21 +1269,14 @@ class FlattenMixin(RuntimeState):
                  if str(item["account"]) == account]
         if row is None or not watch:
             return {}
-        covered = {str(r["signal"].get("covers")) for r in
-                   self.journal.flatten_watches_since(trading_day_start(parse_utc(str(row["received_at"]))))
-                   if r["signal"].get("follow_of") and r["signal"].get("covers")}
+        covered = self.journal.covered_since(trading_day_start(parse_utc(str(row["received_at"]))))
         out: dict[tuple[str, str], int] = {}
         for item in watch:
             orders = [o for o in (self.journal.get_order(str(c)) for c in item["counted"] if str(c) not in covered)
-                      if o is not None and o["status"] in FINAL]
-            filled = self._journaled_fills(account, orders)
-            for o in orders:
-                coid = str(o["client_order_id"])
-                left = 0 if o["status"] not in (MISSED, REJECTED, CANCELLED) else \
-                    int(o["quantity"]) - filled.get(coid, 0)
-                if left > 0:
-                    key = (str(item["strategy"]), str(item["contract"]))
-                    out[key] = out.get(key, 0) + (left if o["side"] == "sell" else -left)
+                      if o is not None and o["status"] in (MISSED, REJECTED, CANCELLED)]
+            key = (str(item["strategy"]), str(item["contract"]))
+            for undone in _left_open(orders, self._journaled_fills(account, orders)).values():
+                out[key] = out.get(key, 0) + undone
         return out
 
     def _clamp_basis(self, by_account: Mapping[str, Mapping[str, Any]]
@@ -1325,13 +1331,6 @@ class FlattenMixin(RuntimeState):
             held = ", ".join(f"{p['contract']} {p['quantity']:+d} ({p['strategy']})" for p in positions)
             text = (f"flatten {debt.origin} could not close {account} at {broker}: {why}; still held: {held}; "
                     f"last rejection: {debt.reason or 'no reason given'}")
-            log.error("%s; entries halted until an operator clears the halt", text)
-            halt = self.risk.halts.get(account)
-            self.risk.halt(account, text, f"flatten:{debt.origin}", now,
-                           until_day_end=halt is None or halt.day is not None)
-            self.alerts.append({"account": account, "kind": FLATTEN_FAILED, "detail": text, "at": _utc(now)})
-            self._invalidate()
-            await self._risk_event(account, FLATTEN_FAILED, text, f"flatten:{debt.origin}", now, key=account,
-                                   origin=debt.origin, broker=broker, settles=[debt.rejected[account]],
-                                   contract=positions[0]["contract"], quantity=positions[0]["quantity"],
-                                   positions=positions, last_reason=debt.reason, retries=debt.retries)
+            await self._give_up(account, text, debt.origin, now, broker=broker, settles=[debt.rejected[account]],
+                                contract=positions[0]["contract"], quantity=positions[0]["quantity"],
+                                positions=positions, last_reason=debt.reason, retries=debt.retries)

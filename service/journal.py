@@ -1206,6 +1206,14 @@ class Journal:
             "ORDER BY received_at, rowid", (utc_iso(at),))
         return self._bodies(rows)
 
+    def covered_since(self, at: datetime) -> set[str]:
+        """What the follow-ups journaled at or after ``at`` cover (their body's ``covers``: a counted order's id, an
+        exit's, or ``overtaken:<exit id>``): what a start or a retry must not make good a second time."""
+        rows = self._query("SELECT json_extract(signal, '$.covers') AS covers FROM signals WHERE received_at >= ? "
+                           "AND json_extract(signal, '$.follow_of') IS NOT NULL "
+                           "AND json_extract(signal, '$.covers') IS NOT NULL", (utc_iso(at),))
+        return {str(r["covers"]) for r in rows}
+
     def exit_watches_since(self, at: datetime) -> list[dict[str, Any]]:
         """The signals received at or after ``at`` that journaled an exit watch (``exit_watch``) and every flatten
         signal (a follow-up names the exit it covers; any other may have taken a watch over), in the order they

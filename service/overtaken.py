@@ -257,8 +257,7 @@ class OvertakenMixin(RuntimeState):
         bases: dict[str, int] = {}
         for entry in self.journal.exit_watch_entries_since(since, "hand_basis"):
             bases.setdefault(str(entry.get("exit")), int(entry["hand_basis"]))  # the first: noted at the decision
-        covered = {str(row["signal"].get("covers")) for row in self.journal.flatten_watches_since(since)
-                   if row["signal"].get("follow_of")}
+        covered = self.journal.covered_since(since)
         unsettled = {t.job.client_order_id: t for t in self.tracker.unsettled()}
         fills: dict[tuple[str, str], list[dict[str, Any]]] = {}
         lines: set[tuple[str, str]] = set()
