@@ -24,13 +24,17 @@ own watch makes good what it counted).
 The watch survives a crash, as the flatten's does (reconciliation would not tell: the ledger and the broker agree on
 the overshoot). It is journaled with its signal, in the signal's own transaction (``Journal.watch_exit``: the body's
 ``exit_watch``, per watched exit its client order id, line, counted orders and ``assumed``), and each make-good
-follow-up names the exit it covers (``covers``). A start rebuilds the watches of the current trading day's signals
-from the journal (``_restore_exit_watches``), leaving out those a flatten in scope journaled after the signal took
-over: counted orders not final yet are watched again (settling during recovery makes good as usual, held through
-the broker's come-up); an exit final with counted orders final and unfilled, and no journaled follow-up covering
-it (the process died before the follow-up's commit), is owed its make-good, sized as ``_make_good`` sizes it, held
-from the start and issued at the broker's come-up after reconciliation, never more than the broker holds
-(``FlattenMixin._issue_owed_follow_ups``). A journaled follow-up is the end of it: a second restart issues nothing.
+follow-up names what it covers (``covers``): the exit when no order it counted on is left to settle, else the exit
+and the counted orders it makes good (``covers_of``), so that one exit made good twice (a counted order settling
+short after the first make-good) owes after a restart exactly the make-good that died with the process. A bare exit
+id covers all its counted orders, as every make-good of a journal written before did (``covered_by``). A start
+rebuilds the watches of the current trading day's signals from the journal (``_restore_exit_watches``), leaving out
+those a flatten in scope journaled after the signal took over: counted orders not final yet are watched again
+(settling during recovery makes good as usual, held through the broker's come-up); an exit final with counted
+orders final and unfilled that no journaled follow-up covers (the process died before the follow-up's commit), is
+owed its make-good, sized as ``_make_good`` sizes it, held from the start and issued at the broker's come-up after
+reconciliation, never more than the broker holds (``FlattenMixin._issue_owed_follow_ups``). A journaled follow-up
+is the end of it: a second restart issues nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
+from typing import Any, Iterable
 
 from engine.sessions import trading_day, trading_day_start
 from engine.state import contract_root
@@ -69,6 +73,8 @@ class _ExitWatch:
     lost: int = 0
     """Signed: what the counted orders that settled left undone (a rejected buy 2: +2), not made good yet."""
     causes: list[str] = field(default_factory=list)
+    lost_from: list[str] = field(default_factory=list)
+    """The counted orders whose unfilled quantity is in ``lost``: what its make-good covers (``covers_of``)."""
     ended: tuple[str, int, int, int] | None = None
     """(status, sign, quantity, filled) of an exit already final when a restart rebuilt the watch (a start tracks
     the open orders only); None: the tracker has it."""
@@ -82,6 +88,30 @@ class _ExitWatch:
         """The watch as its signal's journaled body keeps it (``exit_watch``), as it was decided."""
         return {"exit": self.exit_id, "account": self.account, "strategy": self.strategy, "contract": self.contract,
                 "counted": sorted(self.counted), "assumed": self.assumed}
+
+
+def covers_of(exit_id: str, made_good: Iterable[str], counted_left: bool) -> str:
+    """What a make-good of ``exit_id`` journals in ``covers``: the bare exit id when no counted order of it is left
+    to settle (it covers them all, as every make-good did before partial ones were told apart), else the exit id
+    with the counted orders it makes good (``<exit id>:<counted id>,<counted id>``), so that a restart still owes
+    the make-good of a counted order that settles later (``covered_by``)."""
+    return exit_id if not counted_left else f"{exit_id}:{','.join(sorted(made_good))}"
+
+
+def covered_by(covers: Iterable[str]) -> tuple[set[str], dict[str, set[str]]]:
+    """Read the ``covers`` of journaled follow-ups (``covers_of``): (exits covered whole, counted orders covered by
+    exit). A bare exit id covers every order the exit counted on, whatever wrote it: a journal of the code before
+    partial make-goods were told apart named the bare exit in each, and read so it never makes good twice. Other
+    follow-ups' ``covers`` (a flatten's counted order, ``overtaken:<exit id>``) read as exits nobody watches."""
+    whole: set[str] = set()
+    partial: dict[str, set[str]] = {}
+    for text in covers:
+        exit_id, colon, orders = text.partition(":")
+        if colon and exit_id.startswith("mb-"):
+            partial.setdefault(exit_id, set()).update(o for o in orders.split(",") if o)
+        else:
+            whole.add(text)
+    return whole, partial
 
 
 def _make_good_trade(lost: int, assumed: int, exit_sign: int, filled: int, stands: int) -> tuple[int, int]:
@@ -154,6 +184,7 @@ class ExitsMixin(RuntimeState):
                 self._drop_watch(watch)  # the exit will never leave (its signal was not journaled, or superseded)
             elif unfilled > 0:
                 watch.lost += unfilled * tracked.job.sign
+                watch.lost_from.append(coid)
                 watch.causes.append(f"{tracked.job.side} {tracked.job.quantity} ({tracked.job.signal_id}) ended "
                                     f"{tracked.status} with {unfilled} unfilled")
                 self._hold_standin(watch)
@@ -175,14 +206,14 @@ class ExitsMixin(RuntimeState):
         counted orders had left undone until then: only those still in flight are watched again. Each counted order
         once, for the first exit that counted on it, as live."""
         assert self._started_at is not None, "start() sets it first"
-        covered: set[str] = set()
+        covers: list[str] = []
         found: list[tuple[str, date, dict[str, Any]]] = []
         for row in self.journal.exit_watches_since(trading_day_start(self._started_at)):  # as written
             body, scope = row["signal"], _flatten_scope(row)
             if scope is not None:
                 if scope.follow_of:
                     if body.get("covers"):
-                        covered.add(str(body["covers"]))
+                        covers.append(str(body["covers"]))
                 elif scope.origin is None:  # an original ``flatten``: took over the watches in scope before it
                     found = [(sid, day, item) for sid, day, item in found if not (
                         (scope.account is None or item.get("account") == scope.account)
@@ -191,6 +222,7 @@ class ExitsMixin(RuntimeState):
                 continue
             day = trading_day(parse_utc(str(row["received_at"])))
             found += [(str(row["id"]), day, item) for item in body.get("exit_watch") or []]
+        whole, partial = covered_by(covers)
         unsettled = {t.job.client_order_id for t in self.tracker.unsettled()}
         seen: set[str] = set()
         for sid, day, item in found:
@@ -205,14 +237,17 @@ class ExitsMixin(RuntimeState):
             if exit_id not in self.tracker.orders:
                 watch.ended = (str(exit_row["status"]), 1 if exit_row["side"] == "buy" else -1,
                                int(exit_row["quantity"]), booked_of(booked, exit_row))
-            if exit_id not in covered:  # else what settled before its follow-up was made good
+            if exit_id not in whole:  # else every counted order was made good (or ended with nothing to)
                 for coid in counted:
+                    if coid in partial.get(exit_id, ()):
+                        continue  # a make-good journaled before the crash covers it
                     order = None if coid in unsettled else self.journal.get_order(coid)
                     if order is None or order["status"] not in FINAL:
                         continue
                     unfilled = int(order["quantity"]) - booked_of(booked, order)
                     if unfilled > 0:
                         watch.lost += unfilled * (1 if order["side"] == "buy" else -1)
+                        watch.lost_from.append(coid)
                         watch.causes.append(f"{order['side']} {order['quantity']} ({order['signal_id']}) ended "
                                             f"{order['status']} with {unfilled} unfilled")
             final = exit_id not in unsettled and exit_row["status"] in FINAL
@@ -235,6 +270,7 @@ class ExitsMixin(RuntimeState):
         status, exit_sign, quantity, filled = outcome
         lost, watch.lost = watch.lost, 0
         causes, watch.causes = watch.causes, []
+        made_good, watch.lost_from = watch.lost_from, []
         stands = self._line_stands(watch.account, watch.strategy, watch.contract)
         trade, raw = _make_good_trade(lost, watch.assumed, exit_sign, filled, stands)
         what = (f"the exit {watch.exit_id} ({status}, {filled} of {quantity}) counted on " + "; ".join(causes)
@@ -246,7 +282,7 @@ class ExitsMixin(RuntimeState):
         log.warning("%s: %s %s (%s) is owed a make-good closing %+d: %s; issued when %s comes up", watch.signal_id,
                     watch.account, watch.contract, watch.strategy, -trade, what, broker)
         owed = _Owed(_Netted(watch.signal_id, watch.account, watch.strategy, watch.contract, counted=()),
-                     watch.exit_id, -trade, what, day)
+                     covers_of(watch.exit_id, made_good, bool(watch.counted)), -trade, what, day)
         self._owed_follow_ups.setdefault(broker, []).append(owed)
         self._hold_owed(owed)  # the engine sees the line where the exit meant it until the come-up issues it
 
@@ -316,6 +352,7 @@ class ExitsMixin(RuntimeState):
         self.release(watch.standin)
         lost, watch.lost = watch.lost, 0
         causes, watch.causes = watch.causes, []
+        made_good, watch.lost_from = watch.lost_from, []
         if not watch.counted:
             self._drop_watch(watch)
         if not lost:
@@ -329,4 +366,4 @@ class ExitsMixin(RuntimeState):
                      watch.account, watch.contract, watch.strategy, what, stands, raw)
             return
         line = _Netted(watch.signal_id, watch.account, watch.strategy, watch.contract, counted=())
-        self._follow_up(line, -trade, what, covers=watch.exit_id)
+        self._follow_up(line, -trade, what, covers=covers_of(watch.exit_id, made_good, bool(watch.counted)))

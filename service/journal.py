@@ -1208,7 +1208,8 @@ class Journal:
 
     def covered_since(self, at: datetime) -> set[str]:
         """What the follow-ups journaled at or after ``at`` cover (their body's ``covers``: a counted order's id, an
-        exit's, or ``overtaken:<exit id>``): what a start or a retry must not make good a second time."""
+        exit's, an exit's with the orders it counted on that it made good, ``<exit id>:<id>,<id>``, or
+        ``overtaken:<exit id>``): what a start or a retry must not make good a second time."""
         rows = self._query("SELECT json_extract(signal, '$.covers') AS covers FROM signals WHERE received_at >= ? "
                            "AND json_extract(signal, '$.follow_of') IS NOT NULL "
                            "AND json_extract(signal, '$.covers') IS NOT NULL", (utc_iso(at),))
@@ -1349,12 +1350,23 @@ class Journal:
 
     def exits_since(self, at: datetime) -> list[dict[str, Any]]:
         """Our exits (client order ids ``mb-``) created at or after ``at``, oldest first, each with the strategy of
-        its line (``line_strategy``: its own, a flatten's exit, else its signal's)."""
+        its line (``line_strategy``: its own, a flatten's exit, else its signal's) and whether its signal is a
+        come-up's re-issue of a flatten (``reissued``: its basis is appended after the signal's commit, not written
+        in it, ``note_with_exit``)."""
         rows = self._query(
-            "SELECT o.*, COALESCE(o.strategy, s.strategy) AS line_strategy FROM orders AS o "
+            "SELECT o.*, COALESCE(o.strategy, s.strategy) AS line_strategy, "
+            "json_extract(s.signal, '$.redo_of') IS NOT NULL AS reissued FROM orders AS o "
             "LEFT JOIN signals AS s ON s.id = o.signal_id WHERE o.intent = 'exit' AND o.created_at >= ? "
             "AND o.client_order_id LIKE 'mb-%' ORDER BY o.created_at, o.seq", (utc_iso(at),))
         return [_order(r) for r in rows]
+
+    def reconciled_since(self, at: datetime) -> dict[str, str]:
+        """By account, when the last reconciliation pass journaled for it at or after ``at`` began (its row's
+        ``at``, journaled once the pass read the account's fills): what tells a start which exits a come-up pass
+        ended the overtaken watch of (``OvertakenMixin._restore_overtaken``)."""
+        rows = self._query("SELECT account, MAX(at) AS last FROM reconciliations WHERE at >= ? GROUP BY account",
+                           (utc_iso(at),))
+        return {str(r["account"]): str(r["last"]) for r in rows}
 
 
 def _final_rows(orders: Iterable[Mapping[str, Any]], detail: Any) -> list[tuple[Any, ...]]:

@@ -43,6 +43,26 @@ process died before its commit), the follow-up it is owed, sized by the same ``o
 (what it filled after the first trade by hand that overtook it: ``filled_before_overtaken``), held from the start
 and issued at its broker's come-up after reconciliation, never more than the broker holds
 (``FlattenMixin._issue_owed_follow_ups``). A journaled follow-up is the end of it: a second restart issues nothing.
+A final exit the journal does not show overtaken, settled after the last reconciliation pass of its account began,
+goes back under the come-up watch (a crash may have cut the come-up it settled in short, before its pass read the
+trader's fill made earlier): its broker's come-up pass ends it, as live.
+
+No basis entry reads as zero, with two exceptions and one limit:
+
+- a come-up's re-issue of a flatten (``redo_of``) is journaled before its exits' jobs are made, so its basis is
+  appended in a later transaction and a crash in between loses it: for such an exit still ``new`` (never sent) the
+  start takes the count of the ledger it replayed, so that the day's earlier trades by hand never read as
+  overtaking it (one made between its decision and the crash, a window of one commit, goes unseen);
+- an exit whose basis append failed (logged as an error) and that went out anyway reads as zero.
+- The limit: a journal written before bases were journaled (by the code before this watch survived a crash, on the
+  day of the upgrade) has no entry for any exit, and reads zero for all: an exit on a line that trades by hand had
+  closed in part before it was decided reads as overtaken by them, and the start may make good, as far as the line
+  stands beyond flat the exit's way, what was never closed twice. Taking the basis from the ledger replayed up to
+  the exit's journal time was considered and not done: an order's ``created_at`` is the time its signal was
+  journaled for, not the moment the decision read the ledger, and a fill is journaled before the ledger books it, so
+  that replay can count a fill the decision did not see (basis too large: an overtaking missed) or miss one it did
+  (too small: a false make-good), and the ledger may have booked the day in the broker's order, not the journal's.
+  An operator restarting on an upgrade day should reconcile the lines traded by hand that day.
 """
 
 from __future__ import annotations
@@ -251,9 +271,8 @@ class OvertakenMixin(RuntimeState):
         overtaken that no journaled follow-up covers is owed the follow-up the live watch would have issued
         (``overshoot``), held from now and issued at its broker's come-up (``_issue_owed_follow_ups``)."""
         assert self._started_at is not None, "start() sets it first"
-        if not self.ledger.hand_closed:
-            return  # no trade by hand ever closed a strategy's line: no basis, nothing overtaken
         since = trading_day_start(self._started_at)
+        reconciled: dict[str, str] | None = None
         bases: dict[str, int] = {}
         for entry in self.journal.exit_watch_entries_since(since, "hand_basis"):
             bases.setdefault(str(entry.get("exit")), int(entry["hand_basis"]))  # the first: noted at the decision
@@ -268,6 +287,12 @@ class OvertakenMixin(RuntimeState):
             if tracked is not None:  # not the ledger's count at load: trades by hand since the decision are in it
                 if basis:
                     self._hand_basis[coid] = basis
+                elif row.get("reissued") and row["status"] == "new":
+                    # A come-up's re-issue: its basis is appended after its signal's commit, and the process may
+                    # have died in between. No entry is then no answer: the count at load (``_load_open_orders``
+                    # noted it) reads every trade by hand before the crash as made before the decision, so one made
+                    # in that window goes unseen, but the day's earlier ones never read as overtaking it.
+                    basis = self._hand_basis.get(coid, 0)
                 else:
                     self._hand_basis.pop(coid, None)
             if BASIS_PREFIX + coid in covered:
@@ -277,6 +302,16 @@ class OvertakenMixin(RuntimeState):
             key = (account, strategy, contract)
             closed = (self.ledger.hand_closed.get(key, 0) - basis) * sign
             if closed <= 0:
+                if tracked is None and row["status"] in FINAL and booked_of(booked, row) > 0:
+                    if reconciled is None:
+                        reconciled = self.journal.reconciled_since(since)
+                    if reconciled.get(account, "") <= str(row["updated_at"]):
+                        # Settled after the last pass of its account began (in a come-up the crash cut short, it
+                        # may be): a trade by hand made before it and reported late is still to be read, by its
+                        # broker's come-up pass, as it would have been live (``_overtaken_settled``).
+                        self._overtaken.setdefault((account, contract), []).append(_Overtaken(
+                            coid, str(row["signal_id"]), str(row["broker"]), account, strategy, contract, sign,
+                            int(row["quantity"]), basis, filled=booked_of(booked, row), final=True))
                 continue
             if (account, contract) not in fills:
                 fills[(account, contract)] = [f for f in self.journal.fills(account=account)
