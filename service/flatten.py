@@ -79,15 +79,22 @@ orders are in flight on the lines it may close (``_retry_waits``): it would coun
 nobody watching them.
 Orders decided after the flatten are not part of it: a new signal may open the line again. One counted order
 is followed up once, however many flattens counted on it (a later flatten counts the earlier one's exit as well,
-which already sold for it).
+which already sold for it). An order settled by its broker's come-up (recovery, at a start or a reconnect) is
+owed its follow-up instead, as after a restart (below): held as a stand-in and issued by that come-up after
+reconciliation, before the redo computes, capped to what the broker holds, for the oldest flatten of the current
+trading day that counted on it (one of an earlier day is warned about, as its redo is). Sized when the order
+settled and sent after the come-up, it knew nothing of a trade made by hand meanwhile (reconciliation books it
+to the line it closed), and the redo, which nets it out, caps to the broker's position without what it adds
+(fuzz seed 556: the follow-up bought back a short the trader had closed, the redo's sell of that was capped
+away, and the account ended long 1 with nothing said).
 
 The watch survives a crash: the flatten journals it with itself, in its own transaction (its body's ``watch``: per
 line, the client order ids it counted on), and each follow-up names the order it covers (``covers``, next to
 ``follow_of``). Reconciliation would not tell the difference (the ledger and the broker agree on the reversed
 position), so a start rebuilds the watch from the journal, for the flattens of the current trading day, before
 recovery settles what was in flight (``RestoreMixin._restore_watches``): a counted order not final yet is watched
-again (its settling during recovery issues the follow-up as usual, held through the broker's come-up and sent
-once it opens); one final with quantity unfilled and no journaled follow-up covering it (it settled, and the
+again (its settling during recovery makes its follow-up owed, as above, and issued as below); one final with
+quantity unfilled and no journaled follow-up covering it (it settled, and the
 follow-up's commit was lost with the process) is owed one, counted from the start as a flatten exit held (the
 engine sees the line flat, as it would have without the crash: ``_hold_owed``) and issued at its broker's come-up
 after reconciliation,
@@ -695,14 +702,41 @@ class FlattenMixin(RuntimeState):
         if unfilled > 0 and lines:
             what = (f"{tracked.job.side} {tracked.job.quantity} ({tracked.job.signal_id}) ended {tracked.status} "
                     f"with {unfilled} unfilled")
-            failed = self._own_exit_failed(lines[0])
+            slot = None if self.pool is None else self.pool.slots.get(tracked.job.broker)
+            coming_up = slot is not None and slot.recovering
+            line, day = self._line_to_follow(lines) if coming_up else (lines[0], None)
+            failed = self._own_exit_failed(line)
             if failed is not None:
                 log.warning("%s: on %s %s (%s), %s; no follow-up: the flatten's own exit there %s, and its %s "
-                            "recomputes the line from the ledger and the broker", lines[0].fid, lines[0].account,
-                            lines[0].contract, lines[0].strategy, what, failed,
-                            "re-issue" if MISSED in failed else "retry")
+                            "recomputes the line from the ledger and the broker", line.fid, line.account,
+                            line.contract, line.strategy, what, failed, "re-issue" if MISSED in failed else "retry")
                 return
-            self._follow_up(lines[0], -unfilled * tracked.job.sign, what, covers=coid)
+            left = -unfilled * tracked.job.sign
+            if day is None:
+                self._follow_up(line, left, what, covers=coid)
+                return
+            # Settled by its broker's come-up (recovery): owed, as after a restart, and issued by this come-up after
+            # reconciliation, before the redo of missed flattens computes, capped to what the broker holds on the
+            # line (``_issue_owed_follow_ups``). Sized now and sent after the come-up, it would not know of a trade
+            # made by hand there meanwhile (reconciliation books it to the line it closed), and a redo capped to
+            # the broker's position would not count what it adds (fuzz seed 556: the account ended long 1).
+            owed = _Owed(line, coid, left, what, day)
+            self._owed_follow_ups.setdefault(tracked.job.broker, []).append(owed)
+            self._hold_owed(owed)  # the engine sees the line flat until the come-up issues it
+
+    def _line_to_follow(self, lines: list[_Netted]) -> tuple[_Netted, date]:
+        """Of the flattens that counted on one order (``lines``, oldest first), the one whose follow-up a come-up
+        issues, and its CME trading day: the oldest of the current trading day, as a restart restores only the
+        current day's watches (``RestoreMixin._restore_watches``); else the oldest, whose day is over (warned
+        about, not carried out: ``_issue_owed_follow_ups``). A flatten not journaled yet is of the current day."""
+        today = trading_day(self.clock())
+        days = []
+        for line in lines:
+            row = self.journal.get_signal(line.fid)
+            days.append(today if row is None else trading_day(parse_utc(str(row["received_at"]))))
+            if days[-1] == today:
+                return line, today
+        return lines[0], days[0]
 
     def _own_exit_failed(self, line: _Netted) -> str | None:
         """How the flatten's own exit on ``line`` ended if it is final and did not fill in full (missed, rejected,
@@ -769,8 +803,9 @@ class FlattenMixin(RuntimeState):
         async def send() -> None:
             try:
                 while slot is not None and slot.recovering:
-                    # Settled by its broker's recovery (a restart's, or a reconnect's): held, the come-up's redo and
-                    # catch-up count it; it leaves once the broker opens, instead of being missed there meanwhile.
+                    # Made as its broker's come-up began (one its recovery settles is owed instead:
+                    # ``_netted_settled``): held, the come-up's redo and catch-up count it; it leaves once the broker
+                    # opens, instead of being missed there meanwhile.
                     await slot.settled.wait()
                 await self._send_flatten(fid, body, [order], {}, self.clock())
             except Exception:

@@ -147,6 +147,11 @@ class RecoveryMixin(RuntimeState):
             await self._redo_missed_flattens(broker, reconciled, why="start-up" if first else "reconnect")
             if catch_up:
                 await self._catch_up(broker, since=self._owed_since(broker, since))
+            if self._owed_follow_ups.get(broker):
+                # A counted order settled after the redo issued what was owed (its fill or cancel reported during
+                # the catch-up): its follow-up is owed too (``_netted_settled``), issued before the broker opens,
+                # on a fresh reconciliation (the one above is older than the redo's and the catch-up's fills).
+                await self._redo_missed_flattens(broker, why="start-up" if first else "reconnect")
             self._wake_retries(broker)  # rejected flatten exits: retried once the broker is open again
         self._invalidate()
         mismatched = sorted({str(r["account"]) for r in reconciled if not r["ok"]})
