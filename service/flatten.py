@@ -50,6 +50,30 @@ out, or the trading day ends first, with something still held, the account's ent
 service logs it at ERROR, and the halt lasts like any other (restored after a restart, lifted by
 ``POST /api/halts/{name}/clear`` or the next trading day).
 
+Withheld flatten exits: where an ``on_mismatch: halt`` account's last reconciliation pass found its ledger and its
+broker disagreeing in a contract, a flatten sends no exit there (``_unreconciled_lines``: one computed from either
+side could open a position instead of closing one; fuzz seed 646), closes the rest of its scope, and names the
+contracts in a ``flatten_failed`` event that halts the account's entries (``_flatten_refused``). The withheld part
+is owed, like a missed flatten's: the flatten's own body journals it (``withheld``: per account, its broker and the
+exits withheld, with the orders in flight they counted on), in the flatten's transaction, so that no crash after
+the flatten's commit loses it (the ``flatten_failed`` event, written after, could be lost; and no schema changes).
+The first reconciliation pass of that broker that finds those contracts agreeing (not mismatched, no order of ours
+in flight on them) carries it out (``_withheld_after_pass``, ``_redo_withheld``): a re-issue ``<flatten id>-redo-
+<broker>-<n>`` (``redo_of``, numbered with the come-up's re-issues, so that its exits missed or rejected are
+redone or retried as theirs), for the original's scope at that account, in the contracts that agree and no other
+(a pass agreeing on some keeps owing the rest), computed on the now-agreed ledger net of orders in flight, only on
+the side of the exit withheld and never more than it (``_cap_to_unfilled``, moved by what the orders it counted on
+left unfilled: a signal decided since is not the flatten's), never more than the broker holds
+(``_clamp_to_broker``), sent like a retry, with a ``flatten_redone`` event saying what was carried out and why. At
+once when the pass runs with the broker open and the redo's lock free; a come-up's pass (or a retry's, or a redo's)
+leaves it to a task that waits for the broker to open and the lock, then reconciles again. Its ``withheld`` names
+the contracts it redid: neither this process nor a restart (``RestoreMixin._restore_withheld``, this trading day's
+flattens replayed in order) redoes them again. Not carried out on a later trading day (as a missed flatten), nor
+after a newer flatten (operator, risk, schedule) of a scope covering the line (it closed the line, or withheld it
+again and owes it itself), nor for an account whose broker was away (the come-up's redo owes it the whole scope).
+An operator clearing the halt does not cancel it; the redo does not lift the halt either (the operator does, as
+for every ``flatten_failed``).
+
 Decisions held when a flatten is computed: a webhook's (or catch-up's) orders count from their decision on
 (``hold``) and leave only after the signal's journal commit (``dispatch``). A flatten (operator, risk, schedule)
 supersedes every held order in its scope (account, strategy, roots): it is never sent and is journaled ``missed``
@@ -135,9 +159,13 @@ five attempts over about two minutes, long enough for a broker-side hiccup (a ri
 answered as a reject) to pass, short enough that the position does not drift far past its flatten."""
 FLATTEN_FAILED = "flatten_failed"
 """Risk event kind: a flatten's exits were rejected until its retries ran out (or its trading day ended), or were
-withheld where the account's ledger and its broker disagree (``_unreconciled_lines``); the account's entries are
+withheld where the account's ledger and its broker disagree (``_unreconciled_lines``: carried out once they agree,
+``FLATTEN_REDONE``); the account's entries are
 halted (a halt like any other: restored after a restart, lifted by an operator or the next
 trading day)."""
+FLATTEN_REDONE = "flatten_redone"
+"""Risk event kind: a flatten withheld where the ledger and the broker disagreed (``flatten_failed``) was carried
+out once a reconciliation pass found them agreeing (``Runtime._redo_withheld``)."""
 RETRY_WAIT_LOOK_S = 1.0
 """How often a retry waiting for orders in flight on its lines (``_retry_waits``) looks again without being woken."""
 
@@ -448,6 +476,102 @@ class _Owed:
     """The flatten's CME trading day: a broker that comes back on a later one gets no follow-up (as no redo)."""
 
 
+@dataclass
+class _Withheld:
+    """What one account is still owed of a flatten that withheld its exits in contracts where the account's ledger
+    and its broker disagreed (``FlattenMixin._unreconciled_lines``): carried out by the first reconciliation pass
+    of its broker that finds those contracts agreeing (``Runtime._redo_withheld``), the same trading day.
+
+    Journaled in the flatten's own body (``withheld``), in the flatten's transaction, so that a crash after the
+    flatten's commit cannot lose it, and read back from the journal by a start (``_restore_withheld``)."""
+
+    origin: str
+    scope: _FlattenScope
+    account: str
+    broker: str
+    day: date
+    lines: dict[tuple[str, str], int]
+    """(strategy, contract) -> signed like a position, what the withheld exit there was to close (a sell of 2 is
+    +2): the most the redo closes on the line, and only on that side (``_cap_to_unfilled``)."""
+    counted: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    """(strategy, contract) -> client order ids in flight the withheld exit counted on as if they would fill: what
+    they left unfilled moves what the line holds beyond flat (``Runtime._withheld_owed``)."""
+
+    @property
+    def contracts(self) -> set[str]:
+        return {contract for _strategy, contract in self.lines}
+
+
+def _withheld_body(blind: Mapping[str, Mapping[str, Any]], brokers: Mapping[str, str],
+                   away: Mapping[str, list[str]]) -> dict[str, Any]:
+    """The ``withheld`` field of a flatten's body: by account, its broker and the exits withheld (``blind``: what
+    ``_unreconciled_lines`` took out). An account whose broker is away is left out: its broker's come-up redoes
+    the whole flatten there (``_away``). So is a contract with no exit withheld: nothing there was the flatten's
+    to close."""
+    skip = {name for names in away.values() for name in names}
+    out: dict[str, Any] = {}
+    for account, contracts in sorted(blind.items()):
+        if account in skip or account not in brokers:
+            continue
+        lines = [{"strategy": str(o["strategy"]), "contract": contract, "side": str(o["side"]),
+                  "quantity": int(o["quantity"]),
+                  "counted": sorted({c for n in line.get("netted", ()) if n.strategy == o["strategy"]
+                                     for c in n.counted})}
+                 for contract, line in sorted(contracts.items()) for o in line["exits"]]
+        if lines:
+            out[account] = {"broker": brokers[account], "lines": lines}
+    return out
+
+
+def _withheld_of(fid: str, body: Mapping[str, Any], scope: _FlattenScope, day: date) -> list[_Withheld]:
+    """The debts a journaled flatten body's ``withheld`` (``_withheld_body``) says it owes."""
+    out = []
+    for account, entry in sorted((body.get("withheld") or {}).items()):
+        lines: dict[tuple[str, str], int] = {}
+        counted: dict[tuple[str, str], tuple[str, ...]] = {}
+        for line in entry.get("lines") or ():
+            key = (str(line["strategy"]), str(line["contract"]))
+            qty = int(line["quantity"])
+            lines[key] = lines.get(key, 0) + (qty if line["side"] == "sell" else -qty)
+            counted[key] = counted.get(key, ()) + tuple(str(c) for c in line.get("counted") or ())
+        if lines:
+            out.append(_Withheld(fid, scope, str(account), str(entry["broker"]), day, lines, counted))
+    return out
+
+
+def _settle_covered(debts: dict[tuple[str, str], _Withheld], scope: _FlattenScope) -> None:
+    """A newer flatten (an original: operator, risk, schedule) with ``scope`` ends what older withheld flattens owe
+    on the lines it covers: it closed them, or withheld them again and owes them itself."""
+    for key, debt in list(debts.items()):
+        if scope.account is not None and scope.account != debt.account:
+            continue
+        for strategy, contract in list(debt.lines):
+            if (scope.strategy is None or scope.strategy == strategy) and \
+                    (scope.roots is None or contract_root(contract) in scope.roots):
+                del debt.lines[(strategy, contract)]
+        if not debt.lines:
+            del debts[key]
+
+
+def _settle_redone(debts: dict[tuple[str, str], _Withheld], origin: str, body: Mapping[str, Any]) -> None:
+    """A journaled re-issue of flatten ``origin`` (``body``) ends what it owes the accounts it redid: a withheld
+    redo the contracts it names (``withheld``: account -> contracts), a come-up's redo of missed exits every
+    contract of the accounts it lists (it computed the whole scope there)."""
+    redone = body.get("withheld")
+    if isinstance(redone, dict):
+        for account, contracts in redone.items():
+            debt = debts.get((origin, str(account)))
+            if debt is None:
+                continue
+            for key in [k for k in debt.lines if k[1] in {str(c) for c in contracts}]:
+                del debt.lines[key]
+            if not debt.lines:
+                del debts[(origin, str(account))]
+        return
+    for account in body.get("accounts") or ():
+        debts.pop((origin, str(account)), None)
+
+
 class FlattenMixin(RuntimeState):
     """The flatten part of ``Runtime`` (see the module docstring)."""
 
@@ -477,6 +601,10 @@ class FlattenMixin(RuntimeState):
         self._flatten_takes_over(accounts, strategy, roots)  # signals' exit watches in scope end (``service.exits``)
         orders = self._flatten_orders(fid, accounts=accounts, strategy=strategy, roots=roots, netted=netted)
         blind = self._unreconciled_lines(orders, netted, accounts=accounts, strategy=strategy, roots=roots)
+        withheld = _withheld_body(blind, {name: doc.broker for name, doc in self.ruleset.accounts.items()}, away)
+        if withheld:  # owed, with the flatten itself: the first pass finding them agreeing redoes them
+            body["withheld"] = withheld
+        self._withheld_debts()  # read before this flatten is journaled: ``_withheld_flatten`` adds it once
         if netted:  # journaled with the flatten itself: a restart watches again (``_restore_watches``)
             body["watch"] = [line.as_json() for line in netted]
         for line in netted:  # before the first await: an order may become final at any moment after it
@@ -497,6 +625,7 @@ class FlattenMixin(RuntimeState):
         if self.running:
             for broker in away:  # one coming back now: its come-up may have read the journal before this flatten
                 self._redo_once_open(broker)
+        self._withheld_flatten(fid, body, now)
         for name, lines in sorted(blind.items()):
             await self._flatten_refused(fid, name, lines, now)
         return {"signal_id": fid, "orders": decision["orders"], "reason": reason}
@@ -529,6 +658,10 @@ class FlattenMixin(RuntimeState):
                     blind.setdefault(name, {})[contract] = {"ledger": ledger, "broker": broker, "now": now,
                                                             "broker_now": broker + now - ledger, "exits": taken}
         if blind:
+            for line in netted:  # what the withheld exits counted on (``_withheld_body``: owed with them)
+                taken_line = blind.get(line.account, {}).get(line.contract)
+                if taken_line is not None:
+                    taken_line.setdefault("netted", []).append(line)
             orders[:] = [o for o in orders if o["contract"] not in blind.get(str(o["account"]), {})]
             netted[:] = [n for n in netted if n.contract not in blind.get(n.account, {})]
         return blind
@@ -543,7 +676,8 @@ class FlattenMixin(RuntimeState):
                          for contract, line in sorted(lines.items()))
         text = (f"flatten {fid} did not close {account} at {broker}: its ledger and the broker disagree ({held}); "
                 f"an exit computed from either could open a position instead of closing one. Resolve the mismatch "
-                f"(trade at the broker, or set on_mismatch: adopt), then flatten again")
+                f"(trade at the broker, or set on_mismatch: adopt): the first reconciliation pass that finds them "
+                f"agreeing carries the flatten out there, this trading day; clearing the halt does not cancel it")
         positions = [{"contract": contract, "ledger": line["now"], "broker": line["broker_now"],
                       "exits_withheld": [{k: o[k] for k in ("strategy", "side", "quantity")} for o in line["exits"]]}
                      for contract, line in sorted(lines.items())]
@@ -563,6 +697,185 @@ class FlattenMixin(RuntimeState):
         self._invalidate()
         await self._risk_event(account, FLATTEN_FAILED, text, f"flatten:{origin}", now, key=account, origin=origin,
                                **fields)
+
+    # -- flattens withheld where the ledger and the broker disagreed ------------------------------------------
+    def _withheld_debts(self) -> dict[tuple[str, str], _Withheld]:
+        """What withheld flattens still owe, by (flatten id, account), oldest first: read from the journal at the
+        first need of the process (``_restore_withheld``), then kept as flattens withhold and redo."""
+        if self._withheld is None:
+            self._withheld = self._restore_withheld()
+        return self._withheld
+
+    def _withheld_flatten(self, fid: str, body: Mapping[str, Any], now: datetime) -> None:
+        """Flatten ``fid`` (``body``, journaled) ends what older withheld flattens owe in its scope and owes what
+        it withheld itself (``_Withheld``). The debts were read before it was journaled (``flatten``)."""
+        debts = self._withheld_debts()
+        scope = _flatten_scope({"signal": body})
+        assert scope is not None
+        _settle_covered(debts, scope)
+        for debt in _withheld_of(fid, body, scope, trading_day(now)):
+            debts[(fid, debt.account)] = debt
+
+    def _withheld_agreeing(self, debt: _Withheld, row: Mapping[str, Any] | None) -> set[str]:
+        """The contracts of ``debt`` that the reconciliation pass of ``row`` (its account's row) found agreeing:
+        not mismatched, and no order of ours on them in flight at the read or since (``OrdersAtRead.in_flux``:
+        left out of the comparison, such a contract is not known to agree)."""
+        if row is None:
+            return set()
+        mismatched = {str(m["contract"]) for m in row.get("mismatches") or ()}
+        at_read = row.get("orders_at_read")
+        flux = at_read.in_flux(self.tracker) if at_read is not None else set()
+        return debt.contracts - mismatched - flux
+
+    async def _withheld_after_pass(self, broker: str, rows: list[dict[str, Any]]) -> None:
+        """After every reconciliation pass of ``broker`` (``reconcile_broker``: ``rows``): redo the withheld flattens
+        whose contracts it found agreeing (``_redo_withheld``). At once when the broker is open and no redo or retry
+        computes. Otherwise (the pass is a come-up's, a retry's or a redo's own, or the broker is paused) once the
+        broker is open and the lock is free, on a pass of its own: what the lock's holder sent changes what is
+        held, and a come-up's owed follow-ups and redo of missed flattens go first."""
+        if self.pool is None or broker in self._withheld_pending:
+            return
+        debts = [d for d in self._withheld_debts().values() if d.broker == broker]
+        by_account = {str(r["account"]): r for r in rows}
+        if not any(self._withheld_agreeing(d, by_account.get(d.account)) for d in debts):
+            return
+        slot = self.pool.slots.get(broker)
+        if slot is None:
+            return
+        if slot.available and not self._redo_guard.locked():
+            async with self._redo_guard:
+                await self._redo_withheld(broker, rows)
+            return
+        self._withheld_pending.add(broker)
+
+        async def later() -> None:
+            try:
+                while slot.recovering:
+                    await slot.settled.wait()
+                if not slot.available or not self.running:
+                    return  # down or paused: the first pass that finds it open again redoes them
+                async with self._redo_guard:
+                    if slot.available:
+                        await self._redo_withheld(broker, await self.reconcile_broker(broker,
+                                                                                      reason="withheld flatten"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a drop or a journal error: the next pass looks again
+                log.warning("withheld flattens at %s not redone (%s: %s); the next reconciliation pass looks again",
+                            broker, type(exc).__name__, exc)
+            finally:
+                self._withheld_pending.discard(broker)
+
+        task = asyncio.create_task(later(), name=f"withheld-redo-{broker}")
+        self.redo_tasks.add(task)  # cancelled by ``stop``; tests wait for it to settle
+        task.add_done_callback(self.redo_tasks.discard)
+
+    def _withheld_redos(self, debt: _Withheld) -> tuple[int, bool]:
+        """How many re-issues of ``debt``'s flatten are journaled at its broker (withheld redos and come-up redos
+        share the numbering: ``_redo_id``), and whether a come-up's redo of missed exits covered its account
+        since (it computed the whole scope there, so nothing is owed any more)."""
+        count, settled = 0, False
+        while (member := self.journal.get_signal(_redo_id(debt.origin, debt.broker, count + 1))) is not None:
+            count += 1
+            body = member.get("signal") or {}
+            if "withheld" not in body and debt.account in (body.get("accounts") or ()):
+                settled = True
+        return count, settled
+
+    def _withheld_owed(self, debt: _Withheld, contracts: set[str]) -> dict[tuple[str, str], int]:
+        """By (strategy, contract) in ``contracts``, signed like a position: what the withheld exit was to close,
+        moved by what the orders it counted on left unfilled (a counted buy rejected: the line holds that much
+        less long). The most the redo closes on each line, and only on that side (``_cap_to_unfilled``)."""
+        out: dict[tuple[str, str], int] = {}
+        for key, quantity in debt.lines.items():
+            if key[1] not in contracts:
+                continue
+            counted = [o for o in (self.journal.get_order(c) for c in debt.counted.get(key, ()))
+                       if o is not None and o["status"] in (MISSED, REJECTED, CANCELLED)]
+            out[key] = quantity + sum(_left_open(counted, self._journaled_fills(debt.account, counted)).values())
+        return out
+
+    async def _redo_withheld(self, broker: str, rows: list[dict[str, Any]]) -> list[str]:
+        """Carry out, at ``broker`` (open, under the redo's lock), what withheld flattens still owe in the contracts
+        the reconciliation pass of ``rows`` found agreeing; returns the ids journaled. A re-issue of the flatten,
+        ``<flatten id>-redo-<broker>-<n>`` (``redo_of``; its ``withheld`` names the contracts it redid, so that
+        neither this process nor a restart redoes them again), for the original's scope at that account, computed
+        on the now-agreed ledger net of orders in flight and held flatten exits (``_flatten_orders``), only on the
+        side of what was withheld and never more (``_cap_to_unfilled``: a signal decided since is not the
+        flatten's), and never more than the broker holds (``_clamp_to_broker``). Contracts still disagreeing stay
+        owed. Only on the flatten's trading day. Sent like a retry (held, superseding what is held in scope); its
+        exits missed or rejected are owed a come-up's redo or a retry like any re-issue's (``_flatten_debts``)."""
+        now = self.clock()
+        today = trading_day(now)
+        by_account = {str(r["account"]): r for r in rows}
+        debts = self._withheld_debts()
+        journaled: list[str] = []
+        for key, debt in list(debts.items()):
+            if debt.broker != broker or key not in debts:
+                continue
+            if debt.day != today:
+                log.warning("flatten %s of trading day %s withheld its exits at %s (%s) in %s; a new trading day began, "
+                            "so it is not carried out: an operator decides", debt.origin, debt.day.isoformat(),
+                            debt.account, broker, ", ".join(sorted(debt.contracts)))
+                del debts[key]
+                continue
+            agreeing = self._withheld_agreeing(debt, by_account.get(debt.account))
+            if not agreeing:
+                continue
+            redos, settled = self._withheld_redos(debt)
+            if settled:
+                del debts[key]
+                continue
+            rid = _redo_id(debt.origin, broker, redos + 1)
+            scope = debt.scope
+            owed = self._withheld_owed(debt, agreeing)
+            computed = [o for o in self._flatten_orders(rid, accounts={debt.account}, strategy=scope.strategy,
+                                                        roots=scope.roots)
+                        if (str(o["strategy"]), str(o["contract"])) in owed]
+            capped = _cap_to_unfilled(computed, {debt.account: owed})
+            orders = _clamp_to_broker(capped, by_account, *self._clamp_basis(by_account),
+                                      kept=_kept_back(computed, capped))
+            done = ", ".join(sorted(agreeing))
+            origin_row = self.journal.get_signal(debt.origin) or {}
+            reason = (f"{debt.origin} withheld at {broker} for {debt.account} in {done} (ledger and broker "
+                      f"disagreed); they agree now: {origin_row.get('reason') or 'flatten'}")
+            body: dict[str, Any] = {"flatten": True, "account": scope.account, "strategy": scope.strategy,
+                                    "reason": reason, "redo_of": debt.origin, "broker": broker,
+                                    "accounts": [debt.account], "withheld": {debt.account: sorted(agreeing)}}
+            if scope.roots is not None:
+                body["instruments"] = sorted(scope.roots)
+            if orders:
+                # Supersedes what is held in the redone contracts' roots only: the rest of the scope was closed.
+                await self._issue_flatten(rid, body, orders, accounts={debt.account}, strategy=scope.strategy,
+                                          roots=frozenset(contract_root(c) for c in agreeing), now=now)
+            else:
+                await self._journal_flatten(rid, body, [], now)  # nothing left to close: done, no order
+            for line in [k for k in debt.lines if k[1] in agreeing]:
+                del debt.lines[line]
+            if not debt.lines:
+                del debts[key]
+            journaled.append(rid)
+            await self._withheld_redone(debt, rid, agreeing, orders, now)
+        return journaled
+
+    async def _withheld_redone(self, debt: _Withheld, rid: str, contracts: set[str], orders: list[dict[str, Any]],
+                               now: datetime) -> None:
+        """Say that a withheld flatten was carried out now, and why: log, alert, and a ``flatten_redone`` risk
+        event (the notifier's too). The halt its ``flatten_failed`` raised stays: an operator lifts it, as every
+        such halt (the redo closes positions; it does not say the account's book is right)."""
+        exits = ", ".join(f"{o['side']} {o['quantity']} {o['contract']} ({o['strategy']})" for o in orders)
+        rest = sorted(debt.contracts)
+        text = (f"flatten {debt.origin} withheld its exits at {debt.account} ({debt.broker}) in "
+                f"{', '.join(sorted(contracts))} because the ledger and the broker disagreed there; a reconciliation "
+                f"pass now finds them agreeing, so it is carried out now as {rid}: {exits or 'nothing left to close'}"
+                + (f"; still withheld where they disagree: {', '.join(rest)}" if rest else "")
+                + ". The halt it raised stays until an operator clears it")
+        log.warning("%s", text)
+        self.alerts.append({"account": debt.account, "kind": FLATTEN_REDONE, "detail": text, "at": _utc(now)})
+        await self._risk_event(debt.account, FLATTEN_REDONE, text, f"flatten:{debt.origin}", now, key=debt.account,
+                               origin=debt.origin, redo=rid, broker=debt.broker, contracts=sorted(contracts),
+                               orders=[{k: o[k] for k in ("contract", "strategy", "side", "quantity")} for o in orders],
+                               still_withheld=rest)
 
     def _away(self, accounts: set[str] | None) -> dict[str, list[str]]:
         """The accounts in a flatten's scope whose broker is down or paused as it is computed, by broker.

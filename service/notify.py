@@ -47,6 +47,7 @@ SEVERITIES = ("info", "warning", "critical")
 SEVERITY: Mapping[str, str] = {
     "flatten_failed": "critical",  # a flatten's retries ran out: an account holds what it should not
     "halt": "critical",            # entries stopped (loss limit, reconciliation mismatch)
+    "flatten_redone": "warning",   # a flatten withheld for a ledger/broker mismatch was carried out once they agreed
     "adopt": "warning",            # the ledger took the broker's positions: something traded outside multibroker
     "broker_down": "warning",
     "missed": "warning",           # orders decided for an account whose broker was away

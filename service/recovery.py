@@ -284,6 +284,7 @@ class RecoveryMixin(RuntimeState):
         self._invalidate()
         self._overtaken_window_ends(ending)
         await self._snapshot_positions(broker, [str(r["account"]) for r in rows], now, reason)
+        await self._withheld_after_pass(broker, rows)  # flattens withheld where these rows now agree: redone
         return rows
 
     async def _snapshot_positions(self, broker: str, accounts: list[str], now: datetime, reason: str) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 
 from engine.sessions import session, trading_day, trading_day_start
 from service.dispatch import FINAL, IN_FLIGHT
-from service.flatten import FLATTEN_FAILED, _Netted, _Owed
+from service.flatten import FLATTEN_FAILED, _flatten_scope, _Netted, _Owed, _settle_covered, _settle_redone, _Withheld
+from service.flatten import _withheld_of
 from service.journal import parse_utc
 from service.ledger import ADOPTED, EXTERNAL_STRATEGY, fill_entry, replay
 from service.risk import FLATTEN_AND_HALT, PORTFOLIO, halt_key
@@ -122,6 +123,36 @@ class RestoreMixin(RuntimeState):
                     owed = _Owed(line, coid, left, what, day)
                     self._owed_follow_ups.setdefault(str(order["broker"]), []).append(owed)
                     self._hold_owed(owed)  # the engine sees the line flat until the come-up issues it
+
+    def _restore_withheld(self) -> dict[tuple[str, str], _Withheld]:
+        """What the current trading day's flattens withheld where an account's ledger and its broker disagreed, and
+        still owe (``service.flatten._Withheld``), by (flatten id, account): the journal's flattens of the day
+        replayed in the order they were written. An original adds what its body says it withheld
+        (``withheld``) after ending what older ones owed on the lines its scope covers (``_settle_covered``); a
+        re-issue ends what it redid (``_settle_redone``): so a withheld flatten redone before a restart is not
+        redone after it, nor after a second one. Read once, at the process's first need
+        (``FlattenMixin._withheld_debts``); an earlier day's is not owed (its redo would act on a day that is
+        over, as a missed flatten's)."""
+        now = self.clock()
+        debts: dict[tuple[str, str], _Withheld] = {}
+        rows = self.journal.flattens_between(trading_day_start(now) - timedelta(microseconds=1),
+                                             now + timedelta(days=1))
+        for row in reversed(rows):  # oldest first
+            scope = _flatten_scope(row)
+            if scope is None or scope.retry_of is not None or scope.follow_of is not None:
+                continue
+            if scope.redo_of is not None:
+                _settle_redone(debts, scope.redo_of, row["signal"])
+                continue
+            _settle_covered(debts, scope)
+            for debt in _withheld_of(str(row["id"]), row["signal"], scope,
+                                     trading_day(parse_utc(str(row["received_at"])))):
+                debts[(debt.origin, debt.account)] = debt
+        for debt in debts.values():
+            log.warning("flatten %s withheld its exits at %s (%s) in %s where the ledger and the broker disagreed; "
+                        "carried out when a reconciliation pass finds them agreeing", debt.origin, debt.account,
+                        debt.broker, ", ".join(sorted(debt.contracts)))
+        return debts
 
     def _restore_halts(self, events: list[dict[str, Any]]) -> None:
         """Halts of today survive a restart (they lift at the next trading day or by an operator), and so does

@@ -56,7 +56,7 @@ from service.dispatch import (
 from service.flatten import FLATTEN_FAILED as FLATTEN_FAILED
 from service.flatten import FLATTEN_RETRY_DELAYS_S as FLATTEN_RETRY_DELAYS_S
 from service.flatten import REDO_LOOKBACK as REDO_LOOKBACK
-from service.flatten import FlattenMixin, _Netted, _Owed
+from service.flatten import FlattenMixin, _Netted, _Owed, _Withheld
 from service.exits import ExitsMixin, _ExitWatch
 from service.overtaken import OvertakenMixin, _Overtaken
 from service.flatten import _clamp_exits as _clamp_exits
@@ -173,6 +173,12 @@ class Runtime(FlattenMixin, ExitsMixin, OvertakenMixin, RecoveryMixin, RestoreMi
         """Flatten id -> follow-ups issued so far (their ids: ``<flatten id>-follow-<n>``)."""
         self._owed_follow_ups: dict[str, list[_Owed]] = {}
         """Broker -> follow-ups a start found owed there, issued at its come-up (``_restore_watches``)."""
+        self._withheld: dict[tuple[str, str], _Withheld] | None = None
+        """(flatten id, account) -> what a flatten withheld there and still owes (None: not read from the journal
+        yet, ``_withheld_debts``)."""
+        self._withheld_pending: set[str] = set()
+        """Brokers with a redo of withheld flattens waiting for the broker or the redo's lock
+        (``_withheld_after_pass``)."""
         self._held: dict[str, dict[str, int]] = {}
         """Per account and contract: the signed quantity of every held order (kept as holds come and go)."""
         self._held_by_strategy: dict[str, dict[str, dict[str, int]]] = {}

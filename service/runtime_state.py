@@ -26,7 +26,7 @@ from service.pool import BrokerPool
 from service.risk import RiskMonitor
 
 if TYPE_CHECKING:
-    from service.flatten import _Netted, _Owed
+    from service.flatten import _Netted, _Owed, _Withheld
     from service.overtaken import _Overtaken
     from service.notify import Notifier
 
@@ -94,6 +94,9 @@ class RuntimeState:
     _netted: dict[str, list[_Netted]]
     _follow_ups: dict[str, int]
     _owed_follow_ups: dict[str, list[_Owed]]
+    _withheld: dict[tuple[str, str], _Withheld] | None
+    _withheld_pending: set[str]
+    redo_tasks: set[asyncio.Task[Any]]
     _unreconciled: dict[str, dict[str, tuple[int, int]]]
     """Account (``on_mismatch: halt``) -> contract -> (ledger, broker) where its last reconciliation pass found the two
     disagreeing; an account leaves it when a pass finds them agreeing (``reconcile_broker``)."""
@@ -177,7 +180,14 @@ class RuntimeState:
     async def _send_recovered(self, job: Job) -> None:
         raise NotImplementedError
 
+    # -- held in service.restore -------------------------------------------------------------------------------
+    def _restore_withheld(self) -> dict[tuple[str, str], _Withheld]:
+        raise NotImplementedError
+
     # -- held in service.flatten -------------------------------------------------------------------------------
+    async def _withheld_after_pass(self, broker: str, rows: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
     async def _redo_missed_flattens(self, broker: str, reconciled: list[dict[str, Any]] | None = None, *,
                                     why: str) -> list[str]:
         raise NotImplementedError
