@@ -16,10 +16,13 @@ that comes back while an operator keeps it paused gets nothing, neither re-issue
 ``resume_broker``, which does both, in that order, before it un-pauses. A pause is an operator's drop: what is
 decided while it lasts is missed there, so the resume catches up from the moment of the pause, drop or no drop. An exit the broker *rejected* is not
 re-issued by a come-up (a reconnect says nothing about why the broker refused): it is retried, below. A flatten of
-an earlier trading day is not carried out, only warned about naming each position: the day it belonged to is over
-(a schedule flatten guarded that session's close, a risk flatten that day's loss, whose halts lifted at 18:00 ET),
-positions carried into the new day are part of its book, and closing them now would act at a time and price nobody
-chose. Catch-up treats any journaled flatten after a strategy's last target (not only the schedule's) as voiding
+an earlier trading day is not carried out: the day it belonged to is over (a schedule flatten guarded that
+session's close, a risk flatten that day's loss, whose halts lifted at 18:00 ET), positions carried into the new day
+are part of its book, and closing them now would act at a time and price nobody chose. But it is a flatten that did
+not close, so each account still holding something in its scope gets a ``flatten_failed`` naming the positions
+(``_lapsed``: alert, risk event, entries halted until an operator clears them; once: its ``settles`` keeps the next
+come-up from raising it again), unless a flatten of the new day redone at the same come-up covers the account
+(it closes it). The same holds for a withheld flatten and an owed follow-up of an earlier day. Catch-up treats any journaled flatten after a strategy's last target (not only the schedule's) as voiding
 that target (``_flatten_times``), so it never re-opens what a risk or operator flatten closed.
 
 Rejected flatten exits: an exit of a flatten (any of the above, a re-issue, or a retry) that the broker rejects, or
@@ -106,7 +109,7 @@ is followed up once, however many flattens counted on it (a later flatten counts
 which already sold for it). An order settled by its broker's come-up (recovery, at a start or a reconnect) is
 owed its follow-up instead, as after a restart (below): held as a stand-in and issued by that come-up after
 reconciliation, before the redo computes, capped to what the broker holds, for the oldest flatten of the current
-trading day that counted on it (one of an earlier day is warned about, as its redo is). Sized when the order
+trading day that counted on it (one of an earlier day is not carried out, as its redo is not: ``_lapsed``). Sized when the order
 settled and sent after the come-up, it knew nothing of a trade made by hand meanwhile (reconciliation books it
 to the line it closed), and the redo, which nets it out, caps to the broker's position without what it adds
 (fuzz seed 556: the follow-up bought back a short the trader had closed, the redo's sell of that was capped
@@ -814,10 +817,11 @@ class FlattenMixin(RuntimeState):
             if debt.broker != broker or key not in debts:
                 continue
             if debt.day != today:
-                log.warning("flatten %s of trading day %s withheld its exits at %s (%s) in %s; a new trading day began, "
-                            "so it is not carried out: an operator decides", debt.origin, debt.day.isoformat(),
-                            debt.account, broker, ", ".join(sorted(debt.contracts)))
                 del debts[key]
+                await self._lapsed(debt.account, debt.origin, debt.day, broker, now,
+                                   f"withheld its exits in {', '.join(sorted(debt.contracts))} where the ledger and "
+                                   f"the broker disagreed", [{"contract": c, "strategy": s, "quantity": q}
+                                                             for (s, c), q in sorted(debt.lines.items())])
                 continue
             agreeing = self._withheld_agreeing(debt, by_account.get(debt.account))
             if not agreeing:
@@ -876,6 +880,20 @@ class FlattenMixin(RuntimeState):
                                origin=debt.origin, redo=rid, broker=debt.broker, contracts=sorted(contracts),
                                orders=[{k: o[k] for k in ("contract", "strategy", "side", "quantity")} for o in orders],
                                still_withheld=rest)
+
+    async def _lapsed(self, account: str, origin: str, day: date, broker: str, now: datetime, what: str,
+                      positions: list[dict[str, Any]]) -> None:
+        """A flatten of an earlier trading day that ``account`` is still owed at ``broker`` (``what`` it left
+        undone there; ``positions``: what is held in its scope, signed) is not carried out on a later one, since the
+        flatten time it served has passed and the position may be the new session's; but it is a flatten that did
+        not close, so it is a ``flatten_failed`` (alert, risk event, entries halted until an operator clears it or
+        the day ends), not a log line nobody reads. ``settles``: a come-up's redo does not raise it again."""
+        held = ", ".join(f"{p['contract']} {int(p['quantity']):+d} ({p['strategy']})" for p in positions)
+        text = (f"flatten {origin} of trading day {day.isoformat()} {what} at {account} ({broker}); a new trading "
+                f"day began before it could be carried out, so it is not: still held {held or 'nothing'}; an "
+                f"operator decides")
+        await self._give_up(account, text, origin, now, broker=broker, settles=[origin], positions=positions,
+                            lapsed_day=day.isoformat())
 
     def _away(self, accounts: set[str] | None) -> dict[str, list[str]]:
         """The accounts in a flatten's scope whose broker is down or paused as it is computed, by broker.
@@ -1173,10 +1191,11 @@ class FlattenMixin(RuntimeState):
             # computed, which counts the flatten exits held (the owed follow-ups not issued yet among them).
             self.release(self._owed_hold(debt))
             if debt.day != trading_day(self.clock()):
-                log.warning("flatten %s of trading day %s left %s %s (%s) at %+d beyond flat (%s); a new trading day "
-                            "began before %s came back, so no follow-up is sent now: an operator decides",
-                            debt.line.fid, debt.day.isoformat(), debt.line.account, debt.line.contract,
-                            debt.line.strategy, debt.left, debt.what, broker)
+                await self._lapsed(debt.line.account, debt.line.fid, debt.day, broker, self.clock(),
+                                   f"left {debt.line.contract} ({debt.line.strategy}) {-debt.left:+d} beyond flat "
+                                   f"({debt.what}) and its follow-up was owed",
+                                   [{"contract": debt.line.contract, "strategy": debt.line.strategy,
+                                     "quantity": -debt.left}])
                 continue
             made = self._follow_up_signal(debt.line, debt.left, debt.what, debt.covers)
             if made is None:
@@ -1350,7 +1369,8 @@ class FlattenMixin(RuntimeState):
                     latest[account] = (member, outcome, mine)
             for account, (member, outcome, mine) in sorted(latest.items()):
                 if outcome == _MISSED_EXIT:
-                    debt.missed.add(account)
+                    if (origin, account) not in failed:  # else given up on a later trading day (``_lapsed``)
+                        debt.missed.add(account)
                 elif outcome == _REJECTED_EXIT and (str(member["id"]), account) not in failed:
                     debt.rejected[account] = str(member["id"])
                     last = max((o for o in mine if o["status"] in (REJECTED, CANCELLED)),
@@ -1386,13 +1406,21 @@ class FlattenMixin(RuntimeState):
                 assert scope is not None
                 received = parse_utc(str(row["received_at"]))
                 if trading_day(received) != today:
+                    newer = [(_flatten_scope(r), a) for _o, r, _n, a in owed
+                             if trading_day(parse_utc(str(r["received_at"]))) == today]
+                    left: dict[str, list[dict[str, Any]]] = {}
                     for order in self._flatten_orders(origin, accounts=accounts, strategy=scope.strategy,
                                                       roots=scope.roots):
-                        log.warning("flatten %s of trading day %s missed %s at %s, which still holds %s %+d %s "
-                                    "(strategy %s); a new trading day began, so it is not carried out now: an "
-                                    "operator decides", origin, trading_day(received).isoformat(),
-                                    order["account"], broker, "long" if order["side"] == "sell" else "short",
-                                    order["quantity"], order["contract"], order["strategy"])
+                        if any(s is not None and order["account"] in a and s.strategy in (None, scope.strategy)
+                               and (s.roots is None or (scope.roots is not None and scope.roots <= s.roots))
+                               for s, a in newer):
+                            continue  # a flatten of today redone here closes it: nothing has failed
+                        left.setdefault(str(order["account"]), []).append(
+                            {"contract": order["contract"], "strategy": order["strategy"],
+                             "quantity": int(order["quantity"]) * (1 if order["side"] == "sell" else -1)})
+                    for account, positions in sorted(left.items()):
+                        await self._lapsed(account, origin, trading_day(received), broker, now,
+                                           "missed its exits there", positions)
                     continue
                 rid = _redo_id(origin, broker, attempt)
                 orders = _clamp_exits(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,

@@ -14,7 +14,7 @@ flatten's follow-up, of the previous trading day, issued after a newer flatten's
 Now a follow-up that a come-up's recovery settles is owed like one a restart finds (``_Owed``): issued by the
 come-up after reconciliation, before the redo computes, capped to what the broker holds on the line
 (``_issue_owed_follow_ups``), and only for a flatten of the current trading day (the oldest of them that counted
-on the order); a flatten of an earlier day is warned about, not carried out, as its redo is not. One that settles
+on the order); a flatten of an earlier day is not carried out, as its redo is not (both raise ``flatten_failed``). One that settles
 after the redo (during the catch-up) is issued by the same come-up, on a fresh reconciliation, before the broker
 opens. Before the fix every test here failed but the guard with no hand trade and the late settling (which the old
 held follow-up handled, and which checks that an owed follow-up does not wait for the next come-up).
@@ -128,7 +128,7 @@ async def test_two_flattens_of_the_day_counted_on_it_and_the_older_follows_up(tm
 async def test_a_flatten_of_the_day_before_is_not_followed_up_at_a_come_up_on_the_next(
         tmp_path: Path, newer: bool) -> None:
     """Seed 556's shape: the older flatten is of the trading day that ended at 18:00 ET before fast came back. Its
-    redo is not carried out on the new day (a warning names what is held), and neither is its follow-up. A newer
+    redo is not carried out on the new day (a ``flatten_failed`` names what is held), and neither is its follow-up. A newer
     flatten of the new day that counted on the same exit follows it up instead (capped: nothing left to buy after
     the hand trade) and its redo closes the rest: f1 ends flat. Without one, f1 keeps what the trader left there:
     before the fix the follow-up still bought 1 on trend's line, which the hand trade had closed (long 3)."""
@@ -146,12 +146,18 @@ async def test_a_flatten_of_the_day_before_is_not_followed_up_at_a_come_up_on_th
         if fid is not None:
             assert held(w) == {}
             assert books(w) == {}
+            assert not [e for e in w.journal.risk_events(50) if e.get("kind") == "flatten_failed"]
+            assert "f1" not in w.runtime.risk.halts  # the newer flatten closed it: nothing failed
             (follow,) = follow_ups(w, fid)
             assert not w.journal.orders(signal_id=str(follow["id"]))
         else:
             (contract,) = held(w)
             assert held(w) == {contract: 2}
             assert books(w) == {"(external)": 2}
+            # Not carried out, but not silent: the older flatten is a flatten_failed at f1 (``_lapsed``).
+            (event,) = [e for e in w.journal.risk_events(50) if e.get("kind") == "flatten_failed"]
+            assert (event["name"], event["origin"], event["lapsed_day"]) == ("f1", older, "2026-03-11")
+            assert "f1" in w.runtime.risk.halts
 
 
 async def test_a_come_up_while_paused_owes_the_follow_up_to_the_resume(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from brokers.base import BrokerUnavailable, Side
 from service.dispatch import FILLED, MISSED, REJECTED
+from service.flatten import FLATTEN_FAILED
 from tests.harness.runtime import (Clock, World, account_doc, documents, routing_doc, wait_until, world,
                                   write_rules)
 
@@ -222,8 +223,10 @@ async def test_a_flatten_that_reached_the_broker_is_not_redone(w: World) -> None
     assert sum(len(orders) for orders in slow_book(w).values()) == 4
 
 
-async def test_a_flatten_of_an_earlier_trading_day_is_only_warned_about(w: World,
-                                                                         caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_flatten_of_an_earlier_trading_day_is_not_carried_out_and_fails_loudly(
+        w: World, caplog: pytest.LogCaptureFixture) -> None:
+    """Its flatten time has passed: not redone on the new day, but a flatten that did not close is a
+    ``flatten_failed`` (alert, risk event, entries halted), once: the next come-up does not raise it again."""
     contract = await open_mirror(w)
     await drop(w, "slow")
     result = await w.runtime.flatten(account="s0", reason="operator")
@@ -234,7 +237,33 @@ async def test_a_flatten_of_an_earlier_trading_day_is_only_warned_about(w: World
         await come_back(w, "slow")
     assert redos(w) == [] and held(w, "slow", "S-0") == {contract: 2}
     [warning] = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"flatten {result['signal_id']}")]
-    assert "s0" in warning and contract in warning and "2026-03-11" in warning and "not carried out" in warning
+    assert "s0" in warning and contract in warning and "2026-03-11" in warning and "it is not" in warning
+    [event] = [e for e in w.journal.risk_events(50) if e.get("kind") == FLATTEN_FAILED]
+    assert event["name"] == "s0" and event["origin"] == result["signal_id"] and event["lapsed_day"] == "2026-03-11"
+    assert event["positions"] == [{"contract": contract, "strategy": "mirror", "quantity": 2}]
+    assert w.runtime.risk.halts["s0"].source == f"flatten:{result['signal_id']}"
+    w.runtime.clear_halt("s0")
+    await drop(w, "slow")
+    await come_back(w, "slow")
+    assert [e for e in w.journal.risk_events(50) if e.get("kind") == FLATTEN_FAILED] == [event]
+    assert "s0" not in w.runtime.risk.halts
+
+
+async def test_a_flatten_of_an_earlier_trading_day_that_one_of_today_redoes_is_not_a_failure(w: World) -> None:
+    """The same, with a flatten of the new day that also missed s0: its redo closes the account, so the older one
+    has nothing left undone that matters (no ``flatten_failed``, no halt)."""
+    contract = await open_mirror(w)
+    await drop(w, "slow")
+    older = await w.runtime.flatten(account="s0", reason="operator")
+    w.clock.set(et(11, 18, 30))
+    newer = await w.runtime.flatten(account="s0", reason="operator again")
+    await w.settle()
+    await come_back(w, "slow")
+    await w.settle()
+    assert held(w, "slow", "S-0") == {} and f"{newer['signal_id']}-redo-slow-1" in [s["id"] for s in redos(w)]
+    assert not [e for e in w.journal.risk_events(50) if e.get("kind") == FLATTEN_FAILED], older
+    assert "s0" not in w.runtime.risk.halts
+    assert contract
 
 
 async def test_a_redo_whose_exits_are_missed_again_is_reissued_on_the_next_come_up(w: World) -> None:
