@@ -124,6 +124,18 @@ async def test_the_journaled_basis_counts_only_what_was_closed_by_hand_after_the
     await restart_is_quiet(tmp_path, clock, 0)
 
 
+def answer_nothing(w: World) -> asyncio.Event:
+    """From now on ``fast`` takes orders and never answers (the process dies waiting); set once one arrives."""
+    arrived = asyncio.Event()
+
+    async def lost(request: Any) -> Any:
+        arrived.set()
+        await asyncio.Event().wait()
+
+    w.connector("fast")._submit = lost
+    return arrived
+
+
 async def test_an_exit_in_flight_at_the_crash_overtaken_before_it_is_made_good_once(tmp_path: Path) -> None:
     """(b) The exit's request never got an answer, and the trader's sell 2 was booked before the process died. The
     start must not take the basis from the ledger it replays (the trade by hand is in it: the overtaking would be
@@ -133,13 +145,7 @@ async def test_an_exit_in_flight_at_the_crash_overtaken_before_it_is_made_good_o
     async with trend_world(tmp_path, clock) as w:
         await w.submit(target("trend", "t-long", "long", 2))
         await w.settle()
-        arrived = asyncio.Event()
-
-        async def lost(request: Any) -> Any:
-            arrived.set()
-            await asyncio.Event().wait()
-
-        w.connector("fast")._submit = lost
+        arrived = answer_nothing(w)
         await w.submit(signal("trend", "exit", sid="t-exit"))
         await asyncio.wait_for(arrived.wait(), 5)
         exit_ = coid(w, "t-exit", "a1", "exit")

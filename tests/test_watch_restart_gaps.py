@@ -24,6 +24,7 @@ from tests.harness.runtime import NOON, Clock, World, signal, wait_until
 from tests.test_exit_watch_restart import CONTRACT, coid, follow_ups, held, ledger, legs, trend_world
 from tests.test_exit_watch_restart import restart_is_quiet
 from tests.test_flatten_watch_restart import Kill
+from tests.test_overtaken_restart import answer_nothing, by_hand
 from tests.test_strategy_positions import target
 
 
@@ -110,12 +111,6 @@ async def test_a_make_good_journaled_by_the_old_code_naming_only_the_exit_is_nev
 
 
 # -- 2a. a basis appended to a come-up's re-issued exit ----------------------------------------------------------
-
-async def by_hand(w: World, side: Side, quantity: int, n: int) -> None:
-    """The trader trades at the broker, not through us; returns once the ledger booked it."""
-    fill = w.connector("fast").manual_trade("A-1", CONTRACT, side, quantity, f"manual-{n}")
-    await wait_until(lambda: f"fast:{fill.fill_id}" in w.runtime.ledger.seen_fills, what="the trade by hand booked")
-
 
 async def redo_dies_before_sending(w: World, *, append_lost: bool) -> tuple[Kill, str]:
     """trend long 2; the trader sells 1 by hand (trend's line: 1 closed by hand, its basis from now on); ``fast``
@@ -228,13 +223,7 @@ async def test_an_overtaken_flatten_exit_in_flight_at_the_crash_keeps_its_basis_
         await w.submit(target("trend", "t-long", "long", 2))
         await w.settle()
         await by_hand(w, Side.SELL, 1, 1)
-        arrived = asyncio.Event()
-
-        async def lost(request: Any) -> Any:
-            arrived.set()
-            await asyncio.Event().wait()
-
-        w.connector("fast")._submit = lost
+        arrived = answer_nothing(w)
         flatten = await w.runtime.flatten(account="a1", reason="operator")
         fid = str(flatten["signal_id"])
         await asyncio.wait_for(arrived.wait(), 5)
@@ -274,14 +263,8 @@ async def test_an_exit_settled_in_a_come_up_cut_short_by_a_crash_stays_watched_f
     async with trend_world(tmp_path, clock) as w:
         await w.submit(target("trend", "t-long", "long", 2))
         await w.settle()
-        arrived = asyncio.Event()
-
-        async def lost(request: Any) -> Any:
-            arrived.set()
-            await asyncio.Event().wait()
-
+        arrived = answer_nothing(w)
         fast = w.connector("fast")
-        fast._submit = lost
         await w.submit(signal("trend", "exit", sid="t-exit"))
         await asyncio.wait_for(arrived.wait(), 5)
         exit_ = coid(w, "t-exit", "a1", "exit")
