@@ -139,7 +139,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from brokers.base import BrokerError
 from engine.decision import client_order_id, ruleset_ref
@@ -777,13 +777,19 @@ class FlattenMixin(RuntimeState):
         """How many re-issues of ``debt``'s flatten are journaled at its broker (withheld redos and come-up redos
         share the numbering: ``_redo_id``), and whether a come-up's redo of missed exits covered its account
         since (it computed the whole scope there, so nothing is owed any more)."""
-        count, settled = 0, False
-        while (member := self.journal.get_signal(_redo_id(debt.origin, debt.broker, count + 1))) is not None:
-            count += 1
-            body = member.get("signal") or {}
-            if "withheld" not in body and debt.account in (body.get("accounts") or ()):
-                settled = True
-        return count, settled
+        redos = self._journaled_members(debt.origin, debt.broker, _redo_id)
+        return len(redos), any("withheld" not in (body := member.get("signal") or {})
+                               and debt.account in (body.get("accounts") or ()) for member in redos)
+
+    def _journaled_members(self, origin: str, broker: str,
+                           make: Callable[[str, str, int], str]) -> list[dict[str, Any]]:
+        """The re-issues (``make=_redo_id``) or retries (``_retry_id``) of flatten ``origin`` journaled at
+        ``broker``, in their numbering's order: numbered from 1 with no gap, so the first id not journaled ends
+        them."""
+        members: list[dict[str, Any]] = []
+        while (member := self.journal.get_signal(make(origin, broker, len(members) + 1))) is not None:
+            members.append(member)
+        return members
 
     def _withheld_owed(self, debt: _Withheld, contracts: set[str]) -> dict[tuple[str, str], int]:
         """By (strategy, contract) in ``contracts``, signed like a position: what the withheld exit was to close,
@@ -1345,15 +1351,10 @@ class FlattenMixin(RuntimeState):
         for origin, first in origins.items():
             debt = _Debt(origin, first)
             members = [(first, 0)]
-            for rank, make in ((1, _redo_id), (2, _retry_id)):
-                count = 0
-                while (member := self.journal.get_signal(make(origin, broker, count + 1))) is not None:
-                    members.append((member, rank))
-                    count += 1
-                if rank == 1:
-                    debt.redos = count
-                else:
-                    debt.retries = count
+            redos = self._journaled_members(origin, broker, _redo_id)
+            retries = self._journaled_members(origin, broker, _retry_id)
+            debt.redos, debt.retries = len(redos), len(retries)
+            members += [(m, 1) for m in redos] + [(m, 2) for m in retries]
             latest: dict[str, tuple[dict[str, Any], str, list[dict[str, Any]]]] = {}
             for member, _rank in sorted(members, key=lambda m: (str(m[0]["received_at"]), m[1])):
                 exits: dict[str, list[dict[str, Any]]] = {}

@@ -1504,6 +1504,11 @@ class Runner:
         and owed follow-ups waiting for a broker that is away), what is still unsettled is at a broker that is not
         available (down, recovering or paused), and no retry of a rejected flatten exit is pending at an available
         broker (retried until flat, or given up with ``flatten_failed``: ``RETRY_DELAYS_S``)."""
+        await wait_until(self._quiet, timeout_s, what="orders settled and retries done where their broker is up")
+
+    def _quiet(self) -> bool:
+        """What ``soft_settle`` waits for (its docstring); at a check, where every broker is up, anything not
+        quiet was started by the check itself (``check``)."""
         w = self.w
         assert w is not None and w.runtime.pool is not None and w.runtime.dispatcher is not None
         rt = w.runtime
@@ -1523,16 +1528,13 @@ class Runner:
                 return tracked is not None and tracked.status not in FINAL and not pool.available(tracked.job.broker)
             return False
 
-        def quiet() -> bool:
-            if rt.dispatcher._running or any(rt.dispatcher.queued().values()):  # type: ignore[union-attr]
-                return False
-            if rt.redo_tasks or any(h.flatten and not waits_for_broker(k, h) for k, h in rt._holds.items()):
-                return False  # a flatten, follow-up or re-issue on its way out
-            if self._retrying():
-                return False
-            return all(not pool.available(t.job.broker) for t in rt.tracker.unsettled())  # type: ignore[union-attr]
-
-        await wait_until(quiet, timeout_s, what="orders settled and retries done where their broker is up")
+        if rt.dispatcher._running or any(rt.dispatcher.queued().values()):  # type: ignore[union-attr]
+            return False
+        if rt.redo_tasks or any(h.flatten and not waits_for_broker(k, h) for k, h in rt._holds.items()):
+            return False  # a flatten, follow-up or re-issue on its way out
+        if self._retrying():
+            return False
+        return all(not pool.available(t.job.broker) for t in rt.tracker.unsettled())  # type: ignore[union-attr]
 
     # -- manual: a trade nobody ordered through multibroker -------------------------------------------------------
     def _contract(self) -> str:
@@ -1765,15 +1767,6 @@ class Runner:
                 out[c] = out.get(c, 0) + q
         return {c: q for c, q in out.items() if q}
 
-    def _stirred(self) -> bool:
-        """Something started during the check's own pass: an order unsettled at a broker that is up, a flatten
-        held or re-issued, a queue not empty."""
-        rt = self._rt
-        assert rt.pool is not None and rt.dispatcher is not None
-        return bool(rt.redo_tasks or rt.dispatcher._running or any(rt.dispatcher.queued().values())
-                    or any(h.flatten for h in rt._holds.values())
-                    or any(rt.pool.available(t.job.broker) for t in rt.tracker.unsettled()))
-
     def check_reconciled(self, rows: dict[str, dict[str, Any]], halts_before: dict[str, Any]) -> None:
         """After the check's own pass. An ``adopt`` account agrees with its broker (the pass booked any hand move
         to nobody, with an ``adopt`` risk event) and never stands halted by reconciliation. A ``halt`` account's
@@ -1965,7 +1958,7 @@ class Runner:
             halts_before = {a: w.runtime.risk.halts.get(a) for a in ACCOUNTS}
             reconciled = await self.reconcile_all()
             await asyncio.sleep(0)
-            if not self._stirred():
+            if self._quiet():
                 break
             # The risk monitor ticks on its own (``RISK_TICK_S``, real time): a breach due since the last step may
             # act during the pass (crash seed 165 under load: a flatten journaled while the pass ran). Its orders
