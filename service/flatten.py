@@ -9,9 +9,13 @@ the exits it counted on in flight there). When that broker comes back (``_on_up`
 and reconciliation, before catch-up), every flatten of the current trading day with an exit missed there is carried
 out now for those accounts, whatever their ``catch_up``: a flatten signal of its own, ``<flatten id>-redo-<broker>-
 <n>``, with exits only (never blocked by risk or schedule: exits never are) for the positions in the original's
-scope (account, strategy, roots) the account still holds after reconciliation, net of orders in flight, and never
-more than the broker holds where the two disagree. The journaled id makes a second come-up a no-op; only when the
-re-issue's own exits are missed again (the broker dropped once more) does the next come-up issue ``n + 1``. A broker
+scope (account, strategy, roots) the account still holds after reconciliation, net of orders in flight, capped as
+a retry is (``_capped_exits``): never more on a line than the missed exits left unfilled there, only on that side
+(``_cap_to_unfilled``: a retry's or a follow-up's exit is missed at a broker that was open after the flatten, and a
+signal decided meanwhile is not the flatten's; an account the original found away is owed its whole scope), and
+never more than the broker holds net of our orders in flight (``_clamp_to_broker``). The journaled id makes a
+second come-up a no-op; only when the re-issue's own exits are missed again (the broker dropped once more) does the
+next come-up issue ``n + 1``. A broker
 that comes back while an operator keeps it paused gets nothing, neither re-issued flattens nor catch-up, until
 ``resume_broker``, which does both, in that order, before it un-pauses. A pause is an operator's drop: what is
 decided while it lasts is missed there, so the resume catches up from the moment of the pause, drop or no drop. An exit the broker *rejected* is not
@@ -207,6 +211,13 @@ def _flatten_scope(row: dict[str, Any]) -> _FlattenScope | None:
                          follow_of=body.get("follow_of") or None)
 
 
+def _come_up_redo(row: Mapping[str, Any]) -> bool:
+    """Whether a journaled flatten signal row is a come-up's re-issue of missed exits (sent before its broker opens),
+    not a withheld redo (``withheld`` in its body: sent while the broker is open) nor a retry."""
+    body = row.get("signal") or {}
+    return bool(body.get("redo_of")) and "withheld" not in body
+
+
 def _redo_id(origin: str, broker: str, attempt: int) -> str:
     """The id of the ``attempt``-th re-issue of flatten ``origin`` at ``broker``: derived, so that a second come-up
     finds it journaled instead of flattening again."""
@@ -247,6 +258,12 @@ class _Debt:
     """The original flatten's journaled signal row (its scope and time)."""
     missed: set[str] = field(default_factory=set)
     """Accounts whose latest exits there were missed: a redo owes them (``_redo_missed_flattens``)."""
+    missed_exits: dict[str, str] = field(default_factory=dict)
+    """Of ``missed``, account -> the id of the flatten signal whose exits there were missed, where the redo closes
+    no more than they left unfilled (``_cap_to_unfilled``). Not an account the original found away (``_away``), as
+    long as only come-ups' redos followed it there: the ledger it read did not know what that broker held, and the
+    broker has not been open since (a come-up's redo is missed only when the link drops before it opens), so no
+    signal decided after the flatten reached it; its redo owes the whole scope there."""
     rejected: dict[str, str] = field(default_factory=dict)
     """Account -> the id of the flatten signal whose exits there the broker rejected (or cancelled unfilled) and
     that no retry, redo or ``flatten_failed`` settled since: a retry owes them."""
@@ -329,23 +346,6 @@ def _left_open(orders: Iterable[Mapping[str, Any]], filled: Mapping[str, int]) -
     return out
 
 
-def _clamp_exits(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]],
-                 books: Mapping[tuple[str, str], Mapping[str, int]] | None = None) -> list[dict[str, Any]]:
-    """Exits never larger than what the broker holds, on its side, in a contract where the reconciliation just run
-    found the ledger and the broker disagreeing (an ``on_mismatch: halt`` account keeps its ledger): a flatten
-    must close, never open or reverse. ``reconciled``: reconciliation rows by account. Other contracts agree with
-    the broker (or have orders in flight, which the exits already net out) and pass unchanged. The broker's
-    position there is first less what the account's strategies outside this batch hold (``_outside``)."""
-    outside = _outside(orders, books or {})
-    start: dict[tuple[str, str], int] = {}
-    for order in orders:
-        key = (str(order["account"]), str(order["contract"]))
-        row = reconciled.get(key[0])
-        if row is not None and key[1] in {m["contract"] for m in row.get("mismatches") or ()}:
-            start[key] = int((row.get("broker_positions") or {}).get(key[1], 0)) - outside.get(key, 0)
-    return _cap_batch(orders, start, "the ledger disagrees with the broker")
-
-
 def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[str, Any]],
                      pending: dict[tuple[str, str], int],
                      books: Mapping[tuple[str, str], Mapping[str, int]] | None = None, *,
@@ -354,8 +354,8 @@ def _clamp_to_broker(orders: list[dict[str, Any]], reconciled: dict[str, dict[st
     there still in flight (``pending``: by account and contract, signed, what they may yet add to the broker's
     position as the reconciliation read it, and the flatten exits held: ``Runtime._clamp_basis``), in exit order.
 
-    Stricter than ``_clamp_exits``, which trusts the ledger where it agrees with the broker: a retry comes seconds
-    to minutes after the rejection, time enough for someone to close the position at the broker by hand. Such a
+    Every contract, not only those where the reconciliation found the ledger and the broker disagreeing: a retry
+    comes seconds to minutes after the rejection (a come-up's redo minutes to hours after the flatten), time enough for someone to close the position at the broker by hand. Such a
     close is booked to no strategy (``EXTERNAL_STRATEGY``), so the account's total agrees with the broker while the
     strategy's book still shows the position; a sell computed from that book would open a short. ``reconciled``:
     rows of the reconciliation just run, by account; an account without one is not exited at all. The broker's
@@ -403,8 +403,8 @@ def _kept_back(computed: list[dict[str, Any]], capped: list[dict[str, Any]]) -> 
 
 def _cap_to_unfilled(orders: list[dict[str, Any]],
                      unfilled: Mapping[str, Mapping[tuple[str, str], int]]) -> list[dict[str, Any]]:
-    """A retry's exits, each no larger than what the rejected exits it retries left unfilled on its line
-    (``unfilled``: by account, then (strategy, contract), signed like a position: what the line held beyond flat
+    """A retry's (or a redo's) exits, each no larger than what the exits it carries out again left unfilled on its
+    line (``unfilled``: by account, then (strategy, contract), signed like a position: what the line held beyond flat
     that those exits were to close). A line they did not leave open gets no exit, and neither does one that moved
     to the other side since. An account without an entry in ``unfilled`` passes unchanged.
 
@@ -422,10 +422,10 @@ def _cap_to_unfilled(orders: list[dict[str, Any]],
         side = "sell" if owed > 0 else "buy"
         quantity = min(int(order["quantity"]), abs(owed)) if owed and order["side"] == side else 0
         if quantity < int(order["quantity"]):
-            log.warning("%s %s %s: the line holds %s %s beyond flat, the rejected exits left %+d of it open; the retry "
-                        "closes %d (signals decided after the flatten keep the rest)", account, order["contract"],
-                        order["strategy"], "long" if order["side"] == "sell" else "short", order["quantity"], owed,
-                        quantity)
+            log.warning("%s %s %s: the line holds %s %s beyond flat, the exits carried out again (rejected, missed, "
+                        "withheld) left %+d of it open; closing %d (signals decided after the flatten keep the rest)",
+                        account, order["contract"], order["strategy"], "long" if order["side"] == "sell" else "short",
+                        order["quantity"], owed, quantity)
         if quantity > 0:
             out.append({**order, "quantity": quantity})
     return out
@@ -839,12 +839,7 @@ class FlattenMixin(RuntimeState):
             rid = _redo_id(debt.origin, broker, redos + 1)
             scope = debt.scope
             owed = self._withheld_owed(debt, agreeing)
-            computed = [o for o in self._flatten_orders(rid, accounts={debt.account}, strategy=scope.strategy,
-                                                        roots=scope.roots)
-                        if (str(o["strategy"]), str(o["contract"])) in owed]
-            capped = _cap_to_unfilled(computed, {debt.account: owed})
-            orders = _clamp_to_broker(capped, by_account, *self._clamp_basis(by_account),
-                                      kept=_kept_back(computed, capped))
+            orders = self._capped_exits(rid, {debt.account}, scope, {debt.account: owed}, by_account, lines=owed)
             done = ", ".join(sorted(agreeing))
             origin_row = self.journal.get_signal(debt.origin) or {}
             reason = (f"{debt.origin} withheld at {broker} for {debt.account} in {done} (ledger and broker "
@@ -1082,8 +1077,7 @@ class FlattenMixin(RuntimeState):
         Then a follow-up would buy back (or sell back) for a trade that did not happen, or not in full: the redo of
         a missed exit and the retry of a rejected one recompute the line from the ledger and the broker, with the
         counted order's outcome in it, and close what is really there. A follow-up as well would be a second
-        close of the same difference, and a redo capped to the broker's position (``_clamp_exits``) would not net
-        it: the account would end holding what the follow-up bought (fuzz crash seed 438). While the exit is still
+        close of the same difference, and a redo capped to the broker's position would not net it: the account would end holding what the follow-up bought (fuzz crash seed 438). While the exit is still
         in flight the follow-up goes out as usual, and a retry or redo of the exit counts it."""
         exit_id = client_order_id(line.fid, line.account, f"{line.strategy}:{line.contract}")
         tracked = self.tracker.orders.get(exit_id)
@@ -1306,15 +1300,14 @@ class FlattenMixin(RuntimeState):
                 "margin_usd": job.margin_usd}
 
     # -- flattens a broker missed ------------------------------------------------------------------------------
-    def _missed_flattens(self, broker: str, now: datetime) -> list[tuple[str, dict[str, Any], int, set[str]]]:
-        """Flattens whose exits at ``broker`` were missed and not re-issued since, oldest first: (the original
-        flatten's id, its journaled row, the next attempt number, the accounts still owed).
+    def _missed_flattens(self, broker: str, now: datetime) -> list[_Debt]:
+        """Flattens whose exits at ``broker`` were missed and not re-issued since, oldest first (``_Debt.missed``:
+        the accounts still owed; the next attempt is ``redos + 1``).
 
         A re-issue (or a retry) is itself a flatten whose exits may be missed (the broker dropped again): then its
         accounts are owed once more, by the next attempt. A re-issue that reached them, or found nothing left to
         close, settles the original at this broker for good (``_flatten_debts``)."""
-        return [(debt.origin, debt.row, debt.redos + 1, debt.missed)
-                for debt in self._flatten_debts(broker, now) if debt.missed]
+        return [debt for debt in self._flatten_debts(broker, now) if debt.missed]
 
     def _flatten_debts(self, broker: str, now: datetime) -> list[_Debt]:
         """What ``broker``'s accounts are still owed of each flatten of the last ``REDO_LOOKBACK``, oldest first,
@@ -1368,10 +1361,13 @@ class FlattenMixin(RuntimeState):
                     # An account the original found away and had no exit for is owed it as if its exit was missed.
                     outcome = _MISSED_EXIT if member is first and not mine else _exit_outcome(mine)
                     latest[account] = (member, outcome, mine)
+            blind = {str(a) for a in ((first.get("signal") or {}).get("away") or {}).get(broker) or ()}
             for account, (member, outcome, mine) in sorted(latest.items()):
                 if outcome == _MISSED_EXIT:
                     if (origin, account) not in failed:  # else given up on a later trading day (``_lapsed``)
                         debt.missed.add(account)
+                        if account not in blind or not (member is first or _come_up_redo(member)):
+                            debt.missed_exits[account] = str(member["id"])
                 elif outcome == _REJECTED_EXIT and (str(member["id"]), account) not in failed:
                     debt.rejected[account] = str(member["id"])
                     last = max((o for o in mine if o["status"] in (REJECTED, CANCELLED)),
@@ -1402,13 +1398,14 @@ class FlattenMixin(RuntimeState):
             by_account = {str(row["account"]): row for row in reconciled}
             today = trading_day(now)
             jobs: list[Job] = []
-            for origin, row, attempt, accounts in owed:
+            for debt in owed:
+                origin, row, accounts = debt.origin, debt.row, debt.missed
                 scope = _flatten_scope(row)
                 assert scope is not None
                 received = parse_utc(str(row["received_at"]))
                 if trading_day(received) != today:
-                    newer = [(_flatten_scope(r), a) for _o, r, _n, a in owed
-                             if trading_day(parse_utc(str(r["received_at"]))) == today]
+                    newer = [(_flatten_scope(d.row), d.missed) for d in owed
+                             if trading_day(parse_utc(str(d.row["received_at"]))) == today]
                     left: dict[str, list[dict[str, Any]]] = {}
                     for order in self._flatten_orders(origin, accounts=accounts, strategy=scope.strategy,
                                                       roots=scope.roots):
@@ -1423,10 +1420,11 @@ class FlattenMixin(RuntimeState):
                         await self._lapsed(account, origin, trading_day(received), broker, now,
                                            "missed its exits there", positions)
                     continue
-                rid = _redo_id(origin, broker, attempt)
-                orders = _clamp_exits(self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy,
-                                                           roots=scope.roots), by_account,
-                                      self._strategy_books(in_flight=False))
+                rid = _redo_id(origin, broker, debt.redos + 1)
+                # As a retry is capped: what a signal decided after the flatten opened (the broker was open for it
+                # between the flatten and the drop that lost its exit) is not the flatten's to close, and a trade by
+                # hand the ledger does not know of is not to be sold into.
+                orders = self._capped_exits(rid, accounts, scope, self._missed_unfilled(debt, broker), by_account)
                 reason = (f"{origin} missed at {broker} ({why}); re-issued for {', '.join(sorted(accounts))}: "
                           f"{row.get('reason') or 'flatten'}")
                 body: dict[str, Any] = {"flatten": True, "account": scope.account, "strategy": scope.strategy,
@@ -1574,10 +1572,7 @@ class FlattenMixin(RuntimeState):
                 rid = _retry_id(debt.origin, broker, attempt)
                 accounts = set(debt.rejected)
                 # Per debt, in the step that computes its exits: the retries issued before it count.
-                computed = self._flatten_orders(rid, accounts=accounts, strategy=scope.strategy, roots=scope.roots)
-                orders = _cap_to_unfilled(computed, unfilled[debt.origin])
-                orders = _clamp_to_broker(orders, by_account, *self._clamp_basis(by_account),
-                                          kept=_kept_back(computed, orders))
+                orders = self._capped_exits(rid, accounts, scope, unfilled[debt.origin], by_account)
                 day = trading_day(parse_utc(str(debt.row["received_at"])))
                 late = day != trading_day(now)
                 if orders and (late or attempt > len(self.flatten_retry_delays_s)):
@@ -1622,10 +1617,23 @@ class FlattenMixin(RuntimeState):
         retry closes per line (``_cap_to_unfilled``). Read from the journal, like the debt itself: a restart
         retries exactly what the process before it would have. An account whose rejected exits do not name their
         strategy (orders journaled before exits kept it) is left out: its retry closes the whole line in scope."""
+        return self._left_unfilled(debt.rejected, broker, (REJECTED, CANCELLED))
+
+    def _missed_unfilled(self, debt: _Debt, broker: str) -> dict[str, dict[tuple[str, str], int]]:
+        """What the exits a redo of ``debt`` carries out again left unfilled (``_Debt.missed_exits``: missed, and
+        any rejected or cancelled next to them, which a redo closes too), as ``_rejected_unfilled``: the most the
+        redo closes per line. An account its original found away is left out: the redo closes its whole scope."""
+        return self._left_unfilled(debt.missed_exits, broker, (MISSED, REJECTED, CANCELLED))
+
+    def _left_unfilled(self, owed: Mapping[str, str], broker: str,
+                       statuses: tuple[str, ...]) -> dict[str, dict[tuple[str, str], int]]:
+        """By account and then (strategy, contract), signed like a position: what the exits at ``broker`` of the
+        flatten signal ``owed`` names per account, those ended in one of ``statuses``, left unfilled, plus what the
+        orders it counted on left undone with no follow-up (``_counted_undone``)."""
         out: dict[str, dict[tuple[str, str], int]] = {}
-        for account, sid in debt.rejected.items():
+        for account, sid in owed.items():
             rows = [o for o in self.journal.orders(signal_id=sid) if str(o["account"]) == account
-                    and o["broker"] == broker and o.get("intent") == "exit" and o["status"] in (REJECTED, CANCELLED)]
+                    and o["broker"] == broker and o.get("intent") == "exit" and o["status"] in statuses]
             if any(not o.get("strategy") for o in rows):
                 continue
             lines = _left_open(rows, self._journaled_fills(account, rows))
@@ -1655,6 +1663,22 @@ class FlattenMixin(RuntimeState):
             for undone in _left_open(orders, self._journaled_fills(account, orders)).values():
                 out[key] = out.get(key, 0) + undone
         return out
+
+    def _capped_exits(self, fid: str, accounts: set[str], scope: _FlattenScope,
+                      unfilled: Mapping[str, Mapping[tuple[str, str], int]], by_account: dict[str, dict[str, Any]],
+                      *, lines: Iterable[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+        """The exits of a flatten carried out again (``fid``: a retry, a come-up's redo, a withheld redo) for
+        ``accounts`` in the original's ``scope``, computed in this step from the ledger net of orders in flight and
+        held flatten exits (``_flatten_orders``), only on the ``lines`` given (None: every line in scope), never
+        more on a line than what the exits it carries out left ``unfilled`` there (``_cap_to_unfilled``), and
+        never more than the broker holds, net of our orders in flight and of what the capped lines keep back
+        (``_clamp_to_broker``; ``by_account``: the reconciliation just run, by account)."""
+        computed = self._flatten_orders(fid, accounts=accounts, strategy=scope.strategy, roots=scope.roots)
+        if lines is not None:
+            wanted = set(lines)
+            computed = [o for o in computed if (str(o["strategy"]), str(o["contract"])) in wanted]
+        capped = _cap_to_unfilled(computed, unfilled)
+        return _clamp_to_broker(capped, by_account, *self._clamp_basis(by_account), kept=_kept_back(computed, capped))
 
     def _clamp_basis(self, by_account: Mapping[str, Mapping[str, Any]]
                      ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], dict[str, int]]]:

@@ -59,7 +59,6 @@ from service.flatten import REDO_LOOKBACK as REDO_LOOKBACK
 from service.flatten import FlattenMixin, _Netted, _Owed, _Withheld
 from service.exits import ExitsMixin, _ExitWatch
 from service.overtaken import OvertakenMixin, _Overtaken
-from service.flatten import _clamp_exits as _clamp_exits
 from service.flatten import _clamp_to_broker as _clamp_to_broker
 from service.ledger import ADOPTED, EXTERNAL_STRATEGY, Arrivals, Ledger, is_manual, replay
 from service.notify import notifier_for

@@ -5,7 +5,7 @@ A flatten computed while its account's broker is away counts the orders in fligh
 Recovery at the come-up settles a counted order the broker never got (``missed``): the line is off flat by what it
 left, and a follow-up is owed. It used to be held and sent once the come-up was over, computed when the order
 settled, before reconciliation; the redo in between netted it out as a flatten exit held, while its cap to the
-broker's position (``_clamp_exits``, where ledger and broker disagreed) did not count what the follow-up would add.
+broker's position (then only where ledger and broker disagreed) did not count what the follow-up would add.
 A trader who reversed the position by hand meanwhile made both wrong at once: reconciliation booked the hand trade
 to the strategy it closed (its line flat in the ledger), the follow-up still bought what the line had been short,
 and the redo's sell of that was cut by the cap: the account ended long 1 with nothing said (seed 556: an older

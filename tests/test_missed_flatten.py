@@ -302,8 +302,9 @@ async def test_a_redo_whose_exits_are_missed_again_is_reissued_on_the_next_come_
 
 def test_a_reissued_exit_never_exceeds_what_the_broker_holds_where_the_ledger_disagrees() -> None:
     """An ``on_mismatch: halt`` account keeps its ledger after a mismatch: where the broker holds less (or the
-    other side), the exits close what it holds and never open a position."""
-    from service.flatten import _clamp_exits
+    other side), the exits close what it holds and never open a position. A contract the broker holds nothing of
+    gets no exit, and an account no reconciliation row covers is not exited at all (what it holds is unknown)."""
+    from service.flatten import _clamp_to_broker
 
     def sell(strategy: str, contract: str, quantity: int, account: str = "s0") -> dict[str, Any]:
         return {"account": account, "contract": contract, "side": "sell", "quantity": quantity, "strategy": strategy}
@@ -313,9 +314,12 @@ def test_a_reissued_exit_never_exceeds_what_the_broker_holds_where_the_ledger_di
                                         {"contract": "NQH6", "ledger": 1, "broker": -1}]}}
     orders = [sell("mirror", "ESH6", 2), sell("trend", "ESH6", 2), sell("mirror", "NQH6", 1),
               sell("mirror", "MESH6", 5), sell("mirror", "ESH6", 2, account="s1")]
-    assert [(o["account"], o["strategy"], o["contract"], o["quantity"]) for o in _clamp_exits(orders, reconciled)] \
-        == [("s0", "mirror", "ESH6", 2), ("s0", "trend", "ESH6", 1), ("s0", "mirror", "MESH6", 5),
-            ("s1", "mirror", "ESH6", 2)]
+    clamped = _clamp_to_broker(orders, reconciled, {})
+    assert [(o["account"], o["strategy"], o["contract"], o["quantity"]) for o in clamped] \
+        == [("s0", "mirror", "ESH6", 2), ("s0", "trend", "ESH6", 1)]
+    # An order of ours still in flight that may add 2 to ESH6 at the broker leaves room for 2 more.
+    clamped = _clamp_to_broker(orders[:2], reconciled, {("s0", "ESH6"): 2})
+    assert [(o["strategy"], o["quantity"]) for o in clamped] == [("mirror", 2), ("trend", 2)]
 
 
 async def test_a_flatten_decided_while_the_broker_is_away_closes_what_a_trade_by_hand_opened_there(w: World) -> None:
