@@ -4,10 +4,12 @@ What makes ProjectX different from the other brokers, and how this module copes:
 
 - **Success is in the body.** Every answer is ``{success, errorCode, errorMessage, ...}`` with HTTP 200 even when the
   request failed; only a bad token (401) and the rate limit (429) use HTTP statuses. ``_call`` checks both layers.
-- **customTag is unique per account.** We send our ``client_order_id`` as ``customTag``, so the broker itself refuses
-  a second order with the same id (errorCode 2). errorCode 2 is also an ordinary rejection, so the answer alone
-  cannot tell "already placed" from "refused": we look the tag up with ``Order/search`` and return the order when
-  it exists.
+- **customTag is unique per account** (documented on ``Order/place``). We send our ``client_order_id`` as
+  ``customTag``, so the broker itself refuses a second order with the same id. The errorCode of that refusal is
+  not documented, so after *any* refusal we look the tag up with ``Order/search`` and return the order when it
+  exists; a failed lookup makes the outcome unknown, never "rejected". An ``Order/search`` answer whose orders
+  carry no ``customTag`` field (the first published example had none) cannot prove an order absent: the lookup
+  then fails rather than answer "not found", so nothing is resent.
 - **Accounts and contracts are ids.** ``OrderRequest.account`` is the account *name* (``Account/search`` gives the
   numeric id); contracts are ``CON.F.US.<product>.<month><yy>`` where the product code differs from the CME root
   (ES is ``EP``, NQ ``ENQ``, MGC ``GMET``) and between firms, so ``Contract/search`` resolves them, cached.
@@ -26,6 +28,29 @@ where a firm's ``Contract/search`` answer is ambiguous).
 
 ProjectX has no time-in-force field: ``OrderRequest.time_in_force`` is not sent (the gateway's orders are good
 until cancelled or the session ends, per firm).
+
+Checked against the Gateway documentation (https://gateway.docs.projectx.com/docs/...): ``Order/place`` fields and
+enums (type 1 Limit, 2 Market, 4 Stop, 5 TrailingStop, 6 JoinBid, 7 JoinAsk; side 0 buy, 1 sell; answer
+``orderId``); order status 0 None .. 6 Pending and position type 1 long / 2 short (realtime enum definitions);
+``Trade/search`` fields, ``profitAndLoss`` null on a half-turn, ``fees`` per trade, i.e. per side (1.40 on both the
+opening and the closing ES trade of the example); ``Auth/loginKey`` (``userName``, ``apiKey``), tokens valid 24 h,
+``Auth/validate`` answering ``newToken``; the rate limits (200 requests / 60 s, ``History/retrieveBars`` 30 / 30 s,
+over them HTTP 429); ``Contract/search`` (``searchText``, ``live``; names like ``ENQH25``); the user hub
+(``/hubs/user?access_token=``, ``SubscribeAccounts()``, ``SubscribeOrders|Positions|Trades(accountId)``, events
+``GatewayUserAccount|Order|Position|Trade``).
+
+Unverified (the documentation is silent; the safest reading is implemented):
+
+- the errorCode of a repeated ``customTag`` (every refusal is looked up, see above);
+- whether a risk refusal is an ``Order/place`` failure or an order with status 5 (both are handled);
+- statuses 7 (taken as pending cancellation: still working) and 8 (taken as pending): not in the enum page;
+- ``Retry-After`` on 429 (none documented: without it we wait our own doubling backoff);
+- hub payloads: wrapped as ``{action, data}`` or bare (both are read); whether the hub closes when its token
+  expires (we reconnect with a fresh token whenever it drops, and poll meanwhile);
+- a trade voided after we reported it: voided trades are never reported or booked, but one already reported is
+  not taken back;
+- whether ``Contract/search`` lists months other than the active one (a month it does not list is refused, never
+  guessed).
 """
 
 from __future__ import annotations
@@ -83,13 +108,12 @@ HUB_PING_S = 10.0
 # ProjectX enums.
 WIRE_ORDER_TYPES = {OrderType.LIMIT: 1, OrderType.MARKET: 2, OrderType.STOP: 4}
 FROM_WIRE_ORDER_TYPE = {1: OrderType.LIMIT, 2: OrderType.MARKET, 3: OrderType.STOP, 4: OrderType.STOP,
-                        5: OrderType.STOP}
-"""3 StopLimit, 4 Stop and 5 TrailingStop all wait for a trigger: the normalized model calls them stops."""
+                        5: OrderType.STOP, 6: OrderType.LIMIT, 7: OrderType.LIMIT}
+"""3 StopLimit, 4 Stop and 5 TrailingStop all wait for a trigger: the normalized model calls them stops; 6 JoinBid
+and 7 JoinAsk rest at the best bid / ask: limits."""
 WIRE_SIDE = {Side.BUY: 0, Side.SELL: 1}
 FROM_WIRE_SIDE = {0: Side.BUY, 1: Side.SELL}
 POSITION_LONG, POSITION_SHORT = 1, 2
-ERROR_ORDER_REJECTED = 2
-"""Order/place errorCode for a refused order, including a repeated customTag."""
 
 CONTRACT_ID = re.compile(r"^CON\.F\.[A-Z]+\.(?P<product>[A-Z0-9]+)\.(?P<month>[FGHJKMNQUVXZ])(?P<year>\d{2})$")
 CME_CODE = re.compile(r"^(?P<root>[A-Z0-9]+?)(?P<month>[FGHJKMNQUVXZ])(?P<year>\d{1,2})$")
@@ -111,6 +135,11 @@ def order_status(wire_status: int, fill_volume: int) -> OrderStatus:
         2: OrderStatus.FILLED, 3: OrderStatus.CANCELLED, 4: OrderStatus.EXPIRED, 5: OrderStatus.REJECTED,
         6: OrderStatus.PENDING, 8: OrderStatus.PENDING,
     }.get(wire_status, OrderStatus.UNKNOWN)
+
+
+def wire_order_type(wire_type: int) -> OrderType:
+    """ProjectX order type to ours; a type the gateway adds later is reported as a market order."""
+    return FROM_WIRE_ORDER_TYPE.get(wire_type, OrderType.MARKET)
 
 
 def filled_quantity(wire: Mapping[str, Any]) -> int:
@@ -400,19 +429,19 @@ class ProjectXConnector(HttpConnector):
                     return found
             return accepted_order(request, order_id)
         code, message = payload.get("errorCode"), str(payload.get("errorMessage") or "no message")
-        if code == ERROR_ORDER_REJECTED:
-            # Also what a repeated customTag gets: the order may already be there (an earlier lost answer).
-            try:
-                existing = await self.find_order(request.account, request.client_order_id)
-            except BrokerError as exc:
-                raise OutcomeUnknown(f"ProjectX {self.broker.name} refused {request.client_order_id} ({message}) "
-                                     f"and the lookup failed: {exc}") from exc
-            if existing is not None:
-                if existing.status is OrderStatus.REJECTED:
-                    raise OrderRejected(existing.reason or message, existing)
-                log.info("ProjectX %s: %s was already placed as order %s", self.broker.name,
-                         request.client_order_id, existing.broker_order_id)
-                return existing
+        # Any refusal may be the gateway's answer to a repeated customTag (the order placed by an earlier attempt
+        # whose answer was lost): the code of that refusal is not documented, so every one is checked.
+        try:
+            existing = await self.find_order(request.account, request.client_order_id)
+        except BrokerError as exc:
+            raise OutcomeUnknown(f"ProjectX {self.broker.name} refused {request.client_order_id} (errorCode {code}: "
+                                 f"{message}) and the lookup failed: {exc}") from exc
+        if existing is not None:
+            if existing.status is OrderStatus.REJECTED:
+                raise OrderRejected(existing.reason or message, existing)
+            log.info("ProjectX %s: %s was already placed as order %s", self.broker.name,
+                     request.client_order_id, existing.broker_order_id)
+            return existing
         raise OrderRejected(f"ProjectX errorCode {code}: {message}")
 
     async def _search_orders(self, account_id: int, since: datetime, *, kind: str = "poll") -> list[dict[str, Any]]:
@@ -421,14 +450,22 @@ class ProjectXConnector(HttpConnector):
                                  kind=kind)
         orders = list(payload.get("orders") or [])
         for order in orders:
-            self._tags[int(order["id"])] = order.get("customTag")
+            if order.get("customTag") is not None or int(order["id"]) not in self._tags:
+                # Never forget a tag we learned from Order/place because an answer omits or nulls it.
+                self._tags[int(order["id"])] = order.get("customTag")
         return orders
 
     async def find_order(self, account: str, client_order_id: str) -> Order | None:
         account_id = await self._account_id(account)
         # An order-priority request: this lookup stands between a lost answer and the decision to resend.
-        matches = [o for o in await self._search_orders(account_id, utcnow() - self.order_lookback, kind="order")
-                   if o.get("customTag") == client_order_id]
+        orders = await self._search_orders(account_id, utcnow() - self.order_lookback, kind="order")
+        matches = [o for o in orders if self._tags.get(int(o["id"])) == client_order_id]
+        untold = [o["id"] for o in orders if "customTag" not in o and self._tags.get(int(o["id"])) is None]
+        if not matches and untold:
+            # The first published Order/search answer carried no customTag: "not found" would then be a guess,
+            # and a guess here is a duplicate order.
+            raise BrokerError(f"ProjectX {self.broker.name}: Order/search does not say which order carries "
+                              f"customTag {client_order_id} (no customTag on orders {untold[:5]})")
         if len(matches) > 1:
             log.error("ProjectX %s: %d orders carry customTag %s (expected one): %s", self.broker.name,
                       len(matches), client_order_id, [o["id"] for o in matches])
@@ -484,7 +521,7 @@ class ProjectXConnector(HttpConnector):
             quantity=size,
             filled_quantity=filled,
             status=order_status(status_code, filled),
-            order_type=FROM_WIRE_ORDER_TYPE.get(int(wire["type"]), OrderType.MARKET),
+            order_type=wire_order_type(int(wire["type"])),
             created_at=created,
             updated_at=updated,
             avg_fill_price=dec(wire.get("filledPrice")),

@@ -4,6 +4,7 @@ renewal, customTag idempotency, seven-digit timestamps, contract ids, unsigned p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 from datetime import datetime, timedelta, timezone
@@ -15,6 +16,7 @@ import pytest
 
 from brokers.base import (
     BrokerError,
+    OutcomeUnknown,
     BrokerUnavailable,
     ConnectionEvent,
     FillEvent,
@@ -35,6 +37,7 @@ from brokers.projectx import (
     order_status,
     signed_size,
     trading_day_start,
+    wire_order_type,
 )
 from engine.catalog import Catalog
 from engine.model import RateLimit
@@ -79,6 +82,14 @@ async def px(tmp_path: Path):  # type: ignore[no-untyped-def]
 ])
 def test_order_status_mapping(wire: int, fill_volume: int, expected: OrderStatus) -> None:
     assert order_status(wire, fill_volume) is expected
+
+
+@pytest.mark.parametrize(("wire", "expected"), [
+    (1, OrderType.LIMIT), (2, OrderType.MARKET), (3, OrderType.STOP), (4, OrderType.STOP), (5, OrderType.STOP),
+    (6, OrderType.LIMIT), (7, OrderType.LIMIT),  # JoinBid / JoinAsk rest at the touch: limits, not markets
+])
+def test_order_types_from_the_wire(wire: int, expected: OrderType) -> None:
+    assert wire_order_type(wire) is expected
 
 
 def test_filled_quantity_without_fill_volume_comes_from_the_status() -> None:
@@ -427,3 +438,76 @@ async def test_flatten_closes_the_position_at_market(px: ProjectXHarness) -> Non
     assert await px.connector.positions(px.account) == []
     snapshot = await px.connector.account_snapshot(px.account)
     assert snapshot.realized_pnl == 10 * 2 * px.point_value - 4 * px.commission_per_side
+
+
+# -- the documented gateway, where it differs from our first reading ---------------------------------------------
+@contextlib.asynccontextmanager
+async def connected(**emulator_options):  # type: ignore[no-untyped-def]
+    """A connector (polling only) against an emulator built with ``emulator_options``."""
+    async with ProjectXEmulator(accounts={ACCOUNT: Decimal(50000)}, **emulator_options) as emulator:
+        connector = ProjectXConnector(broker_doc(emulator), env=ENV, use_hub=False, **FAST)
+        await connector.connect()
+        try:
+            yield emulator, connector, next(c.code for c in emulator.contracts.values()
+                                            if c.root == "MES" and c.active)
+        finally:
+            await connector.close()
+
+
+async def test_contract_search_names_products_as_the_documented_example() -> None:
+    """https://gateway.docs.projectx.com/docs/api-reference/market-data/search-contracts: "ENQH25", not "NQH5"."""
+    async with ProjectXEmulator() as emulator:
+        contracts = (await emulator._contract_search({"searchText": "NQ", "live": False}))["contracts"]
+    names = {c["name"] for c in contracts}
+    assert any(re.fullmatch(r"ENQ[FGHJKMNQUVXZ]\d\d", n) for n in names), names
+    assert any(re.fullmatch(r"MNQ[FGHJKMNQUVXZ]\d\d", n) for n in names), names
+
+
+async def test_a_repeated_tag_refused_under_any_error_code_returns_the_order_placed() -> None:
+    """The docs say customTag "must be unique across the account" but not which errorCode a repeat gets."""
+    async with connected(duplicate_tag_error_code=9) as (emulator, connector, contract):
+        first = await connector.place_order(market("dup-9", contract))
+        again = await connector._submit(market("dup-9", contract))  # straight to the wire: no lookup first
+        assert again.broker_order_id == first.broker_order_id
+        assert emulator.order_count(emulator.account_id(ACCOUNT), "dup-9") == 1
+
+
+async def test_search_without_custom_tag_finds_our_orders_and_never_guesses_absent() -> None:
+    """The first published Order/search example has no customTag, fillVolume or filledPrice."""
+    async with connected(order_fields="legacy") as (emulator, connector, contract):
+        placed = await connector.place_order(market("leg-1", contract))
+        found = await connector.find_order(ACCOUNT, "leg-1")  # its tag is known from the Order/place answer
+        assert found is not None and found.broker_order_id == placed.broker_order_id
+        assert found.status is OrderStatus.FILLED and found.filled_quantity == 1
+
+        emulator.lose_next_place_response()
+        with pytest.raises(OutcomeUnknown):
+            await connector.place_order(market("leg-2", contract))
+        assert emulator.order_count(emulator.account_id(ACCOUNT), "leg-2") == 1
+        assert emulator.requests["/api/Order/place"] == 2  # leg-1 and leg-2 once each: never resent
+
+
+async def test_429_without_retry_after_waits_our_backoff_and_places_once(px: ProjectXHarness) -> None:
+    """https://gateway.docs.projectx.com/docs/getting-started/rate-limits names HTTP 429 and no Retry-After."""
+    await px.connector.positions(px.account)
+    await px.connector.contract_id(px.contract)
+    px.emulator.rate_limit_next(1, retry_after_s=None)
+    order = await px.connector.place_order(market("rl-none", px.contract))
+    assert order.status is OrderStatus.FILLED
+    assert await px.broker_order_count("rl-none") == 1
+    assert px.connector.limiter.penalties >= 1
+
+
+async def test_voided_trades_are_neither_fills_nor_pnl(px: ProjectXHarness) -> None:
+    since = datetime.now(timezone.utc) - timedelta(minutes=1)
+    px.set_price(Decimal("6000"))
+    await px.connector.place_order(market("v-open", px.contract, Side.BUY))
+    px.set_price(Decimal("6010"))
+    await px.connector.place_order(market("v-close", px.contract, Side.SELL))
+    closing = px.emulator.trades[-1]
+    assert closing.profit_and_loss is not None
+    px.emulator.void_trade(closing.id)
+    fills = await px.connector.fills_since(px.account, since)
+    assert [f.client_order_id for f in fills] == ["v-open"]
+    snapshot = await px.connector.account_snapshot(px.account)
+    assert snapshot.realized_pnl == -px.commission_per_side  # the opening half-turn's fee alone

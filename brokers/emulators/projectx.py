@@ -10,11 +10,17 @@ Wire details reproduced on purpose:
 
 - every endpoint is ``POST`` with a JSON body except ``GET /api/Status/ping``;
 - every answer is ``{success, errorCode, errorMessage, ...}`` with HTTP 200 even when it failed; 401 (empty body)
-  for a missing, unknown or expired token; 429 (empty body, ``Retry-After``) over the request budget;
-- ``customTag`` is unique per account: a repeat is refused with errorCode 2, as a genuine risk rejection is;
-- times are ISO-8601 UTC with seven fractional digits and an offset (``2026-11-24T16:27:11.1234560+00:00``);
+  for a missing, unknown or expired token; 429 (empty body) over the request budget, with no ``Retry-After``
+  (the rate-limit page names none; ``send_retry_after=True`` or ``rate_limit_next`` add one);
+- ``customTag`` is unique per account (documented); the errorCode of a repeat is not documented, so it is a
+  constructor argument (``duplicate_tag_error_code``, 2 by default, the code of any other refusal);
+- times are ISO-8601 UTC with an offset; the gateway pages show six fractional digits, its SignalR pages seven
+  (.NET ticks); we send seven (``2026-11-24T16:27:11.1234560+00:00``), the harder case;
 - contract ids are ``CON.F.US.<product>.<month><yy>`` with the firms' product codes (ES is ``EP``, NQ ``ENQ``,
-  MGC ``GMET``), found through ``/api/Contract/search``;
+  MGC ``GMET``), found through ``/api/Contract/search``, whose names are the product code plus month and two-digit
+  year (``ENQH25``), as in the documented example (``name_style="cme"`` gives ``NQH5`` instead);
+- ``order_fields="legacy"``: orders as the first published ``Order/search`` example shows them, without
+  ``fillVolume``, ``filledPrice``, ``customTag`` and ``symbolId``, and with ``updateTimestamp`` null;
 - optionally the SignalR user hub at ``/hubs/user`` (JSON protocol, ``\\x1e``-terminated records).
 
 Fault hooks (see ``brokers-shared.md``): ``reject_next``, ``partial_fill_next``, ``rate_limit_next``,
@@ -141,6 +147,7 @@ class EmulatedOrder:
             "id": self.id,
             "accountId": self.account_id,
             "contractId": self.contract_id,
+            "symbolId": self.contract_id.removeprefix("CON.").rsplit(".", 1)[0],
             "creationTimestamp": wire_time(self.created),
             "updateTimestamp": wire_time(self.updated),
             "status": self.status,
@@ -167,6 +174,7 @@ class EmulatedTrade:
     side: int
     size: int
     created: datetime
+    voided: bool = False
 
     def wire(self) -> dict[str, Any]:
         return {
@@ -179,7 +187,7 @@ class EmulatedTrade:
             "fees": _num(self.fees),
             "side": self.side,
             "size": self.size,
-            "voided": False,
+            "voided": self.voided,
             "orderId": self.order_id,
         }
 
@@ -260,12 +268,17 @@ class ProjectXEmulator(EmulatorServer):
         rate_limit: tuple[int, float] = (200, 60.0),
         fees: Mapping[str, Decimal] | None = None,
         token_lifetime_s: float = 24 * 3600,
-        name_style: str = "cme",
+        name_style: str = "product",
         partial_fill_interval_s: float = 0.05,
         today: datetime | None = None,
+        duplicate_tag_error_code: int = 2,
+        order_fields: str = "current",
+        send_retry_after: bool = False,
     ) -> None:
         if name_style not in ("cme", "product"):
             raise ValueError(f"name_style must be 'cme' or 'product', got {name_style!r}")
+        if order_fields not in ("current", "legacy"):
+            raise ValueError(f"order_fields must be 'current' or 'legacy', got {order_fields!r}")
         super().__init__(port=port)
         self.username = username
         self.api_key = api_key
@@ -273,6 +286,9 @@ class ProjectXEmulator(EmulatorServer):
         self.fees = dict(fees or DEFAULT_FEES)
         self.token_lifetime_s = token_lifetime_s
         self.name_style = name_style
+        self.duplicate_tag_error_code = duplicate_tag_error_code
+        self.order_fields = order_fields
+        self.send_retry_after = send_retry_after
         self.partial_fill_interval_s = partial_fill_interval_s
         self.contracts = {c.id: c for c in build_contracts(today or datetime.now(timezone.utc))}
         self._ids = itertools.count(1000)
@@ -293,7 +309,7 @@ class ProjectXEmulator(EmulatorServer):
         self._window: collections.deque[float] = collections.deque()
         self._reject_next: list[str] = []
         self._partial_next: list[list[int]] = []
-        self._rate_limit_next: list[float] = []
+        self._rate_limit_next: list[float | None] = []
         self._hubs: set[_HubClient] = set()
         self._routes: dict[str, Handler] = {
             "/api/Auth/loginKey": self._login_key,
@@ -358,8 +374,13 @@ class ProjectXEmulator(EmulatorServer):
     def partial_fill_next(self, parts: list[int]) -> None:
         self._partial_next.append(check_parts(parts))
 
-    def rate_limit_next(self, n: int = 1, retry_after_s: float = 0.2) -> None:
+    def rate_limit_next(self, n: int = 1, retry_after_s: float | None = 0.2) -> None:
+        """The next ``n`` requests get 429; with ``Retry-After: retry_after_s`` unless it is None."""
         self._rate_limit_next.extend([retry_after_s] * n)
+
+    def void_trade(self, trade_id: int) -> None:
+        """Mark a trade voided (busted), as the gateway's ``voided`` flag reports; the book is not unwound."""
+        next(t for t in self.trades if t.id == trade_id).voided = True
 
     def expire_tokens(self) -> None:
         """Every issued token is now past its life: the next authenticated request gets 401."""
@@ -385,7 +406,7 @@ class ProjectXEmulator(EmulatorServer):
                 self._window.popleft()
             if len(self._window) >= limit:
                 self.throttled += 1
-                return _too_many(self._window[0] + window_s - now)
+                return _too_many(self._window[0] + window_s - now if self.send_retry_after else None)
             self._window.append(now)
         if request.path not in NO_AUTH_PATHS and self._token_of(request) is None:
             return web.Response(status=401)
@@ -464,7 +485,8 @@ class ProjectXEmulator(EmulatorServer):
                     "orderId": None}
         tag = body.get("customTag")
         if tag is not None and self.order_count(account.id, str(tag)):
-            return {**_fail(PLACE_ORDER_REJECTED, "Custom tag is not unique for this account."), "orderId": None}
+            return {**_fail(self.duplicate_tag_error_code, "Custom tag is not unique for this account."),
+                    "orderId": None}
         order_type, side, size = _int(body.get("type")), _int(body.get("side")), _int(body.get("size"))
         if order_type not in (ORDER_LIMIT, ORDER_MARKET, ORDER_STOP) or side not in (SIDE_BUY, SIDE_SELL) \
                 or size is None or size <= 0:
@@ -479,7 +501,7 @@ class ProjectXEmulator(EmulatorServer):
         order = EmulatedOrder(next(self._ids), account.id, contract.id, order_type, side, size, limit_price,
                               stop_price, None if tag is None else str(tag), now, now)
         self.orders[order.id] = order
-        self._publish("GatewayUserOrder", order.wire())
+        self._publish("GatewayUserOrder", self._order_wire(order))
         if order_type == ORDER_MARKET:
             if self._partial_next:
                 order.pending_parts = self._partial_next.pop(0)
@@ -499,12 +521,13 @@ class ProjectXEmulator(EmulatorServer):
         order.status = STATUS_CANCELLED
         order.pending_parts = []
         order.updated = datetime.now(timezone.utc)
-        self._publish("GatewayUserOrder", order.wire())
+        self._publish("GatewayUserOrder", self._order_wire(order))
         return _ok()
 
     async def _order_search_open(self, body: dict[str, Any]) -> dict[str, Any]:
         account_id = _int(body.get("accountId"))
-        orders = [o.wire() for o in self.orders.values() if o.account_id == account_id and o.status == STATUS_OPEN]
+        orders = [self._order_wire(o) for o in self.orders.values()
+                  if o.account_id == account_id and o.status == STATUS_OPEN]
         return {**_ok(), "orders": orders}
 
     async def _order_search(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -513,7 +536,7 @@ class ProjectXEmulator(EmulatorServer):
             start, end = _window(body)
         except (KeyError, TypeError, ValueError) as exc:
             return {**_fail(1, f"Invalid timestamp filter: {exc}"), "orders": []}
-        orders = [o.wire() for o in self.orders.values()
+        orders = [self._order_wire(o) for o in self.orders.values()
                   if o.account_id == account_id and start <= o.created and (end is None or o.created <= end)]
         return {**_ok(), "orders": orders}
 
@@ -546,6 +569,14 @@ class ProjectXEmulator(EmulatorServer):
         trades = [t.wire() for t in self.trades
                   if t.account_id == account_id and start <= t.created and (end is None or t.created <= end)]
         return {**_ok(), "trades": trades}
+
+    def _order_wire(self, order: EmulatedOrder) -> dict[str, Any]:
+        wire = order.wire()
+        if self.order_fields == "legacy":
+            for key in ("fillVolume", "filledPrice", "customTag", "symbolId"):
+                wire.pop(key, None)
+            wire["updateTimestamp"] = None
+        return wire
 
     # -- the book ---------------------------------------------------------------------------------------------
     def _fill_market(self, order: EmulatedOrder) -> None:
@@ -617,7 +648,7 @@ class ProjectXEmulator(EmulatorServer):
         if order.fill_volume >= order.size:
             order.status = STATUS_FILLED
         self._publish("GatewayUserTrade", trade.wire())
-        self._publish("GatewayUserOrder", order.wire())
+        self._publish("GatewayUserOrder", self._order_wire(order))
         self._publish("GatewayUserPosition", position.wire() if position.quantity else
                       {**position.wire(), "size": 0})
         self._publish("GatewayUserAccount", account.wire())
@@ -711,7 +742,9 @@ def _fail(code: int, message: str) -> dict[str, Any]:
     return {"success": False, "errorCode": code, "errorMessage": message}
 
 
-def _too_many(retry_after_s: float) -> web.Response:
+def _too_many(retry_after_s: float | None) -> web.Response:
+    if retry_after_s is None:
+        return web.Response(status=429)
     return web.Response(status=429, headers={"Retry-After": f"{max(retry_after_s, 0):g}"})
 
 
