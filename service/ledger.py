@@ -14,7 +14,7 @@ apart from price P&L (``commissions``) so each can be checked against the broker
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -283,6 +283,19 @@ class Arrivals:
         before = (self.last if manual else self.last_manual).get((account, contract))
         return before is not None and at < before
 
+    def placed(self, account: str, contract: str, found: datetime) -> datetime:
+        """The time to book a position change reconciliation adopted at (``Journal.record_adoption``): ``found``
+        (its pass), or just after the latest entry booked at ``account``'s ``contract`` when that is later (a fill
+        the pass itself read, one booked while it awaited the broker, one a broker stamped ahead of our clock).
+
+        The adoption is the broker's position less the ledger's, so it is netted against the strategies as they
+        stand when it is booked: after every one of those entries. Stamped earlier, it is ``late`` across them and
+        the live ledger is rebuilt with it before them (a restart's replay too, in time order): netted against
+        other positions, a strategy's share ends booked to nobody, or nobody's to a strategy (crash fuzz seed
+        313)."""
+        before = self.last.get((account, contract))
+        return found if before is None or before < found else before + timedelta(microseconds=1)
+
     def note(self, account: str, contract: str, at: datetime, manual: bool) -> None:
         key = (account, contract)
         for seen, counts in ((self.last, True), (self.last_manual, manual)):
@@ -290,10 +303,55 @@ class Arrivals:
                 seen[key] = at
 
 
+def booking_order(rows: Iterable[Mapping[str, object]]) -> list[Mapping[str, object]]:
+    """Journaled fills rows (``rows``: in time order, ``Journal.fills``) with each adoption moved after every row of
+    its account and contract journaled before it (``recorded_at``), where the live ledger booked it; every other
+    row keeps its place (a fill reported out of the broker's order stays in the broker's order).
+
+    An adoption is the broker's position less the ledger's when it was booked, so only there does it net what the
+    strategies held then. ``Arrivals.placed`` stamps it after them; a journal written before that holds adoptions
+    stamped with the start of their reconciliation pass, earlier than fills that pass booked before them, and the
+    time order alone would book them before those fills (a strategy's share to nobody: crash fuzz seed 313).
+    Rows without ``recorded_at`` (not the journal's) are taken as given."""
+    rows = list(rows)
+    if not any(row.get("kind") == ADOPTED for row in rows) or not all(row.get("recorded_at") for row in rows):
+        return rows
+    anchor: dict[int, int] = {}  # index of a moved adoption -> index of the row it follows
+    latest: dict[tuple[str, str], int] = {}  # by (account, contract): the last place taken by rows journaled so far
+    by_record = sorted(range(len(rows)), key=lambda i: str(rows[i]["recorded_at"]))
+    start = 0
+    while start < len(by_record):  # rows journaled at the same instant: none of them is before another
+        stamp = rows[by_record[start]]["recorded_at"]
+        end = start
+        while end < len(by_record) and rows[by_record[end]]["recorded_at"] == stamp:
+            end += 1
+        group = by_record[start:end]
+        for i in group:
+            before = latest.get((str(rows[i]["account"]), str(rows[i]["contract"])), -1)
+            if rows[i].get("kind") == ADOPTED and before > i:
+                anchor[i] = before
+        for i in group:
+            key = (str(rows[i]["account"]), str(rows[i]["contract"]))
+            latest[key] = max(latest.get(key, -1), anchor.get(i, i))
+        start = end
+    if not anchor:
+        return rows
+    following: dict[int, list[int]] = {}
+    for i in sorted(anchor, key=lambda i: str(rows[i]["recorded_at"])):
+        following.setdefault(anchor[i], []).append(i)
+    out: list[Mapping[str, object]] = []
+    for i, row in enumerate(rows):
+        if i not in anchor:
+            out.append(row)
+        out.extend(rows[j] for j in following.get(i, ()))
+    return out
+
+
 def replay(fills: Iterable[Mapping[str, object]], point_value: Callable[[str], Decimal]) -> Ledger:
     """A ledger rebuilt from journaled fills rows (account, strategy, contract, side, quantity, price, commission;
-    adoptions among them), booked in the order given, as the live ledger booked them."""
+    adoptions among them), booked in the order given, as the live ledger booked them (an adoption after every row
+    of its account and contract journaled before it: ``booking_order``)."""
     ledger = Ledger()
-    for row in fills:
+    for row in booking_order(fills):
         ledger.apply(**fill_entry(row, point_value))  # type: ignore[arg-type]
     return ledger

@@ -45,7 +45,7 @@ from service.dispatch import (
     Tracked,
 )
 from service.flatten import _flatten_scope
-from service.ledger import EXTERNAL_STRATEGY
+from service.ledger import EXTERNAL_STRATEGY, Arrivals
 from service.journal import parse_utc
 from service.runtime_state import SIGNAL_FIELDS, RuntimeState, _utc
 
@@ -117,6 +117,9 @@ class OrdersAtRead:
 
 class RecoveryMixin(RuntimeState):
     """The come-up, recovery, reconciliation and catch-up part of ``Runtime`` (see the module docstring)."""
+
+    arrivals: Arrivals
+    """When the latest entry of each account and contract was booked (``Runtime``'s): an adoption goes after it."""
 
     # -- failover ----------------------------------------------------------------------------------------------
     async def _on_down(self, broker: str) -> None:
@@ -323,12 +326,14 @@ class RecoveryMixin(RuntimeState):
             delta = m.broker - self.ledger.account_position(account.name, m.contract)
             if not delta:
                 continue
-            mark = self._mark(m.contract)
+            # Stamped after every entry booked there (``Arrivals.placed``), not with the pass's start: the delta is
+            # netted against the ledger as it stands now, fills the pass booked included.
+            mark, at = self._mark(m.contract), self.arrivals.placed(account.name, m.contract, now)
             fill_id = await self.journal.record_adoption(broker=account.broker, account=account.name,
-                                                         contract=m.contract, quantity=delta, price=mark, at=now)
+                                                         contract=m.contract, quantity=delta, price=mark, at=at)
             self.book_entry(fill_id=f"{account.broker}:{fill_id}", account=account.name, strategy=EXTERNAL_STRATEGY,
                             contract=m.contract, signed_qty=delta, price=mark or Decimal(0), commission=Decimal(0),
-                            at=now, manual=True, point_value=None if mark is not None else Decimal(0),
+                            at=at, manual=True, point_value=None if mark is not None else Decimal(0),
                             day_book=mark is not None)
         alert = {"account": account.name, "kind": "reconciliation_adopted", "detail": text, "at": _utc(now)}
         self.alerts.append(alert)
