@@ -30,7 +30,9 @@ that settles while its broker is not open (connecting, recovering: the fills a b
 back arrive before ``_on_up`` even begins), or that a trade by hand overtook in flight, stays under watch until the
 end of the next reconciliation pass of its broker that began after it settled (that pass reads every fill of the
 day and adopts what the broker shows beyond them), and each trade by hand booked on its account and contract
-meanwhile checks it again. Other exits are not kept: memory stays flat however many exits a day sends.
+meanwhile checks it again. Other exits are not kept: memory stays flat however many exits a day sends. An exit
+still in flight with fills booked when such a late trade by hand is booked takes what it had filled when the trade
+was made, in the broker's order, not when it was booked (``_filled_when_overtaken``; fuzz crash seed 518).
 
 The watch survives a crash. A non-zero basis is journaled with its exit (``Journal.note_with_exit``: an entry
 ``{"exit": "overtaken:<exit id>", "hand_basis": n}`` in its signal's body ``exit_watch``, written in the signal's
@@ -219,7 +221,7 @@ class OvertakenMixin(RuntimeState):
                     continue  # not overtaken: nothing closed by hand its way since its decision
                 watch = self._overtaking[job.client_order_id] = _Overtaken(
                     job.client_order_id, job.signal_id, job.broker, job.account, job.strategy, job.contract,
-                    job.sign, job.quantity, basis, filled_before=tracked.filled)
+                    job.sign, job.quantity, basis, filled_before=self._filled_when_overtaken(tracked, basis))
             size = min(self._closed_by_hand(watch), watch.quantity - watch.filled_before)
             self.release(watch.standin)
             # Counted from now, so that the engine sees the line where the exit meant it (a signal decided while
@@ -227,6 +229,25 @@ class OvertakenMixin(RuntimeState):
             self._hold_closing(watch.standin, account, job.strategy, contract, size * watch.sign)
         for watch in self._overtaken.get((account, contract), ()):
             self._check_overtaken(watch)
+
+    def _filled_when_overtaken(self, tracked: Tracked, basis: int) -> int:
+        """What the exit in flight ``tracked`` had filled when the trade by hand that overtakes it was made, in the
+        broker's order: 0 when it has filled nothing yet (the common case: nothing to read), else from the
+        journaled fills of its account and contract that the ledger has booked, as ``replay`` orders them
+        (``filled_before_overtaken``). Not simply its fills booked so far: a trade by hand reported after some of
+        them (a come-up books the fills of our exits in flight before reconciliation reads the trader's, made
+        earlier; the ledger is then rebuilt in the broker's order) was made before them, and they closed what it
+        had closed already (fuzz crash seed 518: a flatten's retry sold 5, all booked before the trader's sell 2
+        made while it worked, and the line stayed short 2 with nothing owed)."""
+        job = tracked.job
+        if not tracked.filled:
+            return 0
+        seen = self.ledger.seen_fills
+        rows = [row for row in self.journal.fills(account=job.account) if row["contract"] == job.contract
+                and f"{row['broker']}:{row['fill_id']}" in seen]
+        before = filled_before_overtaken(rows, self._point_value, (job.account, job.strategy, job.contract), basis,
+                                         job.sign, job.client_order_id, (job.broker, tracked.broker_order_id))
+        return tracked.filled if before is None else before
 
     def _check_overtaken(self, watch: _Overtaken) -> None:
         """The exit is final: make good what it closed a second time (see the module docstring)."""
