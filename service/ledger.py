@@ -313,37 +313,20 @@ def booking_order(rows: Iterable[Mapping[str, object]]) -> list[Mapping[str, obj
     stamped with the start of their reconciliation pass, earlier than fills that pass booked before them, and the
     time order alone would book them before those fills (a strategy's share to nobody: crash fuzz seed 313).
     Rows without ``recorded_at`` (not the journal's) are taken as given."""
-    rows = list(rows)
-    if not any(row.get("kind") == ADOPTED for row in rows) or not all(row.get("recorded_at") for row in rows):
-        return rows
-    anchor: dict[int, int] = {}  # index of a moved adoption -> index of the row it follows
-    latest: dict[tuple[str, str], int] = {}  # by (account, contract): the last place taken by rows journaled so far
-    by_record = sorted(range(len(rows)), key=lambda i: str(rows[i]["recorded_at"]))
-    start = 0
-    while start < len(by_record):  # rows journaled at the same instant: none of them is before another
-        stamp = rows[by_record[start]]["recorded_at"]
-        end = start
-        while end < len(by_record) and rows[by_record[end]]["recorded_at"] == stamp:
-            end += 1
-        group = by_record[start:end]
-        for i in group:
-            before = latest.get((str(rows[i]["account"]), str(rows[i]["contract"])), -1)
-            if rows[i].get("kind") == ADOPTED and before > i:
-                anchor[i] = before
-        for i in group:
-            key = (str(rows[i]["account"]), str(rows[i]["contract"]))
-            latest[key] = max(latest.get(key, -1), anchor.get(i, i))
-        start = end
-    if not anchor:
-        return rows
-    following: dict[int, list[int]] = {}
-    for i in sorted(anchor, key=lambda i: str(rows[i]["recorded_at"])):
-        following.setdefault(anchor[i], []).append(i)
-    out: list[Mapping[str, object]] = []
-    for i, row in enumerate(rows):
-        if i not in anchor:
-            out.append(row)
-        out.extend(rows[j] for j in following.get(i, ()))
+    out = list(rows)
+    if not any(row.get("kind") == ADOPTED for row in out) or not all(row.get("recorded_at") for row in out):
+        return out
+    placed: list[Mapping[str, object]] = []  # adoptions already placed, journaled no later than the next
+    for adoption in sorted((r for r in out if r.get("kind") == ADOPTED), key=lambda r: str(r["recorded_at"])):
+        key, journaled = (adoption["account"], adoption["contract"]), str(adoption["recorded_at"])
+        here = next(i for i, r in enumerate(out) if r is adoption)
+        # After the rows journaled before it (one journaled at the same instant is not), and after the adoptions
+        # placed before it, so that two of one instant keep their order.
+        after = max((i for i, r in enumerate(out) if (r["account"], r["contract"]) == key and (
+            str(r["recorded_at"]) < journaled or any(r is p for p in placed))), default=-1)
+        if after > here:
+            out.insert(after, out.pop(here))  # popped from before it: lands just after that row
+        placed.append(adoption)
     return out
 
 

@@ -242,11 +242,9 @@ class OvertakenMixin(RuntimeState):
         job = tracked.job
         if not tracked.filled:
             return 0
-        seen = self.ledger.seen_fills
-        rows = [row for row in self.journal.fills(account=job.account) if row["contract"] == job.contract
-                and f"{row['broker']}:{row['fill_id']}" in seen]
-        before = filled_before_overtaken(rows, self._point_value, (job.account, job.strategy, job.contract), basis,
-                                         job.sign, job.client_order_id, (job.broker, tracked.broker_order_id))
+        before = filled_before_overtaken(self._booked_rows(job.account, job.contract), self._point_value,
+                                         (job.account, job.strategy, job.contract), basis, job.sign,
+                                         job.client_order_id, (job.broker, tracked.broker_order_id))
         return tracked.filled if before is None else before
 
     def _check_overtaken(self, watch: _Overtaken) -> None:

@@ -698,11 +698,8 @@ class Runtime(FlattenMixin, ExitsMixin, OvertakenMixin, RecoveryMixin, RestoreMi
             point_value = self._point_value(contract)
         rebuilt = self.arrivals.late(account, contract, at, manual)
         if rebuilt:
-            seen = self.ledger.seen_fills
-            self.ledger.rebuild(account, contract, [  # that account and contract only: nothing else can change
-                row for row in self.journal.fills(account=account) if row["contract"] == contract
-                and (f"{row['broker']}:{row['fill_id']}" in seen or f"{row['broker']}:{row['fill_id']}" == fill_id)],
-                self._point_value)
+            # That account and contract only: nothing else can change.
+            self.ledger.rebuild(account, contract, self._booked_rows(account, contract, fill_id), self._point_value)
             log.info("ledger rebuilt from the journal in the broker's order: %s at %s came after a later %s", fill_id,
                      account, "fill" if manual else "trade made by hand")
         else:

@@ -107,6 +107,14 @@ class RuntimeState:
         generation: int | None = getattr(self.watcher, "generation", None)
         return generation
 
+    def _booked_rows(self, account: str, contract: str, also: str | None = None) -> list[dict[str, Any]]:
+        """The journaled fills rows (adoptions among them) of ``account``'s ``contract`` that the ledger has booked,
+        and ``also`` (a fill id being booked now), in time order: what ``Ledger.rebuild`` books again in the
+        broker's order, and what an overtaken exit's fills are counted from (``_filled_when_overtaken``)."""
+        seen = self.ledger.seen_fills
+        return [row for row in self.journal.fills(account=account) if row["contract"] == contract
+                and (f"{row['broker']}:{row['fill_id']}" in seen or f"{row['broker']}:{row['fill_id']}" == also)]
+
     # -- held in service.runtime -------------------------------------------------------------------------------
     @property
     def ruleset(self) -> RuleSet:
