@@ -18,7 +18,13 @@ Checkpoints (copying the WAL back into the database file) run on a thread of the
 own, a few times a second while there are new commits, never inside a COMMIT: SQLite's automatic checkpoint runs in
 the COMMIT that fills the WAL past 1,000 pages, which made one commit in ~150 take 5 ms (the database file's fsync)
 and every answer waiting for it too. A checkpoint does not block the writer; once it has copied everything, the next
-transaction starts the WAL over from its beginning, so the file stays small.
+transaction starts the WAL over from its beginning, so the file stays small. "Everything" is the catch: a
+checkpoint copies the frames there were when it began, and under a steady stream of commits new ones always arrive
+meanwhile, so the WAL was never started over. It grew without bound (700 MB in a benchmark run), and a commit that
+appends to a growing file costs about twice one that overwrites the WAL in place (0.40 against 0.25 ms p50 on the
+reference disk). So each round copies beside the writer until little is left (at most four passes, each taking
+what came during the one before), then copies that rest on the committer thread, between two commits, where no
+new frame can arrive: a 1-2 ms pause of the writer a few times a second, against ~0.15 ms saved on every commit.
 
 Reads are synchronous and run on the caller's thread over a per-thread read connection; WAL lets them proceed while
 the writer commits, and they only ever see committed rows.
@@ -77,6 +83,8 @@ KEY_INDEX_MAX = 500_000
 
 CHECKPOINT_EVERY_S = 0.2
 """How often the checkpointer looks for new commits to copy into the database file."""
+TAIL_FRAMES = 64
+"""A pass beside the writer that found at most this many new frames leaves the rest to the pass in step with it."""
 
 MAX_BATCH = 256
 """Writes committed together at most: bounds how long one batch's statements hold the event loop (~90 us per signal
@@ -300,8 +308,9 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    """On the checkpointer thread: copy what the WAL holds into the database file without blocking the writer
-    (PASSIVE); returns SQLite's (busy, frames in the WAL, frames copied)."""
+    """Copy what the WAL holds into the database file (PASSIVE: never waits for the writer or a reader); returns
+    SQLite's (busy, frames in the WAL when it began, frames copied). On the checkpointer thread beside the writer,
+    or on the committer thread in step with it (``Journal._checkpoints``)."""
     row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     return int(row[0]), int(row[1]), int(row[2])
 
@@ -508,6 +517,8 @@ class Journal:
 
         A failed checkpoint is logged and tried again later: it loses nothing (the WAL holds every commit), it only
         lets the WAL grow. The connection is closed when the journal closes; SQLite then checkpoints what is left.
+        The last pass runs as a bare write, in step with the writer, so that the WAL can start over (module
+        docstring).
         """
         conn = await asyncio.to_thread(_connect, self.path)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-checkpoint")
@@ -520,9 +531,19 @@ class Journal:
                     continue
                 seen = self.batches
                 try:
-                    await loop.run_in_executor(pool, _checkpoint, conn)
+                    _busy, frames, copied = await loop.run_in_executor(pool, _checkpoint, conn)
                     self.checkpoints += 1
-                except sqlite3.Error as exc:
+                    for _ in range(3):
+                        if self.batches == seen:
+                            break
+                        seen = self.batches
+                        before = frames
+                        _busy, frames, copied = await loop.run_in_executor(pool, _checkpoint, conn)
+                        if frames - before <= TAIL_FRAMES:
+                            break
+                    if (frames > copied or self.batches != seen) and self._running:
+                        await self._write(_checkpoint, bare=True)
+                except (sqlite3.Error, JournalError) as exc:
                     logger.warning("journal checkpoint failed (retried later; the WAL keeps every commit): %s", exc)
         finally:
             pool.shutdown(wait=True)

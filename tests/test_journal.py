@@ -466,6 +466,38 @@ async def test_checkpoints_run_off_the_commit_path_and_keep_the_wal_from_growing
     assert on_disk(journal.path, "SELECT COUNT(*) FROM orders WHERE client_order_id LIKE 'two%'") == [(300,)]
 
 
+async def test_the_wal_starts_over_while_commits_never_pause(journal: Journal,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a steady stream of commits a checkpoint beside the writer never catches the WAL's end, so SQLite never
+    starts the WAL over: it grew without bound and every commit appended to (and grew) the file, which costs about
+    twice an in-place commit. The checkpointer copies the last frames in step with the writer, so it does."""
+    monkeypatch.setattr(journal_module, "CHECKPOINT_EVERY_S", 0.02)  # read by the running checkpointer each round
+    wal = Path(str(journal.path) + "-wal")
+
+    def restarts() -> int:
+        """The WAL header's checkpoint sequence number: SQLite adds one each time it starts the WAL over."""
+        with wal.open("rb") as f:
+            return int.from_bytes(f.read(16)[12:16], "big")
+
+    async def writer(tag: str) -> None:
+        for i in range(10_000):
+            await accepted(journal, f"{tag}-{i}")
+
+    await accepted(journal, "first")
+    start = restarts()
+    writers = [asyncio.ensure_future(writer(f"w{n}")) for n in range(4)]  # the next commit always queued
+    try:
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if restarts() >= start + 3:
+                break
+    finally:
+        for task in writers:
+            task.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+    assert restarts() >= start + 3, f"the WAL started over {restarts() - start} times in 3 s of commits"
+
+
 # -- die / bury: kill -9 inside the test process -----------------------------------------------------------------
 
 async def test_a_journal_that_dies_keeps_what_it_committed_and_loses_what_was_queued(tmp_path: Path) -> None:
