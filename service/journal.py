@@ -83,6 +83,9 @@ KEY_INDEX_MAX = 500_000
 
 CHECKPOINT_EVERY_S = 0.2
 """How often the checkpointer looks for new commits to copy into the database file."""
+RESTART_AT_FRAMES = 4096
+"""A WAL this long (16 MiB) is started over at the next round: not every round, because the pass in step with the
+writer pauses it 1-2 ms, and the file needs only to stop growing (a WAL started over is overwritten in place)."""
 TAIL_FRAMES = 64
 """A pass beside the writer that found at most this many new frames leaves the rest to the pass in step with it."""
 
@@ -534,14 +537,14 @@ class Journal:
                     _busy, frames, copied = await loop.run_in_executor(pool, _checkpoint, conn)
                     self.checkpoints += 1
                     for _ in range(3):
-                        if self.batches == seen:
+                        if self.batches == seen or frames < RESTART_AT_FRAMES:
                             break
                         seen = self.batches
                         before = frames
                         _busy, frames, copied = await loop.run_in_executor(pool, _checkpoint, conn)
                         if frames - before <= TAIL_FRAMES:
                             break
-                    if (frames > copied or self.batches != seen) and self._running:
+                    if (frames > copied or self.batches != seen) and frames >= RESTART_AT_FRAMES and self._running:
                         await self._write(_checkpoint, bare=True)
                 except (sqlite3.Error, JournalError) as exc:
                     logger.warning("journal checkpoint failed (retried later; the WAL keeps every commit): %s", exc)

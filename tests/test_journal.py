@@ -472,6 +472,7 @@ async def test_the_wal_starts_over_while_commits_never_pause(journal: Journal,
     starts the WAL over: it grew without bound and every commit appended to (and grew) the file, which costs about
     twice an in-place commit. The checkpointer copies the last frames in step with the writer, so it does."""
     monkeypatch.setattr(journal_module, "CHECKPOINT_EVERY_S", 0.02)  # read by the running checkpointer each round
+    monkeypatch.setattr(journal_module, "RESTART_AT_FRAMES", 64)
     wal = Path(str(journal.path) + "-wal")
 
     def restarts() -> int:
