@@ -627,6 +627,11 @@ class Dispatcher:
         self._slots: dict[str, _Slots] = {}
         self._running: set[Any] = set()
         """Work under way: lane tasks, and the client order ids of answers being journaled (empty: idle)."""
+        self.placing: dict[str, asyncio.Future[None]] = {}
+        """Client order id -> done once its ``_place`` has ended: orders whose request this process has under way
+        (being journaled ``sending``, at the broker, waiting out a rate limit). A come-up's recovery waits for
+        them before it looks them up (``Recovery._recover``): a request sent before a drop, or retried after a
+        429, may reach the broker after the reconnect, so "not at the broker" is no proof it never will be."""
         self.sent = 0
 
     def submit(self, job: Job, *, resend: bool = False) -> None:
@@ -762,6 +767,19 @@ class Dispatcher:
         tracked = self.tracker.track(job)
         if tracked.status not in (NEW, UNKNOWN):
             return None
+        coid = job.client_order_id
+        if coid in self.placing:
+            return None  # its request is under way already (a recovery's send and the lane's turn, say)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.placing[coid] = done
+        try:
+            return await self._place_once(job, tracked, recovering=recovering, slots=slots)
+        finally:
+            del self.placing[coid]
+            done.set_result(None)
+
+    async def _place_once(self, job: Job, tracked: Tracked, *, recovering: bool,
+                          slots: _Slots | None) -> Order | None:
         coid = job.client_order_id
         if recovering and not self.pool.connector(job.broker).connected:
             raise BrokerUnavailable(f"broker {job.broker} dropped during recovery; {coid} stays unresolved")

@@ -52,6 +52,10 @@ from service.runtime_state import SIGNAL_FIELDS, RuntimeState, _utc
 log = logging.getLogger("service.runtime")
 """The runtime's one logger, whichever of its modules logs (operators filter and read it by that name)."""
 
+PLACING_WAIT_S = 30.0
+"""How long a come-up waits for an order whose request this process still has under way (its rate-limit retries
+included) before leaving it unjudged."""
+
 _GONE = frozenset({REJECTED, CANCELLED, MISSED})
 """Final states in which an order fills nothing more (what it filled before stays filled)."""
 
@@ -201,6 +205,19 @@ class RecoveryMixin(RuntimeState):
             if job.broker != broker or tracked.status not in IN_FLIGHT:
                 continue
             coid = job.client_order_id
+            placing = self.dispatcher.placing.get(coid)
+            if placing is not None:
+                # This process has its request under way (sent before the drop, or waiting out a rate limit): it
+                # may reach the broker after this lookup, so wait for its outcome before judging it. Called missed
+                # now, it would fill at the broker as an order the journal says never left.
+                try:
+                    await asyncio.wait_for(asyncio.shield(placing), PLACING_WAIT_S)
+                except TimeoutError:
+                    log.warning("recovery: %s is still being placed at %s after %g s; left in flight (looked up "
+                                "again at the next come-up or reconciliation)", coid, broker, PLACING_WAIT_S)
+                    continue
+                if tracked.status not in IN_FLIGHT:
+                    continue
             found = await connector.find_order(job.broker_account, coid)
             if found is not None:
                 log.info("recovery: %s found at %s (%s); adopting", coid, broker, found.status.value)

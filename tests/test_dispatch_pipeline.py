@@ -177,6 +177,29 @@ async def test_a_reconnect_while_journaled_ahead_sends_the_order_once_not_missed
         assert MISSED not in history(w, n1) and history(w, n1).count(SENDING) == 1
 
 
+async def test_a_request_still_under_way_at_the_reconnect_is_waited_for_never_called_missed(tmp_path: Path) -> None:
+    """Fuzz on the real connectors (helper AC): an order's request was under way when the link dropped (or waiting
+    out a 429) and reached the broker after the reconnect. Recovery looked it up first, found nothing and journaled
+    it ``missed``: then it filled, an order the journal says never left. Recovery now waits for the request this
+    process has under way, and judges the order by its outcome."""
+    async with world(tmp_path) as w:
+        wire = Wire(w, "slow")
+        n, _n1 = await two_orders_of_s1(w)
+        release = wire.hold_before(n)  # N is on its way: past ``sending``, not at the broker yet
+        await wait_until(lambda: n in wire.held, what="N under way")
+        wire.connector.disconnect("drop")
+        await wait_until(lambda: w.runtime.pool["slow"].down, what="slow down")
+        await wire.connector.reconnect()
+        await asyncio.sleep(0.2)  # the come-up's recovery runs meanwhile (a lookup takes milliseconds)
+        assert MISSED not in history(w, n)
+        release.set()  # the request lands now, after the reconnect
+        await wait_until(lambda: w.runtime.pool.available("slow"), what="slow recovered")
+        await w.settle()
+        assert w.statuses("sig-1")["s1"] == FILLED and MISSED not in history(w, n)
+        assert [o["client_order_id"] for o in w.book_orders("slow", "S-1")].count(n) == 1
+        assert wire.arrived.count(n) == 1
+
+
 async def test_a_crash_after_the_next_sending_commit_sends_it_once_after_lookup(tmp_path: Path) -> None:
     async with world(tmp_path) as w:
         wire = Wire(w, "slow")
