@@ -24,7 +24,9 @@ Wire details reproduced on purpose:
 - optionally the SignalR user hub at ``/hubs/user`` (JSON protocol, ``\\x1e``-terminated records).
 
 Fault hooks (see ``brokers-shared.md``): ``reject_next``, ``partial_fill_next``, ``rate_limit_next``,
-``lose_next_place_response``, ``drop_connection``/``restore_connection``, ``expire_tokens``.
+``lose_next_place_response``, ``drop_connection``/``restore_connection``, ``expire_tokens``; ``trade_by_hand``
+(an order another client of the account places and fills) and ``move_position`` (a position change with no trade),
+for what the trader does outside the API.
 """
 
 from __future__ import annotations
@@ -386,6 +388,42 @@ class ProjectXEmulator(EmulatorServer):
         """Every issued token is now past its life: the next authenticated request gets 401."""
         for token in self.tokens:
             self.tokens[token] = 0.0
+
+    def trade_by_hand(self, account_name: str, contract: str, side: int, size: int,
+                      custom_tag: str | None = None) -> int:
+        """A market order placed and filled by another client of the account (the trader on the platform): the
+        hub and ``Trade/search`` report it as any trade, but none of the faults injected for the API client
+        (rejections, partial fills, throttling, lost answers) apply to it. ``contract``: CME code or id.
+        Returns the trade id."""
+        if side not in (SIDE_BUY, SIDE_SELL) or size <= 0:
+            raise ValueError(f"a trade by hand needs side 0 or 1 and a positive size, got {side} {size}")
+        now = datetime.now(timezone.utc)
+        order = EmulatedOrder(next(self._ids), self.account_id(account_name), self.contract(contract).id,
+                              ORDER_MARKET, side, size, None, None, custom_tag, now, now)
+        self.orders[order.id] = order
+        self._publish("GatewayUserOrder", self._order_wire(order))
+        self._execute(order, size, self.price(order.contract_id))
+        return self.trades[-1].id
+
+    def net_position(self, account_name: str, contract: str) -> int:
+        """Broker-side truth: the account's signed position in ``contract`` (CME code or id)."""
+        position = self.accounts[self.account_id(account_name)].positions.get(self.contract(contract).id)
+        return 0 if position is None else position.quantity
+
+    def move_position(self, account_name: str, contract: str, signed: int) -> None:
+        """The position changes by ``signed`` contracts with no order and no trade (a back-office correction, a
+        transfer): ``Position/searchOpen`` shows it, nothing is pushed, only a reconciliation can notice."""
+        account = self.accounts[self.account_id(account_name)]
+        contract_id = self.contract(contract).id
+        position = account.positions.get(contract_id)
+        now = datetime.now(timezone.utc)
+        if position is None or not position.quantity:
+            account.positions[contract_id] = EmulatedPosition(next(self._ids), account.id, contract_id, signed,
+                                                              self.price(contract_id), now)
+            return
+        if (position.quantity + signed > 0) != (position.quantity > 0):
+            position.average_price, position.created = self.price(contract_id), now
+        position.quantity += signed
 
     def order_count(self, account_id: int, custom_tag: str) -> int:
         return sum(1 for o in self.orders.values() if o.account_id == account_id and o.custom_tag == custom_tag)

@@ -30,7 +30,8 @@ Fault hooks: ``set_latency``, ``reject_next`` (``failureReason``), ``partial_fil
 as the socket's ``user/syncrequest`` answer), ``captcha_next``, ``lose_next_place_response``
 (accept and fill, then reset the TCP connection before answering), ``drop_connection``/``restore_connection`` (stop
 listening and reset every connection including WebSockets), ``mute_heartbeats`` (a socket that goes silent without
-closing), ``expire_tokens``.
+closing), ``expire_tokens``; ``trade_by_hand`` (an order another client of the account places and fills) and
+``move_position`` (a position change with no fill), for what the trader does outside the API.
 """
 
 from __future__ import annotations
@@ -426,6 +427,47 @@ class TradovateEmulator(EmulatorServer):
         """Broker-side truth: how many orders carry ``cl_ord_id`` in this account."""
         aid = self.account_id(account_name)
         return sum(1 for o in self.orders.values() if o.account_id == aid and o.cl_ord_id == cl_ord_id)
+
+    async def trade_by_hand(self, account_name: str, contract_name: str, action: str, qty: int,
+                            cl_ord_id: str | None = None) -> int:
+        """A market order placed and filled by another client of the account (the trader on the platform): it
+        reaches every socket as any order does, and ``/fill/list`` and ``/position/list``, but none of the faults
+        injected for the API client (rejections, partial fills, throttling, lost answers) apply to it. Returns
+        the fill id."""
+        if action not in ("Buy", "Sell") or qty <= 0:
+            raise ValueError(f"a trade by hand needs action Buy or Sell and a positive quantity, got {action} {qty}")
+        now = datetime.now(timezone.utc)
+        order = _Order(id=next(self._ids), account_id=self.account_id(account_name),
+                       contract_id=self.contract_id(contract_name), action=action, qty=qty, order_type="Market",
+                       price=None, stop_price=None, time_in_force="Day", cl_ord_id=cl_ord_id, created=now,
+                       command_id=next(self._ids), version_id=next(self._ids), status="Working")
+        self.orders[order.id] = order
+        await self._push("command", "Created", order.wire_command())
+        await self._push("orderVersion", "Created", order.wire_version())
+        await self._push("order", "Created", order.wire())
+        await self._fill(order, qty, self.prices[order.contract_id])
+        order.status = "Filled"
+        await self._push("order", "Updated", order.wire())
+        return order.fills[-1]
+
+    def net_position(self, account_name: str, contract_name: str) -> int:
+        """Broker-side truth: the account's signed position in the contract."""
+        position = self.positions.get((self.account_id(account_name), self.contract_id(contract_name)))
+        return 0 if position is None else position.net_pos
+
+    def move_position(self, account_name: str, contract_name: str, signed: int) -> None:
+        """The position changes by ``signed`` contracts with no order and no fill (a back-office correction, a
+        transfer): ``/position/list`` shows it, nothing is pushed, only a reconciliation can notice."""
+        key = (self.account_id(account_name), self.contract_id(contract_name))
+        position = self.positions.get(key)
+        if position is None:
+            position = self.positions[key] = _Position(next(self._ids), key[0], key[1])
+        if position.net_pos == 0 or (position.net_pos > 0) != (position.net_pos + signed > 0):
+            position.net_price = self.prices[key[1]]
+        position.net_pos += signed
+        if position.net_pos == 0:
+            position.net_price = None
+        position.updated = datetime.now(timezone.utc)
 
     @property
     def heartbeats_received(self) -> int:

@@ -82,3 +82,49 @@ async def wait_until(predicate: Any, timeout_s: float = 5.0, what: str = "condit
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout_s:g}s")
         await asyncio.sleep(0.01)
+
+
+class EmulatorThread:
+    """An emulator on an event loop of its own, in a thread: the broker as another process is, for the runtime
+    fuzz (``tests.harness.fuzz``), whose crash kills every task of the test's loop (the service's) and must leave
+    the broker trading: its request handlers, the rest of a partial fill, its pushes. Calls into the emulator go
+    through its loop (``call`` for its synchronous hooks and read-outs, blocking for a moment; ``run`` for its
+    coroutines, awaited without blocking the caller's loop, whose clients the emulator may be talking to)."""
+
+    def __init__(self, emulator: Any) -> None:
+        import threading
+
+        self.emulator = emulator
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="emulator", daemon=True)
+
+    async def start(self) -> None:
+        self._thread.start()
+        await self.run(self.emulator.start)
+
+    async def stop(self) -> None:
+        try:
+            await self.run(self.emulator.stop)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            await asyncio.to_thread(self._thread.join, 5.0)
+            self.loop.close()
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the emulator's loop (synchronous, never awaiting): its result, or its exception."""
+        import concurrent.futures
+
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def invoke() -> None:
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(invoke)
+        return future.result(timeout=10.0)
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """Await the coroutine ``fn(*args)`` on the emulator's loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(*args), self.loop))

@@ -72,6 +72,28 @@ rules generation its process applied, by content hash and number, as that proces
 (``check_rulesets``; the static rules of a scenario without reloads are journaled as the next generation at each
 start, as ``service.app``'s watcher journals its start).
 
+With ``generate(seed, broker="tradovate")`` (or ``"projectx"``; ``options["emulated"]``) one broker, ``fast`` or
+``slow`` (drawn), is the real connector of that type (``brokers.tradovate``, ``brokers.projectx``) against its
+emulator (``brokers.emulators``) on 127.0.0.1, started for the scenario on a loop of its own (``EmulatorThread``):
+the broker outlives the service's restarts and crashes, as the paper books on disk do; the credentials reach the
+connector as the service's environment would give them (``connector_options["env"]``). The other broker stays
+paper. The steps map onto the emulator (``EmulatedVenue``): ``reject`` is ``reject_next``; ``drop`` /
+``reconnect`` are ``drop_connection`` / ``restore_connection`` (the connector notices the drop and comes back by
+itself; a restart or crash restores a dropped emulator, as a new process connects afresh); the crash's cut of the
+links takes the connector's HTTP session away (no request leaves; its tasks die with the process) and closes it
+with the process; ``manual`` is the emulator's ``trade_by_hand`` (``via: fill``: an order and fill another client
+of the account made, reaching the connector's push channel or its polls) or ``move_position`` (``via: position``);
+``price`` also moves every MES month at the emulator. Three steps only this option draws, from a stream of its own
+(so that the paper scenarios stay what they were): ``rate_limit`` (the broker's own 429 / penalty ticket for the
+next ``n`` requests), ``lose`` (``lose_next_place_response``: the next order is accepted and filled, its answer
+lost with the connection) and ``partial`` (the next ``n`` market orders fill one contract, then the rest: the
+paper quirk ``partial_fill_rate`` does not apply to an emulated broker and makes these steps more frequent).
+Left out for the emulated broker: the paper quirks ``reject_rate`` and the ack and fill latencies (the ``reject``
+steps stand for the former). The brokers' timestamps are the real time while the service's clock is moved to the
+scenario's: a connector reads its own clock (``utcnow``) for its lookback windows, so the emulator keeps real time
+too, and its fills carry a trading day the service's clock has not reached (whether their realized P&L counts
+toward the service's daily-loss limits as the paper fills' does is not something these scenarios pin down).
+
 Options per seed (``Scenario.options``): latencies; ``schedule`` (15:55 ET flatten of mirror, entries blocked 15:50-
 18:00 ET); a start shortly before 18:00 ET, so that advances cross into the next CME trading day; the paper quirks
 ``partial_fill_rate`` (a market order fills in two parts, the second after the fill latency) and ``reject_rate``;
@@ -102,7 +124,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from brokers.base import Side
+from brokers.emulators.projectx import SIDE_BUY as PX_BUY
+from brokers.emulators.projectx import SIDE_SELL as PX_SELL
+from brokers.emulators.projectx import STATUS_FILLED as PX_FILLED
+from brokers.emulators.projectx import ProjectXEmulator
+from brokers.emulators.tradovate import TradovateEmulator
 from brokers.feed import PriceFeed
+from engine.catalog import MONTH_CODES
 from engine.decide import build_engine
 from engine.loader import load_rules
 from engine.model import RuleSet
@@ -116,6 +144,9 @@ from service.journal import Journal, parse_utc
 from service.ledger import ADOPTED, EXTERNAL_STRATEGY, replay
 from service.runtime import Runtime
 from service.webhook import Webhook
+from tests.harness.emulated import EmulatorThread
+from tests.harness.projectx import ENV as PX_ENV
+from tests.harness.tradovate import ENV as TV_ENV
 from tests.harness.runtime import Clock, StaticWatcher, World, account_doc, documents, wait_until, write_rules
 
 ET = ZoneInfo("America/New_York")
@@ -184,6 +215,12 @@ COMEUP_MOMENTS = ("lookup", "looked_up", "reconciled", "redo", "sent")
 """Where a crash inside a restart's come-up kills (``Runner._arm``); ``catchup`` too, after a drop and a target its
 catch_up accounts missed (a reconnect's come-up catches that up, and so does a restart's: ``Runtime._since_start``)."""
 CRASH_WAIT_S = 2.0
+EMULATED = ("tradovate", "projectx")
+"""``generate(seed, broker=...)``: the real connector of that type, against its emulator, for one broker."""
+EMULATED_STEPS = ("rate_limit", "lose", "partial")
+"""Steps only the emulated option draws, all at the emulated broker: the broker's own rate-limit answer to the next
+``n`` requests (``rate_limit``), the next accepted order's answer lost with its connection (``lose``), and the next
+``n`` market orders filled in two parts (``partial``)."""
 MANUAL = "(manual)"
 """``Runner.model_lines``: a trade by hand (a broker fill with a ``manual-`` client order id, or a hand move)."""
 """How long a crash waits for its moment (a transition that never comes) before it kills anyway."""
@@ -228,7 +265,7 @@ def _body(rng: random.Random, sid: str, strategy: str) -> dict[str, Any]:
     return body
 
 
-def generate(seed: int, *, steps: int | None = None, crash: bool = False) -> Scenario:
+def generate(seed: int, *, steps: int | None = None, crash: bool = False, broker: str | None = None) -> Scenario:
     """The scenario of ``seed``; with ``crash``, also ``crash`` and ``reload`` steps (drawn only then, so that the
     scenarios without them stay what they were for every seed)."""
     rng = random.Random(seed)
@@ -255,6 +292,14 @@ def generate(seed: int, *, steps: int | None = None, crash: bool = False) -> Sce
         options.update(account_loss=loss, account_action=rng.choice(["flatten_and_halt"] * 3 + ["halt_entries"]))
     if crash:
         options["crash"] = True
+    # The emulated option draws from a stream of its own too (none of it on the paper path): which broker runs
+    # on the emulator, and the faults of the real connectors' risky paths between the steps (``EMULATED_STEPS``).
+    erng: random.Random | None = None
+    if broker is not None:
+        if broker not in EMULATED:
+            raise ValueError(f"unknown emulated broker {broker!r}: one of {EMULATED}")
+        erng = random.Random(f"emulated-{seed}-{broker}-{int(crash)}")
+        options["emulated"] = {"type": broker, "name": erng.choice(BROKERS)}
     # Manual trades and the reconciliation policy come from a stream of their own: the steps the main stream
     # draws stay what they were for every seed, with manual trades (and what follows them) in between.
     mrng = random.Random(f"manual-{seed}-{int(crash)}")
@@ -343,6 +388,9 @@ def generate(seed: int, *, steps: int | None = None, crash: bool = False) -> Sce
         return out_
 
     for _ in range(n):
+        if erng is not None and erng.random() < 0.3:
+            fault = erng.choice(EMULATED_STEPS + (("partial",) * 2 if options["partial_fill_rate"] else ()))
+            out.append({"do": fault, "n": erng.randint(1, 2)} if fault != "lose" else {"do": fault})
         if mrng.random() < 0.12:
             step_m = manual(None)
             out.append(step_m)
@@ -588,15 +636,24 @@ QUIRKS = ("partial_fill_rate", "reject_rate")
 """Scenario options that go into both paper brokers' ``paper:`` quirks (``write_rules`` has no parameter for them)."""
 
 
-def rules_dir(tmp_path: Path, options: dict[str, Any]) -> Path:
+def rules_dir(tmp_path: Path, options: dict[str, Any], emulated: "EmulatedVenue | None" = None) -> Path:
     rules = write_rules(tmp_path / "rules", **{k: v for k, v in options.items()
-                                               if k not in ("start", "crash", "halt_accounts") and k not in QUIRKS})
+                                               if k not in ("start", "crash", "halt_accounts", "emulated")
+                                               and k not in QUIRKS})
     quirks = "".join(f", {name}: {options[name]}" for name in QUIRKS if options.get(name))
     if quirks:
         brokers = rules / "brokers.yaml"
         text = brokers.read_text()
         assert text.count("starting_cash: 50000}") == len(BROKERS), text
         brokers.write_text(text.replace("starting_cash: 50000}", f"starting_cash: 50000{quirks}}}"))
+    if emulated is not None:
+        # The emulated broker's document replaces its paper one (the paper quirks stay with the paper broker).
+        brokers = rules / "brokers.yaml"
+        docs = brokers.read_text().split("---\n")
+        at = [i for i, doc in enumerate(docs) if f"name: {emulated.name}\n" in doc]
+        assert len(at) == 1, docs
+        docs[at[0]] = emulated.yaml()
+        brokers.write_text("---\n".join(docs))
     (rules / ACCOUNTS_FILE).write_text(accounts_yaml({}, options.get("halt_accounts", ())))
     (rules / "routing.yaml").write_text(ROUTING)
     return rules
@@ -700,6 +757,228 @@ class TracedEngine:
         return getattr(self.engine, name)
 
 
+# -- the brokers' side: a paper book, or an emulator behind the real connector ---------------------------------
+
+class PaperVenue:
+    """The broker side of a paper broker: its book (SQLite in the data directory), read and moved as a second
+    client of the broker would, through the current process's ``PaperConnector``."""
+
+    emulated = False
+
+    def __init__(self, connector: Any) -> None:
+        self.connector = connector
+
+    def orders(self) -> list[dict[str, Any]]:
+        """Every order the broker holds: ``client_order_id``, broker ``account``, ``status``."""
+        return [dict(o) for o in self.connector.book.db.query("select * from orders")]
+
+    def fills(self, acct: str) -> list[tuple[int, str, str, str, str, int]]:
+        """(sequence, fill id, client order id, contract, side, quantity) of every fill at broker account ``acct``,
+        in the order the broker made them."""
+        return [tuple(row) for row in self.connector.book.db.execute(
+            "select rowid, fill_id, client_order_id, contract, side, quantity from fills where account = ?",
+            [acct]).fetchall()]
+
+    def positions(self, acct: str) -> dict[str, int]:
+        return {p["contract"]: int(p["quantity"]) for p in self.connector.book.positions(acct) if int(p["quantity"])}
+
+    def held(self, acct: str, contract: str) -> int:
+        row = self.connector.book.db.execute("select quantity from positions where account = ? and contract = ?",
+                                             [acct, contract]).fetchone()
+        return int(row[0]) if row else 0
+
+    def last_fill(self) -> int:
+        return int(self.connector.book.db.execute("select max(rowid) from fills").fetchone()[0] or 0)
+
+    def manual_trade(self, acct: str, contract: str, side: Side, quantity: int, coid: str) -> str:
+        return str(self.connector.manual_trade(acct, contract, side, quantity, coid).fill_id)
+
+    def move(self, acct: str, contract: str, held: int, q: int, price: Decimal) -> None:
+        book = self.connector.book
+        with book.db.conn:
+            if held + q:
+                book.db.execute("insert into positions (account, contract, quantity, avg_price) values (?, ?, ?, ?) "
+                                "on conflict (account, contract) do update set quantity = excluded.quantity",
+                                [acct, contract, held + q, str(price)])
+            else:
+                book.db.execute("delete from positions where account = ? and contract = ?", [acct, contract])
+
+
+class EmulatedVenue:
+    """The broker side of a broker emulator (``brokers.emulators``) behind the real connector, on its own loop
+    (``EmulatorThread``): it outlives the service's restarts and crashes within a scenario, as the broker does."""
+
+    emulated = True
+
+    def __init__(self, kind: str, name: str, accounts: Iterable[str], start: datetime) -> None:
+        self.kind, self.name = kind, name
+        cash = {acct: Decimal(50000) for acct in accounts}
+        emulator: Any
+        if kind == "tradovate":
+            emulator = TradovateEmulator(username=TV_ENV["TV_TEST_USER"], password=TV_ENV["TV_TEST_PASS"],
+                                         sec=TV_ENV["TV_TEST_SEC"], accounts=cash, today=start)
+            self.env = TV_ENV
+        elif kind == "projectx":
+            emulator = ProjectXEmulator(username=PX_ENV["PX_TEST_USER"], api_key=PX_ENV["PX_TEST_KEY"],
+                                        accounts=cash, today=start, rate_limit=(1_000_000, 60.0))
+            self.env = PX_ENV
+        else:
+            raise ValueError(f"unknown emulated broker {kind!r}: tradovate or projectx")
+        self.emulator = emulator
+        self.thread = EmulatorThread(emulator)
+
+    async def start(self, price: Decimal) -> None:
+        await self.thread.start()
+        self.set_price(price)
+
+    async def stop(self) -> None:
+        await self.thread.stop()
+
+    def yaml(self) -> str:
+        """The Broker document of ``name``: the real connector's type, endpoints at the emulator."""
+        e = self.emulator
+        if self.kind == "tradovate":
+            creds = '{username: "${TV_TEST_USER}", password: "${TV_TEST_PASS}", sec: "${TV_TEST_SEC}"}'
+            endpoints = f"{{rest: \"{e.base_url}\", websocket: \"{e.ws_url}\"}}"
+            extra = ("app: {app_id: multibroker-fuzz, app_version: \"1.0\", cid: 8, device_id: fuzz-device}\n")
+        else:
+            creds = '{username: "${PX_TEST_USER}", api_key: "${PX_TEST_KEY}"}'
+            endpoints = f"{{rest: \"{e.base_url}\", hub: \"{e.hub_url}\"}}"
+            extra = ""
+        fees = "commissions: {MES: 0.25, default: 0.79}\nmargins: {MES: 50, default: 1000}\n" if self.name == "fast" \
+            else "commissions: {MES: 0.20, default: 0.60}\nmargins: {MES: 40, default: 800}\n"
+        return (f"kind: Broker\nname: {self.name}\ntype: {self.kind}\nenvironment: demo\ncredentials: {creds}\n"
+                f"rate_limit: {{requests: 1000, per_seconds: 1}}\n{fees}reconcile_every_seconds: 3600\n"
+                f"endpoints: {endpoints}\n{extra}")
+
+    # -- read-outs (on the emulator's loop) -----------------------------------------------------------------
+    def _contract_name(self, contract_id: Any) -> str:
+        e = self.emulator
+        return str(e.contracts[contract_id].name if self.kind == "tradovate" else e.contracts[contract_id].code)
+
+    def orders(self) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            e = self.emulator
+            if self.kind == "tradovate":
+                return [{"client_order_id": o.cl_ord_id, "account": e.accounts[o.account_id].name,
+                         "status": "filled" if o.status == "Filled" else o.status.lower(), "broker_order_id": o.id}
+                        for o in e.orders.values()]
+            return [{"client_order_id": o.custom_tag, "account": e.accounts[o.account_id].name,
+                     "status": "filled" if o.status == PX_FILLED else str(o.status), "broker_order_id": o.id}
+                    for o in e.orders.values()]
+        return cast(list[dict[str, Any]], self.thread.call(read))
+
+    def fills(self, acct: str) -> list[tuple[int, str, str, str, str, int]]:
+        def read() -> list[tuple[int, str, str, str, str, int]]:
+            e = self.emulator
+            out = []
+            if self.kind == "tradovate":
+                for i, f in enumerate(e.fills.values()):
+                    order = e.orders[f.order_id]
+                    if e.accounts[order.account_id].name == acct:
+                        out.append((i + 1, str(f.id), str(order.cl_ord_id), self._contract_name(f.contract_id),
+                                    "buy" if f.action == "Buy" else "sell", int(f.qty)))
+                return out
+            for i, t in enumerate(e.trades):
+                if e.accounts[t.account_id].name == acct and not t.voided:
+                    out.append((i + 1, str(t.id), str(e.orders[t.order_id].custom_tag),
+                                self._contract_name(t.contract_id), "buy" if t.side == PX_BUY else "sell",
+                                int(t.size)))
+            return out
+        return cast(list[tuple[int, str, str, str, str, int]], self.thread.call(read))
+
+    def positions(self, acct: str) -> dict[str, int]:
+        def read() -> dict[str, int]:
+            e = self.emulator
+            if self.kind == "tradovate":
+                aid = e.account_id(acct)
+                return {self._contract_name(cid): p.net_pos for (a, cid), p in e.positions.items()
+                        if a == aid and p.net_pos}
+            account = e.accounts[e.account_id(acct)]
+            return {self._contract_name(cid): p.quantity for cid, p in account.positions.items() if p.quantity}
+        return cast(dict[str, int], self.thread.call(read))
+
+    def held(self, acct: str, contract: str) -> int:
+        return int(self.thread.call(self.emulator.net_position, acct, contract))
+
+    def last_fill(self) -> int:
+        e = self.emulator
+        return int(self.thread.call(lambda: len(e.fills) if self.kind == "tradovate" else len(e.trades)))
+
+    # -- the broker misbehaving, and the trader at it ----------------------------------------------------------
+    def set_price(self, price: Decimal) -> None:
+        """Every MES month the emulator lists fills at ``price`` (the feed's price for the paper brokers)."""
+        e = self.emulator
+
+        def move() -> None:
+            for name in [self._contract_name(cid) for cid in e.contracts]:
+                if name.startswith(ROOT) and name[len(ROOT)] in MONTH_CODES:
+                    e.set_price(name, price)
+        self.thread.call(move)
+
+    def reject_next(self, n: int) -> None:
+        self.thread.call(self.emulator.reject_next, n)
+
+    def partial_fill_next(self, n: int) -> None:
+        """The next ``n`` market orders fill one contract first, then the rest (a 1-lot: at once)."""
+        for _ in range(n):
+            self.thread.call(self.emulator.partial_fill_next, [1, 1_000_000])
+
+    def rate_limit_next(self, n: int) -> None:
+        self.thread.call(self.emulator.rate_limit_next, n, 0.05)
+
+    def lose_next_place_response(self) -> None:
+        self.thread.call(self.emulator.lose_next_place_response)
+
+    down = False
+    """Dropped (``drop``) and not restored yet."""
+
+    async def drop(self) -> None:
+        self.down = True
+        await self.thread.run(self.emulator.drop_connection)
+
+    async def restore(self) -> None:
+        self.down = False
+        await self.thread.run(self.emulator.restore_connection)
+
+    async def manual_trade(self, acct: str, contract: str, side: Side, quantity: int, coid: str) -> str:
+        if self.kind == "tradovate":
+            fill_id = await self.thread.run(self.emulator.trade_by_hand, acct, contract,
+                                            "Buy" if side is Side.BUY else "Sell", quantity, coid)
+        else:
+            fill_id = self.thread.call(self.emulator.trade_by_hand, acct, contract,
+                                       PX_BUY if side is Side.BUY else PX_SELL, quantity, coid)
+        return str(fill_id)
+
+    def move(self, acct: str, contract: str, held: int, q: int, price: Decimal) -> None:
+        self.thread.call(self.emulator.move_position, acct, contract, q)
+
+    @staticmethod
+    def sever(connector: Any) -> None:
+        """A crash of our process: the connector's session goes with it (no request leaves from here on: the
+        connector refuses, not connected; its tasks are cancelled with every other task of the process). The
+        session itself is closed by ``bury``: the kernel's part, the sockets closing."""
+        session = connector._session
+        if session is not None:
+            connector._dead_session = session
+            connector._session = None
+        connector._connected = False
+
+    @staticmethod
+    async def bury(connector: Any) -> None:
+        session = getattr(connector, "_dead_session", None)
+        for task in list(connector._tasks):
+            task.cancel()
+        connector._tasks = []
+        for name in ("_ws", "_hub_ws"):  # its push channel (Tradovate's socket, ProjectX's hub)
+            ws = getattr(connector, name, None)
+            if ws is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.close(), 1.0)
+        if session is not None:
+            await session.close()
+
+
 @dataclass
 class Runner:
     tmp_path: Path
@@ -767,6 +1046,15 @@ class Runner:
     """What each ``manual`` step did (account, via, what the broker held, the trade), for failure messages."""
     after_manual_checks: int = 0
     """Follow-ups of a manual trade (an exit, flat target or flatten of a strategy there) checked in full."""
+    emulated: EmulatedVenue | None = None
+    """The broker on an emulator behind its real connector (``options["emulated"]``), if any."""
+
+    def venue(self, broker: str) -> PaperVenue | EmulatedVenue:
+        """The broker side of ``broker``: its emulator, or the paper book through the current connector."""
+        if self.emulated is not None and self.emulated.name == broker:
+            return self.emulated
+        assert self.w is not None
+        return PaperVenue(self.w.connector(broker))
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     @property
@@ -823,11 +1111,18 @@ class Runner:
         feed = PriceFeed(seed=0)
         feed.set_price(ROOT, self.price)
         config = SimpleNamespace(data_dir=data_dir, reconnect_backoff_s=0.02, reconnect_backoff_max_s=0.1)
-        runtime = Runtime(config, journal, watcher, clock=self.clock, feed=feed,
-                          connector_options={"reconnect_wait_s": 0.2})
+        options: dict[str, Any] = {"reconnect_wait_s": 0.2}
+        if self.emulated is not None:
+            # The real connector's options: its credentials, and waits short enough for a scenario (the paper
+            # connector reads none of them but ``reconnect_wait_s``).
+            options.update(env=self.emulated.env, reconnect_wait_s=1.0, poll_interval_s=0.1, request_timeout_s=5.0,
+                           reconnect_backoff_s=0.05, reconnect_backoff_max_s=0.2, throttle_wait_s=0.1)
+        runtime = Runtime(config, journal, watcher, clock=self.clock, feed=feed, connector_options=options)
         self.w = World(runtime, journal, watcher, feed, self.clock, data_dir)
         stack.push_async_callback(runtime.stop)
         pool = runtime.prepare()
+        if self.emulated is not None and self.emulated.down:
+            await self.emulated.restore()  # a new process connects afresh (the generator's model of a restart)
         for broker, n in self._carried_rejects.items():
             pool.connector(broker).reject_next(n)  # before the start's recovery sends anything
         self._carried_rejects = {}
@@ -843,6 +1138,11 @@ class Runner:
             return
         # start() returns before the brokers are up (the service listens meanwhile); scenarios begin with them.
         assert await runtime.ready(10.0), f"brokers still starting: {runtime.starting()}"
+        if self.emulated is not None:
+            # A real connector's first attempt may fail (the broker's rate-limit answer to its login): the pool
+            # retries with backoff; scenarios begin with every broker up, as they do on paper.
+            slot = runtime.pool[self.emulated.name]  # type: ignore[index]
+            await wait_until(lambda: slot.available, 10.0, what=f"{self.emulated.name} up after the start")
         # Retries of rejected flatten exits, and their give-up, within a scenario; a retry a start resumed and
         # scheduled on the service's backoff looks again.
         runtime.flatten_retry_delays_s = RETRY_DELAYS_S
@@ -900,11 +1200,25 @@ class Runner:
         self._watcher = None
 
     async def run(self) -> None:
-        self._rules = rules_dir(self.tmp_path, self.scenario.options)
         self.clock = Clock(datetime.fromisoformat(self.scenario.options["start"]))
+        emulated = self.scenario.options.get("emulated")
+        if emulated is not None:
+            name = emulated["name"]
+            venue = EmulatedVenue(emulated["type"], name, [a for b, a, _s, _c in ACCOUNTS.values() if b == name],
+                                  self.clock())
+            await venue.start(self.price)
+            self.emulated = venue
+        self._rules = rules_dir(self.tmp_path, self.scenario.options, self.emulated)
         me = asyncio.current_task()
         assert me is not None
         self._keep = {me}
+        try:
+            await self._run()
+        finally:
+            if self.emulated is not None:
+                await self.emulated.stop()
+
+    async def _run(self) -> None:
         await self._open()
         try:
             for index, step in enumerate(self.scenario.steps):
@@ -968,13 +1282,17 @@ class Runner:
         elif do == "manual":
             await self._manual(step)
         elif do == "drop":
-            w.connector(step["broker"]).disconnect("fuzz drop")
+            venue = self.venue(step["broker"])
+            if isinstance(venue, EmulatedVenue):
+                await venue.drop()  # the connector notices by itself (its socket reset, a request refused)
+            else:
+                w.connector(step["broker"]).disconnect("fuzz drop")
             await wait_until(lambda: w.runtime.pool[step["broker"]].down, what=f"{step['broker']} down")
         elif do == "reconnect" and step.get("crash"):
             await self._reconnect_crash(step)
         elif do == "reconnect":
             broker = step["broker"]
-            await w.connector(broker).reconnect()
+            await self._reconnect(broker)
             slot = w.runtime.pool[broker]
             await wait_until(lambda: not slot.down and not slot.recovering and slot.connector.connected,
                              10.0, what=f"{broker} back")
@@ -985,6 +1303,8 @@ class Runner:
         elif do == "price":
             self.price += Decimal(step["points"])
             w.feed.set_price(ROOT, self.price)
+            if self.emulated is not None:
+                self.emulated.set_price(self.price)
             if step.get("risk"):
                 await w.runtime.check_risk()
         elif do == "advance":
@@ -1002,7 +1322,16 @@ class Runner:
         elif do == "check":
             await self.check()
         elif do == "reject":
-            w.connector(step["broker"]).reject_next(step["n"])
+            self._reject_next(step["broker"], step["n"])
+        elif do in EMULATED_STEPS:
+            venue = self.emulated
+            assert venue is not None, f"{do} steps are the emulated option's"
+            if do == "rate_limit":
+                venue.rate_limit_next(step["n"])
+            elif do == "lose":
+                venue.lose_next_place_response()
+            else:
+                venue.partial_fill_next(step["n"])
         elif do == "risk":
             await w.runtime.check_risk()
         elif do == "clear":
@@ -1013,6 +1342,23 @@ class Runner:
         if follow is not None:
             await self.check_after_manual(step, follow)
         self.check_always()
+
+    def _reject_next(self, broker: str, n: int) -> None:
+        venue = self.venue(broker)
+        if isinstance(venue, EmulatedVenue):
+            venue.reject_next(n)
+        else:
+            venue.connector.reject_next(n)
+
+    async def _reconnect(self, broker: str) -> None:
+        """The broker is reachable again: a paper connector links again; an emulator listens again and the real
+        connector must come back by itself."""
+        venue = self.venue(broker)
+        if isinstance(venue, EmulatedVenue):
+            await venue.restore()
+        else:
+            assert self.w is not None
+            await self.w.connector(broker).reconnect()
 
     # -- crash: kill -9 inside the test process -----------------------------------------------------------------
     async def _crash(self, step: Step) -> None:
@@ -1061,7 +1407,7 @@ class Runner:
         flattening: asyncio.Task[Any] | None = None
         if moment in ("flatten", "retry"):
             for broker, n in (step.get("reject") or {}).items():
-                w.connector(broker).reject_next(n)
+                self._reject_next(broker, n)
             # The operator's request runs in the process: the kill ends it.
             flattening = asyncio.create_task(rt.flatten(account=step["account"], strategy=step["strategy"],
                                                         reason=reason))
@@ -1083,7 +1429,7 @@ class Runner:
         if not self._killed:
             self._kill()
         for manual in step.get("manual") or ():
-            self._trade_by_hand(manual)  # the process is dead: the broker trades on, nobody hears of it
+            await self._trade_by_hand(manual)  # the process is dead: the broker trades on, nobody hears of it
         await self._bury(posts)
         self._note_crash(moment, came, posts)
         comeup = step.get("comeup")
@@ -1128,7 +1474,7 @@ class Runner:
             and broker not in self.flattens[-1].available else None
         self._arm(spec, w.runtime)
         slot = w.runtime.pool[broker]
-        await w.connector(broker).reconnect()
+        await self._reconnect(broker)
         came = await self._killed_before(lambda: not slot.down and not slot.recovering and slot.connector.connected,
                                          f"{broker}'s come-up")
         if not came:
@@ -1255,6 +1601,9 @@ class Runner:
         journal = w.journal
         self._lost_writes = journal.die()  # queued, never executed: lost; a write from here on raises
         for broker in BROKERS:
+            if self.emulated is not None and self.emulated.name == broker:
+                EmulatedVenue.sever(w.connector(broker))  # its session dies with the process
+                continue
             w.connector(broker).sever()  # no request leaves, no event arrives; the broker itself trades on
         self._abort_connections()  # the process's sockets close with it: requests under way get no answer
         self._victims = self._living()
@@ -1301,6 +1650,10 @@ class Runner:
         await journal.bury()  # the COMMIT under way at the kill lands; nothing else does
         for broker in BROKERS:
             connector = w.connector(broker)
+            if self.emulated is not None and self.emulated.name == broker:
+                EmulatedVenue.sever(connector)
+                await EmulatedVenue.bury(connector)  # the faults it owes stay at the emulator: nothing to carry
+                continue
             connector.sever()  # again: nothing of the dead process linked it since
             # The broker lives on (its SQLite file); the dead process's handle on it goes, and the next process's
             # connector opens its own. The faults it still owes are the broker's, not the process's: carried.
@@ -1442,7 +1795,7 @@ class Runner:
         w = self.w
         assert w is not None and w.runtime.pool is not None
         for broker, n in (step.get("reject") or {}).items():
-            w.connector(broker).reject_next(n)
+            self._reject_next(broker, n)
         available = {b for b in BROKERS if w.runtime.pool.available(b)}
         # Other strategies' books, when nothing else can move them during this step: no order in flight or held,
         # no retry pending, and only signals of the flattened strategy posted with it (a risk flatten meanwhile is
@@ -1506,6 +1859,16 @@ class Runner:
         broker (retried until flat, or given up with ``flatten_failed``: ``RETRY_DELAYS_S``)."""
         await wait_until(self._quiet, timeout_s, what="orders settled and retries done where their broker is up")
 
+    def _coming_back(self) -> bool:
+        """The emulated broker is away though the scenario did not drop or pause it: its real connector lost the
+        connection on its own (a lost answer resets it, a rate-limit answer to a reconnect's login) and comes
+        back by itself; what the scenario expects up is waited for."""
+        venue, w = self.emulated, self.w
+        if venue is None or venue.down or w is None or w.runtime.pool is None:
+            return False
+        slot = w.runtime.pool[venue.name]
+        return not slot.admin_paused and not slot.available
+
     def _quiet(self) -> bool:
         """What ``soft_settle`` waits for (its docstring); at a check, where every broker is up, anything not
         quiet was started by the check itself (``check``)."""
@@ -1530,6 +1893,8 @@ class Runner:
 
         if rt.dispatcher._running or any(rt.dispatcher.queued().values()):  # type: ignore[union-attr]
             return False
+        if self._coming_back():
+            return False
         if rt.redo_tasks or any(h.flatten and not waits_for_broker(k, h) for k, h in rt._holds.items()):
             return False  # a flatten, follow-up or re-issue on its way out
         if self._retrying():
@@ -1550,13 +1915,13 @@ class Runner:
         broker = ACCOUNTS[step["account"]][0]
         if w.runtime.pool.available(broker):
             await self.soft_settle()
-        fill_id = self._trade_by_hand(step)
+        fill_id = await self._trade_by_hand(step)
         if fill_id is not None and w.connector(broker).connected:
             key = f"{broker}:{fill_id}"
             await wait_until(lambda: key in w.runtime.ledger.seen_fills, 5.0,
                              what=f"the manual fill {fill_id} at {broker} booked")
 
-    def _trade_by_hand(self, step: Step) -> str | None:
+    async def _trade_by_hand(self, step: Step) -> str | None:
         """Trade at the broker as a second client would (``PaperConnector.manual_trade``, client order id
         ``manual-<n>``), or move its position with no fill (``via: position``). Sized from what the broker holds:
         ``close`` all, ``partial`` half, ``reverse`` past flat by ``quantity``, ``open`` (or anything at a flat
@@ -1566,11 +1931,9 @@ class Runner:
         assert w is not None
         account = step["account"]
         broker, acct, _, _ = ACCOUNTS[account]
-        book = w.connector(broker).book
+        venue = self.venue(broker)
         contract = self._contract()
-        row = book.db.execute("select quantity from positions where account = ? and contract = ?",
-                              [acct, contract]).fetchone()
-        held = int(row[0]) if row else 0
+        held = venue.held(acct, contract)
         sign = 1 if held > 0 else -1
         kind = step["kind"]
         if kind == "undo":
@@ -1589,17 +1952,12 @@ class Runner:
         if q == 0:
             return None
         if step["via"] == "fill":
-            fill = w.connector(broker).manual_trade(acct, contract, Side.BUY if q > 0 else Side.SELL, abs(q),
-                                                    f"manual-{step['n']}")
-            return fill.fill_id
-        last = book.db.execute("select max(rowid) from fills").fetchone()[0] or 0
-        with book.db.conn:
-            if held + q:
-                book.db.execute("insert into positions (account, contract, quantity, avg_price) values (?, ?, ?, ?) "
-                                "on conflict (account, contract) do update set quantity = excluded.quantity",
-                                [acct, contract, held + q, str(self.price)])
-            else:
-                book.db.execute("delete from positions where account = ? and contract = ?", [acct, contract])
+            side = Side.BUY if q > 0 else Side.SELL
+            if isinstance(venue, EmulatedVenue):
+                return await venue.manual_trade(acct, contract, side, abs(q), f"manual-{step['n']}")
+            return venue.manual_trade(acct, contract, side, abs(q), f"manual-{step['n']}")
+        last = venue.last_fill()
+        venue.move(acct, contract, held, q, self.price)
         self.moves.append((account, contract, q, int(last)))
         return None
 
@@ -1627,9 +1985,7 @@ class Runner:
         journal_n = {str(r["fill_id"]): int(r["n"]) for r in journaled if not r["kind"]}
         events: list[tuple[int, int, str, str, int]] = []
         placed: list[tuple[int, int]] = []  # (journal row, broker row) of each broker fill
-        for row in w.connector(broker).book.db.execute(
-                "select rowid, fill_id, client_order_id, contract, side, quantity from fills where account = ?",
-                [acct]).fetchall():
+        for row in self.venue(broker).fills(acct):
             rowid, fill_id, coid, contract, side, qty = row
             signed = int(qty) if side == "buy" else -int(qty)
             if str(coid).startswith("manual-"):
@@ -1827,8 +2183,7 @@ class Runner:
         w = self.w
         assert w is not None
         broker, acct, _, _ = ACCOUNTS[account]
-        return {p["contract"]: int(p["quantity"]) for p in w.connector(broker).book.positions(acct)
-                if int(p["quantity"])}
+        return self.venue(broker).positions(acct)
 
     def ledger_lines(self) -> dict[tuple[str, str, str], int]:
         """The ledger's raw books: each strategy's fills, and the lines booked to no strategy."""
@@ -1913,7 +2268,12 @@ class Runner:
             if record.account not in (None, account) or broker not in record.available \
                     or not w.runtime.pool.available(broker):
                 continue
-            if any(o["status"] not in (FILLED, REJECTED, CANCELLED) for o in exits.get(account, [])):
+            # An emulated broker's connector may drop by itself between the flatten and its dispatch (a lost
+            # answer resets the connection): the exit is missed there by design and re-issued on the come-up.
+            away = self.emulated is not None and broker == self.emulated.name
+            if any(o["status"] not in (FILLED, REJECTED, CANCELLED)
+                   and not (away and o["status"] == MISSED and "down at dispatch" in str(o.get("detail")))
+                   for o in exits.get(account, [])):
                 self.fail(f"flatten {record.signal_id}: exit at available broker {broker} neither filled nor "
                           f"rejected: {exits[account]}")
             held = {(s, c): q for (a, s, c), q in lines.items() if a == account and in_scope(record, s, strategies)
@@ -1947,6 +2307,9 @@ class Runner:
         """Every invariant at a quiescence point: every broker up and not paused, everything settled."""
         w = self.w
         assert w is not None and w.runtime.pool is not None
+        if self._coming_back():
+            with contextlib.suppress(AssertionError):
+                await wait_until(lambda: not self._coming_back(), 10.0)
         for broker in BROKERS:
             if not w.runtime.pool.available(broker):
                 self.fail(f"check at a point where {broker} is not available: {w.runtime.pool[broker].state}")
@@ -1969,12 +2332,14 @@ class Runner:
         # 1. No client order id placed twice at a broker (its own database, across restarts); every order the
         #    broker holds is one the journal knows, for the account the journal names.
         for broker in BROKERS:
-            db = w.connector(broker).book.db
-            dupes = list(db.query("select client_order_id, count(*) as n from orders group by client_order_id "
-                                  "having n > 1"))
+            at_broker = self.venue(broker).orders()
+            counts: dict[Any, int] = {}
+            for order in at_broker:
+                counts[order["client_order_id"]] = counts.get(order["client_order_id"], 0) + 1
+            dupes = [{"client_order_id": c, "n": n} for c, n in sorted(counts.items(), key=str) if n > 1]
             if dupes:
                 self.fail(f"client order ids placed twice at {broker}: {dupes}")
-            for order in db.query("select * from orders"):
+            for order in at_broker:
                 if str(order["client_order_id"]).startswith("manual-"):
                     continue  # placed by hand at the broker (``manual`` steps): not ours
                 known = journal_orders.get(order["client_order_id"])
@@ -2325,8 +2690,7 @@ class Runner:
         if not missed:
             return
         for broker in BROKERS:
-            sent = {r["client_order_id"] for r in w.connector(broker).book.db.query(
-                "select client_order_id from orders")}
+            sent = {r["client_order_id"] for r in self.venue(broker).orders()}
             if sent & missed:
                 self.fail(f"orders journaled missed were sent to {broker}: {sorted(sent & missed)}")
 
