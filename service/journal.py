@@ -65,7 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import sqlite_utils
 
@@ -535,23 +535,30 @@ class Journal:
                     continue
                 seen = self.batches
                 try:
-                    _busy, frames, copied = await loop.run_in_executor(pool, _checkpoint, conn)
-                    self.checkpoints += 1
-                    for _ in range(3):
-                        if self.batches == seen or frames < RESTART_AT_FRAMES:
-                            break
-                        seen = self.batches
-                        before = frames
-                        _busy, frames, copied = await loop.run_in_executor(pool, _checkpoint, conn)
-                        if frames - before <= TAIL_FRAMES:
-                            break
-                    if (frames > copied or self.batches != seen) and frames >= RESTART_AT_FRAMES and self._running:
-                        await self._write(_checkpoint, bare=True)
+                    await self._checkpoint_round(lambda: loop.run_in_executor(pool, _checkpoint, conn))
                 except (sqlite3.Error, JournalError) as exc:
                     logger.warning("journal checkpoint failed (retried later; the WAL keeps every commit): %s", exc)
         finally:
             pool.shutdown(wait=True)
             conn.close()
+
+    async def _checkpoint_round(self, beside: Callable[[], Awaitable[tuple[int, int, int]]]) -> None:
+        """One checkpoint beside the writer (``beside``); past ``RESTART_AT_FRAMES``, more passes until one finds
+        little new, and the rest copied in step with the writer, so that the next transaction starts the WAL over."""
+        seen = self.batches
+        _busy, frames, copied = await beside()
+        self.checkpoints += 1
+        if frames < RESTART_AT_FRAMES:
+            return
+        for _ in range(3):
+            if self.batches == seen:
+                break
+            seen, before = self.batches, frames
+            _busy, frames, copied = await beside()
+            if frames - before <= TAIL_FRAMES:
+                break
+        if (frames > copied or self.batches != seen) and self._running:
+            await self._write(_checkpoint, bare=True)
 
     # -- the writer -------------------------------------------------------------------------------------------
 

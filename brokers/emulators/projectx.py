@@ -400,9 +400,7 @@ class ProjectXEmulator(EmulatorServer):
         now = datetime.now(timezone.utc)
         order = EmulatedOrder(next(self._ids), self.account_id(account_name), self.contract(contract).id,
                               ORDER_MARKET, side, size, None, None, custom_tag, now, now)
-        self.orders[order.id] = order
-        self._publish("GatewayUserOrder", self._order_wire(order))
-        self._execute(order, size, self.price(order.contract_id))
+        self._enter(order)
         return self.trades[-1].id
 
     def net_position(self, account_name: str, contract: str) -> int:
@@ -538,15 +536,20 @@ class ProjectXEmulator(EmulatorServer):
         now = datetime.now(timezone.utc)
         order = EmulatedOrder(next(self._ids), account.id, contract.id, order_type, side, size, limit_price,
                               stop_price, None if tag is None else str(tag), now, now)
+        if order_type == ORDER_MARKET and self._partial_next:
+            order.pending_parts = self._partial_next.pop(0)
+        self._enter(order)
+        return {**_ok(), "orderId": order.id}
+
+    def _enter(self, order: EmulatedOrder) -> None:
+        """A new order at the gateway, from our API client or from the trader's platform alike: kept, published on
+        the user hub, and filled (a market order, in its ``pending_parts`` when set) or left working."""
         self.orders[order.id] = order
         self._publish("GatewayUserOrder", self._order_wire(order))
-        if order_type == ORDER_MARKET:
-            if self._partial_next:
-                order.pending_parts = self._partial_next.pop(0)
+        if order.type == ORDER_MARKET:
             self._fill_market(order)
         else:
-            self._check_resting(contract.id)
-        return {**_ok(), "orderId": order.id}
+            self._check_resting(order.contract_id)
 
     async def _order_cancel(self, body: dict[str, Any]) -> dict[str, Any]:
         if _int(body.get("accountId")) not in self.accounts:

@@ -440,14 +440,8 @@ class TradovateEmulator(EmulatorServer):
         order = _Order(id=next(self._ids), account_id=self.account_id(account_name),
                        contract_id=self.contract_id(contract_name), action=action, qty=qty, order_type="Market",
                        price=None, stop_price=None, time_in_force="Day", cl_ord_id=cl_ord_id, created=now,
-                       command_id=next(self._ids), version_id=next(self._ids), status="Working")
-        self.orders[order.id] = order
-        await self._push("command", "Created", order.wire_command())
-        await self._push("orderVersion", "Created", order.wire_version())
-        await self._push("order", "Created", order.wire())
-        await self._fill(order, qty, self.prices[order.contract_id])
-        order.status = "Filled"
-        await self._push("order", "Updated", order.wire())
+                       command_id=next(self._ids), version_id=next(self._ids))
+        await self._enter(order, None)
         return order.fills[-1]
 
     def net_position(self, account_name: str, contract_name: str) -> int:
@@ -616,24 +610,28 @@ class TradovateEmulator(EmulatorServer):
                        time_in_force=str(body.get("timeInForce") or "Day"),
                        cl_ord_id=None if body.get("clOrdId") is None else str(body["clOrdId"]), created=now,
                        command_id=next(self._ids), version_id=next(self._ids))
+        await self._enter(order, self._partial.pop(0) if self._partial and order_type == "Market" else None)
+        return {"orderId": order.id}
+
+    async def _enter(self, order: _Order, parts: list[int] | None) -> None:
+        """A new order at the broker, from our API client or from the trader's platform alike: kept, pushed to every
+        socket, and filled (a market order, in ``parts`` when given, else at once) or left working."""
         self.orders[order.id] = order
         await self._push("command", "Created", order.wire_command())
         await self._push("orderVersion", "Created", order.wire_version())
         await self._push("order", "Created", order.wire())
         order.status = "Working"
-        if order_type == "Market":
-            parts = self._partial.pop(0) if self._partial else [qty]
-            for part in parts:
+        if order.order_type == "Market":
+            for part in parts or [order.qty]:
                 part = min(part, order.qty - order.filled)
                 if part > 0:
-                    await self._fill(order, part, self.prices[contract.id])
+                    await self._fill(order, part, self.prices[order.contract_id])
             if order.filled == order.qty:
                 order.status = "Filled"
             await self._push("order", "Updated", order.wire())
         else:
             await self._push("order", "Updated", order.wire())
-            await self._cross_resting(contract.id)
-        return {"orderId": order.id}
+            await self._cross_resting(order.contract_id)
 
     async def _cross_resting(self, contract_id: int) -> None:
         price = self.prices[contract_id]
