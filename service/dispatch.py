@@ -555,6 +555,7 @@ class BrokerGate(Protocol):
     def available(self, name: str) -> bool: ...
     def connector(self, name: str) -> Any: ...
     async def report_failure(self, name: str, exc: BaseException) -> None: ...
+    async def unresolved(self, name: str, client_order_id: str, exc: BaseException) -> None: ...
     def report_success(self, name: str) -> None: ...
 
 
@@ -818,11 +819,18 @@ class Dispatcher:
             await self.tracker.transition(coid, REJECTED, detail=error.reason,
                                           broker_order_id=error.order.broker_order_id if error.order else None)
             self.pool.report_success(job.broker)
-        elif isinstance(error, RateLimited):
-            await self.tracker.transition(coid, UNKNOWN, detail=f"still rate limited: {error}")
-        elif isinstance(error, (OutcomeUnknown, BrokerUnavailable)):
-            await self.tracker.transition(coid, UNKNOWN, detail=f"{type(error).__name__}: {error}")
-            await self.pool.report_failure(job.broker, error)
+            return None
+        # Whatever else ended the request (lost answer and failed lookups, dropped connection, rate limits past every
+        # retry, an error of another kind), the order is now in flight with nothing under way to resolve it. A
+        # recovery's own send leaves that to the recovery (``Recovery._recover`` fails the come-up, which is
+        # retried); any other is resolved by a come-up at once (``unresolved``), not at the next drop, which may
+        # never come: until then an exit counts as filling while the position stays open.
+        detail = f"still rate limited: {error}" if isinstance(error, RateLimited) else f"{type(error).__name__}: {error}"
+        await self.tracker.transition(coid, UNKNOWN, detail=detail)
+        assert error is not None
+        if recovering:
+            if isinstance(error, (OutcomeUnknown, BrokerUnavailable)):
+                await self.pool.report_failure(job.broker, error)
         else:
-            await self.tracker.transition(coid, UNKNOWN, detail=f"{type(error).__name__}: {error}")
+            await self.pool.unresolved(job.broker, coid, error)
         return None

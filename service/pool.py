@@ -11,8 +11,9 @@ and returns, so that the service listens (and answers webhooks) while a broker i
 unreachable. Until its first recovery finished a broker is simply not available, exactly as if it were down;
 ``ready`` waits for every broker's first attempt (tests, the CLI, callers that want the brokers before they act).
 
-Drops are learned two ways: a ``ConnectionEvent(connected=False)`` from the connector, or calls that fail with
-``BrokerUnavailable``/``OutcomeUnknown`` (``report_failure``). Reconnects back off exponentially (``backoff_s`` doubling
+Drops are learned three ways: a ``ConnectionEvent(connected=False)`` from the connector, calls that fail with
+``BrokerUnavailable``/``OutcomeUnknown`` (``report_failure``), and an order request that ended with nothing to vouch
+for (``unresolved``: the broker is treated as dropped so that a come-up looks the order up at once). Reconnects back off exponentially (``backoff_s`` doubling
 up to ``backoff_max_s``); a connector that reconnects by itself (ProjectX does) is simply noticed.
 """
 
@@ -230,7 +231,7 @@ class BrokerPool:
         was_down = slot.down
         slot.down, slot.reason, slot.since = True, f"down: {reason}", utcnow()
         if not was_down:
-            log.warning("broker %s paused: connection lost (%s)", name, reason)
+            log.warning("broker %s paused (%s)", name, reason)
             if self.on_down is not None:
                 await self.on_down(name)
         if not self._stopping:
@@ -243,6 +244,19 @@ class BrokerPool:
         slot.last_error = str(exc)
         if not slot.connector.connected or slot.failures >= 3:
             await self.mark_down(name, f"{type(exc).__name__}: {exc}")
+
+    async def unresolved(self, name: str, client_order_id: str, exc: BaseException) -> None:
+        """An order's request ended and this process cannot say what the broker did with it (journaled ``unknown``:
+        its answer was lost and the lookups failed, or the broker kept refusing it with rate limits past every
+        retry): pause the broker at once and recover it, as after a drop. Until a come-up looks the order up, the
+        service counts it as filling (an exit "closing" a position that may still be open, with nothing that would
+        ever resolve it while the connection stays up); the come-up's recovery adopts what the broker has, or
+        journals it ``missed``, and then redoes the flattens and catches up the accounts that missed it."""
+        slot = self[name]
+        slot.failures += 1
+        slot.last_error = f"{client_order_id}: {type(exc).__name__}: {exc}"
+        await self.mark_down(name, f"order {client_order_id} left unresolved ({type(exc).__name__}: {exc}); "
+                                   "recovering to look it up")
 
     def report_success(self, name: str) -> None:
         self[name].failures = 0

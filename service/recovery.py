@@ -236,6 +236,12 @@ class RecoveryMixin(RuntimeState):
                 await self._send_recovered(job)
                 if tracked.status not in IN_FLIGHT:
                     self._recovering_at_start.discard(coid)
+                elif tracked.status == UNKNOWN:
+                    # Its send ended without an answer to vouch for (lost, or refused by rate limits past every
+                    # retry): the broker must not open with it unresolved. The come-up fails and is retried, and
+                    # looks it up again first.
+                    raise BrokerError(f"recovery: {coid} could not be sent to {broker} "
+                                      f"({self.tracker.orders[coid].detail or 'no answer'}); come-up retried")
             else:
                 await self.tracker.transition(coid, MISSED, detail=(
                     f"not at broker {broker} after the connection came back; never sent"))

@@ -307,6 +307,9 @@ class Gate:
     async def report_failure(self, name: str, exc: BaseException) -> None:
         return None
 
+    async def unresolved(self, name: str, client_order_id: str, exc: BaseException) -> None:
+        return None
+
     def report_success(self, name: str) -> None:
         return None
 

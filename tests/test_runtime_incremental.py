@@ -151,6 +151,9 @@ class Pool:
     async def report_failure(self, name: str, exc: BaseException) -> None:
         return None
 
+    async def unresolved(self, name: str, client_order_id: str, exc: BaseException) -> None:
+        return None
+
     def report_success(self, name: str) -> None:
         return None
 
