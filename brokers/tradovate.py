@@ -28,8 +28,9 @@ What makes Tradovate different, and how this module copes:
   come from its fills. Fills carry no account (their order does) and no fees: the fees of a fill are its
   ``FillFee`` (``commission``, ``clearingFee``, ``exchangeFee``, ``nfaFee``, ``brokerageFee``, ``ipFee``,
   ``orderRoutingFee``), and ``Fill.commission`` is their sum. Events ask ``/fillFee/deps?masterid=<fill id>``
-  once per fill; ``fills_since`` reads ``/fillFee/list`` once. When Tradovate reports no fees for a fill, the
-  Broker document's ``commissions`` stand in (``broker.commission(root)`` per contract per side).
+  once per fill; ``fills_since`` reads ``/fillFee/list`` once. When Tradovate reports no fees for a fill, or the
+  ask fails (a fill is never held back for its fees), the Broker document's ``commissions`` stand in
+  (``broker.commission(root)`` per contract per side).
 - **Realized P&L**: ``realizedPnL`` of ``/cashBalance/getcashbalancesnapshot`` is taken as gross of fees (fees
   are cash changes of their own, apart from the ``TradePaired`` change that carries the P&L), so today's
   ``Fill.commission`` figures are subtracted: the same numbers ``fills_since`` reports.
@@ -45,9 +46,10 @@ Unverified (the documentation is silent; the safest reading is kept): whether ``
 gross, as above); whether ``FillFee.id`` equals its fill's id (the entity has no ``fillId``; assumed, as its
 fill's 1:1 dependent, for ``/fillFee/list``; ``/fillFee/deps`` needs no such assumption); the fee currencies (all
 taken to be the account's); whether fees exist at the moment a fill is pushed (if not, the event carries the
-Broker document's figure and ``fills_since`` the broker's later); whether renewal extends an authorized socket
-(we never rely on it); whether the renewed token replaces the old one at once (we switch at once); ``clOrdId``
-deduplication (none assumed); the exact 429 wait (none documented: ``throttle_wait_s``, doubling to an hour).
+Broker document's figure and ``fills_since`` the broker's later; so does an event whose fee lookup failed);
+whether renewal extends an authorized socket (we never rely on it); whether the renewed token replaces the old one
+at once (we switch at once); ``clOrdId`` deduplication (none assumed); the exact 429 wait (none documented:
+``throttle_wait_s``, doubling to an hour).
 
 Options (keyword arguments): ``request_timeout_s`` (10), ``renew_before_s`` (600: renew that long before expiry,
 at most a quarter of the token's life), ``throttle_wait_s`` (60), ``heartbeat_s`` (2.5), ``ws_timeout_s`` (10),
@@ -624,9 +626,18 @@ class TradovateConnector(HttpConnector):
             self._absorb_fill_fee(wire)
 
     async def _fill_fee(self, fill_id: int, *, ask: bool) -> Decimal | None:
-        """The broker's own fees for a fill: cached (pushed or listed), else asked once by ``/fillFee/deps``."""
+        """The broker's own fees for a fill: cached (pushed or listed), else asked once by ``/fillFee/deps``.
+
+        An ask that fails (throttled past its resends, REST down) is None, not an error, and is not remembered: a
+        pushed fill must not be held back for its fees (the event would wait for the next sync or safety poll, up
+        to ``safety_poll_s``, while the ledger misses the position); the Broker document's figure stands in."""
         if fill_id not in self._fill_fees and ask:
-            payload = await self._request("GET", "/fillFee/deps", params={"masterid": fill_id})
+            try:
+                payload = await self._request("GET", "/fillFee/deps", params={"masterid": fill_id})
+            except BrokerError as exc:
+                log.info("Tradovate %s: fees of fill %s not read (%s); the Broker document's commission stands in",
+                         self.broker.name, fill_id, exc)
+                return None
             totals = [t for t in map(fill_fee_total, payload if isinstance(payload, list) else []) if t is not None]
             self._fill_fees[fill_id] = sum(totals, Decimal(0)) if totals else None
         return self._fill_fees.get(fill_id)
