@@ -56,7 +56,8 @@ at most a quarter of the token's life), ``throttle_wait_s`` (60), ``heartbeat_s`
 ``use_websocket`` (True), ``poll_interval_s`` (2), ``reconnect_backoff_s`` (0.5, doubling to
 ``reconnect_backoff_max_s`` 10), ``reconnect_wait_s`` (10: how long an unknown outcome waits for the broker before
 giving up the lookup), ``order_lookback_days`` (7), ``safety_poll_s`` (30: a poll even while the socket is live,
-in case it lost an event).
+in case it lost an event), ``fee_wait_s`` (2: how long a pushed fill waits for its fees before the Broker
+document's commission stands in).
 """
 
 from __future__ import annotations
@@ -234,6 +235,10 @@ class TradovateConnector(HttpConnector):
         self.renew_before_s = float(options.get("renew_before_s", 600.0))
         self.throttle_wait_s = float(options.get("throttle_wait_s", 60.0))
         self.heartbeat_s = float(options.get("heartbeat_s", 2.5))
+        self.fee_wait_s = float(options.get("fee_wait_s", 2.0))
+        """Bounds the fee ask of a pushed fill, which runs inside the socket's reader: after a 429 every request
+        waits out the broker's penalty (``throttle_wait_s``, 60 s doubling), and every event behind the fill with
+        it."""
         self.ws_timeout_s = float(options.get("ws_timeout_s", 10.0))
         self.use_websocket = bool(options.get("use_websocket", True))
         self.limiter = BrokerRateLimiter.for_broker(broker.rate_limit)
@@ -628,12 +633,18 @@ class TradovateConnector(HttpConnector):
     async def _fill_fee(self, fill_id: int, *, ask: bool) -> Decimal | None:
         """The broker's own fees for a fill: cached (pushed or listed), else asked once by ``/fillFee/deps``.
 
-        An ask that fails (throttled past its resends, REST down) is None, not an error, and is not remembered: a
-        pushed fill must not be held back for its fees (the event would wait for the next sync or safety poll, up
+        An ask that fails (throttled past its resends, REST down) or takes longer than ``fee_wait_s`` (waiting
+        out a penalty) is None, not an error, and is not remembered: a pushed fill must not be held back for its
+        fees (the event would wait for the next sync or safety poll, up
         to ``safety_poll_s``, while the ledger misses the position); the Broker document's figure stands in."""
         if fill_id not in self._fill_fees and ask:
             try:
-                payload = await self._request("GET", "/fillFee/deps", params={"masterid": fill_id})
+                payload = await asyncio.wait_for(
+                    self._request("GET", "/fillFee/deps", params={"masterid": fill_id}), self.fee_wait_s)
+            except TimeoutError:
+                log.info("Tradovate %s: fees of fill %s not read within %gs (throttled); the Broker document's "
+                         "commission stands in", self.broker.name, fill_id, self.fee_wait_s)
+                return None
             except BrokerError as exc:
                 log.info("Tradovate %s: fees of fill %s not read (%s); the Broker document's commission stands in",
                          self.broker.name, fill_id, exc)

@@ -50,3 +50,25 @@ async def test_a_fill_by_hand_is_reported_at_once_when_its_fee_lookup_is_throttl
         # The statement path still reads the broker's own fees for that fill.
         fills = await h.connector.fills_since(ACCOUNT, datetime.now(timezone.utc) - timedelta(minutes=5))
         assert [(f.fill_id, f.commission) for f in fills] == [(str(fill_id), 2 * broker_fee)]
+
+
+async def test_a_fill_by_hand_waits_for_its_fees_no_longer_than_fee_wait_s_under_a_penalty(tmp_path: Path) -> None:
+    """With the production wait after a 429 (60 s, doubling), the fee ask alone would hold the fill, and every event
+    the socket pushes after it, for a minute or more: it is bounded by ``fee_wait_s``."""
+    async with make_harness(tmp_path, emulator_options={"fee_schedule": {"MES": FEES_MES}},
+                            throttle_wait_s=60.0, fee_wait_s=0.3, safety_poll_s=30.0) as h:
+        assert h.connector.websocket_live
+        queue = h.connector.subscribe()
+        h.emulator.rate_limit_next(1, kind="429")  # the fee ask meets it, then waits out the 60 s penalty
+        fill_id = await h.emulator.trade_by_hand(ACCOUNT, h.contract, "Buy", 1, "manual-2")
+
+        async def pushed_fill() -> FillEvent:
+            while True:
+                event = await queue.get()
+                if isinstance(event, FillEvent):
+                    return event
+
+        event = await asyncio.wait_for(pushed_fill(), 5.0)
+        assert h.emulator.requests["/v1/fillFee/deps"] == 1  # asked, refused, and not waited for
+        assert (event.fill.fill_id, event.fill.side, event.fill.quantity) == (str(fill_id), Side.BUY, 1)
+        assert event.fill.commission == h.connector.broker.commission("MES")
