@@ -273,7 +273,6 @@ class RecoveryMixin(RuntimeState):
         broker was asked for the positions in ``broker_positions`` (``OrdersAtRead``), what a caller that pairs
         those positions with our orders in flight must read them from."""
         assert self.pool is not None
-        connector = self.pool.connector(broker)
         now = self.clock()
         since = trading_day_start(now) - timedelta(days=1)
         ending = self._overtaken_window(broker)  # exits final before this pass: it reads every fill they could miss
@@ -281,22 +280,13 @@ class RecoveryMixin(RuntimeState):
         for account in sorted(self.ruleset.accounts.values(), key=lambda a: a.name):
             if account.broker != broker:
                 continue
-            for fill in await connector.fills_since(account.broker_account, since):
-                await self.ingest_fill(broker, fill)
-            for order in await connector.working_orders(account.broker_account):
-                tracked = self.tracker.find(broker, order.client_order_id, order.broker_order_id)
-                if tracked is not None:
-                    await self.tracker.adopt(tracked.job.client_order_id, order)
-            for tracked in self.tracker.unsettled():  # a working order is not final: unsettled (not the day's all)
-                if tracked.job.account == account.name and tracked.status in WORKING:
-                    found = await connector.find_order(account.broker_account, tracked.job.client_order_id)
-                    if found is not None:
-                        await self.tracker.adopt(tracked.job.client_order_id, found)
-            at_read = OrdersAtRead.take(account.name, self.tracker)
-            held = {p.contract: p.quantity for p in await connector.positions(account.broker_account) if p.quantity}
-            self._set_snapshot(account.name, await connector.account_snapshot(account.broker_account))
-            mismatches = reconcile.compare_positions(self.ledger.account_positions(account.name), held,
-                                                     at_read.in_flux(self.tracker))
+            at_read, held, mismatches = await self._read_account(broker, account, since)
+            if mismatches:
+                # Read once more before acting on it: a fill made between this read's fill list and its positions
+                # (a trade by hand at that moment, or ours) shows in the positions only; adopted now, it would be
+                # booked a second time when its fill is reported, and a halt would stop entries for nothing. The
+                # second read's fill list holds it. A mismatch that stays is real.
+                at_read, held, mismatches = await self._read_account(broker, account, since)
             row = {"broker": broker, "account": account.name, "ok": not mismatches, "reason": reason,
                    "policy": account.on_mismatch, "mismatches": [m.as_dict() for m in mismatches],
                    "broker_positions": held, "at": now}
@@ -312,6 +302,31 @@ class RecoveryMixin(RuntimeState):
         await self._snapshot_positions(broker, [str(r["account"]) for r in rows], now, reason)
         await self._withheld_after_pass(broker, rows)  # flattens withheld where these rows now agree: redone
         return rows
+
+    async def _read_account(self, broker: str, account: Account, since: datetime
+                            ) -> tuple[OrdersAtRead, dict[str, int], list[reconcile.Mismatch]]:
+        """One read of ``account`` at its broker for a reconciliation: its fills since ``since`` booked, its working
+        orders' states taken, then its positions (and snapshot) compared with the ledger, leaving out contracts
+        with our orders in flight at the read (``OrdersAtRead``)."""
+        assert self.pool is not None
+        connector = self.pool.connector(broker)
+        for fill in await connector.fills_since(account.broker_account, since):
+            await self.ingest_fill(broker, fill)
+        for order in await connector.working_orders(account.broker_account):
+            tracked = self.tracker.find(broker, order.client_order_id, order.broker_order_id)
+            if tracked is not None:
+                await self.tracker.adopt(tracked.job.client_order_id, order)
+        for tracked in self.tracker.unsettled():  # a working order is not final: unsettled (not the day's all)
+            if tracked.job.account == account.name and tracked.status in WORKING:
+                found = await connector.find_order(account.broker_account, tracked.job.client_order_id)
+                if found is not None:
+                    await self.tracker.adopt(tracked.job.client_order_id, found)
+        at_read = OrdersAtRead.take(account.name, self.tracker)
+        held = {p.contract: p.quantity for p in await connector.positions(account.broker_account) if p.quantity}
+        self._set_snapshot(account.name, await connector.account_snapshot(account.broker_account))
+        mismatches = reconcile.compare_positions(self.ledger.account_positions(account.name), held,
+                                                 at_read.in_flux(self.tracker))
+        return at_read, held, mismatches
 
     async def _snapshot_positions(self, broker: str, accounts: list[str], now: datetime, reason: str) -> None:
         """Journal the ledger's positions of ``accounts`` as they stand after a reconciliation pass (what the

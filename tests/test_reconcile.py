@@ -125,3 +125,49 @@ async def test_every_pass_journals_a_position_snapshot_of_the_ledger(tmp_path: P
         assert {r["broker"] for r in rows} == {"fast"} and len({r["at"] for r in rows}) == 1
         assert all(Decimal(r["avg_price"]) > 0 for r in rows if r["quantity"])
         assert {r["reason"] for r in w.journal.position_snapshots(200)} >= {"start-up", "test"}
+
+
+async def test_a_fill_made_during_the_pass_is_booked_once_not_adopted_then_booked_again(tmp_path: Path) -> None:
+    """A trade by hand fills after the pass read the account's fills and before it read the positions; its fill
+    reaches our stream only after the pass. Acting on that one read adopted it (an alert, or a halt on a halt
+    account, for nothing) and then booked its fill too: the ledger long 5 where the broker holds 3, until the next
+    pass adopted that back. The pass now reads the account once more on a mismatch, finds the fill in the list,
+    and books it once."""
+    from brokers.base import Side
+
+    async with world(tmp_path) as w:
+        decision = await w.submit(signal("mirror", "buy", 1, sid="e1"))
+        await w.settle()
+        contract = decision.orders[0].contract
+        connector = w.connector("fast")
+        book = connector.book
+        late: list[tuple[str, dict]] = []  # type: ignore[type-arg]
+        positions = connector.positions
+
+        async def hand_trade_before_positions(account: str) -> list:  # type: ignore[type-arg]
+            if account == "F-1" and not late:
+                listeners, book.listeners = list(book.listeners), [lambda kind, record: late.append((kind, record))]
+                try:
+                    book.manual_trade("F-1", contract, Side.BUY, 2, "hand-1")
+                finally:
+                    book.listeners = listeners
+            return await positions(account)
+
+        connector.positions = hand_trade_before_positions
+        rows = await w.runtime.reconcile_broker("fast", reason="test")
+        assert late and next(r for r in rows if r["account"] == "f1")["ok"] is True
+        assert not any(e["kind"] == "adopt" for e in w.journal.risk_events(10))
+        for kind, record in late:  # the stream catches up: the same fill, already booked
+            for listener in list(book.listeners):
+                listener(kind, record)
+        # A second trade by hand, reported as it happens: the stream is handled in order, so once it is booked the
+        # late report of the first was handled too.
+        connector.manual_trade("F-1", contract, Side.SELL, 1, "hand-2")
+        await wait_until(lambda: "hand-2" in [f["client_order_id"] for f in w.journal.fills(account="f1")],
+                         what="the stream handled")
+        assert w.runtime.ledger.account_positions("f1") == {contract: 2} == {
+            p["contract"]: p["quantity"] for p in book.positions("F-1")}
+        assert w.runtime.ledger.strategy_positions("f1", EXTERNAL_STRATEGY) == {contract: 1}
+        assert [f["client_order_id"] for f in w.journal.fills(account="f1")].count("hand-1") == 1
+        rows = await w.runtime.reconcile_broker("fast", reason="test")
+        assert all(r["ok"] for r in rows)
