@@ -18,12 +18,22 @@ What makes ProjectX different from the other brokers, and how this module copes:
 - **Events.** The SignalR user hub (``endpoints["hub"]``) pushes orders and trades; when it is off or down the
   connector polls ``Order/search`` and ``Trade/search`` (option ``poll_interval_s``). Both paths feed one
   de-duplicating state, so an update seen twice is emitted once.
+- **A trade names its order, not our id.** Only the order carries ``customTag``, and a pushed trade can overtake
+  both the answer to its ``Order/place`` and the order's own event. A trade whose order we cannot yet tell ours or
+  not (its ``Order/search`` failed or took longer than ``lookup_wait_s``; or the answer omits ``customTag`` while
+  one of our placements still awaits its answer) is *not* reported: reported without its id, the service would
+  book our own fill as a trade made by hand, and the order's own fill would later be a duplicate it drops. It
+  waits, unreported, for its order's next event, the ``Order/place`` answer, or the next poll (every
+  ``poll_interval_s`` while such a trade waits, even with the hub live). Once the search answers that the order
+  carries no tag, the trade is reported as not ours (a trade by hand), as before.
 
 Options (keyword arguments of the connector): ``poll_interval_s`` (2.0), ``use_hub`` (True), ``request_timeout_s``
 (10), ``token_refresh_s`` (20 h), ``order_lookback_days`` (7), ``reconnect_backoff_s`` (0.5, doubling to
 ``reconnect_backoff_max_s`` 10), ``reconnect_wait_s`` (10: how long an unknown outcome waits for the broker to come
 back before giving up the lookup), ``safety_poll_s`` (30: a poll even while the hub is live, in case it lost an
-event), ``catalog`` (an ``engine.catalog.Catalog``), ``products`` (root -> product code
+event), ``lookup_wait_s`` (2: how long a pushed trade of an order we do not know waits for ``Order/search``; it runs
+inside the hub's event handling, and after a 429 every request waits out the penalty, up to a minute: past this
+the trade waits unreported, see above), ``catalog`` (an ``engine.catalog.Catalog``), ``products`` (root -> product code
 where a firm's ``Contract/search`` answer is ambiguous).
 
 ProjectX has no time-in-force field: ``OrderRequest.time_in_force`` is not sent (the gateway's orders are good
@@ -248,6 +258,12 @@ class ProjectXConnector(HttpConnector):
         self._contract_codes: dict[str, str] = {}
         self._tags: dict[int, str | None] = {}
         self._seen_trades: set[int] = set()
+        self.lookup_wait_s = float(options.get("lookup_wait_s", 2.0))
+        self._unresolved: dict[int, Mapping[str, Any]] = {}
+        """Trade id -> trade not reported yet because we cannot tell whether its order is ours."""
+        self._lookup_failed_at = float("-inf")
+        self._placing = 0
+        """``place_order`` calls under way: while one is, an order the gateway does not tag may still be ours."""
         self._hub_ws: aiohttp.ClientWebSocketResponse | None = None
         self._hub_live = asyncio.Event()
         self._resubscribe = asyncio.Event()
@@ -406,6 +422,14 @@ class ProjectXConnector(HttpConnector):
         return code
 
     # -- orders -----------------------------------------------------------------------------------------------
+    async def place_order(self, request: OrderRequest) -> Order:
+        """Counted while under way (answer and any lookup after a lost one): see ``_order_settled``."""
+        self._placing += 1
+        try:
+            return await super().place_order(request)
+        finally:
+            self._placing -= 1
+
     async def _submit(self, request: OrderRequest) -> Order:
         account_id = await self._account_id(request.account)
         contract = await self.contract_id(request.contract)
@@ -423,6 +447,7 @@ class ProjectXConnector(HttpConnector):
         if payload.get("success") and payload.get("orderId") is not None:
             order_id = int(payload["orderId"])
             self._tags[order_id] = request.client_order_id
+            await self._resolve_waiting(order_id)  # a trade that overtook this answer, now known to be ours
             with contextlib.suppress(BrokerError):
                 found = await self._order_by_id(request.account, order_id)
                 if found is not None:
@@ -450,8 +475,9 @@ class ProjectXConnector(HttpConnector):
                                  kind=kind)
         orders = list(payload.get("orders") or [])
         for order in orders:
-            if order.get("customTag") is not None or int(order["id"]) not in self._tags:
-                # Never forget a tag we learned from Order/place because an answer omits or nulls it.
+            # Never forget a tag we learned from Order/place because an answer omits or nulls it; and an answer
+            # without the field (the first published example) does not say the order is untagged.
+            if order.get("customTag") is not None or ("customTag" in order and int(order["id"]) not in self._tags):
                 self._tags[int(order["id"])] = order.get("customTag")
         return orders
 
@@ -582,9 +608,6 @@ class ProjectXConnector(HttpConnector):
 
     async def _fill(self, wire: Mapping[str, Any]) -> Fill:
         order_id = int(wire["orderId"])
-        if order_id not in self._tags:  # a pushed trade can overtake the answer to its Order/place
-            with contextlib.suppress(BrokerError):
-                await self._search_orders(int(wire["accountId"]), utcnow() - self.order_lookback)
         return Fill(
             fill_id=str(wire["id"]),
             broker_order_id=str(order_id),
@@ -607,13 +630,57 @@ class ProjectXConnector(HttpConnector):
         if known is None or known.status is not status or known.filled != filled:
             self._known[key] = Known(status, filled)  # before any await: the hub and the poll race here
             self._emit(OrderEvent(await self._order(wire)))
+        if key in self._tags:  # the order's event may carry the tag a waiting trade of it lacked
+            await self._resolve_waiting(key)
 
     async def _note_trade(self, wire: Mapping[str, Any]) -> None:
         trade_id = int(wire["id"])
         if trade_id in self._seen_trades or wire.get("voided"):
+            self._unresolved.pop(trade_id, None)
+            return
+        if not await self._order_settled(wire):
+            if trade_id in self._seen_trades:  # reported meanwhile by the other path (hub or poll)
+                return
+            if trade_id not in self._unresolved:
+                log.info("ProjectX %s: trade %s of order %s waits until we can tell whether the order is ours",
+                         self.broker.name, trade_id, wire.get("orderId"))
+            self._unresolved[trade_id] = wire
+            return
+        if trade_id in self._seen_trades:  # the hub and the poll race across the lookup
             return
         self._seen_trades.add(trade_id)
+        self._unresolved.pop(trade_id, None)
         self._emit(FillEvent(await self._fill(wire)))
+
+    async def _order_settled(self, wire: Mapping[str, Any]) -> bool:
+        """Whether the trade's order is known to be ours (its tag) or not ours (no tag), looking it up if need be.
+
+        The lookup is bounded by ``lookup_wait_s``: it runs inside the hub's event handling, where waiting out a
+        429 penalty would hold every event behind it. A failed lookup settles nothing (the trade waits; reported
+        without its tag it would be booked as a trade by hand), and for ``lookup_wait_s`` after one the next trade
+        waits without asking: the REST API is throttled or away, and the poll asks for all of them at once.
+        An order the answer lists without ``customTag`` (or not at all) is not ours unless one of our placements
+        is still under way: its answer may yet name it.
+        """
+        order_id = int(wire["orderId"])
+        if order_id in self._tags:
+            return True
+        if time.monotonic() - self._lookup_failed_at < self.lookup_wait_s:
+            return False
+        try:
+            await asyncio.wait_for(self._search_orders(int(wire["accountId"]), utcnow() - self.order_lookback),
+                                   self.lookup_wait_s)
+        except (BrokerError, TimeoutError) as exc:
+            self._lookup_failed_at = time.monotonic()
+            log.info("ProjectX %s: order %s of trade %s not looked up (%s)", self.broker.name, order_id,
+                     wire.get("id"), type(exc).__name__ if isinstance(exc, TimeoutError) else exc)
+            return False
+        return order_id in self._tags or not self._placing
+
+    async def _resolve_waiting(self, order_id: int) -> None:
+        """Report the waiting trades of ``order_id`` now that its tag is known."""
+        for wire in [w for w in self._unresolved.values() if int(w["orderId"]) == order_id]:
+            await self._note_trade(wire)
 
     async def _poll_once(self) -> None:
         self._last_poll = time.monotonic()
@@ -621,13 +688,19 @@ class ProjectXConnector(HttpConnector):
         for account_id in sorted(self._watched):
             for wire in await self._search_orders(account_id, since):
                 await self._note_order(wire)
-            for trade in await self._search_trades(account_id, since):
+            trades = await self._search_trades(account_id, since)
+            listed = {int(t["id"]) for t in trades}
+            for trade_id, waiting in list(self._unresolved.items()):
+                if int(waiting["accountId"]) == account_id and trade_id not in listed:
+                    self._unresolved.pop(trade_id, None)  # voided since: never to be reported
+            for trade in trades:
                 await self._note_trade(trade)
 
     async def _while_connected(self, backoff: Backoff) -> None:
-        """Poll orders and trades while the hub is not delivering them (and now and then even when it is)."""
+        """Poll orders and trades while the hub is not delivering them (and now and then even when it is, and at
+        every pass while a trade waits to be told ours or not)."""
         hub_quiet = time.monotonic() - self._last_poll < self.safety_poll_s
-        if not self._hub_live.is_set() or self._resubscribe.is_set() or not hub_quiet:
+        if not self._hub_live.is_set() or self._resubscribe.is_set() or not hub_quiet or self._unresolved:
             await self._poll_safely()
         await asyncio.sleep(self.poll_interval_s)
 

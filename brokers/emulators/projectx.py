@@ -24,9 +24,10 @@ Wire details reproduced on purpose:
 - optionally the SignalR user hub at ``/hubs/user`` (JSON protocol, ``\\x1e``-terminated records).
 
 Fault hooks (see ``brokers-shared.md``): ``reject_next``, ``partial_fill_next``, ``rate_limit_next``,
-``lose_next_place_response``, ``drop_connection``/``restore_connection``, ``expire_tokens``; ``trade_by_hand``
-(an order another client of the account places and fills) and ``move_position`` (a position change with no trade),
-for what the trader does outside the API.
+``lose_next_place_response``, ``drop_connection``/``restore_connection``, ``expire_tokens``,
+``push_trade_before_answer_next`` (a trade pushed before anything that names its order's ``customTag``);
+``trade_by_hand`` (an order another client of the account places and fills) and ``move_position`` (a position
+change with no trade), for what the trader does outside the API.
 """
 
 from __future__ import annotations
@@ -312,6 +313,9 @@ class ProjectXEmulator(EmulatorServer):
         self._reject_next: list[str] = []
         self._partial_next: list[list[int]] = []
         self._rate_limit_next: list[float | None] = []
+        self._trade_first_next: list[tuple[float, int, float | None]] = []
+        self._held: dict[int, tuple[float, list[dict[str, Any]]]] = {}
+        """Order id -> (hold, its GatewayUserOrder events held back), for ``push_trade_before_answer_next``."""
         self._hubs: set[_HubClient] = set()
         self._routes: dict[str, Handler] = {
             "/api/Auth/loginKey": self._login_key,
@@ -379,6 +383,32 @@ class ProjectXEmulator(EmulatorServer):
     def rate_limit_next(self, n: int = 1, retry_after_s: float | None = 0.2) -> None:
         """The next ``n`` requests get 429; with ``Retry-After: retry_after_s`` unless it is None."""
         self._rate_limit_next.extend([retry_after_s] * n)
+
+    def push_trade_before_answer_next(self, hold_s: float = 0.3, *, then_rate_limit: int = 0,
+                                      retry_after_s: float | None = 0.2) -> None:
+        """The next order placed through the API keeps its ``Order/place`` answer and its ``GatewayUserOrder``
+        events back for ``hold_s`` while its trades (a market order fills at once) are pushed on the hub: a trade
+        that overtakes everything its order's ``customTag`` could be learned from. The gateway documents no order
+        among its pushes and answers, so a client must cope with this one.
+
+        ``then_rate_limit``: the next that many requests after the placement get 429 (with ``retry_after_s``), so
+        that the client's lookup of the trade's order fails: the place request itself is not among them."""
+        self._trade_first_next.append((hold_s, then_rate_limit, retry_after_s))
+
+    def _hold_order_events(self, order: EmulatedOrder) -> None:
+        if self._trade_first_next:
+            hold_s, then_rate_limit, retry_after_s = self._trade_first_next.pop(0)
+            self._held[order.id] = (hold_s, [])
+            self.rate_limit_next(then_rate_limit, retry_after_s)
+
+    async def _release_held(self, order_id: Any) -> None:
+        """After the hold, the held order's events go out (in order), then its answer."""
+        if order_id not in self._held:
+            return
+        await asyncio.sleep(self._held[order_id][0])
+        _, events = self._held.pop(order_id)
+        for data in events:
+            self._publish("GatewayUserOrder", data)
 
     def void_trade(self, trade_id: int) -> None:
         """Mark a trade voided (busted), as the gateway's ``voided`` flag reports; the book is not unwound."""
@@ -470,6 +500,7 @@ class ProjectXEmulator(EmulatorServer):
         if request.path == "/api/Auth/validate":
             body = {**body, "_token": self._token_of(request)}
         answer = await handler(body)
+        await self._release_held(answer.get("orderId") if request.path == "/api/Order/place" else None)
         if request.path == "/api/Order/place" and answer.get("success"):
             lost = self._lose_this_answer(request)  # the order is in the book (and filled); its answer is not
             if lost is not None:
@@ -538,6 +569,7 @@ class ProjectXEmulator(EmulatorServer):
                               stop_price, None if tag is None else str(tag), now, now)
         if order_type == ORDER_MARKET and self._partial_next:
             order.pending_parts = self._partial_next.pop(0)
+        self._hold_order_events(order)
         self._enter(order)
         return {**_ok(), "orderId": order.id}
 
@@ -744,6 +776,9 @@ class ProjectXEmulator(EmulatorServer):
                 await client.send(reply)
 
     def _publish(self, target: str, data: dict[str, Any]) -> None:
+        if target == "GatewayUserOrder" and data.get("id") in self._held:
+            self._held[data["id"]][1].append(data)
+            return
         kind = target.removeprefix("GatewayUser")
         for client in list(self._hubs):
             if kind == "Account":
