@@ -456,6 +456,35 @@ class ProjectXEmulator(EmulatorServer):
     def order_count(self, account_id: int, custom_tag: str) -> int:
         return sum(1 for o in self.orders.values() if o.account_id == account_id and o.custom_tag == custom_tag)
 
+    # -- read-outs in plain values (they cross a process boundary: tests that run the emulator in a process of
+    # its own, as the broker is, read its book through these) ---------------------------------------------------
+    def contract_names(self) -> list[str]:
+        """Every contract the emulator lists, by CME code (``MESZ6``)."""
+        return [c.code for c in self.contracts.values()]
+
+    def order_book(self) -> list[dict[str, Any]]:
+        """Every order the gateway holds: ``id``, ``account`` (name), ``custom_tag``, ``status`` (its number)."""
+        return [{"id": o.id, "account": self.accounts[o.account_id].name, "custom_tag": o.custom_tag,
+                 "status": o.status} for o in self.orders.values()]
+
+    def fills_of(self, account_name: str) -> list[dict[str, Any]]:
+        """Every trade of the account not voided, in the order the gateway made them: ``seq`` (1-based among all
+        its trades), ``id``, ``custom_tag`` of its order, ``contract`` (CME code), ``side`` (0 buy, 1 sell),
+        ``size``."""
+        aid = self.account_id(account_name)
+        return [{"seq": seq, "id": t.id, "custom_tag": self.orders[t.order_id].custom_tag,
+                 "contract": self.contracts[t.contract_id].code, "side": t.side, "size": t.size}
+                for seq, t in enumerate(self.trades, start=1) if t.account_id == aid and not t.voided]
+
+    def positions_of(self, account_name: str) -> dict[str, int]:
+        """The account's open positions: CME code -> signed quantity."""
+        account = self.accounts[self.account_id(account_name)]
+        return {self.contracts[cid].code: p.quantity for cid, p in account.positions.items() if p.quantity}
+
+    def fill_count(self) -> int:
+        """How many trades the gateway has made (any account, voided too): a mark to tell later trades by."""
+        return len(self.trades)
+
     # -- HTTP plumbing ----------------------------------------------------------------------------------------
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -463,6 +463,39 @@ class TradovateEmulator(EmulatorServer):
             position.net_price = None
         position.updated = datetime.now(timezone.utc)
 
+    # -- read-outs in plain values (they cross a process boundary: tests that run the emulator in a process of
+    # its own, as the broker is, read its book through these) ---------------------------------------------------
+    def contract_names(self) -> list[str]:
+        """Every contract the emulator lists, by name (``MESZ6``)."""
+        return [c.name for c in self.contracts.values()]
+
+    def order_book(self) -> list[dict[str, Any]]:
+        """Every order the broker holds: ``id``, ``account`` (name), ``cl_ord_id``, ``status`` (``ordStatus``)."""
+        return [{"id": o.id, "account": self.accounts[o.account_id].name, "cl_ord_id": o.cl_ord_id,
+                 "status": o.status} for o in self.orders.values()]
+
+    def fills_of(self, account_name: str) -> list[dict[str, Any]]:
+        """Every fill of the account, in the order the broker made them: ``seq`` (1-based among all its fills),
+        ``id``, ``cl_ord_id`` of its order, ``contract`` (name), ``action`` (Buy / Sell), ``qty``."""
+        aid = self.account_id(account_name)
+        out = []
+        for seq, fill in enumerate(self.fills.values(), start=1):
+            order = self.orders[fill.order_id]
+            if order.account_id == aid:
+                out.append({"seq": seq, "id": fill.id, "cl_ord_id": order.cl_ord_id,
+                            "contract": self.contracts[fill.contract_id].name, "action": fill.action,
+                            "qty": fill.qty})
+        return out
+
+    def positions_of(self, account_name: str) -> dict[str, int]:
+        """The account's open positions: contract name -> signed quantity."""
+        aid = self.account_id(account_name)
+        return {self.contracts[cid].name: p.net_pos for (a, cid), p in self.positions.items() if a == aid and p.net_pos}
+
+    def fill_count(self) -> int:
+        """How many fills the broker has made (any account): a mark to tell later fills by."""
+        return len(self.fills)
+
     @property
     def heartbeats_received(self) -> int:
         return sum(s.heartbeats_received for s in self._sockets)

@@ -74,7 +74,7 @@ start, as ``service.app``'s watcher journals its start).
 
 With ``generate(seed, broker="tradovate")`` (or ``"projectx"``; ``options["emulated"]``) one broker, ``fast`` or
 ``slow`` (drawn), is the real connector of that type (``brokers.tradovate``, ``brokers.projectx``) against its
-emulator (``brokers.emulators``) on 127.0.0.1, started for the scenario on a loop of its own (``EmulatorThread``):
+emulator (``brokers.emulators``) on 127.0.0.1, started for the scenario in a process of its own (``EmulatorProcess``):
 the broker outlives the service's restarts and crashes, as the paper books on disk do; the credentials reach the
 connector as the service's environment would give them (``connector_options["env"]``). The other broker stays
 paper. The steps map onto the emulator (``EmulatedVenue``): ``reject`` is ``reject_next``; ``drop`` /
@@ -123,12 +123,10 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from brokers.base import Side
+from brokers.base import BrokerUnavailable, RateLimited, Side
 from brokers.emulators.projectx import SIDE_BUY as PX_BUY
 from brokers.emulators.projectx import SIDE_SELL as PX_SELL
 from brokers.emulators.projectx import STATUS_FILLED as PX_FILLED
-from brokers.emulators.projectx import ProjectXEmulator
-from brokers.emulators.tradovate import TradovateEmulator
 from brokers.feed import PriceFeed
 from engine.catalog import MONTH_CODES
 from engine.decide import build_engine
@@ -144,7 +142,7 @@ from service.journal import Journal, parse_utc
 from service.ledger import ADOPTED, EXTERNAL_STRATEGY, replay
 from service.runtime import Runtime
 from service.webhook import Webhook
-from tests.harness.emulated import EmulatorThread
+from tests.harness.emulated import EmulatorProcess
 from tests.harness.projectx import ENV as PX_ENV
 from tests.harness.tradovate import ENV as TV_ENV
 from tests.harness.runtime import Clock, StaticWatcher, World, account_doc, documents, wait_until, write_rules
@@ -805,45 +803,46 @@ class PaperVenue:
 
 
 class EmulatedVenue:
-    """The broker side of a broker emulator (``brokers.emulators``) behind the real connector, on its own loop
-    (``EmulatorThread``): it outlives the service's restarts and crashes within a scenario, as the broker does."""
+    """The broker side of a broker emulator (``brokers.emulators``) behind the real connector, in a process of its
+    own (``EmulatorProcess``): it outlives the service's restarts and crashes within a scenario, as the broker
+    does. Everything here is a named call to that process: the emulator's hooks and its plain read-outs."""
 
     emulated = True
 
     def __init__(self, kind: str, name: str, accounts: Iterable[str], start: datetime) -> None:
         self.kind, self.name = kind, name
         cash = {acct: Decimal(50000) for acct in accounts}
-        emulator: Any
         if kind == "tradovate":
-            emulator = TradovateEmulator(username=TV_ENV["TV_TEST_USER"], password=TV_ENV["TV_TEST_PASS"],
-                                         sec=TV_ENV["TV_TEST_SEC"], accounts=cash, today=start)
+            self.process = EmulatorProcess(kind, username=TV_ENV["TV_TEST_USER"], password=TV_ENV["TV_TEST_PASS"],
+                                           sec=TV_ENV["TV_TEST_SEC"], accounts=cash, today=start)
             self.env = TV_ENV
         elif kind == "projectx":
-            emulator = ProjectXEmulator(username=PX_ENV["PX_TEST_USER"], api_key=PX_ENV["PX_TEST_KEY"],
-                                        accounts=cash, today=start, rate_limit=(1_000_000, 60.0))
+            self.process = EmulatorProcess(kind, username=PX_ENV["PX_TEST_USER"], api_key=PX_ENV["PX_TEST_KEY"],
+                                           accounts=cash, today=start, rate_limit=(1_000_000, 60.0))
             self.env = PX_ENV
         else:
             raise ValueError(f"unknown emulated broker {kind!r}: tradovate or projectx")
-        self.emulator = emulator
-        self.thread = EmulatorThread(emulator)
+        self._months: list[str] = []
 
     async def start(self, price: Decimal) -> None:
-        await self.thread.start()
+        await self.process.start()
+        self._months = [name for name in self.process.call("contract_names")
+                        if name.startswith(ROOT) and name[len(ROOT)] in MONTH_CODES]
         self.set_price(price)
 
     async def stop(self) -> None:
-        await self.thread.stop()
+        await self.process.stop()
 
     def yaml(self) -> str:
         """The Broker document of ``name``: the real connector's type, endpoints at the emulator."""
-        e = self.emulator
+        urls = self.process.urls
         if self.kind == "tradovate":
             creds = '{username: "${TV_TEST_USER}", password: "${TV_TEST_PASS}", sec: "${TV_TEST_SEC}"}'
-            endpoints = f"{{rest: \"{e.base_url}\", websocket: \"{e.ws_url}\"}}"
+            endpoints = f"{{rest: \"{urls['base_url']}\", websocket: \"{urls['ws_url']}\"}}"
             extra = ("app: {app_id: multibroker-fuzz, app_version: \"1.0\", cid: 8, device_id: fuzz-device}\n")
         else:
             creds = '{username: "${PX_TEST_USER}", api_key: "${PX_TEST_KEY}"}'
-            endpoints = f"{{rest: \"{e.base_url}\", hub: \"{e.hub_url}\"}}"
+            endpoints = f"{{rest: \"{urls['base_url']}\", hub: \"{urls['hub_url']}\"}}"
             extra = ""
         fees = "commissions: {MES: 0.25, default: 0.79}\nmargins: {MES: 50, default: 1000}\n" if self.name == "fast" \
             else "commissions: {MES: 0.20, default: 0.60}\nmargins: {MES: 40, default: 800}\n"
@@ -851,131 +850,108 @@ class EmulatedVenue:
                 f"rate_limit: {{requests: 1000, per_seconds: 1}}\n{fees}reconcile_every_seconds: 3600\n"
                 f"endpoints: {endpoints}\n{extra}")
 
-    # -- read-outs (on the emulator's loop) -----------------------------------------------------------------
-    def _contract_name(self, contract_id: Any) -> str:
-        e = self.emulator
-        return str(e.contracts[contract_id].name if self.kind == "tradovate" else e.contracts[contract_id].code)
-
+    # -- read-outs (the emulator's, in plain values) ---------------------------------------------------------
     def orders(self) -> list[dict[str, Any]]:
-        def read() -> list[dict[str, Any]]:
-            e = self.emulator
-            if self.kind == "tradovate":
-                return [{"client_order_id": o.cl_ord_id, "account": e.accounts[o.account_id].name,
-                         "status": "filled" if o.status == "Filled" else o.status.lower(), "broker_order_id": o.id}
-                        for o in e.orders.values()]
-            return [{"client_order_id": o.custom_tag, "account": e.accounts[o.account_id].name,
-                     "status": "filled" if o.status == PX_FILLED else str(o.status), "broker_order_id": o.id}
-                    for o in e.orders.values()]
-        return cast(list[dict[str, Any]], self.thread.call(read))
+        book = self.process.call("order_book")
+        if self.kind == "tradovate":
+            return [{"client_order_id": o["cl_ord_id"], "account": o["account"],
+                     "status": "filled" if o["status"] == "Filled" else str(o["status"]).lower(),
+                     "broker_order_id": o["id"]} for o in book]
+        return [{"client_order_id": o["custom_tag"], "account": o["account"],
+                 "status": "filled" if o["status"] == PX_FILLED else str(o["status"]), "broker_order_id": o["id"]}
+                for o in book]
 
     def fills(self, acct: str) -> list[tuple[int, str, str, str, str, int]]:
-        def read() -> list[tuple[int, str, str, str, str, int]]:
-            e = self.emulator
-            out = []
-            if self.kind == "tradovate":
-                for i, f in enumerate(e.fills.values()):
-                    order = e.orders[f.order_id]
-                    if e.accounts[order.account_id].name == acct:
-                        out.append((i + 1, str(f.id), str(order.cl_ord_id), self._contract_name(f.contract_id),
-                                    "buy" if f.action == "Buy" else "sell", int(f.qty)))
-                return out
-            for i, t in enumerate(e.trades):
-                if e.accounts[t.account_id].name == acct and not t.voided:
-                    out.append((i + 1, str(t.id), str(e.orders[t.order_id].custom_tag),
-                                self._contract_name(t.contract_id), "buy" if t.side == PX_BUY else "sell",
-                                int(t.size)))
-            return out
-        return cast(list[tuple[int, str, str, str, str, int]], self.thread.call(read))
+        fills = self.process.call("fills_of", acct)
+        if self.kind == "tradovate":
+            return [(f["seq"], str(f["id"]), str(f["cl_ord_id"]), f["contract"],
+                     "buy" if f["action"] == "Buy" else "sell", int(f["qty"])) for f in fills]
+        return [(f["seq"], str(f["id"]), str(f["custom_tag"]), f["contract"],
+                 "buy" if f["side"] == PX_BUY else "sell", int(f["size"])) for f in fills]
 
     def positions(self, acct: str) -> dict[str, int]:
-        def read() -> dict[str, int]:
-            e = self.emulator
-            if self.kind == "tradovate":
-                aid = e.account_id(acct)
-                return {self._contract_name(cid): p.net_pos for (a, cid), p in e.positions.items()
-                        if a == aid and p.net_pos}
-            account = e.accounts[e.account_id(acct)]
-            return {self._contract_name(cid): p.quantity for cid, p in account.positions.items() if p.quantity}
-        return cast(dict[str, int], self.thread.call(read))
+        return cast(dict[str, int], self.process.call("positions_of", acct))
 
     def held(self, acct: str, contract: str) -> int:
-        return int(self.thread.call(self.emulator.net_position, acct, contract))
+        return int(self.process.call("net_position", acct, contract))
 
     def last_fill(self) -> int:
-        e = self.emulator
-        return int(self.thread.call(lambda: len(e.fills) if self.kind == "tradovate" else len(e.trades)))
+        return int(self.process.call("fill_count"))
 
     # -- the broker misbehaving, and the trader at it ----------------------------------------------------------
     def set_price(self, price: Decimal) -> None:
         """Every MES month the emulator lists fills at ``price`` (the feed's price for the paper brokers)."""
-        e = self.emulator
-
-        def move() -> None:
-            for name in [self._contract_name(cid) for cid in e.contracts]:
-                if name.startswith(ROOT) and name[len(ROOT)] in MONTH_CODES:
-                    e.set_price(name, price)
-        self.thread.call(move)
+        for name in self._months:
+            self.process.call("set_price", name, price)
 
     def reject_next(self, n: int) -> None:
-        self.thread.call(self.emulator.reject_next, n)
+        self.process.call("reject_next", n)
 
     def partial_fill_next(self, n: int) -> None:
         """The next ``n`` market orders fill one contract first, then the rest (a 1-lot: at once)."""
         for _ in range(n):
-            self.thread.call(self.emulator.partial_fill_next, [1, 1_000_000])
+            self.process.call("partial_fill_next", [1, 1_000_000])
 
     def rate_limit_next(self, n: int) -> None:
-        self.thread.call(self.emulator.rate_limit_next, n, 0.05)
+        self.process.call("rate_limit_next", n, 0.05)
 
     def lose_next_place_response(self) -> None:
-        self.thread.call(self.emulator.lose_next_place_response)
+        self.process.call("lose_next_place_response")
 
     down = False
     """Dropped (``drop``) and not restored yet."""
 
     async def drop(self) -> None:
         self.down = True
-        await self.thread.run(self.emulator.drop_connection)
+        await self.process.run("drop_connection")
 
     async def restore(self) -> None:
         self.down = False
-        await self.thread.run(self.emulator.restore_connection)
+        await self.process.run("restore_connection")
 
     async def manual_trade(self, acct: str, contract: str, side: Side, quantity: int, coid: str) -> str:
         if self.kind == "tradovate":
-            fill_id = await self.thread.run(self.emulator.trade_by_hand, acct, contract,
-                                            "Buy" if side is Side.BUY else "Sell", quantity, coid)
+            fill_id = await self.process.run("trade_by_hand", acct, contract, "Buy" if side is Side.BUY else "Sell",
+                                             quantity, coid)
         else:
-            fill_id = self.thread.call(self.emulator.trade_by_hand, acct, contract,
-                                       PX_BUY if side is Side.BUY else PX_SELL, quantity, coid)
+            fill_id = await self.process.run("trade_by_hand", acct, contract, PX_BUY if side is Side.BUY else PX_SELL,
+                                             quantity, coid)
         return str(fill_id)
 
     def move(self, acct: str, contract: str, held: int, q: int, price: Decimal) -> None:
-        self.thread.call(self.emulator.move_position, acct, contract, q)
+        self.process.call("move_position", acct, contract, q)
 
     @staticmethod
     def sever(connector: Any) -> None:
         """A crash of our process: the connector's session goes with it (no request leaves from here on: the
         connector refuses, not connected; its tasks are cancelled with every other task of the process). The
-        session itself is closed by ``bury``: the kernel's part, the sockets closing."""
+        session itself is closed by ``bury``: the kernel's part, the sockets closing. Every session the dead
+        connector ever held here is kept for that (a list: a task of the dead process cancelled mid ``connect``
+        may open another before it ends, and a second cut must not lose the first)."""
         session = connector._session
+        dead = connector.__dict__.setdefault("_dead_sessions", [])
         if session is not None:
-            connector._dead_session = session
+            if session not in dead:
+                dead.append(session)
             connector._session = None
         connector._connected = False
 
     @staticmethod
     async def bury(connector: Any) -> None:
-        session = getattr(connector, "_dead_session", None)
-        for task in list(connector._tasks):
+        """After the dead process's tasks ended: close what it held, so that nothing is left for the garbage
+        collector to find open (an unclosed session is a ResourceWarning, an error here)."""
+        tasks, connector._tasks = list(connector._tasks), []
+        for task in tasks:
             task.cancel()
-        connector._tasks = []
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
         for name in ("_ws", "_hub_ws"):  # its push channel (Tradovate's socket, ProjectX's hub)
             ws = getattr(connector, name, None)
             if ws is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(ws.close(), 1.0)
-        if session is not None:
+        EmulatedVenue.sever(connector)  # a session a dying task opened since the cut goes too
+        for session in connector.__dict__.pop("_dead_sessions", []):
             await session.close()
 
 
@@ -1299,7 +1275,7 @@ class Runner:
         elif do == "pause":
             await w.runtime.pause_broker(step["broker"])
         elif do == "resume":
-            await w.runtime.resume_broker(step["broker"])
+            await self._resume(step["broker"])
         elif do == "price":
             self.price += Decimal(step["points"])
             w.feed.set_price(ROOT, self.price)
@@ -1850,7 +1826,7 @@ class Runner:
             if slot.down or not slot.connector.connected:
                 await self._step({"do": "reconnect", "broker": broker})
             if slot.admin_paused:
-                await w.runtime.resume_broker(broker)
+                await self._resume(broker)
 
     async def soft_settle(self, timeout_s: float = 8.0) -> None:
         """Until every order that can settle did: the queues are empty, no flatten's exits are held (but stand-ins
@@ -2111,9 +2087,44 @@ class Runner:
         rt = self._rt
         rows: dict[str, dict[str, Any]] = {}
         for broker in BROKERS:
-            for row in await rt.reconcile_broker(broker, reason="fuzz check"):
+            for row in await self._reconcile(rt, broker):
                 rows[str(row["account"])] = row
         return rows
+
+    async def _reconcile(self, rt: Any, broker: str) -> list[dict[str, Any]]:
+        """The check's pass of ``broker``, past the throttling a scenario owes the service (``_past_throttling``)."""
+        return cast(list[dict[str, Any]],
+                    await self._past_throttling(broker, lambda: rt.reconcile_broker(broker, reason="fuzz check")))
+
+    async def _resume(self, broker: str) -> None:
+        """An operator's resume of ``broker``: it carries out the flattens missed there first (a reconciliation),
+        and a resume that fails leaves the broker paused; the operator resumes again (``_past_throttling``)."""
+        await self._past_throttling(broker, lambda: self._rt.resume_broker(broker))
+
+    async def _past_throttling(self, broker: str, call: Any) -> Any:
+        """``call()``, again after the wait the broker asked for while it raises ``RateLimited`` at the emulated
+        broker. Why: a ``rate_limit`` step owes the next n requests a 429 whoever sends them, and those the service
+        did not send yet stack up (the connector resends a read a few times, then raises). They are meant for the
+        service; the harness's own calls (the check's reconciliation pass, an operator's resume) meet them as the
+        service's periodic pass would, and do what is done with a throttled pass or a failed resume: go again
+        after the wait (a pass is a read and an idempotent booking of what it read; a resume that failed left the
+        broker paused, with what it owed still owed). Clearing the owed answers instead would change what the
+        service meets after. Likewise a call that finds the emulated connector dropped by itself."""
+        for _ in range(20):
+            try:
+                return await call()
+            except RateLimited as exc:
+                if self.emulated is None or self.emulated.name != broker:
+                    raise  # only the emulated broker is throttled by a step
+                await asyncio.sleep(min(float(exc.retry_after_s or 0.1), 1.0))
+            except BrokerUnavailable:
+                # The emulated connector dropped by itself meanwhile (a lost answer owed by a ``lose`` step resets
+                # its connection): it comes back on its own, and the call goes again then, as the periodic pass
+                # runs again once its broker is back. A broker the scenario took down is not waited for.
+                if self.emulated is None or self.emulated.name != broker or not self._coming_back():
+                    raise
+                await wait_until(lambda: not self._coming_back(), 10.0, what=f"{broker} back by itself")
+        return await call()
 
     def hidden(self, account: str) -> dict[str, int]:
         """The hand moves with no fill at ``account`` by contract (what a ``halt`` account's ledger never books)."""
