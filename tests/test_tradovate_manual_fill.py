@@ -23,6 +23,14 @@ FEES_MES = {"commission": Decimal("0.25"), "clearingFee": Decimal("0.19"), "exch
 """The broker's FillFee breakdown; its total (0.66) differs from the Broker document's MES commission (0.35)."""
 
 
+async def pushed_fill(queue: "asyncio.Queue[object]") -> FillEvent:
+    """The next fill the connector reports (its other events skipped)."""
+    while True:
+        event = await queue.get()
+        if isinstance(event, FillEvent):
+            return event
+
+
 async def test_a_fill_by_hand_is_reported_at_once_when_its_fee_lookup_is_throttled(tmp_path: Path) -> None:
     async with make_harness(tmp_path, emulator_options={"fee_schedule": {"MES": FEES_MES}},
                             throttle_wait_s=0.02, safety_poll_s=30.0) as h:
@@ -33,14 +41,8 @@ async def test_a_fill_by_hand_is_reported_at_once_when_its_fee_lookup_is_throttl
         queue = h.connector.subscribe()
         h.emulator.rate_limit_next(1 + h.connector.throttle.max_resends, kind="429")  # every resend throttled too
         fill_id = await h.emulator.trade_by_hand(ACCOUNT, h.contract, "Sell", 2, "manual-1")
-
-        async def pushed_fill() -> FillEvent:
-            while True:
-                event = await queue.get()
-                if isinstance(event, FillEvent):
-                    return event
         # Well inside the 30 s safety poll: only the push can deliver it this soon.
-        event = await asyncio.wait_for(pushed_fill(), 5.0)
+        event = await asyncio.wait_for(pushed_fill(queue), 5.0)
         assert h.emulator.requests["/v1/fillFee/deps"] == 1 + h.connector.throttle.max_resends  # it did ask
         assert event.fill.fill_id == str(fill_id)
         assert (event.fill.account, event.fill.contract, event.fill.client_order_id) == (ACCOUNT, h.contract,
@@ -62,13 +64,7 @@ async def test_a_fill_by_hand_waits_for_its_fees_no_longer_than_fee_wait_s_under
         h.emulator.rate_limit_next(1, kind="429")  # the fee ask meets it, then waits out the 60 s penalty
         fill_id = await h.emulator.trade_by_hand(ACCOUNT, h.contract, "Buy", 1, "manual-2")
 
-        async def pushed_fill() -> FillEvent:
-            while True:
-                event = await queue.get()
-                if isinstance(event, FillEvent):
-                    return event
-
-        event = await asyncio.wait_for(pushed_fill(), 5.0)
+        event = await asyncio.wait_for(pushed_fill(queue), 5.0)
         assert h.emulator.requests["/v1/fillFee/deps"] == 1  # asked, refused, and not waited for
         assert (event.fill.fill_id, event.fill.side, event.fill.quantity) == (str(fill_id), Side.BUY, 1)
         assert event.fill.commission == h.connector.broker.commission("MES")
