@@ -638,15 +638,14 @@ class ProjectXConnector(HttpConnector):
         if trade_id in self._seen_trades or wire.get("voided"):
             self._unresolved.pop(trade_id, None)
             return
-        if not await self._order_settled(wire):
-            if trade_id in self._seen_trades:  # reported meanwhile by the other path (hub or poll)
-                return
+        settled = await self._order_settled(wire)
+        if trade_id in self._seen_trades:  # reported meanwhile by the other path (the hub and the poll race here)
+            return
+        if not settled:
             if trade_id not in self._unresolved:
                 log.info("ProjectX %s: trade %s of order %s waits until we can tell whether the order is ours",
                          self.broker.name, trade_id, wire.get("orderId"))
             self._unresolved[trade_id] = wire
-            return
-        if trade_id in self._seen_trades:  # the hub and the poll race across the lookup
             return
         self._seen_trades.add(trade_id)
         self._unresolved.pop(trade_id, None)

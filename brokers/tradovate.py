@@ -635,19 +635,16 @@ class TradovateConnector(HttpConnector):
 
         An ask that fails (throttled past its resends, REST down) or takes longer than ``fee_wait_s`` (waiting
         out a penalty) is None, not an error, and is not remembered: a pushed fill must not be held back for its
-        fees (the event would wait for the next sync or safety poll, up
-        to ``safety_poll_s``, while the ledger misses the position); the Broker document's figure stands in."""
+        fees (the event would wait for the next sync or safety poll, up to ``safety_poll_s``, while the ledger
+        misses the position); the Broker document's figure stands in."""
         if fill_id not in self._fill_fees and ask:
             try:
                 payload = await asyncio.wait_for(
                     self._request("GET", "/fillFee/deps", params={"masterid": fill_id}), self.fee_wait_s)
-            except TimeoutError:
-                log.info("Tradovate %s: fees of fill %s not read within %gs (throttled); the Broker document's "
-                         "commission stands in", self.broker.name, fill_id, self.fee_wait_s)
-                return None
-            except BrokerError as exc:
+            except (BrokerError, TimeoutError) as exc:
+                why = f"not within {self.fee_wait_s:g}s" if isinstance(exc, TimeoutError) else str(exc)
                 log.info("Tradovate %s: fees of fill %s not read (%s); the Broker document's commission stands in",
-                         self.broker.name, fill_id, exc)
+                         self.broker.name, fill_id, why)
                 return None
             totals = [t for t in map(fill_fee_total, payload if isinstance(payload, list) else []) if t is not None]
             self._fill_fees[fill_id] = sum(totals, Decimal(0)) if totals else None

@@ -825,9 +825,9 @@ class Dispatcher:
         # recovery's own send leaves that to the recovery (``Recovery._recover`` fails the come-up, which is
         # retried); any other is resolved by a come-up at once (``unresolved``), not at the next drop, which may
         # never come: until then an exit counts as filling while the position stays open.
+        assert error is not None
         detail = f"still rate limited: {error}" if isinstance(error, RateLimited) else f"{type(error).__name__}: {error}"
         await self.tracker.transition(coid, UNKNOWN, detail=detail)
-        assert error is not None
         if recovering:
             if isinstance(error, (OutcomeUnknown, BrokerUnavailable)):
                 await self.pool.report_failure(job.broker, error)

@@ -13,8 +13,9 @@ unreachable. Until its first recovery finished a broker is simply not available,
 
 Drops are learned three ways: a ``ConnectionEvent(connected=False)`` from the connector, calls that fail with
 ``BrokerUnavailable``/``OutcomeUnknown`` (``report_failure``), and an order request that ended with nothing to vouch
-for (``unresolved``: the broker is treated as dropped so that a come-up looks the order up at once). Reconnects back off exponentially (``backoff_s`` doubling
-up to ``backoff_max_s``); a connector that reconnects by itself (ProjectX does) is simply noticed.
+for (``unresolved``: the broker is treated as dropped so that a come-up looks the order up at once). Reconnects
+back off exponentially (``backoff_s`` doubling up to ``backoff_max_s``); a connector that reconnects by itself
+(ProjectX does) is simply noticed.
 """
 
 from __future__ import annotations

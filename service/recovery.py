@@ -241,7 +241,7 @@ class RecoveryMixin(RuntimeState):
                     # retry): the broker must not open with it unresolved. The come-up fails and is retried, and
                     # looks it up again first.
                     raise BrokerError(f"recovery: {coid} could not be sent to {broker} "
-                                      f"({self.tracker.orders[coid].detail or 'no answer'}); come-up retried")
+                                      f"({tracked.detail or 'no answer'}); come-up retried")
             else:
                 await self.tracker.transition(coid, MISSED, detail=(
                     f"not at broker {broker} after the connection came back; never sent"))

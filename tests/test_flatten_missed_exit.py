@@ -47,12 +47,6 @@ async def w(tmp_path: Path) -> AsyncIterator[World]:
         yield started
 
 
-def held(w: World, broker: str, account: str) -> dict[str, int]:
-    """What the paper broker holds for ``account`` (not what the ledger believes)."""
-    return {p["contract"]: int(p["quantity"]) for p in w.connector(broker).book.positions(account)
-            if int(p["quantity"])}
-
-
 def history(w: World, client_order_id: str) -> list[str]:
     return [e["status"] for e in w.journal.order_events(client_order_id)]
 
@@ -82,7 +76,7 @@ async def test_an_exit_lost_in_a_drop_while_under_way_is_missed_and_redone_at_th
     [exit_id] = tried
     await wait_until(lambda: w.journal.get_order(exit_id)["status"] == UNKNOWN, what="the exit's outcome unknown")
     await wait_until(lambda: w.runtime.pool["slow"].down, what="slow down")
-    assert w.statuses(fid)["f1"] == FILLED and held(w, "slow", "S-0") == {contract: 2}
+    assert w.statuses(fid)["f1"] == FILLED and w.book_positions("slow", "S-0") == {contract: 2}
 
     await slow.reconnect()
     await wait_until(lambda: w.runtime.pool.available("slow"), what="slow back")
@@ -93,7 +87,7 @@ async def test_an_exit_lost_in_a_drop_while_under_way_is_missed_and_redone_at_th
     redo = w.journal.get_signal(f"{fid}-redo-slow-1")
     assert redo is not None and redo["signal"]["accounts"] == ["s0"]
     assert w.statuses(redo["id"]) == {"s0": FILLED}
-    assert held(w, "slow", "S-0") == {} and held(w, "fast", "F-1") == {}
+    assert w.book_positions("slow", "S-0") == {} and w.book_positions("fast", "F-1") == {}
     # At the broker: the entry and the redo's exit, nothing twice; and no later come-up redoes it again.
     assert [(o["side"], int(o["quantity"])) for o in w.book_orders("slow", "S-0")] == [("buy", 2), ("sell", 2)]
     slow.disconnect("test drop")

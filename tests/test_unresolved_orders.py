@@ -24,12 +24,6 @@ REFUSALS = 60
 """More 429s than one order's retries take (the connector's attempts, each looked up, times the dispatcher's)."""
 
 
-def held(w: World, broker: str, account: str) -> dict[str, int]:
-    """What the paper broker holds for ``account`` (its own book, not the ledger)."""
-    return {p["contract"]: int(p["quantity"]) for p in w.connector(broker).book.positions(account)
-            if int(p["quantity"])}
-
-
 def events(w: World, client_order_id: str) -> list[str]:
     return [e["status"] for e in w.journal.order_events(client_order_id)]
 
@@ -58,12 +52,12 @@ async def test_a_flatten_exit_refused_past_every_retry_is_redone_and_the_account
     async with world(tmp_path) as w:
         await w.submit(signal("mirror", "buy", 2, sid="sig-1"))
         await w.settle()
-        assert held(w, "slow", "S-1") and w.statuses("sig-1")["s1"] == FILLED
+        assert w.book_positions("slow", "S-1") and w.statuses("sig-1")["s1"] == FILLED
         w.connector("slow").rate_limit_next(REFUSALS, retry_after_s=0.001)
         result = await w.runtime.flatten(account="s1", reason="operator")
         fid = str(result["signal_id"])
         # The exit went unknown; before, it stayed so and S-1 stayed long 2 at the broker with the flatten "done".
-        await wait_until(lambda: held(w, "slow", "S-1") == {}, timeout_s=10.0, what="S-1 flat at the broker")
+        await wait_until(lambda: w.book_positions("slow", "S-1") == {}, timeout_s=10.0, what="S-1 flat at the broker")
         await w.settle()
         assert w.statuses(fid) == {"s1": MISSED}
         [exit_order] = w.journal.get_signal(fid)["orders"]

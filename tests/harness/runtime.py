@@ -187,6 +187,12 @@ class World:
         return list(self.connector(broker).book.db.query(
             "select * from orders where account = ? order by broker_order_id", [account]))
 
+    def book_positions(self, broker: str, account: str) -> dict[str, int]:
+        """The broker side: what the paper broker holds for ``account`` (contract -> signed quantity, flat lines
+        left out), not what the ledger believes."""
+        return {p["contract"]: int(p["quantity"]) for p in self.connector(broker).book.positions(account)
+                if int(p["quantity"])}
+
     async def submit(self, body: dict[str, Any], *, at: datetime | None = None) -> Decision:
         """Decide, journal (orders 'new') and dispatch, as the webhook does."""
         now = at or self.clock()
